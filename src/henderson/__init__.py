@@ -1,0 +1,25 @@
+"""henderson: linear mixed models on Henderson's equations with sparse Cholesky.
+
+>>> import henderson as hd
+>>> m = hd.lmm("Reaction ~ Days + (Days | Subject)", hd.datasets.load("sleepstudy"))
+>>> round(m.sigma, 3)
+25.592
+"""
+from . import datasets
+from .design import Design, RandomTerm, build_design
+from .errors import (ConvergenceWarning, DataError, FormulaError, HendersonError,
+                     PedigreeError, RankDeficiencyWarning)
+from .fit import fit_design, lmm
+from .formula import parse_formula
+from .mme import MixedModelEquations
+from .objective import Objective
+from .results import LinearMixedModel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "lmm", "fit_design", "build_design", "parse_formula", "datasets", "Design",
+    "RandomTerm", "MixedModelEquations", "Objective", "LinearMixedModel",
+    "FormulaError", "DataError", "PedigreeError", "HendersonError",
+    "ConvergenceWarning", "RankDeficiencyWarning",
+]

@@ -1,0 +1,35 @@
+"""Example data shipped with henderson, with R's factor levels applied.
+
+>>> import henderson as hd
+>>> hd.datasets.load("plants").shape
+(10, 3)
+"""
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import pandas as pd
+
+NAMES = ("plants", "sleepstudy", "sleepstudy_weighted", "dyestuff", "dyestuff2",
+         "pastes", "penicillin", "insteval")
+
+
+def load(name: str) -> pd.DataFrame:
+    """Load a bundled data set; categorical columns carry R's level order.
+
+    Parameters
+    ----------
+    name : str
+        One of ``henderson.datasets.NAMES``.
+    """
+    if name not in NAMES:
+        raise ValueError(f"unknown data set {name!r}; available: {', '.join(NAMES)}")
+    folder = resources.files(__name__)
+    schema = json.loads((folder / f"{name}.schema.json").read_text())
+    categorical = schema.get("categorical", {})
+    with resources.as_file(folder / f"{name}.csv") as path:
+        frame = pd.read_csv(path, dtype={c: str for c in categorical})
+    for column, levels in categorical.items():
+        frame[column] = pd.Categorical(frame[column], categories=levels)
+    return frame

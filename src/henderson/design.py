@@ -1,0 +1,379 @@
+"""Stage 2 of the pipeline: the design.
+
+Turns a :class:`~henderson.formula.ParsedFormula` and a pandas DataFrame into arrays:
+the response ``y``, prior weights, the fixed-effects matrix ``X`` (via formulaic) and
+one :class:`RandomTerm` per random term, each holding its integer level codes, its
+``n x k`` covariate matrix ``z``, its level labels and its relative covariance factor.
+``Z`` itself is only assembled (as CSC) when asked for.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import scipy.linalg
+import scipy.sparse as sp
+
+from .errors import DataError, FormulaError, RankDeficiencyWarning
+from .formula import ParsedFormula, RandomBar, parse_formula
+
+_CATEGORY_COLUMN = re.compile(r"^(?P<var>.+?)\[(?:T\.)?(?P<level>.*)\]$")
+
+
+def lme4_column_name(name: str) -> str:
+    """Rename formulaic's column names the way R prints them.
+
+    ``Intercept`` -> ``(Intercept)``, ``dept[T.5]`` -> ``dept5``, ``a[T.x]:b`` -> ``ax:b``.
+    """
+    if name == "Intercept":
+        return "(Intercept)"
+    pieces = []
+    for piece in name.split(":"):
+        match = _CATEGORY_COLUMN.match(piece)
+        pieces.append(match["var"] + match["level"] if match else piece)
+    return ":".join(pieces)
+
+
+@dataclass
+class RandomTerm:
+    """One random-effects term ``(z | group)``: its codes, covariates and Λ_t.
+
+    Attributes
+    ----------
+    group : str
+        Name of the grouping factor (``"Subject"``, ``"batch:cask"``).
+    level_codes : ndarray of int64, shape (n,)
+        Level of every observation, ``0 .. n_levels-1``.
+    levels : pandas.Index
+        Level labels in code order.
+    z : ndarray, shape (n, k)
+        The term's model-matrix rows (intercept, slopes).
+    coef_names : list of str
+        Names of the k coefficients.
+    level_precision : scipy.sparse.csc_matrix or None
+        ``K⁻¹`` over levels (None: identity, an ordinary grouping factor).
+    logdet_level_covariance : float
+        ``log|K|`` (0 for the identity).
+    """
+
+    group: str
+    level_codes: np.ndarray
+    levels: pd.Index
+    z: np.ndarray
+    coef_names: list[str]
+    level_precision: sp.csc_matrix | None = None
+    logdet_level_covariance: float = 0.0
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.levels)
+
+    @property
+    def n_coefs(self) -> int:
+        return self.z.shape[1]
+
+    @property
+    def n_theta(self) -> int:
+        k = self.n_coefs
+        return k * (k + 1) // 2
+
+    @property
+    def n_columns(self) -> int:
+        """Columns of Z that belong to this term (levels x coefficients)."""
+        return self.n_levels * self.n_coefs
+
+    def theta_lower_bounds(self) -> np.ndarray:
+        """0 for diagonal elements of Λ_t, -inf for the off-diagonal ones."""
+        k = self.n_coefs
+        rows, cols = np.tril_indices(k)
+        order = np.lexsort((rows, cols))  # column by column, as lme4
+        return np.where(rows[order] == cols[order], 0.0, -np.inf)
+
+    def theta_start(self) -> np.ndarray:
+        return np.where(np.isfinite(self.theta_lower_bounds()), 1.0, 0.0)
+
+    def relative_factor(self, theta_t: np.ndarray) -> np.ndarray:
+        """The k x k lower-triangular Λ_t from this term's slice of θ."""
+        k = self.n_coefs
+        rows, cols = np.tril_indices(k)
+        order = np.lexsort((rows, cols))
+        lam = np.zeros((k, k))
+        lam[rows[order], cols[order]] = theta_t
+        return lam
+
+    def z_matrix(self) -> sp.csc_matrix:
+        """This term's block of Z: n x (n_levels k), column ``level*k + coef``."""
+        n, k = self.z.shape
+        cols = (self.level_codes[:, None] * k + np.arange(k)[None, :]).ravel()
+        rows = np.repeat(np.arange(n), k)
+        return sp.csc_matrix(
+            (self.z.ravel(), (rows, cols)), shape=(n, self.n_columns)
+        )
+
+
+@dataclass
+class Design:
+    """Arrays of one model: ``y``, weights, ``X`` and the random terms.
+
+    Terms are stored in lme4's order (decreasing number of levels), which is also the
+    order of θ and of the columns of Z.
+    """
+
+    formula: ParsedFormula
+    y: np.ndarray
+    X: np.ndarray
+    fixed_names: list[str]
+    terms: list[RandomTerm]
+    weights: np.ndarray
+    dropped_fixed: list[str] = field(default_factory=list)
+    response_name: str = "y"
+    row_index: pd.Index | None = None
+
+    @property
+    def n_obs(self) -> int:
+        return len(self.y)
+
+    @property
+    def n_fixed(self) -> int:
+        return self.X.shape[1]
+
+    @property
+    def n_random(self) -> int:
+        return sum(t.n_columns for t in self.terms)
+
+    @property
+    def n_theta(self) -> int:
+        return sum(t.n_theta for t in self.terms)
+
+    @property
+    def weighted(self) -> bool:
+        return not np.all(self.weights == 1.0)
+
+    def theta_slices(self) -> list[slice]:
+        out, start = [], 0
+        for term in self.terms:
+            out.append(slice(start, start + term.n_theta))
+            start += term.n_theta
+        return out
+
+    def column_offsets(self) -> np.ndarray:
+        return np.cumsum([0] + [t.n_columns for t in self.terms])
+
+    def theta_lower_bounds(self) -> np.ndarray:
+        return np.concatenate([t.theta_lower_bounds() for t in self.terms])
+
+    def theta_start(self) -> np.ndarray:
+        return np.concatenate([t.theta_start() for t in self.terms])
+
+    @property
+    def Z(self) -> sp.csc_matrix:
+        """The random-effects model matrix, n x q, CSC."""
+        return sp.hstack([t.z_matrix() for t in self.terms], format="csc")
+
+
+def _grouping_factor(data: pd.DataFrame, bar: RandomBar) -> tuple[np.ndarray, pd.Index]:
+    """Integer codes and labels of the (interaction of the) grouping columns.
+
+    Levels follow a categorical's category order, otherwise sorted values; for an
+    interaction the first factor varies slowest, as R's ``a:b``. Unused levels are
+    dropped, as lme4 does.
+    """
+    codes = np.zeros(len(data), dtype=np.int64)
+    labels: list[np.ndarray] = []
+    for name in bar.factors:
+        column = data[name]
+        if isinstance(column.dtype, pd.CategoricalDtype):
+            cats = column.cat.categories
+            col_codes = column.cat.codes.to_numpy().astype(np.int64)
+        else:
+            col_codes, cats = pd.factorize(column, sort=True)
+            col_codes = col_codes.astype(np.int64)
+        codes = codes * len(cats) + col_codes
+        labels.append(np.asarray(cats.astype(str)))
+    used, level_codes = np.unique(codes, return_inverse=True)
+    parts = []
+    for lab in reversed(labels):
+        parts.append(lab[used % len(lab)])
+        used = used // len(lab)
+    parts.reverse()
+    names = parts[0] if len(parts) == 1 else [":".join(p) for p in zip(*parts)]
+    return level_codes.astype(np.int64), pd.Index(names, name=bar.group)
+
+
+def _model_matrix(spec: str, data: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
+    import formulaic
+
+    try:
+        matrix = formulaic.model_matrix(spec, data, na_action="raise")
+    except FormulaError:
+        raise
+    except Exception as exc:  # formulaic raises many types; give one of ours
+        raise FormulaError(f"cannot build model matrix for {spec!r}: {exc}") from exc
+    names = [lme4_column_name(c) for c in matrix.columns]
+    return np.asarray(matrix, dtype=np.float64), names
+
+
+def _required_columns(formula: ParsedFormula) -> list[str]:
+    import formulaic
+
+    columns: list[str] = []
+    try:
+        for spec in [formula.fixed] + [b.lhs for b in formula.bars]:
+            columns.extend(sorted(formulaic.Formula(spec).required_variables))
+    except Exception as exc:
+        raise FormulaError(f"cannot parse formula {formula.text!r}: {exc}") from exc
+    for bar in formula.bars:
+        columns.extend(bar.factors)
+    return list(dict.fromkeys([formula.response] + columns))
+
+
+def _drop_aliased(X: np.ndarray, names: list[str], tol: float = 1e-7):
+    """Drop columns of X that are linear combinations of earlier ones (pivoted QR)."""
+    if X.shape[1] == 0:
+        return X, names, []
+    _, r, piv = scipy.linalg.qr(X, mode="economic", pivoting=True)
+    diag = np.abs(np.diag(r))
+    rank = int(np.sum(diag > tol * diag[0])) if diag[0] > 0 else 0
+    if rank == X.shape[1]:
+        return X, names, []
+    keep = np.sort(piv[:rank])
+    dropped = [names[i] for i in sorted(piv[rank:])]
+    warnings.warn(
+        f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} "
+        f"column(s): {', '.join(dropped)}",
+        RankDeficiencyWarning,
+        stacklevel=3,
+    )
+    return X[:, keep], [names[i] for i in keep], dropped
+
+
+def build_design(
+    formula: str | ParsedFormula,
+    data: pd.DataFrame,
+    weights: str | np.ndarray | None = None,
+    missing: str = "raise",
+) -> Design:
+    """Build the arrays of a linear mixed model from a formula and a DataFrame.
+
+    Parameters
+    ----------
+    formula : str or ParsedFormula
+        lme4 formula, e.g. ``"Reaction ~ Days + (Days | Subject)"``.
+    data : pandas.DataFrame
+    weights : str, array or None
+        Prior weights (a column name or an array of length n), ``R = σ² W⁻¹``.
+    missing : {"raise", "drop"}
+        What to do with rows that have a missing value in a column the model uses.
+
+    Returns
+    -------
+    Design
+
+    Examples
+    --------
+    >>> import henderson as hd
+    >>> d = build_design("Reaction ~ Days + (Days | Subject)", hd.datasets.load("sleepstudy"))
+    >>> d.X.shape, d.Z.shape, [t.group for t in d.terms]
+    ((180, 2), (180, 36), ['Subject'])
+    """
+    parsed = parse_formula(formula) if isinstance(formula, str) else formula
+    if not isinstance(data, pd.DataFrame):
+        raise DataError(f"data must be a pandas DataFrame, got {type(data).__name__}")
+    if len(data) == 0:
+        raise DataError("data has no rows")
+    if missing not in ("raise", "drop"):
+        raise ValueError("missing must be 'raise' or 'drop'")
+    columns = _required_columns(parsed)
+    absent = [c for c in columns if c not in data.columns]
+    if absent:
+        raise FormulaError(
+            f"column(s) {', '.join(map(repr, absent))} not found in data "
+            f"(available: {', '.join(map(str, data.columns[:20]))})"
+        )
+    weight_values = None
+    if isinstance(weights, str):
+        if weights not in data.columns:
+            raise FormulaError(f"weights column {weights!r} not found in data")
+        weight_values = data[weights].to_numpy(dtype=np.float64)
+    elif weights is not None:
+        weight_values = np.asarray(weights, dtype=np.float64)
+        if weight_values.shape != (len(data),):
+            raise DataError(f"weights must have length {len(data)}, got {weight_values.shape}")
+
+    frame = data[columns]
+    bad = frame.isna().to_numpy()
+    numeric = frame.select_dtypes(include=[np.number])
+    if numeric.shape[1]:
+        bad_num = ~np.isfinite(numeric.to_numpy(dtype=np.float64))
+        bad[:, [frame.columns.get_loc(c) for c in numeric.columns]] |= bad_num
+    if weight_values is not None:
+        bad = np.column_stack([bad, ~np.isfinite(weight_values)])
+    bad_rows = bad.any(axis=1)
+    if bad_rows.any():
+        if missing == "raise":
+            names = list(frame.columns) + (["weights"] if weight_values is not None else [])
+            cols = [names[j] for j in np.flatnonzero(bad.any(axis=0))]
+            raise DataError(
+                f"{int(bad_rows.sum())} row(s) have missing or infinite values in "
+                f"{', '.join(map(repr, cols))} (first at row {int(np.argmax(bad_rows))}); "
+                "clean them or pass missing='drop'"
+            )
+        frame = frame.loc[~bad_rows]
+        if weight_values is not None:
+            weight_values = weight_values[~bad_rows]
+        if len(frame) == 0:
+            raise DataError("no rows left after dropping missing values")
+    if weight_values is None:
+        weight_values = np.ones(len(frame))
+    elif np.any(weight_values <= 0):
+        raise DataError("prior weights must be positive")
+
+    y_col = frame[parsed.response]
+    if not pd.api.types.is_numeric_dtype(y_col) or pd.api.types.is_bool_dtype(y_col):
+        raise DataError(f"response {parsed.response!r} must be numeric")
+    y = y_col.to_numpy(dtype=np.float64)
+    n = len(y)
+
+    X, fixed_names = _model_matrix(parsed.fixed, frame)
+    X, fixed_names, dropped = _drop_aliased(X, fixed_names)
+
+    terms: list[RandomTerm] = []
+    for bar in parsed.bars:
+        codes, levels = _grouping_factor(frame, bar)
+        z, coef_names = _model_matrix(bar.lhs, frame)
+        if z.shape[1] == 0:
+            raise FormulaError(f"random term ({bar.lhs} | {bar.group}) has no columns")
+        term = RandomTerm(bar.group, codes, levels, z, coef_names)
+        if term.n_levels < 2:
+            raise DataError(
+                f"grouping factor {bar.group!r} has a single level "
+                f"({levels[0]!r}); a random effect needs at least 2"
+            )
+        if term.n_columns >= n:
+            raise DataError(
+                f"number of observations (={n}) <= number of random effects "
+                f"(={term.n_columns}) for term ({bar.lhs} | {bar.group}); the "
+                "random-effects parameters and the residual variance are unidentifiable"
+            )
+        terms.append(term)
+    if not terms:
+        raise FormulaError(
+            f"formula {parsed.text!r} has no random term '(... | group)'; "
+            "use ordinary least squares for a model without random effects"
+        )
+    order = sorted(range(len(terms)), key=lambda i: -terms[i].n_levels)
+    terms = [terms[i] for i in order]
+    return Design(
+        formula=parsed,
+        y=y,
+        X=X,
+        fixed_names=fixed_names,
+        terms=terms,
+        weights=weight_values,
+        dropped_fixed=dropped,
+        response_name=parsed.response,
+        row_index=frame.index,
+    )

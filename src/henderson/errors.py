@@ -1,0 +1,26 @@
+"""Exceptions of henderson. Every one is a ``ValueError`` whose message names the
+column, level, term or animal at fault."""
+
+
+class HendersonError(ValueError):
+    """Base class of henderson's input errors."""
+
+
+class FormulaError(HendersonError):
+    """The model formula cannot be parsed or refers to something that does not exist."""
+
+
+class DataError(HendersonError):
+    """The data cannot support the model: missing values, too few levels, ..."""
+
+
+class PedigreeError(HendersonError):
+    """A pedigree is inconsistent: loops, duplicated ids, an animal its own ancestor."""
+
+
+class ConvergenceWarning(UserWarning):
+    """The optimiser stopped without meeting its convergence criteria."""
+
+
+class RankDeficiencyWarning(UserWarning):
+    """Fixed-effect columns were dropped because X is rank deficient."""

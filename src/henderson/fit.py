@@ -1,0 +1,183 @@
+"""Stage 5 of the pipeline: optimise θ and hand the optimum to the results stage.
+
+``lmm()`` is the public entry point: formula + data → :class:`Design` →
+:class:`MixedModelEquations` → :class:`Objective` → optimiser →
+:class:`~henderson.results.LinearMixedModel`.
+"""
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .design import Design, build_design
+from .errors import ConvergenceWarning
+from .mme import MixedModelEquations
+from .objective import Objective
+
+
+@dataclass
+class OptimizerResult:
+    theta: np.ndarray
+    objective: float
+    n_evaluations: int
+    converged: bool
+    message: str
+    method: str
+    history: list = field(default_factory=list)
+
+
+class _Progress:
+    """Prints the objective every ``every`` evaluations to stderr."""
+
+    def __init__(self, objective: Objective, verbose: bool | int):
+        self.objective = objective
+        self.every = 1 if verbose is True else int(verbose)
+        self.start = time.perf_counter()
+        self.best = np.inf
+
+    def __call__(self, theta):
+        value = self.objective(theta)
+        self.best = min(self.best, value)
+        count = self.objective.n_evaluations
+        if self.every and count % self.every == 0:
+            print(
+                f"[henderson] eval {count:5d}  objective {value:.6f}  best {self.best:.6f}"
+                f"  θ={np.array2string(np.asarray(theta), precision=5)}"
+                f"  {time.perf_counter() - self.start:.1f}s",
+                file=sys.stderr,
+            )
+        return value
+
+
+def optimize_bobyqa(objective: Objective, start: np.ndarray, lower: np.ndarray,
+                    verbose: bool | int = False, max_evaluations: int = 100_000,
+                    tolerance: float = 1e-10) -> OptimizerResult:
+    """Powell's BOBYQA (nlopt), lme4's default optimiser for ``lmer``."""
+    import nlopt
+
+    func = _Progress(objective, verbose) if verbose else objective
+    n = len(start)
+    opt = nlopt.opt(nlopt.LN_BOBYQA, n)
+    opt.set_lower_bounds(np.where(np.isfinite(lower), lower, -1e300))
+    opt.set_min_objective(lambda x, grad: func(x))
+    opt.set_ftol_abs(tolerance)
+    opt.set_xtol_abs(tolerance)
+    opt.set_maxeval(max_evaluations)
+    opt.set_initial_step(np.full(n, 0.75))
+    with np.errstate(all="ignore"):
+        theta = opt.optimize(np.asarray(start, dtype=float))
+    code = opt.last_optimize_result()
+    converged = code in (nlopt.FTOL_REACHED, nlopt.XTOL_REACHED, nlopt.SUCCESS,
+                         nlopt.STOPVAL_REACHED)
+    return OptimizerResult(theta, opt.last_optimum_value(), objective.n_evaluations,
+                           converged, f"nlopt BOBYQA return code {code}", "bobyqa")
+
+
+def optimize_scipy(objective: Objective, start: np.ndarray, lower: np.ndarray,
+                   method: str = "Powell", verbose: bool | int = False) -> OptimizerResult:
+    """A bounded scipy optimiser (``Powell``, ``Nelder-Mead``, ``L-BFGS-B`` with
+    finite differences)."""
+    from scipy.optimize import Bounds, minimize
+
+    func = _Progress(objective, verbose) if verbose else objective
+    bounds = Bounds(lower, np.full_like(lower, np.inf))
+    result = minimize(func, start, method=method, bounds=bounds,
+                      options={"xtol": 1e-10, "ftol": 1e-12, "maxfev": 100_000}
+                      if method == "Powell" else {})
+    return OptimizerResult(result.x, float(result.fun), objective.n_evaluations,
+                           bool(result.success), str(result.message), method)
+
+
+OPTIMIZERS = {"bobyqa": optimize_bobyqa}
+
+
+def fit_design(design: Design, reml: bool = True, optimizer: str = "bobyqa",
+               ordering: str = "auto", start: np.ndarray | None = None,
+               verbose: bool | int = False):
+    """Fit a model whose :class:`Design` is already built (lme4's modular route).
+
+    Returns
+    -------
+    LinearMixedModel
+    """
+    from .results import LinearMixedModel
+
+    timings = {}
+    t0 = time.perf_counter()
+    mme = MixedModelEquations(design, ordering=ordering)
+    timings["mme_setup"] = time.perf_counter() - t0
+    objective = Objective(mme, reml=reml)
+    start = design.theta_start() if start is None else np.asarray(start, dtype=float)
+    lower = design.theta_lower_bounds()
+    t0 = time.perf_counter()
+    if optimizer == "bobyqa":
+        result = optimize_bobyqa(objective, start, lower, verbose=verbose)
+    elif optimizer in ("Powell", "Nelder-Mead", "L-BFGS-B"):
+        result = optimize_scipy(objective, start, lower, method=optimizer, verbose=verbose)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}; use 'bobyqa', 'Powell', "
+                         "'Nelder-Mead' or 'L-BFGS-B'")
+    timings["optimize"] = time.perf_counter() - t0
+    if not result.converged:
+        warnings.warn(f"optimiser did not converge: {result.message}", ConvergenceWarning,
+                      stacklevel=2)
+    theta = np.maximum(result.theta, lower)
+    t0 = time.perf_counter()
+    model = LinearMixedModel(design, mme, objective, theta, result)
+    timings["results"] = time.perf_counter() - t0
+    model.timings.update(timings)
+    return model
+
+
+def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
+        weights: str | np.ndarray | None = None, missing: str = "raise",
+        optimizer: str = "bobyqa", ordering: str = "auto",
+        verbose: bool | int = False):
+    """Fit a linear mixed model with lme4's formula syntax.
+
+    Parameters
+    ----------
+    formula : str
+        lme4 formula, e.g. ``"Reaction ~ Days + (Days | Subject)"``: ``(x | g)``
+        correlated, ``(x || g)`` independent, ``(1 | a/b)`` nested, ``(1 | a:b)``.
+    data : pandas.DataFrame
+        Categorical columns keep their category order; the first is the reference.
+    reml : bool, default True
+        REML (lme4's default) or maximum likelihood.
+    weights : str or array, optional
+        Prior weights: ``R = σ² W⁻¹``.
+    missing : {"raise", "drop"}
+        Rows with NaN/inf in a used column raise a ``DataError`` or are dropped.
+    optimizer : {"bobyqa", "Powell", "Nelder-Mead", "L-BFGS-B"}
+        Bounded optimiser for θ; BOBYQA is lme4's.
+    ordering : {"auto", "natural", "amd", "metis"}
+        Fill-reducing ordering for CHOLMOD (``auto`` measures the candidates).
+    verbose : bool or int
+        Print the objective to stderr every evaluation (or every ``verbose``).
+
+    Returns
+    -------
+    LinearMixedModel
+
+    Examples
+    --------
+    >>> import henderson as hd
+    >>> m = hd.lmm("Reaction ~ Days + (Days | Subject)", hd.datasets.load("sleepstudy"))
+    >>> round(m.objective, 3)
+    1743.628
+    >>> m.fixef.round(3).to_dict()
+    {'(Intercept)': 251.405, 'Days': 10.467}
+    """
+    t0 = time.perf_counter()
+    design = build_design(formula, data, weights=weights, missing=missing)
+    design_seconds = time.perf_counter() - t0
+    model = fit_design(design, reml=reml, optimizer=optimizer, ordering=ordering,
+                       verbose=verbose)
+    model.timings["design"] = design_seconds
+    model.timings["total"] = time.perf_counter() - t0
+    return model

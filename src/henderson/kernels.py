@@ -1,0 +1,180 @@
+"""Numba kernels: plain arrays in, plain arrays out.
+
+* cross-products of the random-effect columns by level (block diagonal) and by pairs
+  of levels (crossed terms), and of levels with dense columns (``Z'WX``, ``Z'Wy``);
+* writing ``Λ_a' B Λ_b`` blocks into the fixed pattern of ``C``;
+* the Takahashi selected inverse of a sparse Cholesky factor.
+
+Each kernel has a dense NumPy twin in ``tests/test_kernels.py``.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_NJIT = dict(nogil=True, cache=True)
+
+
+@numba.njit(**_NJIT)
+def level_crossprod(level_codes, z, weights, n_levels):
+    """``out[l] = Σ_{i: code_i = l} w_i z_i z_i'``, shape (n_levels, k, k)."""
+    n, k = z.shape
+    out = np.zeros((n_levels, k, k))
+    for i in range(n):
+        lev = level_codes[i]
+        w = weights[i]
+        for a in range(k):
+            wa = w * z[i, a]
+            for b in range(k):
+                out[lev, a, b] += wa * z[i, b]
+    return out
+
+
+@numba.njit(**_NJIT)
+def pair_crossprod(pair_codes, z_a, z_b, weights, n_pairs):
+    """``out[p] = Σ_{i: pair_i = p} w_i z_a,i z_b,i'``, shape (n_pairs, k_a, k_b)."""
+    n, ka = z_a.shape
+    kb = z_b.shape[1]
+    out = np.zeros((n_pairs, ka, kb))
+    for i in range(n):
+        p = pair_codes[i]
+        w = weights[i]
+        for a in range(ka):
+            wa = w * z_a[i, a]
+            for b in range(kb):
+                out[p, a, b] += wa * z_b[i, b]
+    return out
+
+
+@numba.njit(**_NJIT)
+def level_dense_crossprod(level_codes, z, weights, dense, n_levels):
+    """``out[l] = Σ_{i: code_i = l} w_i z_i d_i'`` for dense columns d, (n_levels, k, m)."""
+    n, k = z.shape
+    m = dense.shape[1]
+    out = np.zeros((n_levels, k, m))
+    for i in range(n):
+        lev = level_codes[i]
+        w = weights[i]
+        for a in range(k):
+            wa = w * z[i, a]
+            for c in range(m):
+                out[lev, a, c] += wa * dense[i, c]
+    return out
+
+
+@numba.njit(parallel=True, **_NJIT)
+def scatter_blocks(lam_a, blocks, lam_b, positions, data):
+    """``data[positions[p, a, b]] += (Λ_a' B_p Λ_b)[a, b]`` for every block p.
+
+    ``positions`` is -1 where an entry is not stored (upper triangle). Positions are
+    distinct across blocks, so blocks are processed in parallel.
+    """
+    n_blocks, ka, kb = blocks.shape
+    for p in numba.prange(n_blocks):
+        tmp = np.zeros((ka, kb))
+        for a in range(ka):
+            for b in range(kb):
+                acc = 0.0
+                for c in range(a, ka):  # Λ_a is lower triangular
+                    acc += lam_a[c, a] * blocks[p, c, b]
+                tmp[a, b] = acc
+        for a in range(ka):
+            for b in range(kb):
+                pos = positions[p, a, b]
+                if pos >= 0:
+                    acc = 0.0
+                    for c in range(b, kb):
+                        acc += tmp[a, c] * lam_b[c, b]
+                    data[pos] += acc
+
+
+@numba.njit(parallel=True, **_NJIT)
+def scatter_left_blocks(lam_a, blocks, positions, data):
+    """``data[positions[p, a, c]] += (Λ_a' B_p)[a, c]`` (blocks against fixed columns)."""
+    n_blocks, ka, m = blocks.shape
+    for p in numba.prange(n_blocks):
+        for a in range(ka):
+            for c in range(m):
+                acc = 0.0
+                for e in range(a, ka):
+                    acc += lam_a[e, a] * blocks[p, e, c]
+                data[positions[p, a, c]] += acc
+
+
+@numba.njit(**_NJIT)
+def _find_row(indices, start, stop, row):
+    lo, hi = start, stop
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if indices[mid] < row:
+            lo = mid + 1
+        else:
+            hi = mid
+    if lo < stop and indices[lo] == row:
+        return lo
+    return -1
+
+
+@numba.njit(**_NJIT)
+def selected_inverse(indptr, indices, values):
+    """Takahashi recurrences: ``C⁻¹`` on the pattern of its Cholesky factor ``L``.
+
+    Parameters
+    ----------
+    indptr, indices, values : arrays
+        ``L`` (lower triangular, ``C = L L'``) in CSC with sorted row indices and the
+        diagonal first in each column.
+
+    Returns
+    -------
+    ndarray
+        Values of ``C⁻¹`` at the positions of ``L``'s entries (lower triangle).
+    """
+    n = len(indptr) - 1
+    inv = np.zeros(len(values))
+    acc = np.zeros(n)
+    for j in range(n - 1, -1, -1):
+        start, stop = indptr[j], indptr[j + 1]
+        ljj = values[start]
+        # acc[i] = Σ_k Z[i, k] L[k, j] over rows i, k > j in column j
+        for pk in range(start + 1, stop):
+            k = indices[pk]
+            lkj = values[pk]
+            kstart, kstop = indptr[k], indptr[k + 1]
+            # Z[k, k] L[k, j]
+            acc[k] += inv[kstart] * lkj
+            # rows i > k of column j: Z[i, k] is in column k of Z
+            q = kstart + 1
+            for pi in range(pk + 1, stop):
+                i = indices[pi]
+                while q < kstop and indices[q] < i:
+                    q += 1
+                if q == kstop or indices[q] != i:
+                    raise ValueError("selected_inverse: L's pattern is not closed under fill")
+                zik = inv[q]
+                acc[i] += zik * lkj
+                acc[k] += zik * values[pi]
+        diag = 1.0 / (ljj * ljj)
+        for pi in range(start + 1, stop):
+            i = indices[pi]
+            zij = -acc[i] / ljj
+            inv[pi] = zij
+            diag -= zij * values[pi] / ljj
+            acc[i] = 0.0
+        inv[start] = diag
+    return inv
+
+
+@numba.njit(**_NJIT)
+def lookup_symmetric(indptr, indices, values, rows, cols):
+    """Values of a symmetric matrix stored as its lower triangle at (rows, cols)."""
+    out = np.empty(len(rows))
+    for t in range(len(rows)):
+        r, c = rows[t], cols[t]
+        if r < c:
+            r, c = c, r
+        pos = _find_row(indices, indptr[c], indptr[c + 1], r)
+        if pos < 0:
+            raise ValueError("lookup_symmetric: entry not in pattern")
+        out[t] = values[pos]
+    return out

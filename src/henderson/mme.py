@@ -1,0 +1,399 @@
+"""Stage 3 of the pipeline: Henderson's mixed-model equations in relative form.
+
+Owns the cross-products of the data (accumulated once, in one pass over the rows),
+the fixed sparsity pattern of
+
+    C(θ) = [ Λ'Z'WZΛ + P   Λ'Z'WX ]
+           [ X'WZΛ          X'WX  ]
+
+(lower triangle, CSC, rows and columns already in the fill-reducing order, fixed
+effects last), the map from every cross-product entry to its slot in ``C.data``, and
+the CHOLMOD factor: ``analyze`` once, ``cholesky_inplace`` for every θ. Every call
+into scikit-sparse lives in this module.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from . import kernels
+from .design import Design
+
+
+# ---------------------------------------------------------------- CHOLMOD access
+def _cholmod():
+    from sksparse import cholmod
+
+    return cholmod
+
+
+def cholmod_analyze(matrix: sp.csc_matrix, ordering: str = "natural", mode: str = "auto"):
+    """Symbolic analysis of a symmetric matrix given by its lower triangle."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _cholmod().analyze(matrix, mode=mode, ordering_method=ordering)
+
+
+def cholmod_refactor(factor, matrix: sp.csc_matrix) -> None:
+    """Numeric factorisation into an existing symbolic factor (same pattern)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        factor.cholesky_inplace(matrix)
+
+
+def cholmod_lower_factor(factor) -> sp.csc_matrix:
+    """``L`` with ``L L' = P C P'`` as CSC (from a copy: converting a supernodal
+    factor in place would make later refactorisations simplicial)."""
+    lower = factor.copy().L().tocsc()
+    if not lower.has_sorted_indices:
+        lower.sort_indices()
+    return lower
+
+
+def cholmod_permutation(factor) -> np.ndarray:
+    return np.asarray(factor.P(), dtype=np.int64)
+
+
+class NotPositiveDefiniteError(np.linalg.LinAlgError):
+    pass
+
+
+# ---------------------------------------------------------------- cross-products
+@dataclass
+class CrossProducts:
+    """``Z'WZ`` by blocks, ``Z'WX``, ``X'WX``, ``Z'Wy``, ``X'Wy``, ``y'Wy``.
+
+    ``diagonal[t]`` is (n_levels, k, k); ``crossed[(t, s)]`` holds for t < s the level
+    pairs that occur together (``pair_levels``, shape (n_pairs, 2)) and their
+    (n_pairs, k_t, k_s) blocks; ``zx[t]`` is (n_levels, k, p) and ``zy[t]`` (n_levels, k).
+    """
+
+    diagonal: list[np.ndarray]
+    crossed: dict
+    zx: list[np.ndarray]
+    zy: list[np.ndarray]
+    xx: np.ndarray
+    xy: np.ndarray
+    yy: float
+    n_obs: int
+    sum_log_weights: float
+
+    @classmethod
+    def from_design(cls, design: Design) -> "CrossProducts":
+        w = np.ascontiguousarray(design.weights, dtype=np.float64)
+        y = np.ascontiguousarray(design.y, dtype=np.float64)
+        X = np.ascontiguousarray(design.X, dtype=np.float64)
+        Xy = np.column_stack([X, y])
+        diagonal, zx, zy = [], [], []
+        for term in design.terms:
+            z = np.ascontiguousarray(term.z)
+            codes = term.level_codes
+            diagonal.append(kernels.level_crossprod(codes, z, w, term.n_levels))
+            zxy = kernels.level_dense_crossprod(codes, z, w, Xy, term.n_levels)
+            zx.append(np.ascontiguousarray(zxy[:, :, :-1]))
+            zy.append(np.ascontiguousarray(zxy[:, :, -1]))
+        crossed = {}
+        for t, term_t in enumerate(design.terms):
+            for s in range(t + 1, len(design.terms)):
+                term_s = design.terms[s]
+                key = term_t.level_codes * term_s.n_levels + term_s.level_codes
+                pair_keys, pair_codes = np.unique(key, return_inverse=True)
+                blocks = kernels.pair_crossprod(
+                    pair_codes.astype(np.int64),
+                    np.ascontiguousarray(term_t.z),
+                    np.ascontiguousarray(term_s.z),
+                    w,
+                    len(pair_keys),
+                )
+                pairs = np.column_stack(
+                    [pair_keys // term_s.n_levels, pair_keys % term_s.n_levels]
+                )
+                crossed[(t, s)] = (pairs, blocks)
+        wX = X * w[:, None]
+        return cls(
+            diagonal=diagonal,
+            crossed=crossed,
+            zx=zx,
+            zy=zy,
+            xx=X.T @ wX,
+            xy=wX.T @ y,
+            yy=float(np.dot(w * y, y)),
+            n_obs=len(y),
+            sum_log_weights=float(np.sum(np.log(w))),
+        )
+
+
+# ---------------------------------------------------------------- pattern of C
+class _PatternBuilder:
+    """Collects (row, col) coordinates of every contribution to C's lower triangle."""
+
+    def __init__(self):
+        self.rows: list[np.ndarray] = []
+        self.cols: list[np.ndarray] = []
+        self.sizes: list[int] = []
+
+    def add(self, rows: np.ndarray, cols: np.ndarray) -> int:
+        self.rows.append(rows.ravel().astype(np.int64))
+        self.cols.append(cols.ravel().astype(np.int64))
+        self.sizes.append(rows.size)
+        return len(self.sizes) - 1
+
+    def build(self, inverse_perm: np.ndarray, size: int):
+        rows = inverse_perm[np.concatenate(self.rows)]
+        cols = inverse_perm[np.concatenate(self.cols)]
+        lower_rows = np.maximum(rows, cols)
+        lower_cols = np.minimum(rows, cols)
+        keys = lower_cols * size + lower_rows
+        unique_keys, slot = np.unique(keys, return_inverse=True)
+        indptr = np.zeros(size + 1, dtype=np.int64)
+        np.add.at(indptr, (unique_keys // size) + 1, 1)
+        indptr = np.cumsum(indptr)
+        indices = (unique_keys % size).astype(np.int64)
+        slots = np.split(slot.astype(np.int64), np.cumsum(self.sizes)[:-1])
+        return indptr, indices, slots
+
+
+def _ordering_candidates(design: Design, xp: CrossProducts, ordering: str):
+    """Fill-reducing orderings of the random-effect block to choose from."""
+    q = design.n_random
+    natural = np.arange(q, dtype=np.int64)
+    has_precision = any(t.level_precision is not None for t in design.terms)
+    if ordering == "natural" or (ordering == "auto" and len(design.terms) == 1
+                                 and not has_precision):
+        return {"natural": natural}
+    # a diagonally dominant matrix with the pattern of C_zz, to let CHOLMOD order it
+    builder = _PatternBuilder()
+    offsets = design.column_offsets()
+    for t, term in enumerate(design.terms):
+        k = term.n_coefs
+        base = offsets[t] + np.arange(term.n_levels)[:, None, None] * k
+        builder.add(base + np.arange(k)[None, :, None] + 0 * np.arange(k)[None, None, :],
+                    base + np.arange(k)[None, None, :] + 0 * np.arange(k)[None, :, None])
+        if term.level_precision is not None:
+            prec = sp.tril(term.level_precision).tocoo()
+            for a in range(k):
+                builder.add(offsets[t] + prec.row * k + a, offsets[t] + prec.col * k + a)
+    for (t, s), (pairs, _) in xp.crossed.items():
+        builder.add(offsets[s] + pairs[:, 1] * design.terms[s].n_coefs,
+                    offsets[t] + pairs[:, 0] * design.terms[t].n_coefs)
+    indptr, indices, _ = builder.build(natural, q)
+    values = -np.ones(len(indices))
+    degree = np.bincount(indices, minlength=q) + np.diff(indptr)
+    diag_pos = indptr[:-1]  # the diagonal is the first entry of each column
+    values[diag_pos] = degree + 1.0
+    pattern = sp.csc_matrix((values, indices, indptr), shape=(q, q))
+    methods = ["amd", "metis"] if ordering == "auto" else [ordering]
+    candidates = {"natural": natural} if ordering == "auto" else {}
+    for method in methods:
+        try:
+            factor = cholmod_analyze(pattern, ordering=method)
+        except Exception:  # METIS may be missing from the SuiteSparse build
+            continue
+        candidates[method] = cholmod_permutation(factor)
+    candidates["_pattern"] = pattern
+    return candidates
+
+
+def _factor_size(pattern: sp.csc_matrix, perm: np.ndarray) -> int:
+    full = pattern + sp.tril(pattern, -1).T
+    permuted = sp.tril(full[perm][:, perm]).tocsc()
+    factor = cholmod_analyze(permuted, ordering="natural", mode="simplicial")
+    cholmod_refactor(factor, permuted)
+    return cholmod_lower_factor(factor).nnz
+
+
+# ---------------------------------------------------------------- the equations
+class MixedModelEquations:
+    """The pattern of C, its symbolic CHOLMOD factor and the θ → C(θ) update.
+
+    Parameters
+    ----------
+    design : Design
+    ordering : {"auto", "natural", "amd", "metis"}
+        Fill-reducing ordering of the random-effect block. ``"auto"`` factors the
+        pattern under each candidate once and keeps the one with the fewest nonzeros
+        in L. Fixed effects always come last.
+
+    Examples
+    --------
+    >>> import henderson as hd
+    >>> from henderson.design import build_design
+    >>> d = build_design("Reaction ~ Days + (Days | Subject)", hd.datasets.load("sleepstudy"))
+    >>> mme = MixedModelEquations(d)
+    >>> mme.factorize(d.theta_start())
+    >>> round(mme.logdet(), 4) > 0
+    True
+    """
+
+    def __init__(self, design: Design, ordering: str = "auto", mode: str = "auto"):
+        start = time.perf_counter()
+        self.design = design
+        self.xp = CrossProducts.from_design(design)
+        self.timings = {"crossproducts": time.perf_counter() - start}
+        start = time.perf_counter()
+        q, p = design.n_random, design.n_fixed
+        self.n_random, self.n_fixed, self.size = q, p, q + p
+        candidates = _ordering_candidates(design, self.xp, ordering)
+        pattern = candidates.pop("_pattern", None)
+        self.ordering_sizes = {}
+        if len(candidates) > 1:
+            for name, perm in candidates.items():
+                self.ordering_sizes[name] = _factor_size(pattern, perm)
+            self.ordering = min(self.ordering_sizes, key=self.ordering_sizes.get)
+        else:
+            self.ordering = next(iter(candidates))
+        z_perm = candidates[self.ordering]
+        self.perm = np.concatenate([z_perm, q + np.arange(p, dtype=np.int64)])
+        self.inverse_perm = np.empty_like(self.perm)
+        self.inverse_perm[self.perm] = np.arange(self.size)
+        self._build_pattern()
+        self.timings["pattern"] = time.perf_counter() - start
+        start = time.perf_counter()
+        self.matrix = sp.csc_matrix(
+            (np.zeros(len(self.indices)), self.indices, self.indptr),
+            shape=(self.size, self.size),
+        )
+        self.matrix.data[self.indptr[:-1]] = 1.0  # the diagonal: any SPD values will do
+        self.factor = cholmod_analyze(self.matrix, ordering="natural", mode=mode)
+        self.timings["symbolic"] = time.perf_counter() - start
+        self.timings["numeric"] = 0.0
+        self.n_factorizations = 0
+        self.theta = None
+
+    # -- pattern
+    def _build_pattern(self) -> None:
+        design, xp = self.design, self.xp
+        q, p = self.n_random, self.n_fixed
+        offsets = design.column_offsets()
+        builder = _PatternBuilder()
+        diag_ids, cross_ids, zx_ids, prec_ids = [], {}, [], []
+        for t, term in enumerate(design.terms):
+            k, nl = term.n_coefs, term.n_levels
+            base = offsets[t] + np.arange(nl)[:, None, None] * k
+            rows = np.broadcast_to(base + np.arange(k)[None, :, None], (nl, k, k))
+            cols = np.broadcast_to(base + np.arange(k)[None, None, :], (nl, k, k))
+            diag_ids.append(builder.add(rows, cols))
+            level_rows = np.broadcast_to(base[:, :, 0][:, :, None] + np.arange(k)[None, :, None], (nl, k, p))
+            x_rows = np.broadcast_to(q + np.arange(p)[None, None, :], (nl, k, p))
+            zx_ids.append(builder.add(x_rows, level_rows))
+            if term.level_precision is None:
+                idx = offsets[t] + np.arange(term.n_columns)
+                prec_ids.append((builder.add(idx, idx), np.ones(term.n_columns)))
+            else:
+                prec = sp.tril(term.level_precision).tocoo()
+                rows = offsets[t] + prec.row[:, None] * k + np.arange(k)[None, :]
+                cols = offsets[t] + prec.col[:, None] * k + np.arange(k)[None, :]
+                vals = np.repeat(prec.data, k)
+                prec_ids.append((builder.add(rows, cols), vals))
+        for (t, s), (pairs, blocks) in xp.crossed.items():
+            kt, ks = design.terms[t].n_coefs, design.terms[s].n_coefs
+            cols = offsets[t] + pairs[:, 0][:, None, None] * kt + np.arange(kt)[None, :, None]
+            rows = offsets[s] + pairs[:, 1][:, None, None] * ks + np.arange(ks)[None, None, :]
+            shape = blocks.shape
+            cross_ids[(t, s)] = builder.add(np.broadcast_to(rows, shape), np.broadcast_to(cols, shape))
+        xr, xc = np.tril_indices(p)
+        xx_id = builder.add(q + xr, q + xc)
+        self.indptr, self.indices, slots = builder.build(self.inverse_perm, self.size)
+        nnz = len(self.indices)
+        self.constant_data = np.zeros(nnz)
+        for ident, vals in prec_ids:
+            np.add.at(self.constant_data, slots[ident], vals)
+        np.add.at(self.constant_data, slots[xx_id], xp.xx[xr, xc])
+        self.diag_positions = []
+        for t, term in enumerate(design.terms):
+            k = term.n_coefs
+            pos = slots[diag_ids[t]].reshape(term.n_levels, k, k).copy()
+            pos[:, np.triu_indices(k, 1)[0], np.triu_indices(k, 1)[1]] = -1
+            self.diag_positions.append(pos)
+        self.zx_positions = [slots[zx_ids[t]].reshape(term.n_levels, term.n_coefs, p)
+                             for t, term in enumerate(design.terms)]
+        self.cross_positions = {key: slots[ident].reshape(xp.crossed[key][1].shape)
+                                for key, ident in cross_ids.items()}
+
+    # -- values
+    def relative_factors(self, theta: np.ndarray) -> list[np.ndarray]:
+        return [term.relative_factor(theta[sl])
+                for term, sl in zip(self.design.terms, self.design.theta_slices())]
+
+    def fill(self, theta: np.ndarray) -> None:
+        """Write the values of C(θ) into ``self.matrix.data``."""
+        lams = self.relative_factors(theta)
+        data = self.matrix.data
+        data[:] = self.constant_data
+        xp = self.xp
+        for t, lam in enumerate(lams):
+            kernels.scatter_blocks(lam, xp.diagonal[t], lam, self.diag_positions[t], data)
+            if self.n_fixed:
+                kernels.scatter_left_blocks(lam, xp.zx[t], self.zx_positions[t], data)
+        for (t, s), (_, blocks) in xp.crossed.items():
+            kernels.scatter_blocks(lams[t], blocks, lams[s], self.cross_positions[(t, s)], data)
+
+    def rhs(self, theta: np.ndarray) -> np.ndarray:
+        """``[Λ'Z'Wy; X'Wy]`` in the original (unpermuted) order."""
+        parts = []
+        for lam, zy in zip(self.relative_factors(theta), self.xp.zy):
+            parts.append((zy @ lam).ravel())  # row l: (Λ' zy_l)' = zy_l' Λ
+        parts.append(self.xp.xy)
+        return np.concatenate(parts)
+
+    def factorize(self, theta: np.ndarray) -> None:
+        """Refresh the numeric factor for a new θ (symbolic analysis is reused)."""
+        theta = np.asarray(theta, dtype=np.float64)
+        start = time.perf_counter()
+        self.fill(theta)
+        try:
+            cholmod_refactor(self.factor, self.matrix)
+        except Exception as exc:
+            raise NotPositiveDefiniteError(
+                f"C(θ) is not positive definite at θ={theta}: {exc}") from exc
+        self.theta = theta.copy()
+        self.n_factorizations += 1
+        self.timings["numeric"] += time.perf_counter() - start
+
+    def solve(self, rhs: np.ndarray) -> np.ndarray:
+        """Solve ``C x = rhs`` (rhs in original order; vector or matrix)."""
+        permuted = rhs[self.perm]
+        solution = self.factor(permuted)
+        out = np.empty_like(solution)
+        out[self.perm] = solution
+        return out
+
+    def logdet(self) -> float:
+        return float(self.factor.logdet())
+
+    def fixed_block_inverse(self) -> np.ndarray:
+        """``(C⁻¹)_ββ``: p solves with the factor (fixed effects are last)."""
+        p, q = self.n_fixed, self.n_random
+        if p == 0:
+            return np.zeros((0, 0))
+        unit = np.zeros((self.size, p))
+        unit[q + np.arange(p), np.arange(p)] = 1.0
+        permuted_solution = self.factor(unit[self.perm])
+        return permuted_solution[q:, :]  # fixed effects keep their place at the end
+
+    def lower_factor(self) -> sp.csc_matrix:
+        """The Cholesky factor L of the permuted C (``L L' = C[perm][:, perm]``)."""
+        return cholmod_lower_factor(self.factor)
+
+    def selected_inverse(self, random_block_only: bool = False):
+        """``C⁻¹`` (or ``C_zz⁻¹``) on the pattern of L, in permuted coordinates."""
+        lower = self.lower_factor()
+        if random_block_only:
+            q = self.n_random
+            lower = lower[:q, :q].tocsc()
+            lower.sort_indices()
+        values = kernels.selected_inverse(
+            lower.indptr.astype(np.int64), lower.indices.astype(np.int64), lower.data)
+        return sp.csc_matrix((values, lower.indices, lower.indptr), shape=lower.shape)
+
+    def inverse_entries(self, selected: sp.csc_matrix, rows, cols) -> np.ndarray:
+        """Entries of a selected inverse at original (unpermuted) coordinates."""
+        r = self.inverse_perm[np.asarray(rows, dtype=np.int64)]
+        c = self.inverse_perm[np.asarray(cols, dtype=np.int64)]
+        return kernels.lookup_symmetric(
+            selected.indptr.astype(np.int64), selected.indices.astype(np.int64),
+            selected.data, r, c)

@@ -1,0 +1,314 @@
+"""Stage 6 of the pipeline: the fitted model.
+
+Everything a user reads off a fit: θ, σ, fixed effects and their covariance, variance
+components as lme4's ``VarCorr``, BLUPs with conditional SDs, logLik/AIC/BIC, fitted
+values and residuals, a printed summary, and the matrices of the model ``X``, ``Z``,
+``G``, ``R`` and ``Σ = Z G Z' + R``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .design import Design
+from .mme import MixedModelEquations
+from .objective import Objective
+
+SINGULAR_TOLERANCE = 1e-4
+
+
+def _group_names(design: Design) -> list[str]:
+    """lme4's names for terms in VarCorr: a repeated group gets ``.1``, ``.2``..."""
+    seen: dict[str, int] = {}
+    names = []
+    for term in design.terms:
+        count = seen.get(term.group, 0)
+        names.append(term.group if count == 0 else f"{term.group}.{count}")
+        seen[term.group] = count + 1
+    return names
+
+
+class LinearMixedModel:
+    """A fitted linear mixed model (returned by :func:`henderson.lmm`).
+
+    Attributes
+    ----------
+    objective : float
+        REML criterion (REML fits) or deviance (ML fits), on lme4's scale.
+    theta : ndarray
+        Relative covariance parameters in lme4's order.
+    sigma : float
+        Residual standard deviation.
+    fixef : pandas.Series
+    vcov : pandas.DataFrame
+    varcorr : pandas.DataFrame
+        Columns ``grp, var1, var2, vcov, sdcor`` as lme4's ``as.data.frame(VarCorr(m))``.
+    ranef, ranef_sd : dict of str -> pandas.DataFrame
+        BLUPs and their conditional SDs, levels x coefficients, per grouping factor.
+    timings : dict
+        Seconds spent in each stage.
+
+    Examples
+    --------
+    >>> import henderson as hd
+    >>> m = hd.lmm("height ~ moisture + (1 | pot)", hd.datasets.load("plants"))
+    >>> m.Sigma.shape
+    (10, 10)
+    >>> print(m.ranef["pot"].round(3))        # doctest: +NORMALIZE_WHITESPACE
+         (Intercept)
+    pot
+    p11       -0.862
+    p12        0.862
+    p21        0.634
+    p22       -0.634
+    """
+
+    def __init__(self, design: Design, mme: MixedModelEquations, objective: Objective,
+                 theta: np.ndarray, optimizer_result=None):
+        self.design = design
+        self.mme = mme
+        self.reml = objective.reml
+        self.optimizer_result = optimizer_result
+        self.timings = dict(mme.timings)
+        evaluation = objective.evaluate(theta)
+        self.theta = np.asarray(theta, dtype=float)
+        self.objective = evaluation.objective
+        self.sigma = objective.sigma(evaluation)
+        self.n_evaluations = objective.n_evaluations
+        self._evaluation = evaluation
+        q = design.n_random
+        sigma2 = self.sigma ** 2
+        self.fixef = pd.Series(evaluation.solution[q:], index=design.fixed_names,
+                               name="estimate")
+        self.vcov = pd.DataFrame(sigma2 * evaluation.fixed_inverse,
+                                 index=design.fixed_names, columns=design.fixed_names)
+        self._relative_factors = mme.relative_factors(self.theta)
+        self._spherical = evaluation.solution[:q]
+        self._b = self._random_effects_vector()
+        self._conditional_variances = self._compute_conditional_variances()
+        self.ranef, self.ranef_sd = self._ranef_tables()
+        self.varcorr = self._varcorr_table()
+
+    # ------------------------------------------------------------ scalars
+    @property
+    def nobs(self) -> int:
+        return self.design.n_obs
+
+    @property
+    def npar(self) -> int:
+        """Number of parameters: fixed effects, θ and σ."""
+        return self.design.n_fixed + self.design.n_theta + 1
+
+    @property
+    def loglik(self) -> float:
+        return -0.5 * self.objective
+
+    @property
+    def aic(self) -> float:
+        return self.objective + 2 * self.npar
+
+    @property
+    def bic(self) -> float:
+        return self.objective + self.npar * np.log(self.nobs)
+
+    @property
+    def deviance(self) -> float:
+        return self.objective
+
+    @property
+    def singular(self) -> bool:
+        """True when a variance (a diagonal element of some Λ_t) is estimated ~0."""
+        lower = self.design.theta_lower_bounds()
+        on_diagonal = np.isfinite(lower)
+        return bool(np.any(self.theta[on_diagonal] < SINGULAR_TOLERANCE))
+
+    @property
+    def converged(self) -> bool:
+        return bool(self.optimizer_result is None or self.optimizer_result.converged)
+
+    # ------------------------------------------------------------ random effects
+    def _random_effects_vector(self) -> np.ndarray:
+        parts = []
+        offsets = self.design.column_offsets()
+        for t, lam in enumerate(self._relative_factors):
+            k = lam.shape[0]
+            u = self._spherical[offsets[t]:offsets[t + 1]].reshape(-1, k)
+            parts.append((u @ lam.T).ravel())  # b_l = Λ u_l
+        return np.concatenate(parts)
+
+    def _compute_conditional_variances(self) -> list[np.ndarray]:
+        """σ² Λ_t (C_zz⁻¹)_ll Λ_t' per level: lme4's ``condVar`` (given β̂)."""
+        mme, design = self.mme, self.design
+        selected = mme.selected_inverse(random_block_only=True)
+        offsets = design.column_offsets()
+        out = []
+        for t, term in enumerate(design.terms):
+            k, nl = term.n_coefs, term.n_levels
+            base = offsets[t] + np.arange(nl)[:, None, None] * k
+            rows = np.broadcast_to(base + np.arange(k)[None, :, None], (nl, k, k)).ravel()
+            cols = np.broadcast_to(base + np.arange(k)[None, None, :], (nl, k, k)).ravel()
+            blocks = mme.inverse_entries(selected, rows, cols).reshape(nl, k, k)
+            lam = self._relative_factors[t]
+            out.append(self.sigma ** 2 * np.einsum("ab,lbc,dc->lad", lam, blocks, lam))
+        return out
+
+    def _ranef_tables(self):
+        design = self.design
+        offsets = design.column_offsets()
+        values: dict[str, list[pd.DataFrame]] = {}
+        sds: dict[str, list[pd.DataFrame]] = {}
+        for t, term in enumerate(design.terms):
+            b = self._b[offsets[t]:offsets[t + 1]].reshape(term.n_levels, term.n_coefs)
+            sd = np.sqrt(np.maximum(
+                np.diagonal(self._conditional_variances[t], axis1=1, axis2=2), 0.0))
+            index = pd.Index(term.levels, name=term.group)
+            values.setdefault(term.group, []).append(
+                pd.DataFrame(b, index=index, columns=term.coef_names))
+            sds.setdefault(term.group, []).append(
+                pd.DataFrame(sd, index=index, columns=term.coef_names))
+        merge = lambda frames: frames[0] if len(frames) == 1 else pd.concat(frames, axis=1)
+        return ({g: merge(f) for g, f in values.items()},
+                {g: merge(f) for g, f in sds.items()})
+
+    # ------------------------------------------------------------ variance components
+    def _varcorr_table(self) -> pd.DataFrame:
+        rows = []
+        sigma2 = self.sigma ** 2
+        for name, term, lam in zip(_group_names(self.design), self.design.terms,
+                                   self._relative_factors):
+            cov = sigma2 * lam @ lam.T
+            sd = np.sqrt(np.diag(cov))
+            for a, coef in enumerate(term.coef_names):
+                rows.append((name, coef, None, cov[a, a], sd[a]))
+            k = term.n_coefs
+            for a in range(k):
+                for b in range(a + 1, k):
+                    denom = sd[a] * sd[b]
+                    corr = cov[b, a] / denom if denom > 0 else np.nan
+                    rows.append((name, term.coef_names[a], term.coef_names[b],
+                                 cov[b, a], corr))
+        rows.append(("Residual", None, None, sigma2, self.sigma))
+        return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
+
+    def covariance_matrices(self) -> dict[str, np.ndarray]:
+        """The k x k covariance matrix σ² Λ_t Λ_t' of every term, by VarCorr name."""
+        return {name: self.sigma ** 2 * lam @ lam.T
+                for name, lam in zip(_group_names(self.design), self._relative_factors)}
+
+    # ------------------------------------------------------------ predictions
+    @property
+    def fitted(self) -> pd.Series:
+        values = self.design.X @ self.fixef.to_numpy() + self.Z @ self._b
+        return pd.Series(values, index=self.design.row_index, name="fitted")
+
+    @property
+    def residuals(self) -> pd.Series:
+        return pd.Series(self.design.y - self.fitted.to_numpy(),
+                         index=self.design.row_index, name="residuals")
+
+    # ------------------------------------------------------------ matrices of the model
+    @property
+    def X(self) -> np.ndarray:
+        return self.design.X
+
+    @property
+    def Z(self) -> sp.csc_matrix:
+        return self.design.Z
+
+    @property
+    def G(self) -> sp.csc_matrix:
+        """Covariance of the random effects, ``σ² ⊕_t (K_t ⊗ Σ_t)`` (q x q, sparse)."""
+        blocks = []
+        for term, lam in zip(self.design.terms, self._relative_factors):
+            sigma_t = self.sigma ** 2 * lam @ lam.T
+            if term.level_precision is None:
+                level_cov = sp.identity(term.n_levels, format="csc")
+            else:
+                level_cov = sp.csc_matrix(np.linalg.inv(term.level_precision.toarray()))
+            blocks.append(sp.kron(level_cov, sp.csc_matrix(sigma_t), format="csc"))
+        return sp.block_diag(blocks, format="csc")
+
+    @property
+    def R(self) -> sp.csc_matrix:
+        """Residual covariance ``σ² W⁻¹`` (n x n, diagonal)."""
+        return sp.diags(self.sigma ** 2 / self.design.weights, format="csc")
+
+    @property
+    def Sigma(self) -> sp.csc_matrix:
+        """Marginal covariance of y, ``Σ = Z G Z' + R`` (n x n, sparse)."""
+        Z = self.Z
+        return (Z @ self.G @ Z.T + self.R).tocsc()
+
+    # ------------------------------------------------------------ printing
+    def coefficient_table(self) -> pd.DataFrame:
+        se = np.sqrt(np.diag(self.vcov.to_numpy()))
+        return pd.DataFrame({"Estimate": self.fixef.to_numpy(), "Std. Error": se,
+                             "t value": self.fixef.to_numpy() / se},
+                            index=self.design.fixed_names)
+
+    def summary(self, timings: bool = False) -> str:
+        """The fit as lme4's ``summary()`` prints it.
+
+        Parameters
+        ----------
+        timings : bool
+            Append the seconds spent in each stage and the number of evaluations.
+        """
+        lines = [
+            f"Linear mixed model fit by {'REML' if self.reml else 'maximum likelihood'} "
+            "['henderson']",
+            f"Formula: {self.design.formula.text}",
+        ]
+        if self.design.weighted:
+            lines.append("Prior weights: yes")
+        label = "REML criterion at convergence" if self.reml else "deviance"
+        lines.append("")
+        lines.append(f"{'AIC':>10} {'BIC':>10} {'logLik':>10} {label if not self.reml else 'REML crit':>10}")
+        lines.append(f"{self.aic:10.1f} {self.bic:10.1f} {self.loglik:10.1f} {self.objective:10.1f}")
+        lines.append("")
+        lines.append("Random effects:")
+        header = f" {'Groups':<12} {'Name':<14} {'Variance':>10} {'Std.Dev.':>10}"
+        has_corr = any(t.n_coefs > 1 for t in self.design.terms)
+        if has_corr:
+            header += " Corr"
+        lines.append(header)
+        for name, term, cov in zip(_group_names(self.design), self.design.terms,
+                                   self.covariance_matrices().values()):
+            sd = np.sqrt(np.diag(cov))
+            for a, coef in enumerate(term.coef_names):
+                group = name if a == 0 else ""
+                line = f" {group:<12} {coef:<14} {cov[a, a]:10.4g} {sd[a]:10.4g}"
+                if a > 0:
+                    corr = [cov[a, b] / (sd[a] * sd[b]) if sd[a] * sd[b] > 0 else np.nan
+                            for b in range(a)]
+                    line += " " + " ".join(f"{c:5.2f}" for c in corr)
+                lines.append(line)
+        lines.append(f" {'Residual':<12} {'':<14} {self.sigma ** 2:10.4g} {self.sigma:10.4g}")
+        groups = dict.fromkeys((t.group, t.n_levels) for t in self.design.terms)
+        lines.append(f"Number of obs: {self.nobs}, groups:  "
+                     + "; ".join(f"{g}, {n}" for g, n in groups))
+        lines.append("")
+        lines.append("Fixed effects:")
+        lines.append(self.coefficient_table().to_string(float_format=lambda v: f"{v:.4g}"))
+        if self.design.dropped_fixed:
+            lines.append("fixed-effect columns dropped (rank deficient): "
+                         + ", ".join(self.design.dropped_fixed))
+        if self.singular:
+            lines.append("")
+            lines.append("boundary (singular) fit: a variance is estimated as 0 (see theta)")
+        if not self.converged:
+            lines.append(f"optimizer did not converge: {self.optimizer_result.message}")
+        if timings:
+            lines.append("")
+            lines.append(f"Evaluations: {self.n_evaluations}; CHOLMOD ordering: "
+                         f"{self.mme.ordering}")
+            lines.append("Timings (s): " + ", ".join(
+                f"{k} {v:.3f}" for k, v in self.timings.items()))
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+    def _repr_html_(self) -> str:
+        return "<pre>" + self.summary().replace("&", "&amp;").replace("<", "&lt;") + "</pre>"
