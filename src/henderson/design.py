@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import scipy.linalg
 import scipy.sparse as sp
 
 from .errors import DataError, FormulaError, RankDeficiencyWarning
@@ -231,23 +230,35 @@ def _required_columns(formula: ParsedFormula) -> list[str]:
 
 
 def _drop_aliased(X: np.ndarray, names: list[str], tol: float = 1e-7):
-    """Drop columns of X that are linear combinations of earlier ones (pivoted QR)."""
+    """Drop columns of X that are linear combinations of earlier ones.
+
+    Columns are taken in order and one is dropped when its residual after projection
+    on the kept ones is below ``tol`` times its norm: the later of two aliased columns
+    goes, as with R's ``qr()`` in lme4.
+    """
     if X.shape[1] == 0:
         return X, names, []
-    _, r, piv = scipy.linalg.qr(X, mode="economic", pivoting=True)
-    diag = np.abs(np.diag(r))
-    rank = int(np.sum(diag > tol * diag[0])) if diag[0] > 0 else 0
-    if rank == X.shape[1]:
+    kept: list[int] = []
+    basis = np.zeros((X.shape[0], 0))
+    for j in range(X.shape[1]):
+        column = X[:, j]
+        norm = np.linalg.norm(column)
+        residual = column - basis @ (basis.T @ column)
+        residual -= basis @ (basis.T @ residual)  # re-orthogonalise once
+        rnorm = np.linalg.norm(residual)
+        if norm > 0 and rnorm > tol * norm:
+            kept.append(j)
+            basis = np.column_stack([basis, residual / rnorm])
+    if len(kept) == X.shape[1]:
         return X, names, []
-    keep = np.sort(piv[:rank])
-    dropped = [names[i] for i in sorted(piv[rank:])]
+    dropped = [names[j] for j in range(X.shape[1]) if j not in kept]
     warnings.warn(
         f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} "
         f"column(s): {', '.join(dropped)}",
         RankDeficiencyWarning,
         stacklevel=3,
     )
-    return X[:, keep], [names[i] for i in keep], dropped
+    return X[:, kept], [names[j] for j in kept], dropped
 
 
 def build_design(

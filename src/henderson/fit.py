@@ -98,8 +98,11 @@ OPTIMIZERS = {"bobyqa": optimize_bobyqa}
 
 def fit_design(design: Design, reml: bool = True, optimizer: str = "bobyqa",
                ordering: str = "auto", start: np.ndarray | None = None,
-               verbose: bool | int = False):
+               verbose: bool | int = False, method: str = "mme"):
     """Fit a model whose :class:`Design` is already built (lme4's modular route).
+
+    ``method="blockdiag"`` optimises through the block-diagonal Σ path (all terms
+    nested in one factor); the results are then read off the MME at the optimum.
 
     Returns
     -------
@@ -112,13 +115,21 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "bobyqa",
     mme = MixedModelEquations(design, ordering=ordering)
     timings["mme_setup"] = time.perf_counter() - t0
     objective = Objective(mme, reml=reml)
+    if method == "blockdiag":
+        from .blockdiag import BlockDiagonalObjective
+
+        search = BlockDiagonalObjective(design, reml=reml)
+    elif method == "mme":
+        search = objective
+    else:
+        raise ValueError(f"unknown method {method!r}; use 'mme' or 'blockdiag'")
     start = design.theta_start() if start is None else np.asarray(start, dtype=float)
     lower = design.theta_lower_bounds()
     t0 = time.perf_counter()
     if optimizer == "bobyqa":
-        result = optimize_bobyqa(objective, start, lower, verbose=verbose)
+        result = optimize_bobyqa(search, start, lower, verbose=verbose)
     elif optimizer in ("Powell", "Nelder-Mead", "L-BFGS-B"):
-        result = optimize_scipy(objective, start, lower, method=optimizer, verbose=verbose)
+        result = optimize_scipy(search, start, lower, method=optimizer, verbose=verbose)
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}; use 'bobyqa', 'Powell', "
                          "'Nelder-Mead' or 'L-BFGS-B'")
@@ -137,7 +148,7 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "bobyqa",
 def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
         weights: str | np.ndarray | None = None, missing: str = "raise",
         optimizer: str = "bobyqa", ordering: str = "auto",
-        verbose: bool | int = False):
+        verbose: bool | int = False, method: str = "mme"):
     """Fit a linear mixed model with lme4's formula syntax.
 
     Parameters
@@ -159,6 +170,9 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
         Fill-reducing ordering for CHOLMOD (``auto`` measures the candidates).
     verbose : bool or int
         Print the objective to stderr every evaluation (or every ``verbose``).
+    method : {"mme", "blockdiag"}
+        Sparse mixed-model equations (any design) or the block-diagonal Σ path
+        (random terms nested in one grouping factor).
 
     Returns
     -------
@@ -177,7 +191,7 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
     design = build_design(formula, data, weights=weights, missing=missing)
     design_seconds = time.perf_counter() - t0
     model = fit_design(design, reml=reml, optimizer=optimizer, ordering=ordering,
-                       verbose=verbose)
+                       verbose=verbose, method=method)
     model.timings["design"] = design_seconds
     model.timings["total"] = time.perf_counter() - t0
     return model

@@ -178,3 +178,68 @@ def lookup_symmetric(indptr, indices, values, rows, cols):
             raise ValueError("lookup_symmetric: entry not in pattern")
         out[t] = values[pos]
     return out
+
+
+@numba.njit(parallel=True, **_NJIT)
+def block_diagonal_sums(group_ptr, row_order, local_cols, col_base, group_size,
+                        z_all, z_offsets, lam_all, term_k, X, y, weights):
+    """Per-group Woodbury pieces of a block-diagonal Σ (DESIGN.md section 5).
+
+    For each group g with rows R_g and relative random-effect design ``A_g = Z_g Λ_g``
+    (n_g x q_g), ``M_g = I + A_g' W_g A_g`` and ``V_g⁻¹ = W_g − W_g A_g M_g⁻¹ A_g' W_g``.
+    Returns per-group ``log|M_g|`` and the sums ``X'V⁻¹X``, ``X'V⁻¹y``, ``y'V⁻¹y``.
+    """
+    n_groups = len(group_ptr) - 1
+    n_terms = len(term_k)
+    p = X.shape[1]
+    logdets = np.zeros(n_groups)
+    xvx = np.zeros((n_groups, p, p))
+    xvy = np.zeros((n_groups, p))
+    yvy = np.zeros(n_groups)
+    for g in numba.prange(n_groups):
+        start, stop = group_ptr[g], group_ptr[g + 1]
+        ng = stop - start
+        qg = group_size[g]
+        A = np.zeros((ng, qg))
+        for r in range(ng):
+            i = row_order[start + r]
+            for t in range(n_terms):
+                k = term_k[t]
+                base = col_base[g, t] + local_cols[i, t] * k
+                for a in range(k):
+                    acc = 0.0
+                    for c in range(a, k):
+                        acc += z_all[i, z_offsets[t] + c] * lam_all[t, c, a]
+                    A[r, base + a] = acc
+        M = np.eye(qg)
+        WA = np.empty((ng, qg))
+        Xg = np.empty((ng, p + 1))
+        for r in range(ng):
+            i = row_order[start + r]
+            w = weights[i]
+            for a in range(qg):
+                WA[r, a] = w * A[r, a]
+            for c in range(p):
+                Xg[r, c] = X[i, c]
+            Xg[r, p] = y[i]
+        M += A.T @ WA
+        Lm = np.linalg.cholesky(M)
+        ld = 0.0
+        for a in range(qg):
+            ld += 2.0 * np.log(Lm[a, a])
+        logdets[g] = ld
+        # V⁻¹ [X y] pieces: [X y]'W[X y] - ([X y]'WA) M⁻¹ (A'W[X y])
+        AWX = WA.T @ Xg                      # qg x (p+1)
+        T = np.linalg.solve(Lm, AWX)         # L⁻¹ A'W[X y]
+        WXg = np.empty((ng, p + 1))
+        for r in range(ng):
+            w = weights[row_order[start + r]]
+            for c in range(p + 1):
+                WXg[r, c] = w * Xg[r, c]
+        full = Xg.T @ WXg - T.T @ T
+        for a in range(p):
+            for b in range(p):
+                xvx[g, a, b] = full[a, b]
+            xvy[g, a] = full[a, p]
+        yvy[g] = full[p, p]
+    return logdets, xvx.sum(axis=0), xvy.sum(axis=0), yvy.sum()

@@ -240,6 +240,27 @@ class LinearMixedModel:
         Z = self.Z
         return (Z @ self.G @ Z.T + self.R).tocsc()
 
+    def sigma_blocks(self) -> dict[str, np.ndarray]:
+        """The diagonal blocks ``Σ_g`` of Σ, one per level of the outermost grouping
+        factor (Σ is block diagonal when every random term nests in it).
+
+        Examples
+        --------
+        >>> import henderson as hd
+        >>> m = hd.lmm("height ~ moisture + (1 | pot)", hd.datasets.load("plants"))
+        >>> [b.shape for b in m.sigma_blocks().values()]
+        [(3, 3), (2, 2), (3, 3), (2, 2)]
+        """
+        from .blockdiag import outermost_grouping
+
+        outer = self.design.terms[outermost_grouping(self.design)]
+        sigma = self.Sigma.tocsr()
+        blocks = {}
+        for code, label in enumerate(outer.levels):
+            rows = np.flatnonzero(outer.level_codes == code)
+            blocks[str(label)] = sigma[rows][:, rows].toarray()
+        return blocks
+
     # ------------------------------------------------------------ printing
     def coefficient_table(self) -> pd.DataFrame:
         se = np.sqrt(np.diag(self.vcov.to_numpy()))

@@ -1,0 +1,98 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+import henderson as hd
+from henderson import DataError, FormulaError, RankDeficiencyWarning, build_design
+
+
+def test_sleepstudy_design_shapes_and_Z_structure(sleepstudy):
+    d = build_design("Reaction ~ Days + (Days | Subject)", sleepstudy)
+    assert d.X.shape == (180, 2) and d.fixed_names == ["(Intercept)", "Days"]
+    Z = d.Z.toarray()
+    assert Z.shape == (180, 36)
+    # row i has 1 and Days_i in the two columns of its subject
+    codes = d.terms[0].level_codes
+    rows = np.arange(180)
+    assert np.all(Z[rows, 2 * codes] == 1.0)
+    assert np.allclose(Z[rows, 2 * codes + 1], sleepstudy["Days"])
+    assert np.count_nonzero(Z) == 180 + np.count_nonzero(sleepstudy["Days"])
+
+
+def test_terms_sorted_by_decreasing_levels():
+    d = build_design("diameter ~ 1 + (1|sample) + (1|plate)", hd.datasets.load("penicillin"))
+    assert [t.group for t in d.terms] == ["plate", "sample"]
+
+
+def test_categorical_reference_level_and_names():
+    d = build_design("height ~ moisture + (1|pot)", hd.datasets.load("plants"))
+    assert d.fixed_names == ["(Intercept)", "moisture2"]
+    df = hd.datasets.load("plants")
+    df["moisture"] = df["moisture"].cat.reorder_categories(["2", "1"])
+    assert build_design("height ~ moisture + (1|pot)", df).fixed_names == [
+        "(Intercept)", "moisture1"]
+
+
+def test_interaction_grouping_levels_first_factor_slowest():
+    d = build_design("strength ~ 1 + (1|batch/cask)", hd.datasets.load("pastes"))
+    cask = [t for t in d.terms if t.group == "cask:batch"][0]
+    assert list(cask.levels[:3]) == ["a:A", "a:B", "a:C"]
+    assert cask.n_levels == 30
+
+
+def test_unknown_column_is_named(sleepstudy):
+    with pytest.raises(FormulaError, match="'Dayz'"):
+        build_design("Reaction ~ Dayz + (1 | Subject)", sleepstudy)
+    with pytest.raises(FormulaError, match="'Subj'"):
+        build_design("Reaction ~ Days + (1 | Subj)", sleepstudy)
+    with pytest.raises(FormulaError, match="weights column 'ww'"):
+        build_design("Reaction ~ Days + (1 | Subject)", sleepstudy, weights="ww")
+
+
+def test_missing_values_raise_or_drop(sleepstudy):
+    df = sleepstudy.copy()
+    df["Days"] = df["Days"].astype(float)
+    df.loc[5, "Reaction"] = np.nan
+    df.loc[7, "Days"] = np.inf
+    with pytest.raises(DataError, match="'Reaction', 'Days'"):
+        build_design("Reaction ~ Days + (1 | Subject)", df)
+    d = build_design("Reaction ~ Days + (1 | Subject)", df, missing="drop")
+    assert d.n_obs == 178 and 5 not in d.row_index and 7 not in d.row_index
+
+
+def test_single_level_factor_is_an_error(sleepstudy):
+    df = sleepstudy.copy()
+    df["one"] = "a"
+    with pytest.raises(DataError, match="'one' has a single level"):
+        build_design("Reaction ~ Days + (1 | one)", df)
+
+
+def test_too_many_random_effects_is_an_error(sleepstudy):
+    df = sleepstudy.copy()
+    df["row"] = np.arange(len(df))
+    with pytest.raises(DataError, match="number of random effects"):
+        build_design("Reaction ~ Days + (1 | row)", df)
+
+
+def test_no_random_term_and_bad_data(sleepstudy):
+    with pytest.raises(FormulaError, match="no random term"):
+        build_design("Reaction ~ Days", sleepstudy)
+    with pytest.raises(DataError, match="no rows"):
+        build_design("Reaction ~ Days + (1|Subject)", sleepstudy.iloc[:0])
+    with pytest.raises(DataError, match="positive"):
+        build_design("Reaction ~ Days + (1|Subject)", sleepstudy, weights=np.zeros(180))
+
+
+def test_rank_deficient_columns_are_dropped_by_name(sleepstudy):
+    df = sleepstudy.copy()
+    df["Days2"] = 2 * df["Days"]
+    with pytest.warns(RankDeficiencyWarning, match="Days2"):
+        d = build_design("Reaction ~ Days + Days2 + (1 | Subject)", df)
+    assert d.fixed_names == ["(Intercept)", "Days"] and d.dropped_fixed == ["Days2"]
+
+
+def test_theta_bounds_and_relative_factor(sleepstudy):
+    term = build_design("Reaction ~ Days + (Days | Subject)", sleepstudy).terms[0]
+    assert np.array_equal(term.theta_lower_bounds(), [0, -np.inf, 0])
+    lam = term.relative_factor(np.array([1.0, 2.0, 3.0]))
+    assert np.array_equal(lam, [[1, 0], [2, 3]])
