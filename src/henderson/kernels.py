@@ -62,15 +62,16 @@ def level_dense_crossprod(level_codes, z, weights, dense, n_levels):
     return out
 
 
-@numba.njit(parallel=True, **_NJIT)
+# serial on purpose: microseconds of work, and OpenMP threads left spinning after a
+# parallel region slow the CHOLMOD/OpenBLAS factorisation that follows (measured 2x)
+@numba.njit(**_NJIT)
 def scatter_blocks(lam_a, blocks, lam_b, positions, data):
     """``data[positions[p, a, b]] += (Λ_a' B_p Λ_b)[a, b]`` for every block p.
 
-    ``positions`` is -1 where an entry is not stored (upper triangle). Positions are
-    distinct across blocks, so blocks are processed in parallel.
+    ``positions`` is -1 where an entry is not stored (upper triangle).
     """
     n_blocks, ka, kb = blocks.shape
-    for p in numba.prange(n_blocks):
+    for p in range(n_blocks):
         tmp = np.zeros((ka, kb))
         for a in range(ka):
             for b in range(kb):
@@ -88,11 +89,11 @@ def scatter_blocks(lam_a, blocks, lam_b, positions, data):
                     data[pos] += acc
 
 
-@numba.njit(parallel=True, **_NJIT)
+@numba.njit(**_NJIT)
 def scatter_left_blocks(lam_a, blocks, positions, data):
     """``data[positions[p, a, c]] += (Λ_a' B_p)[a, c]`` (blocks against fixed columns)."""
     n_blocks, ka, m = blocks.shape
-    for p in numba.prange(n_blocks):
+    for p in range(n_blocks):
         for a in range(ka):
             for c in range(m):
                 acc = 0.0

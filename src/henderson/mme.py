@@ -198,12 +198,19 @@ def _ordering_candidates(design: Design, xp: CrossProducts, ordering: str):
     return candidates
 
 
-def _factor_size(pattern: sp.csc_matrix, perm: np.ndarray) -> int:
+def _factor_cost(pattern: sp.csc_matrix, perm: np.ndarray) -> tuple[float, int]:
+    """Measured seconds of a numeric factorisation of the permuted pattern (best of
+    two) and nnz(L): orderings are chosen by what they cost, not by fill alone
+    (on InstEval METIS gives the fewest nonzeros but AMD the fastest factor)."""
     full = pattern + sp.tril(pattern, -1).T
     permuted = sp.tril(full[perm][:, perm]).tocsc()
-    factor = cholmod_analyze(permuted, ordering="natural", mode="simplicial")
-    cholmod_refactor(factor, permuted)
-    return cholmod_lower_factor(factor).nnz
+    factor = cholmod_analyze(permuted, ordering="natural")
+    seconds = np.inf
+    for _ in range(2):
+        start = time.perf_counter()
+        cholmod_refactor(factor, permuted)
+        seconds = min(seconds, time.perf_counter() - start)
+    return seconds, cholmod_lower_factor(factor).nnz
 
 
 # ---------------------------------------------------------------- the equations
@@ -229,7 +236,12 @@ class MixedModelEquations:
     True
     """
 
-    def __init__(self, design: Design, ordering: str = "auto", mode: str = "auto"):
+    #: fixed effects up to this many dense columns are eliminated densely (lme4's
+    #: R_ZX / R_X); beyond, they stay inside the sparse factor.
+    DENSE_FIXED_LIMIT = 64
+
+    def __init__(self, design: Design, ordering: str = "auto", mode: str = "auto",
+                 dense_fixed: bool | None = None):
         start = time.perf_counter()
         self.design = design
         self.xp = CrossProducts.from_design(design)
@@ -239,11 +251,11 @@ class MixedModelEquations:
         self.n_random, self.n_fixed, self.size = q, p, q + p
         candidates = _ordering_candidates(design, self.xp, ordering)
         pattern = candidates.pop("_pattern", None)
-        self.ordering_sizes = {}
+        self.ordering_costs: dict[str, tuple[float, int]] = {}
         if len(candidates) > 1:
             for name, perm in candidates.items():
-                self.ordering_sizes[name] = _factor_size(pattern, perm)
-            self.ordering = min(self.ordering_sizes, key=self.ordering_sizes.get)
+                self.ordering_costs[name] = _factor_cost(pattern, perm)
+            self.ordering = min(self.ordering_costs, key=lambda k: self.ordering_costs[k][0])
         else:
             self.ordering = next(iter(candidates))
         z_perm = candidates[self.ordering]
@@ -253,12 +265,24 @@ class MixedModelEquations:
         self._build_pattern()
         self.timings["pattern"] = time.perf_counter() - start
         start = time.perf_counter()
+        index_type = np.int32 if len(self.indices) < 2**31 - 1 else np.int64
         self.matrix = sp.csc_matrix(
-            (np.zeros(len(self.indices)), self.indices, self.indptr),
+            (np.zeros(len(self.indices)), self.indices.astype(index_type),
+             self.indptr.astype(index_type)),
             shape=(self.size, self.size),
         )
-        self.matrix.data[self.indptr[:-1]] = 1.0  # the diagonal: any SPD values will do
-        self.factor = cholmod_analyze(self.matrix, ordering="natural", mode=mode)
+        # CHOLMOD spends far more on a few dense rows at the end of C than their flops
+        # (InstEval: 120 ms vs 43 ms + 11 ms for the dense route), so small dense X is
+        # eliminated densely, as lme4 does, and only C_zz goes to CHOLMOD.
+        self.dense_fixed = (p <= self.DENSE_FIXED_LIMIT) if dense_fixed is None else dense_fixed
+        if self.dense_fixed:
+            self._split_pattern()
+            sparse_part = self.random_matrix
+        else:
+            sparse_part = self.matrix
+        sparse_part.data[:] = 0.0
+        sparse_part.data[sparse_part.indptr[:-1]] = 1.0  # the diagonal: any SPD values
+        self.factor = cholmod_analyze(sparse_part, ordering="natural", mode=mode)
         self.timings["symbolic"] = time.perf_counter() - start
         self.timings["numeric"] = 0.0
         self.n_factorizations = 0
@@ -314,6 +338,22 @@ class MixedModelEquations:
         self.cross_positions = {key: slots[ident].reshape(xp.crossed[key][1].shape)
                                 for key, ident in cross_ids.items()}
 
+    def _split_pattern(self) -> None:
+        """Index maps from C's entries to C_zz (CSC), C_xz (dense) and C_xx (dense)."""
+        q = self.n_random
+        cols = np.repeat(np.arange(self.size), np.diff(self.indptr))
+        rows = self.indices
+        zz = (cols < q) & (rows < q)
+        self.zz_take = np.flatnonzero(zz)
+        zz_indptr = np.concatenate([[0], np.cumsum(np.bincount(cols[zz], minlength=q))])
+        self.random_matrix = sp.csc_matrix(
+            (np.zeros(len(self.zz_take)), rows[zz].astype(self.matrix.indices.dtype),
+             zz_indptr.astype(self.matrix.indptr.dtype)), shape=(q, q))
+        xz = (cols < q) & (rows >= q)
+        self.xz_take, self.xz_rows, self.xz_cols = np.flatnonzero(xz), rows[xz] - q, cols[xz]
+        xx = cols >= q
+        self.xx_take, self.xx_rows, self.xx_cols = np.flatnonzero(xx), rows[xx] - q, cols[xx] - q
+
     # -- values
     def relative_factors(self, theta: np.ndarray) -> list[np.ndarray]:
         return [term.relative_factor(theta[sl])
@@ -346,7 +386,10 @@ class MixedModelEquations:
         start = time.perf_counter()
         self.fill(theta)
         try:
-            cholmod_refactor(self.factor, self.matrix)
+            if self.dense_fixed:
+                self._factorize_split()
+            else:
+                cholmod_refactor(self.factor, self.matrix)
         except Exception as exc:
             raise NotPositiveDefiniteError(
                 f"C(θ) is not positive definite at θ={theta}: {exc}") from exc
@@ -354,38 +397,106 @@ class MixedModelEquations:
         self.n_factorizations += 1
         self.timings["numeric"] += time.perf_counter() - start
 
+    def _factorize_split(self) -> None:
+        """C_zz = L L' by CHOLMOD; R_ZX = L⁻¹ C_zx; C_xx − R_ZX'R_ZX = R_X R_X' dense."""
+        data = self.matrix.data
+        p, q = self.n_fixed, self.n_random
+        self.random_matrix.data[:] = data[self.zz_take]
+        cholmod_refactor(self.factor, self.random_matrix)
+        cross = np.zeros((q, p))
+        cross[self.xz_cols, self.xz_rows] = data[self.xz_take]
+        self.cross_factor = self._solve_lower(cross) if p else cross  # R_ZX, q x p
+        schur = np.zeros((p, p))
+        schur[self.xx_rows, self.xx_cols] = data[self.xx_take]
+        schur = np.tril(schur) + np.tril(schur, -1).T
+        schur -= self.cross_factor.T @ self.cross_factor
+        self.fixed_factor = np.linalg.cholesky(schur) if p else schur  # R_X (lower)
+
+    def _solve_lower(self, rhs):
+        return self.factor.solve_L(rhs, use_LDLt_decomposition=False)
+
+    def _solve_upper(self, rhs):
+        return self.factor.solve_Lt(rhs, use_LDLt_decomposition=False)
+
     def solve(self, rhs: np.ndarray) -> np.ndarray:
         """Solve ``C x = rhs`` (rhs in original order; vector or matrix)."""
         permuted = rhs[self.perm]
-        solution = self.factor(permuted)
+        if self.dense_fixed:
+            import scipy.linalg
+
+            q = self.n_random
+            forward_z = self._solve_lower(permuted[:q])
+            forward_x = scipy.linalg.solve_triangular(
+                self.fixed_factor, permuted[q:] - self.cross_factor.T @ forward_z, lower=True)
+            solution_x = scipy.linalg.solve_triangular(
+                self.fixed_factor, forward_x, lower=True, trans="T")
+            solution_z = self._solve_upper(forward_z - self.cross_factor @ solution_x)
+            solution = np.concatenate([solution_z, solution_x])
+        else:
+            solution = self.factor(permuted)
         out = np.empty_like(solution)
         out[self.perm] = solution
         return out
 
     def logdet(self) -> float:
+        """``log|C(θ)|``."""
+        if self.dense_fixed:
+            return self.logdet_random() + 2.0 * float(
+                np.sum(np.log(np.diag(self.fixed_factor))))
         return float(self.factor.logdet())
 
+    def logdet_random(self) -> float | None:
+        """``log|C_zz(θ)|`` when it is at hand (dense fixed route), else None."""
+        return float(self.factor.logdet()) if self.dense_fixed else None
+
     def fixed_block_inverse(self) -> np.ndarray:
-        """``(C⁻¹)_ββ``: p solves with the factor (fixed effects are last)."""
+        """``(C⁻¹)_ββ = (R_X R_X')⁻¹`` (p solves with the factor when X is sparse)."""
         p, q = self.n_fixed, self.n_random
         if p == 0:
             return np.zeros((0, 0))
+        if self.dense_fixed:
+            inverse_factor = np.linalg.inv(self.fixed_factor)
+            return inverse_factor.T @ inverse_factor
         unit = np.zeros((self.size, p))
         unit[q + np.arange(p), np.arange(p)] = 1.0
         permuted_solution = self.factor(unit[self.perm])
         return permuted_solution[q:, :]  # fixed effects keep their place at the end
 
-    def lower_factor(self) -> sp.csc_matrix:
-        """The Cholesky factor L of the permuted C (``L L' = C[perm][:, perm]``)."""
-        return cholmod_lower_factor(self.factor)
+    def lower_factor(self, random_block_only: bool = False) -> sp.csc_matrix:
+        """The Cholesky factor L of the permuted C (``L L' = C[perm][:, perm]``), or of
+        its random-effects block ``C_zz`` (the leading block of L)."""
+        lower = cholmod_lower_factor(self.factor)
+        q = self.n_random
+        if random_block_only:
+            if not self.dense_fixed:
+                lower = lower[:q, :q].tocsc()
+                lower.sort_indices()
+            return lower
+        if not self.dense_fixed:
+            return lower
+        p = self.n_fixed
+        # append the dense rows [R_ZX' R_X] below L_zz, zeros kept in the pattern
+        counts = np.diff(lower.indptr)
+        new_counts = np.concatenate([counts + p, p - np.arange(p)])
+        indptr = np.concatenate([[0], np.cumsum(new_counts)])
+        indices = np.empty(indptr[-1], dtype=np.int64)
+        data = np.empty(indptr[-1])
+        body = np.repeat(indptr[:q], counts) + (np.arange(lower.nnz)
+                                                 - np.repeat(lower.indptr[:-1], counts))
+        indices[body] = lower.indices
+        data[body] = lower.data
+        tail = (indptr[1:q + 1] - p)[:, None] + np.arange(p)[None, :]
+        indices[tail] = q + np.arange(p)[None, :]
+        data[tail] = self.cross_factor
+        for c in range(p):
+            span = slice(indptr[q + c], indptr[q + c + 1])
+            indices[span] = q + np.arange(c, p)
+            data[span] = self.fixed_factor[c:, c]
+        return sp.csc_matrix((data, indices, indptr), shape=(self.size, self.size))
 
     def selected_inverse(self, random_block_only: bool = False):
         """``C⁻¹`` (or ``C_zz⁻¹``) on the pattern of L, in permuted coordinates."""
-        lower = self.lower_factor()
-        if random_block_only:
-            q = self.n_random
-            lower = lower[:q, :q].tocsc()
-            lower.sort_indices()
+        lower = self.lower_factor(random_block_only)
         values = kernels.selected_inverse(
             lower.indptr.astype(np.int64), lower.indices.astype(np.int64), lower.data)
         return sp.csc_matrix((values, lower.indices, lower.indptr), shape=lower.shape)

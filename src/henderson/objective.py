@@ -50,19 +50,24 @@ class Objective:
         self.n_evaluations = 0
         self.history: list[tuple[np.ndarray, float]] = []
 
-    def evaluate(self, theta: np.ndarray) -> Evaluation:
+    def evaluate(self, theta: np.ndarray, fixed_inverse: bool = True) -> Evaluation:
+        """Factor C(θ) and compute the objective.
+
+        ``fixed_inverse=False`` skips ``(C⁻¹)_ββ`` (p solves) where REML does not
+        need it; ML always needs it for ``log|C_zz|``.
+        """
         mme = self.mme
         mme.factorize(theta)
         rhs = mme.rhs(theta)
         solution = mme.solve(rhs)
         prss = max(mme.xp.yy - float(solution @ rhs), 0.0)
         logdet_C = mme.logdet()
-        fixed_inverse = mme.fixed_block_inverse()
-        if fixed_inverse.size:
-            sign, logdet_fixed = np.linalg.slogdet(fixed_inverse)
-        else:
-            logdet_fixed = 0.0
-        logdet_Czz = logdet_C + logdet_fixed
+        logdet_Czz = mme.logdet_random()
+        need_inverse = fixed_inverse or (not self.reml and logdet_Czz is None)
+        fixed_inverse = mme.fixed_block_inverse() if need_inverse else np.zeros((0, 0))
+        if logdet_Czz is None:
+            logdet_fixed = np.linalg.slogdet(fixed_inverse)[1] if fixed_inverse.size else 0.0
+            logdet_Czz = logdet_C + logdet_fixed if need_inverse else np.nan
         if prss <= 0.0:
             value = -np.inf
         else:
@@ -75,7 +80,7 @@ class Objective:
 
     def __call__(self, theta: np.ndarray) -> float:
         try:
-            value = self.evaluate(theta).objective
+            value = self.evaluate(theta, fixed_inverse=False).objective
         except NotPositiveDefiniteError:
             value = np.inf
         self.history.append((np.array(theta, dtype=float), value))

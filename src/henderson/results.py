@@ -58,10 +58,10 @@ class LinearMixedModel:
     >>> print(m.ranef["pot"].round(3))        # doctest: +NORMALIZE_WHITESPACE
          (Intercept)
     pot
-    p11       -0.862
-    p12        0.862
-    p21        0.634
-    p22       -0.634
+    p11        1.027
+    p12       -1.027
+    p21        0.333
+    p22       -0.333
     """
 
     def __init__(self, design: Design, mme: MixedModelEquations, objective: Objective,
