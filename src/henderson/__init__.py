@@ -11,6 +11,8 @@ from .errors import (ConvergenceWarning, DataError, FormulaError, HendersonError
                      PedigreeError, RankDeficiencyWarning)
 from .fit import fit_design, lmm
 from .formula import parse_formula
+from .genomic import RelationshipMatrix, grm
+from .pedigree import Pedigree
 from .mme import MixedModelEquations
 from .objective import Objective
 from .results import LinearMixedModel
@@ -18,7 +20,7 @@ from .results import LinearMixedModel
 __version__ = "0.1.0"
 
 __all__ = [
-    "lmm", "fit_design", "build_design", "parse_formula", "datasets", "Design",
+    "lmm", "fit_design", "Pedigree", "RelationshipMatrix", "grm", "build_design", "parse_formula", "datasets", "Design",
     "RandomTerm", "MixedModelEquations", "Objective", "LinearMixedModel",
     "FormulaError", "DataError", "PedigreeError", "HendersonError",
     "ConvergenceWarning", "RankDeficiencyWarning",

@@ -65,6 +65,7 @@ class RandomTerm:
     coef_names: list[str]
     level_precision: sp.csc_matrix | None = None
     logdet_level_covariance: float = 0.0
+    level_variance: np.ndarray | None = None  # diag(K) when known (1 + F for a pedigree)
 
     @property
     def n_levels(self) -> int:
@@ -202,16 +203,19 @@ def _grouping_factor(data: pd.DataFrame, bar: RandomBar) -> tuple[np.ndarray, pd
     return level_codes.astype(np.int64), pd.Index(names, name=bar.group)
 
 
-def _model_matrix(spec: str, data: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
+def _model_matrix(spec: str, data: pd.DataFrame, sparse: bool = False):
     import formulaic
 
     try:
-        matrix = formulaic.model_matrix(spec, data, na_action="raise")
+        matrix = formulaic.model_matrix(spec, data, na_action="raise",
+                                        output="sparse" if sparse else "pandas")
     except FormulaError:
         raise
     except Exception as exc:  # formulaic raises many types; give one of ours
         raise FormulaError(f"cannot build model matrix for {spec!r}: {exc}") from exc
-    names = [lme4_column_name(c) for c in matrix.columns]
+    names = [lme4_column_name(c) for c in matrix.model_spec.column_names]
+    if sparse:
+        return sp.csc_matrix(matrix, dtype=np.float64), names
     return np.asarray(matrix, dtype=np.float64), names
 
 
@@ -261,11 +265,31 @@ def _drop_aliased(X: np.ndarray, names: list[str], tol: float = 1e-7):
     return X[:, kept], [names[j] for j in kept], dropped
 
 
+#: a fixed part whose categorical columns have more levels than this is built sparse
+SPARSE_FIXED_LEVELS = 100
+
+
+def _wants_sparse_fixed(formula: ParsedFormula, frame: pd.DataFrame, sparse_fixed) -> bool:
+    if sparse_fixed != "auto":
+        return bool(sparse_fixed)
+    import formulaic
+
+    levels = 0
+    for name in formulaic.Formula(formula.fixed).required_variables:
+        column = frame[name]
+        if isinstance(column.dtype, pd.CategoricalDtype) or column.dtype == object \
+                or pd.api.types.is_string_dtype(column):
+            levels += column.nunique()
+    return levels > SPARSE_FIXED_LEVELS
+
+
 def build_design(
     formula: str | ParsedFormula,
     data: pd.DataFrame,
     weights: str | np.ndarray | None = None,
     missing: str = "raise",
+    relationships: dict | None = None,
+    sparse_fixed: bool | str = "auto",
 ) -> Design:
     """Build the arrays of a linear mixed model from a formula and a DataFrame.
 
@@ -278,6 +302,15 @@ def build_design(
         Prior weights (a column name or an array of length n), ``R = σ² W⁻¹``.
     missing : {"raise", "drop"}
         What to do with rows that have a missing value in a column the model uses.
+    relationships : dict, optional
+        Grouping-factor name -> known level covariance: a :class:`~henderson.Pedigree`
+        (A, through A⁻¹), a :class:`~henderson.RelationshipMatrix` (covariance or
+        precision with labels) or a labelled covariance DataFrame. Every level of the
+        matrix becomes a level of the term, with or without records.
+    sparse_fixed : bool or "auto"
+        Build X as a sparse matrix (fixed factors with thousands of levels, e.g.
+        herd-year-season). ``"auto"``: when the fixed part's categorical columns have
+        more than 100 levels. Aliased columns are not detected in a sparse X.
 
     Returns
     -------
@@ -348,15 +381,40 @@ def build_design(
     y = y_col.to_numpy(dtype=np.float64)
     n = len(y)
 
-    X, fixed_names = _model_matrix(parsed.fixed, frame)
-    X, fixed_names, dropped = _drop_aliased(X, fixed_names)
+    if _wants_sparse_fixed(parsed, frame, sparse_fixed):
+        X, fixed_names = _model_matrix(parsed.fixed, frame, sparse=True)
+        dropped = []
+    else:
+        X, fixed_names = _model_matrix(parsed.fixed, frame)
+        X, fixed_names, dropped = _drop_aliased(X, fixed_names)
+    relationships = dict(relationships or {})
+    unknown = [g for g in relationships if g not in {b.group for b in parsed.bars}]
+    if unknown:
+        raise FormulaError(f"relationships given for {', '.join(map(repr, unknown))}, which "
+                           "is not the grouping factor of any random term")
 
     terms: list[RandomTerm] = []
     for bar in parsed.bars:
-        codes, levels = _grouping_factor(frame, bar)
         z, coef_names = _model_matrix(bar.lhs, frame)
         if z.shape[1] == 0:
             raise FormulaError(f"random term ({bar.lhs} | {bar.group}) has no columns")
+        if bar.group in relationships:
+            from .genomic import as_relationship
+
+            known = as_relationship(relationships[bar.group])
+            labels = frame[bar.factors[0]].astype(str).to_numpy()
+            codes = known.labels.get_indexer(labels).astype(np.int64)
+            if np.any(codes < 0):
+                absent = pd.unique(labels[codes < 0])
+                raise DataError(
+                    f"{len(absent)} level(s) of {bar.group!r} are not in its relationship "
+                    f"matrix: {', '.join(map(str, absent[:10]))}")
+            terms.append(RandomTerm(bar.group, codes, pd.Index(known.labels, name=bar.group),
+                                    z, coef_names, level_precision=known.precision(),
+                                    logdet_level_covariance=known.logdet(),
+                                    level_variance=known.diagonal()))
+            continue
+        codes, levels = _grouping_factor(frame, bar)
         term = RandomTerm(bar.group, codes, levels, z, coef_names)
         if term.n_levels < 2:
             raise DataError(

@@ -96,10 +96,47 @@ def optimize_scipy(objective: Objective, start: np.ndarray, lower: np.ndarray,
 OPTIMIZERS = {"bobyqa": optimize_bobyqa}
 
 
-def fit_design(design: Design, reml: bool = True, optimizer: str = "bobyqa",
+def theta_from_variances(design: Design, variances: dict) -> tuple[np.ndarray, float]:
+    """θ and σ for known variances: ``Λ_t = chol(Σ_t / σ²_e)``."""
+    from .results import _group_names
+
+    given = dict(variances)
+    residual = given.pop("residual", given.pop("Residual", None))
+    if residual is None or residual <= 0:
+        raise ValueError("fixed_variances needs a positive 'residual' variance")
+    names = _group_names(design)
+    theta = []
+    for name, term in zip(names, design.terms):
+        value = given.pop(name, None)
+        if value is None:
+            value = given.pop(term.group, None) if names.count(term.group) <= 1 else None
+        if value is None:
+            raise ValueError(f"fixed_variances has no variance for term {name!r}")
+        cov = np.atleast_2d(np.asarray(value, dtype=float))
+        if cov.shape != (term.n_coefs, term.n_coefs):
+            raise ValueError(f"variance of {name!r} must be {term.n_coefs} x {term.n_coefs}")
+        eigen = np.linalg.eigvalsh(cov)
+        if eigen.min() < 0:
+            raise ValueError(f"variance of {name!r} is not positive semi-definite")
+        lam = np.linalg.cholesky(cov / residual + 1e-300 * np.eye(term.n_coefs)) \
+            if eigen.min() > 0 else np.sqrt(np.maximum(cov / residual, 0))
+        rows, cols = np.tril_indices(term.n_coefs)
+        order = np.lexsort((rows, cols))
+        theta.extend(lam[rows[order], cols[order]])
+    if given:
+        raise ValueError(f"fixed_variances names unknown terms: {', '.join(map(str, given))}")
+    return np.array(theta), float(np.sqrt(residual))
+
+
+def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
                ordering: str = "auto", start: np.ndarray | None = None,
-               verbose: bool | int = False, method: str = "mme"):
+               verbose: bool | int = False, method: str = "mme",
+               fixed_variances: dict | None = None):
     """Fit a model whose :class:`Design` is already built (lme4's modular route).
+
+    ``fixed_variances`` (grouping factor or VarCorr name -> variance, or k x k
+    covariance; plus ``"residual"``) skips estimation: the MME are solved once at the
+    given variances (BLUP with known variances).
 
     ``method="blockdiag"`` optimises through the block-diagonal Σ path (all terms
     nested in one factor); the results are then read off the MME at the optimum.
@@ -115,6 +152,13 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "bobyqa",
     mme = MixedModelEquations(design, ordering=ordering)
     timings["mme_setup"] = time.perf_counter() - t0
     objective = Objective(mme, reml=reml)
+    if fixed_variances is not None:
+        theta, sigma = theta_from_variances(design, fixed_variances)
+        t0 = time.perf_counter()
+        model = LinearMixedModel(design, mme, objective, theta, None, fixed_sigma=sigma)
+        timings["results"] = time.perf_counter() - t0
+        model.timings.update(timings)
+        return model
     if method == "blockdiag":
         from .blockdiag import BlockDiagonalObjective
 
@@ -126,13 +170,23 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "bobyqa",
     start = design.theta_start() if start is None else np.asarray(start, dtype=float)
     lower = design.theta_lower_bounds()
     t0 = time.perf_counter()
-    if optimizer == "bobyqa":
+    if optimizer == "auto":
+        has_known = any(t.level_precision is not None for t in design.terms)
+        one_coef = all(t.n_coefs == 1 for t in design.terms)
+        optimizer = "ai" if (has_known and one_coef and reml and method == "mme") else "bobyqa"
+    if optimizer == "ai":
+        from .aireml import optimize_ai_reml
+
+        if start is None or not np.any(start):
+            start = np.full(design.n_theta, 0.5)
+        result = optimize_ai_reml(objective, start, verbose=verbose)
+    elif optimizer == "bobyqa":
         result = optimize_bobyqa(search, start, lower, verbose=verbose)
     elif optimizer in ("Powell", "Nelder-Mead", "L-BFGS-B"):
         result = optimize_scipy(search, start, lower, method=optimizer, verbose=verbose)
     else:
-        raise ValueError(f"unknown optimizer {optimizer!r}; use 'bobyqa', 'Powell', "
-                         "'Nelder-Mead' or 'L-BFGS-B'")
+        raise ValueError(f"unknown optimizer {optimizer!r}; use 'auto', 'ai', 'bobyqa', "
+                         "'Powell', 'Nelder-Mead' or 'L-BFGS-B'")
     timings["optimize"] = time.perf_counter() - t0
     if not result.converged:
         warnings.warn(f"optimiser did not converge: {result.message}", ConvergenceWarning,
@@ -147,8 +201,10 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "bobyqa",
 
 def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
         weights: str | np.ndarray | None = None, missing: str = "raise",
-        optimizer: str = "bobyqa", ordering: str = "auto",
-        verbose: bool | int = False, method: str = "mme"):
+        optimizer: str = "auto", ordering: str = "auto",
+        verbose: bool | int = False, method: str = "mme",
+        relationships: dict | None = None, sparse_fixed: bool | str = "auto",
+        fixed_variances: dict | None = None):
     """Fit a linear mixed model with lme4's formula syntax.
 
     Parameters
@@ -164,8 +220,10 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
         Prior weights: ``R = σ² W⁻¹``.
     missing : {"raise", "drop"}
         Rows with NaN/inf in a used column raise a ``DataError`` or are dropped.
-    optimizer : {"bobyqa", "Powell", "Nelder-Mead", "L-BFGS-B"}
-        Bounded optimiser for θ; BOBYQA is lme4's.
+    optimizer : {"auto", "ai", "bobyqa", "Powell", "Nelder-Mead", "L-BFGS-B"}
+        ``"ai"``: average-information REML (the default for REML models with a known
+        level covariance and one coefficient per term); ``"bobyqa"``: lme4's
+        derivative-free optimiser (the default otherwise); or a bounded scipy method.
     ordering : {"auto", "natural", "amd", "metis"}
         Fill-reducing ordering for CHOLMOD (``auto`` measures the candidates).
     verbose : bool or int
@@ -173,6 +231,15 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
     method : {"mme", "blockdiag"}
         Sparse mixed-model equations (any design) or the block-diagonal Σ path
         (random terms nested in one grouping factor).
+    relationships : dict, optional
+        Known level covariances by grouping factor: ``{"animal": hd.Pedigree(...)}``,
+        a :class:`RelationshipMatrix` (e.g. from :func:`hd.grm`) or a labelled
+        covariance DataFrame.
+    sparse_fixed : bool or "auto"
+        Keep X sparse (fixed factors with thousands of levels).
+    fixed_variances : dict, optional
+        Known variances, e.g. ``{"animal": 20.0, "residual": 40.0}``: no estimation,
+        the MME are solved once (BLUP, PEVs and reliabilities at those variances).
 
     Returns
     -------
@@ -188,10 +255,11 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
     {'(Intercept)': 251.405, 'Days': 10.467}
     """
     t0 = time.perf_counter()
-    design = build_design(formula, data, weights=weights, missing=missing)
+    design = build_design(formula, data, weights=weights, missing=missing,
+                          relationships=relationships, sparse_fixed=sparse_fixed)
     design_seconds = time.perf_counter() - t0
     model = fit_design(design, reml=reml, optimizer=optimizer, ordering=ordering,
-                       verbose=verbose, method=method)
+                       verbose=verbose, method=method, fixed_variances=fixed_variances)
     model.timings["design"] = design_seconds
     model.timings["total"] = time.perf_counter() - t0
     return model

@@ -90,19 +90,6 @@ def scatter_blocks(lam_a, blocks, lam_b, positions, data):
 
 
 @numba.njit(**_NJIT)
-def scatter_left_blocks(lam_a, blocks, positions, data):
-    """``data[positions[p, a, c]] += (Λ_a' B_p)[a, c]`` (blocks against fixed columns)."""
-    n_blocks, ka, m = blocks.shape
-    for p in range(n_blocks):
-        for a in range(ka):
-            for c in range(m):
-                acc = 0.0
-                for e in range(a, ka):
-                    acc += lam_a[e, a] * blocks[p, e, c]
-                data[positions[p, a, c]] += acc
-
-
-@numba.njit(**_NJIT)
 def _find_row(indices, start, stop, row):
     lo, hi = start, stop
     while lo < hi:

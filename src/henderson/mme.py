@@ -62,6 +62,9 @@ class NotPositiveDefiniteError(np.linalg.LinAlgError):
     pass
 
 
+_ONE = np.ones((1, 1))
+
+
 # ---------------------------------------------------------------- cross-products
 @dataclass
 class CrossProducts:
@@ -69,14 +72,16 @@ class CrossProducts:
 
     ``diagonal[t]`` is (n_levels, k, k); ``crossed[(t, s)]`` holds for t < s the level
     pairs that occur together (``pair_levels``, shape (n_pairs, 2)) and their
-    (n_pairs, k_t, k_s) blocks; ``zx[t]`` is (n_levels, k, p) and ``zy[t]`` (n_levels, k).
+    (n_pairs, k_t, k_s) blocks; ``zx[t]`` likewise holds (level, fixed column) pairs and
+    (n_pairs, k, 1) blocks (every pair when X is dense, the nonzero ones when X is
+    sparse); ``zy[t]`` is (n_levels, k); ``xx`` is X'WX (dense or sparse).
     """
 
     diagonal: list[np.ndarray]
     crossed: dict
-    zx: list[np.ndarray]
+    zx: list[tuple[np.ndarray, np.ndarray]]
     zy: list[np.ndarray]
-    xx: np.ndarray
+    xx: np.ndarray | sp.spmatrix
     xy: np.ndarray
     yy: float
     n_obs: int
@@ -86,16 +91,24 @@ class CrossProducts:
     def from_design(cls, design: Design) -> "CrossProducts":
         w = np.ascontiguousarray(design.weights, dtype=np.float64)
         y = np.ascontiguousarray(design.y, dtype=np.float64)
-        X = np.ascontiguousarray(design.X, dtype=np.float64)
-        Xy = np.column_stack([X, y])
+        sparse_x = sp.issparse(design.X)
+        X = design.X.tocsc() if sparse_x else np.ascontiguousarray(design.X, dtype=np.float64)
+        p = X.shape[1]
+        dense_columns = y[:, None] if sparse_x else np.column_stack([X, y])
         diagonal, zx, zy = [], [], []
         for term in design.terms:
             z = np.ascontiguousarray(term.z)
             codes = term.level_codes
-            diagonal.append(kernels.level_crossprod(codes, z, w, term.n_levels))
-            zxy = kernels.level_dense_crossprod(codes, z, w, Xy, term.n_levels)
-            zx.append(np.ascontiguousarray(zxy[:, :, :-1]))
+            nl, k = term.n_levels, term.n_coefs
+            diagonal.append(kernels.level_crossprod(codes, z, w, nl))
+            zxy = kernels.level_dense_crossprod(codes, z, w, dense_columns, nl)
             zy.append(np.ascontiguousarray(zxy[:, :, -1]))
+            if not sparse_x:
+                pairs = np.column_stack([np.repeat(np.arange(nl), p), np.tile(np.arange(p), nl)])
+                blocks = np.ascontiguousarray(zxy[:, :, :-1].transpose(0, 2, 1)).reshape(nl * p, k, 1)
+            else:
+                pairs, blocks = _sparse_level_crossprod(codes, z, w, X, nl)
+            zx.append((pairs, blocks))
         crossed = {}
         for t, term_t in enumerate(design.terms):
             for s in range(t + 1, len(design.terms)):
@@ -113,18 +126,41 @@ class CrossProducts:
                     [pair_keys // term_s.n_levels, pair_keys % term_s.n_levels]
                 )
                 crossed[(t, s)] = (pairs, blocks)
-        wX = X * w[:, None]
+        if sparse_x:
+            wX = sp.diags(w) @ X
+            xx = (X.T @ wX).tocsc()
+            xy = np.asarray(wX.T @ y).ravel()
+        else:
+            wX = X * w[:, None]
+            xx, xy = X.T @ wX, wX.T @ y
         return cls(
             diagonal=diagonal,
             crossed=crossed,
             zx=zx,
             zy=zy,
-            xx=X.T @ wX,
-            xy=wX.T @ y,
+            xx=xx,
+            xy=xy,
             yy=float(np.dot(w * y, y)),
             n_obs=len(y),
             sum_log_weights=float(np.sum(np.log(w))),
         )
+
+
+def _sparse_level_crossprod(codes, z, w, X, n_levels):
+    """Nonzero (level, column) blocks of ``Z_t'WX`` for a sparse X."""
+    n, k = z.shape
+    indicator = sp.csr_matrix((np.ones(n), (codes, np.arange(n))), shape=(n_levels, n))
+    products = [(indicator @ sp.diags(w * z[:, a]) @ X).tocoo() for a in range(k)]
+    p = X.shape[1]
+    keys = np.concatenate([m.row.astype(np.int64) * p + m.col for m in products])
+    unique_keys, inverse = np.unique(keys, return_inverse=True)
+    blocks = np.zeros((len(unique_keys), k, 1))
+    start = 0
+    for a, m in enumerate(products):
+        np.add.at(blocks[:, a, 0], inverse[start:start + m.nnz], m.data)
+        start += m.nnz
+    pairs = np.column_stack([unique_keys // p, unique_keys % p])
+    return pairs, blocks
 
 
 # ---------------------------------------------------------------- pattern of C
@@ -274,7 +310,10 @@ class MixedModelEquations:
         # CHOLMOD spends far more on a few dense rows at the end of C than their flops
         # (InstEval: 120 ms vs 43 ms + 11 ms for the dense route), so small dense X is
         # eliminated densely, as lme4 does, and only C_zz goes to CHOLMOD.
-        self.dense_fixed = (p <= self.DENSE_FIXED_LIMIT) if dense_fixed is None else dense_fixed
+        if dense_fixed is None:
+            dense_fixed = p <= self.DENSE_FIXED_LIMIT and not sp.issparse(design.X)
+        self.dense_fixed = dense_fixed
+        self._random_factor = None
         if self.dense_fixed:
             self._split_pattern()
             sparse_part = self.random_matrix
@@ -301,9 +340,10 @@ class MixedModelEquations:
             rows = np.broadcast_to(base + np.arange(k)[None, :, None], (nl, k, k))
             cols = np.broadcast_to(base + np.arange(k)[None, None, :], (nl, k, k))
             diag_ids.append(builder.add(rows, cols))
-            level_rows = np.broadcast_to(base[:, :, 0][:, :, None] + np.arange(k)[None, :, None], (nl, k, p))
-            x_rows = np.broadcast_to(q + np.arange(p)[None, None, :], (nl, k, p))
-            zx_ids.append(builder.add(x_rows, level_rows))
+            pairs, blocks = xp.zx[t]
+            level_cols = offsets[t] + pairs[:, 0][:, None, None] * k + np.arange(k)[None, :, None]
+            x_rows = q + pairs[:, 1][:, None, None] + 0 * level_cols
+            zx_ids.append(builder.add(x_rows, level_cols))
             if term.level_precision is None:
                 idx = offsets[t] + np.arange(term.n_columns)
                 prec_ids.append((builder.add(idx, idx), np.ones(term.n_columns)))
@@ -319,22 +359,27 @@ class MixedModelEquations:
             rows = offsets[s] + pairs[:, 1][:, None, None] * ks + np.arange(ks)[None, None, :]
             shape = blocks.shape
             cross_ids[(t, s)] = builder.add(np.broadcast_to(rows, shape), np.broadcast_to(cols, shape))
-        xr, xc = np.tril_indices(p)
+        if sp.issparse(xp.xx):
+            xx_lower = sp.tril(xp.xx).tocoo()
+            xr, xc, xx_values = xx_lower.row, xx_lower.col, xx_lower.data
+        else:
+            xr, xc = np.tril_indices(p)
+            xx_values = xp.xx[xr, xc]
         xx_id = builder.add(q + xr, q + xc)
         self.indptr, self.indices, slots = builder.build(self.inverse_perm, self.size)
         nnz = len(self.indices)
         self.constant_data = np.zeros(nnz)
         for ident, vals in prec_ids:
             np.add.at(self.constant_data, slots[ident], vals)
-        np.add.at(self.constant_data, slots[xx_id], xp.xx[xr, xc])
+        np.add.at(self.constant_data, slots[xx_id], xx_values)
         self.diag_positions = []
         for t, term in enumerate(design.terms):
             k = term.n_coefs
             pos = slots[diag_ids[t]].reshape(term.n_levels, k, k).copy()
             pos[:, np.triu_indices(k, 1)[0], np.triu_indices(k, 1)[1]] = -1
             self.diag_positions.append(pos)
-        self.zx_positions = [slots[zx_ids[t]].reshape(term.n_levels, term.n_coefs, p)
-                             for t, term in enumerate(design.terms)]
+        self.zx_positions = [slots[zx_ids[t]].reshape(xp.zx[t][1].shape)
+                             for t in range(len(design.terms))]
         self.cross_positions = {key: slots[ident].reshape(xp.crossed[key][1].shape)
                                 for key, ident in cross_ids.items()}
 
@@ -368,7 +413,7 @@ class MixedModelEquations:
         for t, lam in enumerate(lams):
             kernels.scatter_blocks(lam, xp.diagonal[t], lam, self.diag_positions[t], data)
             if self.n_fixed:
-                kernels.scatter_left_blocks(lam, xp.zx[t], self.zx_positions[t], data)
+                kernels.scatter_blocks(lam, xp.zx[t][1], _ONE, self.zx_positions[t], data)
         for (t, s), (_, blocks) in xp.crossed.items():
             kernels.scatter_blocks(lams[t], blocks, lams[s], self.cross_positions[(t, s)], data)
 
@@ -445,9 +490,17 @@ class MixedModelEquations:
                 np.sum(np.log(np.diag(self.fixed_factor))))
         return float(self.factor.logdet())
 
-    def logdet_random(self) -> float | None:
-        """``log|C_zz(θ)|`` when it is at hand (dense fixed route), else None."""
-        return float(self.factor.logdet()) if self.dense_fixed else None
+    def logdet_random(self) -> float:
+        """``log|C_zz(θ)|`` (ML needs it). With X inside the sparse factor, C_zz gets a
+        CHOLMOD factor of its own, analysed on first use."""
+        if self.dense_fixed:
+            return float(self.factor.logdet())
+        if self._random_factor is None:
+            self._split_pattern()
+            self._random_factor = cholmod_analyze(self.random_matrix, ordering="natural")
+        self.random_matrix.data[:] = self.matrix.data[self.zz_take]
+        cholmod_refactor(self._random_factor, self.random_matrix)
+        return float(self._random_factor.logdet())
 
     def fixed_block_inverse(self) -> np.ndarray:
         """``(C⁻¹)_ββ = (R_X R_X')⁻¹`` (p solves with the factor when X is sparse)."""

@@ -53,8 +53,8 @@ class Objective:
     def evaluate(self, theta: np.ndarray, fixed_inverse: bool = True) -> Evaluation:
         """Factor C(θ) and compute the objective.
 
-        ``fixed_inverse=False`` skips ``(C⁻¹)_ββ`` (p solves) where REML does not
-        need it; ML always needs it for ``log|C_zz|``.
+        ``fixed_inverse=False`` skips ``(C⁻¹)_ββ``, which the objective itself never
+        needs (ML takes ``log|C_zz|`` from a factor).
         """
         mme = self.mme
         mme.factorize(theta)
@@ -62,12 +62,8 @@ class Objective:
         solution = mme.solve(rhs)
         prss = max(mme.xp.yy - float(solution @ rhs), 0.0)
         logdet_C = mme.logdet()
-        logdet_Czz = mme.logdet_random()
-        need_inverse = fixed_inverse or (not self.reml and logdet_Czz is None)
-        fixed_inverse = mme.fixed_block_inverse() if need_inverse else np.zeros((0, 0))
-        if logdet_Czz is None:
-            logdet_fixed = np.linalg.slogdet(fixed_inverse)[1] if fixed_inverse.size else 0.0
-            logdet_Czz = logdet_C + logdet_fixed if need_inverse else np.nan
+        logdet_Czz = np.nan if self.reml else mme.logdet_random()
+        fixed_inverse = mme.fixed_block_inverse() if fixed_inverse else np.zeros((0, 0))
         if prss <= 0.0:
             value = -np.inf
         else:
@@ -85,6 +81,12 @@ class Objective:
             value = np.inf
         self.history.append((np.array(theta, dtype=float), value))
         return value
+
+    def at_sigma(self, evaluation: Evaluation, sigma2: float) -> float:
+        """The criterion at θ and a given σ² (not profiled): known-variance models."""
+        logdet = evaluation.logdet_C if self.reml else self.mme.logdet_random()
+        return float(logdet + self.constant + self.dof * np.log(2 * np.pi * sigma2)
+                     + evaluation.penalized_rss / sigma2)
 
     def sigma(self, evaluation: Evaluation) -> float:
         return float(np.sqrt(evaluation.penalized_rss / self.dof))

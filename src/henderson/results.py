@@ -64,25 +64,42 @@ class LinearMixedModel:
     p22       -0.333
     """
 
+    #: above this many fixed effects, ``vcov`` holds only its diagonal (from the
+    #: selected inverse) instead of p solves with the factor
+    FULL_VCOV_LIMIT = 2000
+
     def __init__(self, design: Design, mme: MixedModelEquations, objective: Objective,
-                 theta: np.ndarray, optimizer_result=None):
+                 theta: np.ndarray, optimizer_result=None, fixed_sigma: float | None = None):
         self.design = design
         self.mme = mme
         self.reml = objective.reml
         self.optimizer_result = optimizer_result
         self.timings = dict(mme.timings)
-        evaluation = objective.evaluate(theta)
+        full_vcov = design.n_fixed <= self.FULL_VCOV_LIMIT
+        evaluation = objective.evaluate(theta, fixed_inverse=full_vcov)
         self.theta = np.asarray(theta, dtype=float)
-        self.objective = evaluation.objective
-        self.sigma = objective.sigma(evaluation)
+        self.known_variances = fixed_sigma is not None
+        if self.known_variances:
+            self.sigma = float(fixed_sigma)
+            self.objective = objective.at_sigma(evaluation, self.sigma ** 2)
+        else:
+            self.objective = evaluation.objective
+            self.sigma = objective.sigma(evaluation)
         self.n_evaluations = objective.n_evaluations
         self._evaluation = evaluation
+        self._full_selected_inverse = None
         q = design.n_random
         sigma2 = self.sigma ** 2
         self.fixef = pd.Series(evaluation.solution[q:], index=design.fixed_names,
                                name="estimate")
-        self.vcov = pd.DataFrame(sigma2 * evaluation.fixed_inverse,
-                                 index=design.fixed_names, columns=design.fixed_names)
+        if full_vcov:
+            vcov = sigma2 * evaluation.fixed_inverse
+        else:
+            vcov = np.full((design.n_fixed, design.n_fixed), np.nan)
+            idx = q + np.arange(design.n_fixed)
+            np.fill_diagonal(vcov, sigma2 * mme.inverse_entries(
+                self._selected_inverse(), idx, idx))
+        self.vcov = pd.DataFrame(vcov, index=design.fixed_names, columns=design.fixed_names)
         self._relative_factors = mme.relative_factors(self.theta)
         self._spherical = evaluation.solution[:q]
         self._b = self._random_effects_vector()
@@ -97,7 +114,9 @@ class LinearMixedModel:
 
     @property
     def npar(self) -> int:
-        """Number of parameters: fixed effects, θ and σ."""
+        """Number of parameters: fixed effects, θ and σ (none of θ, σ when known)."""
+        if self.known_variances:
+            return self.design.n_fixed
         return self.design.n_fixed + self.design.n_theta + 1
 
     @property
@@ -137,10 +156,15 @@ class LinearMixedModel:
             parts.append((u @ lam.T).ravel())  # b_l = Λ u_l
         return np.concatenate(parts)
 
-    def _compute_conditional_variances(self) -> list[np.ndarray]:
-        """σ² Λ_t (C_zz⁻¹)_ll Λ_t' per level: lme4's ``condVar`` (given β̂)."""
+    def _selected_inverse(self):
+        """C⁻¹ on the pattern of L (computed once, on first use)."""
+        if self._full_selected_inverse is None:
+            self._full_selected_inverse = self.mme.selected_inverse()
+        return self._full_selected_inverse
+
+    def _level_blocks(self, selected) -> list[np.ndarray]:
+        """σ² Λ_t M_ll Λ_t' for every level l of every term, M a selected inverse."""
         mme, design = self.mme, self.design
-        selected = mme.selected_inverse(random_block_only=True)
         offsets = design.column_offsets()
         out = []
         for t, term in enumerate(design.terms):
@@ -152,6 +176,78 @@ class LinearMixedModel:
             lam = self._relative_factors[t]
             out.append(self.sigma ** 2 * np.einsum("ab,lbc,dc->lad", lam, blocks, lam))
         return out
+
+    def _compute_conditional_variances(self) -> list[np.ndarray]:
+        """σ² Λ_t (C_zz⁻¹)_ll Λ_t' per level: lme4's ``condVar`` (given β̂)."""
+        return self._level_blocks(self.mme.selected_inverse(random_block_only=True))
+
+    @property
+    def prediction_error_variances(self) -> dict[str, pd.DataFrame]:
+        """PEV of every BLUP, ``Var(b − b̂)`` from the full ``C⁻¹`` (accounting for
+        the estimation of β), exact, by selected inversion; levels x coefficients."""
+        blocks = self._level_blocks(self._selected_inverse())
+        return self._tables([np.diagonal(b, axis1=1, axis2=2) for b in blocks])
+
+    def breeding_values(self, group: str | None = None) -> pd.DataFrame:
+        """BLUPs of a one-coefficient term with PEV and reliability.
+
+        ``reliability = 1 − PEV / (K_ii σ²_t)``, with ``K_ii = 1 + F_i`` for a pedigree
+        (``1 − PEV/σ²_t`` for non-inbred animals); inbreeding is listed when known.
+
+        Parameters
+        ----------
+        group : str, optional
+            Grouping factor (default: the first term with a known level covariance).
+        """
+        terms = self.design.terms
+        if group is None:
+            known = [t for t in terms if t.level_precision is not None]
+            group = (known or terms)[0].group
+        index = [i for i, t in enumerate(terms) if t.group == group and t.n_coefs == 1]
+        if not index:
+            raise KeyError(f"no one-coefficient random term for {group!r}")
+        t = index[0]
+        term = terms[t]
+        variance = self.sigma ** 2 * self.theta[self.design.theta_slices()[t]][0] ** 2
+        ebv = self.ranef[group].iloc[:, 0].to_numpy()
+        pev = self.prediction_error_variances[group].iloc[:, 0].to_numpy()
+        diag = term.level_variance if term.level_variance is not None else np.ones(term.n_levels)
+        frame = pd.DataFrame({"ebv": ebv, "pev": pev}, index=self.ranef[group].index)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            frame["reliability"] = 1.0 - pev / (diag * variance)
+        if term.level_variance is not None:
+            frame["inbreeding"] = diag - 1.0
+        return frame
+
+    @property
+    def variance_components(self) -> pd.DataFrame:
+        """Variances with standard errors from the average-information matrix (AI-REML
+        fits of one-coefficient terms); NaN SEs otherwise."""
+        names = [n for n in _group_names(self.design)] + ["Residual"]
+        values = np.append([self.sigma ** 2 * lam[0, 0] ** 2 for lam in self._relative_factors]
+                           if all(t.n_coefs == 1 for t in self.design.terms) else
+                           [np.nan] * len(self.design.terms), self.sigma ** 2)
+        se = np.full(len(values), np.nan)
+        ai = getattr(self.optimizer_result, "average_information", None)
+        if ai is not None:
+            se = np.sqrt(np.diag(np.linalg.inv(ai)))
+        return pd.DataFrame({"variance": values, "std_error": se}, index=names)
+
+    def heritability(self, group: str | None = None) -> tuple[float, float]:
+        """``h² = σ²_group / (Σ σ²_t + σ²_e)`` and its SE (delta method on AI⁻¹)."""
+        vc = self.variance_components
+        if group is None:
+            known = [t.group for t in self.design.terms if t.level_precision is not None]
+            group = (known or [self.design.terms[0].group])[0]
+        values = vc["variance"].to_numpy()
+        i = list(vc.index).index(group)
+        total = values.sum()
+        h2 = values[i] / total
+        gradient = -values[i] / total ** 2 * np.ones(len(values))
+        gradient[i] += 1.0 / total
+        ai = getattr(self.optimizer_result, "average_information", None)
+        se = float(np.sqrt(gradient @ np.linalg.inv(ai) @ gradient)) if ai is not None else np.nan
+        return float(h2), se
 
     def _ranef_tables(self):
         design = self.design
@@ -170,6 +266,14 @@ class LinearMixedModel:
         merge = lambda frames: frames[0] if len(frames) == 1 else pd.concat(frames, axis=1)
         return ({g: merge(f) for g, f in values.items()},
                 {g: merge(f) for g, f in sds.items()})
+
+    def _tables(self, per_term: list[np.ndarray]) -> dict[str, pd.DataFrame]:
+        """Per-term (levels x k) arrays as DataFrames merged by grouping factor."""
+        frames: dict[str, list[pd.DataFrame]] = {}
+        for term, values in zip(self.design.terms, per_term):
+            frames.setdefault(term.group, []).append(pd.DataFrame(
+                values, index=pd.Index(term.levels, name=term.group), columns=term.coef_names))
+        return {g: f[0] if len(f) == 1 else pd.concat(f, axis=1) for g, f in frames.items()}
 
     # ------------------------------------------------------------ variance components
     def _varcorr_table(self) -> pd.DataFrame:
