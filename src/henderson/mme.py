@@ -193,14 +193,28 @@ class _PatternBuilder:
         return indptr, indices, slots
 
 
-def _ordering_candidates(design: Design, xp: CrossProducts, ordering: str):
-    """Fill-reducing orderings of the random-effect block to choose from."""
+#: above this many random effects, orderings are not timed: CHOLMOD's own choice
+#: between AMD and METIS ("default") is taken
+MEASURE_ORDERINGS_LIMIT = 200_000
+#: the natural ordering is a candidate only when the dense Schur complement it implies
+#: (all terms but the first) stays below this many bytes
+NATURAL_SCHUR_BYTES = 1 << 30
+
+
+def _ordering_candidates(design: Design, xp: CrossProducts, ordering: str,
+                         include_fixed: bool = False):
+    """Fill-reducing orderings to choose from: of the random-effect block, or of all
+    of C when the fixed effects are sparse and belong in the ordering (a fixed factor
+    with thousands of levels placed last would make a dense trailing block)."""
     q = design.n_random
-    natural = np.arange(q, dtype=np.int64)
+    size = q + design.n_fixed if include_fixed else q
+    natural = np.arange(size, dtype=np.int64)
     has_precision = any(t.level_precision is not None for t in design.terms)
     if ordering == "natural" or (ordering == "auto" and len(design.terms) == 1
                                  and not has_precision):
         return {"natural": natural}
+    trailing = size - design.terms[0].n_columns
+    natural_ok = not has_precision and 4.0 * trailing ** 2 < NATURAL_SCHUR_BYTES
     # a diagonally dominant matrix with the pattern of C_zz, to let CHOLMOD order it
     builder = _PatternBuilder()
     offsets = design.column_offsets()
@@ -216,20 +230,33 @@ def _ordering_candidates(design: Design, xp: CrossProducts, ordering: str):
     for (t, s), (pairs, _) in xp.crossed.items():
         builder.add(offsets[s] + pairs[:, 1] * design.terms[s].n_coefs,
                     offsets[t] + pairs[:, 0] * design.terms[t].n_coefs)
-    indptr, indices, _ = builder.build(natural, q)
+    if include_fixed:
+        for t, term in enumerate(design.terms):
+            pairs, _ = xp.zx[t]
+            builder.add(q + pairs[:, 1], offsets[t] + pairs[:, 0] * term.n_coefs)
+        xx = sp.tril(sp.csc_matrix(xp.xx)).tocoo()
+        builder.add(q + xx.row, q + xx.col)
+        idx = q + np.arange(design.n_fixed)
+        builder.add(idx, idx)
+    indptr, indices, _ = builder.build(natural, size)
     values = -np.ones(len(indices))
-    degree = np.bincount(indices, minlength=q) + np.diff(indptr)
+    degree = np.bincount(indices, minlength=size) + np.diff(indptr)
     diag_pos = indptr[:-1]  # the diagonal is the first entry of each column
     values[diag_pos] = degree + 1.0
-    pattern = sp.csc_matrix((values, indices, indptr), shape=(q, q))
-    methods = ["amd", "metis"] if ordering == "auto" else [ordering]
-    candidates = {"natural": natural} if ordering == "auto" else {}
+    pattern = sp.csc_matrix((values, indices, indptr), shape=(size, size))
+    if ordering == "auto" and size > MEASURE_ORDERINGS_LIMIT:
+        methods = ["default"]
+    else:
+        methods = ["amd", "metis"] if ordering == "auto" else [ordering]
+    candidates = {"natural": natural} if ordering == "auto" and natural_ok else {}
     for method in methods:
         try:
             factor = cholmod_analyze(pattern, ordering=method)
         except Exception:  # METIS may be missing from the SuiteSparse build
             continue
         candidates[method] = cholmod_permutation(factor)
+    if len(candidates) == 1:
+        return candidates
     candidates["_pattern"] = pattern
     return candidates
 
@@ -247,6 +274,22 @@ def _factor_cost(pattern: sp.csc_matrix, perm: np.ndarray) -> tuple[float, int]:
         cholmod_refactor(factor, permuted)
         seconds = min(seconds, time.perf_counter() - start)
     return seconds, cholmod_lower_factor(factor).nnz
+
+
+@dataclass
+class SelectedInverse:
+    """An inverse known on the pattern of a Cholesky factor: ``matrix`` (lower
+    triangle, factor coordinates) and the map from original indices to them."""
+
+    matrix: sp.csc_matrix
+    position: np.ndarray
+
+    def entries(self, rows, cols) -> np.ndarray:
+        r = self.position[np.asarray(rows, dtype=np.int64)]
+        c = self.position[np.asarray(cols, dtype=np.int64)]
+        m = self.matrix
+        return kernels.lookup_symmetric(m.indptr.astype(np.int64),
+                                        m.indices.astype(np.int64), m.data, r, c)
 
 
 # ---------------------------------------------------------------- the equations
@@ -285,7 +328,15 @@ class MixedModelEquations:
         start = time.perf_counter()
         q, p = design.n_random, design.n_fixed
         self.n_random, self.n_fixed, self.size = q, p, q + p
-        candidates = _ordering_candidates(design, self.xp, ordering)
+        # CHOLMOD spends far more on a few dense rows at the end of C than their flops
+        # (InstEval: 120 ms vs 43 ms + 11 ms for the dense route), so small dense X is
+        # eliminated densely, as lme4 does, and only C_zz goes to CHOLMOD. A large or
+        # sparse X stays in the sparse factor and in the fill-reducing ordering.
+        if dense_fixed is None:
+            dense_fixed = p <= self.DENSE_FIXED_LIMIT and not sp.issparse(design.X)
+        self.dense_fixed = dense_fixed
+        candidates = _ordering_candidates(design, self.xp, ordering,
+                                          include_fixed=not dense_fixed)
         pattern = candidates.pop("_pattern", None)
         self.ordering_costs: dict[str, tuple[float, int]] = {}
         if len(candidates) > 1:
@@ -294,8 +345,9 @@ class MixedModelEquations:
             self.ordering = min(self.ordering_costs, key=lambda k: self.ordering_costs[k][0])
         else:
             self.ordering = next(iter(candidates))
-        z_perm = candidates[self.ordering]
-        self.perm = np.concatenate([z_perm, q + np.arange(p, dtype=np.int64)])
+        self.perm = candidates[self.ordering]
+        if dense_fixed:
+            self.perm = np.concatenate([self.perm, q + np.arange(p, dtype=np.int64)])
         self.inverse_perm = np.empty_like(self.perm)
         self.inverse_perm[self.perm] = np.arange(self.size)
         self._build_pattern()
@@ -307,12 +359,6 @@ class MixedModelEquations:
              self.indptr.astype(index_type)),
             shape=(self.size, self.size),
         )
-        # CHOLMOD spends far more on a few dense rows at the end of C than their flops
-        # (InstEval: 120 ms vs 43 ms + 11 ms for the dense route), so small dense X is
-        # eliminated densely, as lme4 does, and only C_zz goes to CHOLMOD.
-        if dense_fixed is None:
-            dense_fixed = p <= self.DENSE_FIXED_LIMIT and not sp.issparse(design.X)
-        self.dense_fixed = dense_fixed
         self._random_factor = None
         if self.dense_fixed:
             self._split_pattern()
@@ -384,20 +430,37 @@ class MixedModelEquations:
                                 for key, ident in cross_ids.items()}
 
     def _split_pattern(self) -> None:
-        """Index maps from C's entries to C_zz (CSC), C_xz (dense) and C_xx (dense)."""
+        """Index maps from C's entries to C_zz (CSC), C_xz (dense) and C_xx (dense).
+
+        Works in the permuted coordinates; random and fixed positions may interleave
+        (sparse X ordered with the rest), the order among random positions is kept.
+        """
         q = self.n_random
         cols = np.repeat(np.arange(self.size), np.diff(self.indptr))
         rows = self.indices
-        zz = (cols < q) & (rows < q)
+        is_random = self.perm < q                       # by permuted position
+        rank = np.cumsum(is_random) - 1                 # position within C_zz
+        original = self.perm                            # permuted position -> original
+        zz = is_random[cols] & is_random[rows]
         self.zz_take = np.flatnonzero(zz)
-        zz_indptr = np.concatenate([[0], np.cumsum(np.bincount(cols[zz], minlength=q))])
+        zz_cols = rank[cols[zz]]
+        zz_indptr = np.concatenate([[0], np.cumsum(np.bincount(zz_cols, minlength=q))])
         self.random_matrix = sp.csc_matrix(
-            (np.zeros(len(self.zz_take)), rows[zz].astype(self.matrix.indices.dtype),
+            (np.zeros(len(self.zz_take)), rank[rows[zz]].astype(self.matrix.indices.dtype),
              zz_indptr.astype(self.matrix.indptr.dtype)), shape=(q, q))
-        xz = (cols < q) & (rows >= q)
-        self.xz_take, self.xz_rows, self.xz_cols = np.flatnonzero(xz), rows[xz] - q, cols[xz]
-        xx = cols >= q
-        self.xx_take, self.xx_rows, self.xx_cols = np.flatnonzero(xx), rows[xx] - q, cols[xx] - q
+        # C_xz entries (either triangle) with the random index in C_zz's order
+        xz = is_random[cols] != is_random[rows]
+        random_side = np.where(is_random[cols[xz]], cols[xz], rows[xz])
+        fixed_side = np.where(is_random[cols[xz]], rows[xz], cols[xz])
+        self.xz_take = np.flatnonzero(xz)
+        self.xz_cols = rank[random_side]
+        self.xz_rows = original[fixed_side] - q
+        xx = ~is_random[cols] & ~is_random[rows]
+        self.xx_take = np.flatnonzero(xx)
+        a, b = original[rows[xx]] - q, original[cols[xx]] - q
+        self.xx_rows, self.xx_cols = np.maximum(a, b), np.minimum(a, b)
+        # C_zz's own order maps to original random indices
+        self.random_perm = original[is_random]
 
     # -- values
     def relative_factors(self, theta: np.ndarray) -> list[np.ndarray]:
@@ -512,20 +575,17 @@ class MixedModelEquations:
             return inverse_factor.T @ inverse_factor
         unit = np.zeros((self.size, p))
         unit[q + np.arange(p), np.arange(p)] = 1.0
-        permuted_solution = self.factor(unit[self.perm])
-        return permuted_solution[q:, :]  # fixed effects keep their place at the end
+        return self.solve(unit)[q:, :]
 
     def lower_factor(self, random_block_only: bool = False) -> sp.csc_matrix:
         """The Cholesky factor L of the permuted C (``L L' = C[perm][:, perm]``), or of
         its random-effects block ``C_zz`` (the leading block of L)."""
-        lower = cholmod_lower_factor(self.factor)
         q = self.n_random
-        if random_block_only:
-            if not self.dense_fixed:
-                lower = lower[:q, :q].tocsc()
-                lower.sort_indices()
-            return lower
-        if not self.dense_fixed:
+        if random_block_only and not self.dense_fixed:
+            self.logdet_random()  # refreshes C_zz's own factor at the current θ
+            return cholmod_lower_factor(self._random_factor)
+        lower = cholmod_lower_factor(self.factor)
+        if random_block_only or not self.dense_fixed:
             return lower
         p = self.n_fixed
         # append the dense rows [R_ZX' R_X] below L_zz, zeros kept in the pattern
@@ -547,17 +607,20 @@ class MixedModelEquations:
             data[span] = self.fixed_factor[c:, c]
         return sp.csc_matrix((data, indices, indptr), shape=(self.size, self.size))
 
-    def selected_inverse(self, random_block_only: bool = False):
-        """``C⁻¹`` (or ``C_zz⁻¹``) on the pattern of L, in permuted coordinates."""
+    def selected_inverse(self, random_block_only: bool = False) -> "SelectedInverse":
+        """``C⁻¹`` (or ``C_zz⁻¹``) on the pattern of its Cholesky factor."""
         lower = self.lower_factor(random_block_only)
-        values = kernels.selected_inverse(
+        values = kernels.selected_inverse_supernodal(
             lower.indptr.astype(np.int64), lower.indices.astype(np.int64), lower.data)
-        return sp.csc_matrix((values, lower.indices, lower.indptr), shape=lower.shape)
+        matrix = sp.csc_matrix((values, lower.indices, lower.indptr), shape=lower.shape)
+        if not random_block_only:
+            return SelectedInverse(matrix, self.inverse_perm)
+        if self.dense_fixed:
+            return SelectedInverse(matrix, self.inverse_perm[:self.n_random])
+        position = np.empty(self.n_random, dtype=np.int64)
+        position[self.random_perm] = np.arange(self.n_random)
+        return SelectedInverse(matrix, position)
 
-    def inverse_entries(self, selected: sp.csc_matrix, rows, cols) -> np.ndarray:
+    def inverse_entries(self, selected: "SelectedInverse", rows, cols) -> np.ndarray:
         """Entries of a selected inverse at original (unpermuted) coordinates."""
-        r = self.inverse_perm[np.asarray(rows, dtype=np.int64)]
-        c = self.inverse_perm[np.asarray(cols, dtype=np.int64)]
-        return kernels.lookup_symmetric(
-            selected.indptr.astype(np.int64), selected.indices.astype(np.int64),
-            selected.data, r, c)
+        return selected.entries(rows, cols)

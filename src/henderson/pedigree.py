@@ -62,6 +62,20 @@ def _topological_order(sire, dam):
 
 
 @numba.njit(cache=True)
+def _generations(order, sire, dam):
+    """1 + the larger generation of the parents (founders 0), along a valid order."""
+    generation = np.zeros(len(order), dtype=np.int64)
+    for i in order:
+        g = 0
+        if sire[i] >= 0:
+            g = generation[sire[i]] + 1
+        if dam[i] >= 0 and generation[dam[i]] + 1 > g:
+            g = generation[dam[i]] + 1
+        generation[i] = g
+    return generation
+
+
+@numba.njit(cache=True)
 def inbreeding_meuwissen_luo(sire, dam):
     """Inbreeding coefficients and Mendelian-sampling variances (Meuwissen & Luo 1992).
 
@@ -236,6 +250,9 @@ class Pedigree:
             raise PedigreeError(
                 "pedigree has a loop (an animal is its own ancestor) among: "
                 + ", ".join(map(str, stuck[:10])) + (" ..." if len(stuck) > 10 else ""))
+        # generations (founders 0), then input order within a generation
+        generation = _generations(order, sire_idx, dam_idx)
+        order = np.lexsort((np.arange(len(all_ids)), generation))
         position = np.empty(len(order), dtype=np.int64)
         position[order] = np.arange(len(order))
         self.ids = pd.Index(all_ids[order].astype(str), name="animal")
