@@ -103,8 +103,11 @@ class LinearMixedModel:
         self._relative_factors = mme.relative_factors(self.theta)
         self._spherical = evaluation.solution[:q]
         self._b = self._random_effects_vector()
-        self._conditional_variances = self._compute_conditional_variances()
-        self.ranef, self.ranef_sd = self._ranef_tables()
+        offsets = design.column_offsets()
+        self.ranef = self._tables([
+            self._b[offsets[t]:offsets[t + 1]].reshape(term.n_levels, term.n_coefs)
+            for t, term in enumerate(design.terms)])
+        self._ranef_sd = None
         self.varcorr = self._varcorr_table()
 
     # ------------------------------------------------------------ scalars
@@ -249,23 +252,15 @@ class LinearMixedModel:
         se = float(np.sqrt(gradient @ np.linalg.inv(ai) @ gradient)) if ai is not None else np.nan
         return float(h2), se
 
-    def _ranef_tables(self):
-        design = self.design
-        offsets = design.column_offsets()
-        values: dict[str, list[pd.DataFrame]] = {}
-        sds: dict[str, list[pd.DataFrame]] = {}
-        for t, term in enumerate(design.terms):
-            b = self._b[offsets[t]:offsets[t + 1]].reshape(term.n_levels, term.n_coefs)
-            sd = np.sqrt(np.maximum(
-                np.diagonal(self._conditional_variances[t], axis1=1, axis2=2), 0.0))
-            index = pd.Index(term.levels, name=term.group)
-            values.setdefault(term.group, []).append(
-                pd.DataFrame(b, index=index, columns=term.coef_names))
-            sds.setdefault(term.group, []).append(
-                pd.DataFrame(sd, index=index, columns=term.coef_names))
-        merge = lambda frames: frames[0] if len(frames) == 1 else pd.concat(frames, axis=1)
-        return ({g: merge(f) for g, f in values.items()},
-                {g: merge(f) for g, f in sds.items()})
+    @property
+    def ranef_sd(self) -> dict[str, pd.DataFrame]:
+        """Conditional SDs of the BLUPs, as lme4's ``condVar`` (computed on first use:
+        a selected inverse of C_zz)."""
+        if self._ranef_sd is None:
+            variances = self._compute_conditional_variances()
+            self._ranef_sd = self._tables([
+                np.sqrt(np.maximum(np.diagonal(v, axis1=1, axis2=2), 0.0)) for v in variances])
+        return self._ranef_sd
 
     def _tables(self, per_term: list[np.ndarray]) -> dict[str, pd.DataFrame]:
         """Per-term (levels x k) arrays as DataFrames merged by grouping factor."""

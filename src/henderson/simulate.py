@@ -37,25 +37,38 @@ def crossed(n_rows: int, n_g1: int, n_g2: int, seed: int = 1) -> pd.DataFrame:
 
 
 def animal_population(n_animals: int, n_generations: int = 8, seed: int = 1,
-                      sire_fraction: float = 0.05, unknown_parent: float = 0.03,
-                      herd_size: int = 100, record_fraction: float = 0.8,
+                      herd_size: int = 100, sires_per_generation: int | None = None,
+                      unknown_parent: float = 0.03, record_fraction: float = 0.8,
                       sigma2_animal: float = 30.0, sigma2_residual: float = 70.0):
-    """A closed population over ``n_generations`` with records.
+    """A population of herds over ``n_generations``, as in dairy or beef breeding:
+    dams are born in the herd of their calves, sires are a few hundred (AI) bulls per
+    generation, drawn at random among the males, used across all herds (no selection,
+    so REML should recover the simulated variances); one record per animal for ``record_fraction``
+    of the animals after the founders, in herd-year-season groups.
 
     Returns
     -------
     pedigree : DataFrame (animal, sire, dam; "0" unknown), parents before offspring
-    records : DataFrame (animal, sex, hys, y); one record for ``record_fraction`` of the
-        animals after the founders, herd-year-season groups of about ``herd_size / 2``
+    records : DataFrame (animal, sex, hys, y)
     true_values : Series of true breeding values by animal
+
+    Examples
+    --------
+    >>> ped, rec, tbv = animal_population(2000, 4, seed=3)
+    >>> len(ped), list(rec.columns)
+    (2000, ['animal', 'sex', 'hys', 'y'])
     """
     rng = np.random.default_rng(seed)
     per_generation = n_animals // n_generations
     sizes = [per_generation] * n_generations
     sizes[-1] += n_animals - sum(sizes)
+    n_herds = max(1, per_generation // herd_size)
+    if sires_per_generation is None:
+        sires_per_generation = max(2, min(300, per_generation // 200))
     sire = np.full(n_animals, -1)
     dam = np.full(n_animals, -1)
     male = rng.random(n_animals) < 0.5
+    herd = rng.integers(0, n_herds, n_animals)
     generation = np.repeat(np.arange(n_generations), sizes)
     breeding_value = np.zeros(n_animals)
     start = 0
@@ -66,26 +79,31 @@ def animal_population(n_animals: int, n_generations: int = 8, seed: int = 1,
         else:
             previous = np.arange(start - sizes[g - 1], start)
             males = previous[male[previous]]
+            top = rng.choice(males, size=min(sires_per_generation, len(males)), replace=False)
+            sire[idx] = rng.choice(top, size=size)
             females = previous[~male[previous]]
-            sires = rng.choice(males, size=max(1, int(len(males) * sire_fraction)), replace=False)
-            sire[idx] = rng.choice(sires, size=size)
-            dam[idx] = rng.choice(females, size=size)
+            order = np.argsort(herd[females], kind="stable")
+            females = females[order]
+            bounds = np.searchsorted(herd[females], np.arange(n_herds + 1))
+            counts = bounds[1:] - bounds[:-1]
+            own = herd[idx]
+            has_dams = counts[own] > 0
+            pick = bounds[own] + (rng.random(size) * np.maximum(counts[own], 1)).astype(np.int64)
+            dam[idx] = np.where(has_dams, females[np.minimum(pick, len(females) - 1)], -1)
             sire[idx[rng.random(size) < unknown_parent]] = -1
             dam[idx[rng.random(size) < unknown_parent]] = -1
-            parent_mean = 0.5 * (np.where(sire[idx] >= 0, breeding_value[np.maximum(sire[idx], 0)], 0)
-                                 + np.where(dam[idx] >= 0, breeding_value[np.maximum(dam[idx], 0)], 0))
-            known = (sire[idx] >= 0).astype(float) + (dam[idx] >= 0)
-            mendelian = 1.0 - 0.25 * known
+            known_s, known_d = sire[idx] >= 0, dam[idx] >= 0
+            parent_mean = 0.5 * (np.where(known_s, breeding_value[np.maximum(sire[idx], 0)], 0)
+                                 + np.where(known_d, breeding_value[np.maximum(dam[idx], 0)], 0))
+            mendelian = 1.0 - 0.25 * (known_s.astype(float) + known_d)
             breeding_value[idx] = parent_mean + rng.normal(size=size) * np.sqrt(mendelian * sigma2_animal)
         start += size
     ids = np.array([f"A{i:08d}" for i in range(n_animals)])
     label = lambda parent: np.where(parent >= 0, ids[np.maximum(parent, 0)], "0")
     pedigree = pd.DataFrame({"animal": ids, "sire": label(sire), "dam": label(dam)})
     recorded = np.flatnonzero((generation > 0) & (rng.random(n_animals) < record_fraction))
-    n_herds = max(1, len(recorded) // (herd_size * max(1, n_generations - 1)))
-    herd = rng.integers(0, n_herds, len(recorded))
     season = rng.integers(0, 2, len(recorded))
-    hys_code = (herd * n_generations + generation[recorded]) * 2 + season
+    hys_code = (herd[recorded] * n_generations + generation[recorded]) * 2 + season
     hys_values, hys_codes = np.unique(hys_code, return_inverse=True)
     hys_effect = rng.normal(scale=5.0, size=len(hys_values))
     sex = np.where(male[recorded], "M", "F")

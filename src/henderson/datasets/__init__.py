@@ -12,7 +12,7 @@ from importlib import resources
 import pandas as pd
 
 NAMES = ("plants", "sleepstudy", "sleepstudy_weighted", "dyestuff", "dyestuff2",
-         "pastes", "penicillin", "insteval")
+         "pastes", "penicillin", "insteval", "animal_records", "animal_pedigree")
 
 
 def load(name: str) -> pd.DataFrame:
@@ -21,11 +21,19 @@ def load(name: str) -> pd.DataFrame:
     Parameters
     ----------
     name : str
-        One of ``henderson.datasets.NAMES``.
+        One of ``henderson.datasets.NAMES``. ``animal_pedigree`` and
+        ``animal_records`` are a simulated pedigree (860 animals, 6 generations) and
+        its 1,039 records (the reference of ``tests/data/animal``).
     """
     if name not in NAMES:
         raise ValueError(f"unknown data set {name!r}; available: {', '.join(NAMES)}")
     folder = resources.files(__name__)
+    if name == "animal_pedigree":  # identifiers as text, "0" for an unknown parent
+        with resources.as_file(folder / f"{name}.csv") as path:
+            return pd.read_csv(path, dtype=str, keep_default_na=False)
+    if name == "animal_records":
+        with resources.as_file(folder / f"{name}.csv") as path:
+            return pd.read_csv(path, dtype={"animal": str, "sex": str, "hy": str})
     schema = json.loads((folder / f"{name}.schema.json").read_text())
     categorical = schema.get("categorical", {})
     with resources.as_file(folder / f"{name}.csv") as path:
