@@ -213,35 +213,44 @@ class Pedigree:
     """
 
     def __init__(self, animal, sire, dam):
-        frame = pd.DataFrame({"animal": pd.Series(animal, dtype=object),
-                              "sire": pd.Series(sire, dtype=object),
-                              "dam": pd.Series(dam, dtype=object)})
-        if _is_unknown(frame["animal"]).any():
+        raw = [pd.Series(np.asarray(v)) for v in (animal, sire, dam)]
+        n = len(raw[0])
+        if not len(raw[1]) == len(raw[2]) == n:
+            raise PedigreeError("animal, sire and dam must have the same length")
+        if _is_unknown(raw[0]).any():
             raise PedigreeError("pedigree has rows with a missing animal id")
-        animals = frame["animal"].astype(str).str.strip()
-        duplicated = animals[animals.duplicated()].unique()
-        if len(duplicated):
-            raise PedigreeError(f"duplicated animal id(s) in pedigree: {', '.join(duplicated[:10])}")
-        parents = {}
-        for column in ("sire", "dam"):
-            values = frame[column].astype(str).str.strip()
-            values[_is_unknown(frame[column])] = None
-            parents[column] = values
-        own = animals.to_numpy()[(animals == parents["sire"]) | (animals == parents["dam"])]
-        if len(own):
-            raise PedigreeError(f"animal(s) listed as their own parent: {', '.join(own[:10])}")
-        same = animals[(parents["sire"] == parents["dam"]) & parents["sire"].notna()]
-        if len(same):
-            raise PedigreeError(f"animal(s) with the same sire and dam: {', '.join(same[:10])}")
-        known = set(animals)
-        extra = pd.unique(pd.concat([parents["sire"], parents["dam"]]).dropna())
-        founders = [p for p in extra if p not in known]
-        all_ids = np.concatenate([np.asarray(founders, dtype=object), animals.to_numpy(dtype=object)])
-        index = pd.Index(all_ids)
-        sire_idx = np.concatenate([np.full(len(founders), -1),
-                                   index.get_indexer(parents["sire"].fillna("\0"))]).astype(np.int64)
-        dam_idx = np.concatenate([np.full(len(founders), -1),
-                                  index.get_indexer(parents["dam"].fillna("\0"))]).astype(np.int64)
+        unknown = [_is_unknown(r) for r in raw[1:]]
+        text = pd.concat(raw, ignore_index=True).astype(str).str.strip()
+        codes, labels = pd.factorize(text)
+        labels = np.asarray(labels, dtype=object)
+        animal_code = codes[:n].astype(np.int64)
+        sire_code = np.where(unknown[0], -1, codes[n:2 * n]).astype(np.int64)
+        dam_code = np.where(unknown[1], -1, codes[2 * n:]).astype(np.int64)
+        counts = np.bincount(animal_code, minlength=len(labels))
+        if np.any(counts > 1):
+            raise PedigreeError("duplicated animal id(s) in pedigree: "
+                                + ", ".join(map(str, labels[counts > 1][:10])))
+        own = (animal_code == sire_code) | (animal_code == dam_code)
+        if own.any():
+            raise PedigreeError("animal(s) listed as their own parent: "
+                                + ", ".join(map(str, labels[animal_code[own]][:10])))
+        same = (sire_code == dam_code) & (sire_code >= 0)
+        if same.any():
+            raise PedigreeError("animal(s) with the same sire and dam: "
+                                + ", ".join(map(str, labels[animal_code[same]][:10])))
+        is_parent = np.zeros(len(labels), dtype=bool)
+        is_parent[sire_code[sire_code >= 0]] = True
+        is_parent[dam_code[dam_code >= 0]] = True
+        founder_codes = np.flatnonzero(is_parent & (counts == 0))
+        # positions: added founders first, then the animals in input order
+        position_of_code = np.full(len(labels), -1, dtype=np.int64)
+        position_of_code[founder_codes] = np.arange(len(founder_codes))
+        position_of_code[animal_code] = len(founder_codes) + np.arange(n)
+        all_ids = np.concatenate([labels[founder_codes], labels[animal_code]])
+        founders = founder_codes
+        unknown_or = lambda c: np.where(c >= 0, position_of_code[np.maximum(c, 0)], -1)
+        sire_idx = np.concatenate([np.full(len(founders), -1), unknown_or(sire_code)])
+        dam_idx = np.concatenate([np.full(len(founders), -1), unknown_or(dam_code)])
         order, reached = _topological_order(sire_idx, dam_idx)
         if reached < len(all_ids):
             placed = np.zeros(len(all_ids), dtype=bool)
