@@ -93,7 +93,36 @@ def optimize_scipy(objective: Objective, start: np.ndarray, lower: np.ndarray,
                            bool(result.success), str(result.message), method)
 
 
-OPTIMIZERS = {"bobyqa": optimize_bobyqa}
+def optimize_lbfgs(objective: Objective, start: np.ndarray, lower: np.ndarray,
+                   verbose: bool | int = False) -> OptimizerResult:
+    """Quasi-Newton (L-BFGS-B) on the analytic gradient from the selected inverse."""
+    from scipy.optimize import minimize
+
+    from .objective import objective_gradient
+
+    progress = _Progress(objective, verbose) if verbose else None
+
+    def value_and_gradient(theta):
+        try:
+            value, gradient = objective_gradient(objective, theta)
+        except np.linalg.LinAlgError:
+            return np.inf, np.zeros_like(theta)
+        objective.history.append((np.array(theta), value))
+        if progress is not None and progress.every and objective.n_evaluations % progress.every == 0:
+            print(f"[henderson] eval {objective.n_evaluations:5d}  objective {value:.6f}  "
+                  f"|gradient| {np.max(np.abs(gradient)):.2e}", file=sys.stderr)
+        return value, gradient
+
+    bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower]
+    result = minimize(value_and_gradient, start, jac=True, method="L-BFGS-B", bounds=bounds,
+                      options={"ftol": 1e-13, "gtol": 1e-6, "maxiter": 1000})
+    # a line search that fails at the noise floor of the objective (~1e-13 relative) is
+    # convergence when the projected gradient is negligible
+    at_bound = np.isfinite(lower) & (result.x <= lower) & (result.jac > 0)
+    projected = np.where(at_bound, 0.0, result.jac)
+    converged = bool(result.success) or float(np.max(np.abs(projected))) < 1e-3
+    return OptimizerResult(result.x, float(result.fun), objective.n_evaluations,
+                           converged, str(result.message), "lbfgs")
 
 
 def theta_from_variances(design: Design, variances: dict) -> tuple[np.ndarray, float]:
@@ -182,11 +211,15 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
         result = optimize_ai_reml(objective, start, verbose=verbose)
     elif optimizer == "bobyqa":
         result = optimize_bobyqa(search, start, lower, verbose=verbose)
+    elif optimizer == "lbfgs":
+        if method != "mme":
+            raise ValueError("optimizer='lbfgs' needs method='mme'")
+        result = optimize_lbfgs(objective, start, lower, verbose=verbose)
     elif optimizer in ("Powell", "Nelder-Mead", "L-BFGS-B"):
         result = optimize_scipy(search, start, lower, method=optimizer, verbose=verbose)
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}; use 'auto', 'ai', 'bobyqa', "
-                         "'Powell', 'Nelder-Mead' or 'L-BFGS-B'")
+                         "'lbfgs', 'Powell', 'Nelder-Mead' or 'L-BFGS-B'")
     timings["optimize"] = time.perf_counter() - t0
     if not result.converged:
         warnings.warn(f"optimiser did not converge: {result.message}", ConvergenceWarning,
@@ -220,10 +253,12 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
         Prior weights: ``R = σ² W⁻¹``.
     missing : {"raise", "drop"}
         Rows with NaN/inf in a used column raise a ``DataError`` or are dropped.
-    optimizer : {"auto", "ai", "bobyqa", "Powell", "Nelder-Mead", "L-BFGS-B"}
+    optimizer : {"auto", "ai", "bobyqa", "lbfgs", "Powell", "Nelder-Mead", "L-BFGS-B"}
         ``"ai"``: average-information REML (the default for REML models with a known
         level covariance and one coefficient per term); ``"bobyqa"``: lme4's
-        derivative-free optimiser (the default otherwise); or a bounded scipy method.
+        derivative-free optimiser (the default otherwise); ``"lbfgs"``: quasi-Newton
+        on the analytic gradient (selected inverse); or a bounded scipy method with
+        finite differences.
     ordering : {"auto", "natural", "amd", "metis"}
         Fill-reducing ordering for CHOLMOD (``auto`` measures the candidates).
     verbose : bool or int

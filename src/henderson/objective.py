@@ -90,3 +90,67 @@ class Objective:
 
     def sigma(self, evaluation: Evaluation) -> float:
         return float(np.sqrt(evaluation.penalized_rss / self.dof))
+
+
+def objective_gradient(objective: Objective, theta: np.ndarray) -> tuple[float, np.ndarray]:
+    """The objective and its analytic gradient in θ (DESIGN.md section 4).
+
+    With ``C = Λ̃'MΛ̃ + P̃`` (``M`` the cross-products, ``Λ̃ = diag(Λ, I)``),
+    ``∂ log|C| / ∂θ_i = 2 tr(C⁻¹ E_i' M Λ̃)`` needs ``C⁻¹`` only on the pattern of C
+    (the selected inverse), and ``∂r²/∂θ_i = 2 ũ' E_i' (M[b; β] − m)``. ML uses
+    ``C_zz⁻¹`` and ``log|C_zz|``.
+    """
+    mme = objective.mme
+    design, xp = mme.design, mme.xp
+    theta = np.asarray(theta, dtype=float)
+    evaluation = objective.evaluate(theta, fixed_inverse=False)
+    selected = mme.selected_inverse(random_block_only=not objective.reml)
+    lams = mme.relative_factors(theta)
+    offsets = design.column_offsets()
+    q = design.n_random
+    spherical = [evaluation.solution[offsets[t]:offsets[t + 1]].reshape(term.n_levels, term.n_coefs)
+                 for t, term in enumerate(design.terms)]
+    beta = evaluation.solution[q:]
+    blups = [u @ lam.T for u, lam in zip(spherical, lams)]
+    # v = M [b; β] on the random-effect rows, and the traces T_t
+    v = [np.einsum("lab,lb->la", xp.diagonal[t], blups[t]) for t in range(len(lams))]
+    traces = [np.zeros((term.n_coefs, term.n_coefs)) for term in design.terms]
+    for t, term in enumerate(design.terms):
+        k, nl = term.n_coefs, term.n_levels
+        base = offsets[t] + np.arange(nl)[:, None, None] * k
+        rows = np.broadcast_to(base + np.arange(k)[None, :, None], (nl, k, k))
+        cols = np.broadcast_to(base + np.arange(k)[None, None, :], (nl, k, k))
+        inverse = selected.entries(rows.ravel(), cols.ravel()).reshape(nl, k, k)
+        traces[t] += np.einsum("lac,cd,ldb->ab", xp.diagonal[t], lams[t], inverse)
+    for (t, s), (pairs, blocks) in xp.crossed.items():
+        kt, ks = design.terms[t].n_coefs, design.terms[s].n_coefs
+        np.add.at(v[t], pairs[:, 0], np.einsum("pab,pb->pa", blocks, blops := blups[s][pairs[:, 1]]))
+        np.add.at(v[s], pairs[:, 1], np.einsum("pab,pa->pb", blocks, blups[t][pairs[:, 0]]))
+        rows = offsets[s] + pairs[:, 1][:, None, None] * ks + np.arange(ks)[None, :, None]
+        cols = offsets[t] + pairs[:, 0][:, None, None] * kt + np.arange(kt)[None, None, :]
+        shape = (len(pairs), ks, kt)
+        inverse = selected.entries(np.broadcast_to(rows, shape).ravel(),
+                                   np.broadcast_to(cols, shape).ravel()).reshape(shape)
+        traces[t] += np.einsum("pac,cd,pdb->ab", blocks, lams[s], inverse)
+        traces[s] += np.einsum("pca,cd,pbd->ab", blocks, lams[t], inverse)
+        del blops
+    for t, term in enumerate(design.terms):
+        pairs, blocks = xp.zx[t]
+        if not len(pairs):
+            continue
+        np.add.at(v[t], pairs[:, 0], blocks[:, :, 0] * beta[pairs[:, 1]][:, None])
+        if objective.reml:
+            k = term.n_coefs
+            rows = np.broadcast_to((q + pairs[:, 1])[:, None], (len(pairs), k))
+            cols = offsets[t] + pairs[:, 0][:, None] * k + np.arange(k)[None, :]
+            inverse = selected.entries(rows.ravel(), cols.ravel()).reshape(len(pairs), k)
+            traces[t] += np.einsum("pa,pb->ab", blocks[:, :, 0], inverse)
+    gradient = []
+    prss = evaluation.penalized_rss
+    for t, term in enumerate(design.terms):
+        residual_part = 2.0 * np.einsum("la,lb->ab", v[t] - xp.zy[t], spherical[t])
+        full = 2.0 * traces[t] + objective.dof * residual_part / prss
+        rows, cols = np.tril_indices(term.n_coefs)
+        order = np.lexsort((rows, cols))
+        gradient.append(full[rows[order], cols[order]])
+    return evaluation.objective, np.concatenate(gradient)

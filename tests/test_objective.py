@@ -1,0 +1,52 @@
+"""The objective, its analytic gradient and the optimisers that use them."""
+import numpy as np
+import pytest
+
+import henderson as hd
+from henderson.mme import MixedModelEquations
+from henderson.objective import Objective, objective_gradient
+from conftest import CASES, load_case
+
+MODELS = [
+    ("Reaction ~ Days + (Days | Subject)", "sleepstudy", None),
+    ("diameter ~ 1 + (1|plate) + (1|sample)", "penicillin", None),
+    ("Reaction ~ Days + (Days || Subject)", "sleepstudy_weighted", "w"),
+    ("strength ~ 1 + (1|batch/cask)", "pastes", None),
+]
+
+
+@pytest.mark.parametrize("formula,data,weights", MODELS)
+@pytest.mark.parametrize("reml", [True, False])
+@pytest.mark.parametrize("dense_fixed", [True, False])
+def test_gradient_matches_finite_differences(formula, data, weights, reml, dense_fixed):
+    design = hd.build_design(formula, hd.datasets.load(data), weights=weights)
+    objective = Objective(MixedModelEquations(design, dense_fixed=dense_fixed), reml)
+    rng = np.random.default_rng(5)
+    theta = design.theta_start() * rng.uniform(0.3, 1.2, design.n_theta) + 0.1
+    value, gradient = objective_gradient(objective, theta)
+    assert value == pytest.approx(objective(theta), rel=1e-12)
+    h = 1e-5
+    numeric = np.array([(objective(theta + h * e) - objective(theta - h * e)) / (2 * h)
+                        for e in np.eye(len(theta))])
+    assert np.allclose(gradient, numeric, rtol=1e-5, atol=1e-5 * np.abs(numeric).max())
+
+
+@pytest.mark.parametrize("name", [c for c in CASES if not c.startswith("insteval")])
+def test_quasi_newton_reaches_lme4_optimum(name):
+    case = load_case(name)
+    m = hd.lmm(case["formula"], hd.datasets.load(case["data"]), reml=case["REML"],
+               weights=case["weights"], optimizer="lbfgs")
+    assert m.converged
+    assert abs(m.objective - case["objective"]) < 2e-7 * abs(case["objective"])
+    assert np.allclose(m.theta, case["theta"], atol=5e-3)
+
+
+def test_profiled_sigma_is_the_minimiser_of_the_unprofiled_criterion(sleepstudy):
+    design = hd.build_design("Reaction ~ Days + (Days | Subject)", sleepstudy)
+    objective = Objective(MixedModelEquations(design), reml=True)
+    theta = np.array([0.9, 0.02, 0.2])
+    evaluation = objective.evaluate(theta)
+    sigma2 = objective.sigma(evaluation) ** 2
+    assert objective.at_sigma(evaluation, sigma2) == pytest.approx(evaluation.objective, rel=1e-12)
+    for factor in (0.9, 1.1):
+        assert objective.at_sigma(evaluation, sigma2 * factor) > evaluation.objective
