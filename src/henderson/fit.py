@@ -160,7 +160,7 @@ def theta_from_variances(design: Design, variances: dict) -> tuple[np.ndarray, f
 def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
                ordering: str = "auto", start: np.ndarray | None = None,
                verbose: bool | int = False, method: str = "mme",
-               fixed_variances: dict | None = None):
+               fixed_variances: dict | None = None, strategy: str = "auto"):
     """Fit a model whose :class:`Design` is already built (lme4's modular route).
 
     ``fixed_variances`` (grouping factor or VarCorr name -> variance, or k x k
@@ -178,7 +178,14 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
 
     timings = {}
     t0 = time.perf_counter()
-    mme = MixedModelEquations(design, ordering=ordering)
+    from .schur import BlockEliminationEquations, schur_applies
+
+    if strategy not in ("auto", "schur", "cholmod"):
+        raise ValueError("strategy must be 'auto', 'schur' or 'cholmod'")
+    if strategy == "schur" or (strategy == "auto" and schur_applies(design)):
+        mme = BlockEliminationEquations(design)
+    else:
+        mme = MixedModelEquations(design, ordering=ordering)
     timings["mme_setup"] = time.perf_counter() - t0
     objective = Objective(mme, reml=reml)
     if fixed_variances is not None:
@@ -237,7 +244,7 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
         optimizer: str = "auto", ordering: str = "auto",
         verbose: bool | int = False, method: str = "mme",
         relationships: dict | None = None, sparse_fixed: bool | str = "auto",
-        fixed_variances: dict | None = None):
+        fixed_variances: dict | None = None, strategy: str = "auto"):
     """Fit a linear mixed model with lme4's formula syntax.
 
     Parameters
@@ -275,6 +282,12 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
     fixed_variances : dict, optional
         Known variances, e.g. ``{"animal": 20.0, "residual": 40.0}``: no estimation,
         the MME are solved once (BLUP, PEVs and reliabilities at those variances).
+    strategy : {"auto", "schur", "cholmod"}
+        How C is factored: ``"schur"`` eliminates the largest grouping factor's
+        block-diagonal part and factors the small dense rest (crossed designs);
+        ``"cholmod"`` a sparse Cholesky of C. ``"auto"`` takes the block elimination
+        when the first term has identity covariance, X is small and dense, and the rest
+        has at most 3,000 rows.
 
     Returns
     -------
@@ -294,7 +307,8 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
                           relationships=relationships, sparse_fixed=sparse_fixed)
     design_seconds = time.perf_counter() - t0
     model = fit_design(design, reml=reml, optimizer=optimizer, ordering=ordering,
-                       verbose=verbose, method=method, fixed_variances=fixed_variances)
+                       verbose=verbose, method=method, fixed_variances=fixed_variances,
+                       strategy=strategy)
     model.timings["design"] = design_seconds
     model.timings["total"] = time.perf_counter() - t0
     return model

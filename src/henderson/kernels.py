@@ -304,14 +304,20 @@ def selected_inverse_supernodal(indptr, indices, values):
                 c = R[b]
                 q = indptr[c]
                 qstop = indptr[c + 1]
+                contiguous = indices[qstop - 1] - indices[q] == qstop - 1 - q
                 for a in range(b, r):
                     target = R[a]
-                    while q < qstop and indices[q] < target:
-                        q += 1
-                    if q == qstop or indices[q] != target:
+                    # columns of dense trailing blocks are long: jump, don't walk
+                    if contiguous:
+                        pos = q + target - indices[q]
+                    else:
+                        pos = _find_row(indices, q, qstop, target)
+                    if pos < 0 or pos >= qstop or indices[pos] != target:
                         raise ValueError("selected_inverse: L's pattern is not closed under fill")
-                    Z_RR[a, b] = inv[q]
-                    Z_RR[b, a] = inv[q]
+                    Z_RR[a, b] = inv[pos]
+                    Z_RR[b, a] = inv[pos]
+                    if not contiguous:
+                        q = pos + 1
             Z_RJ = -(Z_RR @ Y)
             Z_JJ -= Y.T @ Z_RJ
             for c in range(s):

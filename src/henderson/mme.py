@@ -351,7 +351,7 @@ class MixedModelEquations:
     DENSE_FIXED_LIMIT = 64
 
     def __init__(self, design: Design, ordering: str = "auto", mode: str = "auto",
-                 dense_fixed: bool | None = None):
+                 dense_fixed: bool | None = None, symbolic: bool = True):
         start = time.perf_counter()
         self.design = design
         self.xp = CrossProducts.from_design(design)
@@ -393,6 +393,11 @@ class MixedModelEquations:
             shape=(self.size, self.size),
         )
         self._random_factor = None
+        self.timings["numeric"] = 0.0
+        self.n_factorizations = 0
+        self.theta = None
+        if not symbolic:  # a subclass factors C its own way
+            return
         if self.dense_fixed:
             self._split_pattern()
             sparse_part = self.random_matrix

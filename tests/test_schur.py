@@ -1,0 +1,66 @@
+"""The block-elimination path against the CHOLMOD path on the same equations."""
+import numpy as np
+import pytest
+
+import henderson as hd
+from henderson.mme import MixedModelEquations
+from henderson.schur import BlockEliminationEquations, schur_applies
+from henderson.simulate import crossed
+
+MODELS = [
+    ("Reaction ~ Days + (Days | Subject)", "sleepstudy", None),
+    ("diameter ~ 1 + (1|plate) + (1|sample)", "penicillin", None),
+    ("Reaction ~ Days + (Days || Subject)", "sleepstudy_weighted", "w"),
+    ("strength ~ 1 + (1|batch/cask)", "pastes", None),
+    ("height ~ moisture + (1|pot)", "plants", None),
+]
+
+
+def designs():
+    for formula, data, weights in MODELS:
+        yield hd.build_design(formula, hd.datasets.load(data), weights=weights)
+    yield hd.build_design("y ~ x + (1 + x | g1) + (1 | g2)", crossed(3000, 300, 20, seed=4))
+
+
+@pytest.mark.parametrize("design", list(designs()), ids=[m[1] for m in MODELS] + ["crossed"])
+def test_block_elimination_equals_cholmod(design):
+    assert schur_applies(design)
+    rng = np.random.default_rng(2)
+    theta = design.theta_start() * rng.uniform(0.3, 1.3, design.n_theta) + 0.05
+    a, b = BlockEliminationEquations(design), MixedModelEquations(design, ordering="amd")
+    a.factorize(theta)
+    b.factorize(theta)
+    assert a.logdet() == pytest.approx(b.logdet(), rel=1e-11)
+    assert a.logdet_random() == pytest.approx(b.logdet_random(), rel=1e-11)
+    rhs = rng.normal(size=a.size)
+    assert np.allclose(a.solve(rhs), b.solve(rhs), rtol=1e-9, atol=1e-11)
+    assert np.allclose(a.fixed_block_inverse(), b.fixed_block_inverse(), rtol=1e-9)
+    # selected inverses on the whole pattern of C
+    cols = np.repeat(np.arange(b.size), np.diff(b.indptr))
+    rows = b.indices
+    original_rows, original_cols = b.perm[rows], b.perm[cols]
+    for random_only in (False, True):
+        keep = np.ones(len(rows), bool)
+        if random_only:
+            keep = (original_rows < b.n_random) & (original_cols < b.n_random)
+        sa = a.selected_inverse(random_only).entries(original_rows[keep], original_cols[keep])
+        sb = b.selected_inverse(random_only).entries(original_rows[keep], original_cols[keep])
+        assert np.allclose(sa, sb, rtol=1e-8, atol=1e-12)
+
+
+def test_fit_strategies_agree():
+    df = hd.datasets.load("penicillin")
+    a = hd.lmm("diameter ~ 1 + (1|plate) + (1|sample)", df, strategy="schur")
+    b = hd.lmm("diameter ~ 1 + (1|plate) + (1|sample)", df, strategy="cholmod")
+    assert a.mme.ordering == "schur" and b.mme.ordering != "schur"
+    assert a.objective == pytest.approx(b.objective, rel=1e-12)
+    for g in ("plate", "sample"):
+        assert np.allclose(a.ranef_sd[g], b.ranef_sd[g], rtol=1e-5)  # θ to optimiser tolerance
+
+
+def test_schur_not_used_for_pedigrees_or_large_trailing_blocks():
+    ped = hd.Pedigree(["1", "2", "3", "4"], ["0", "0", "1", "1"], ["0", "0", "2", "2"])
+    import pandas as pd
+    data = pd.DataFrame({"animal": ["3", "4", "3", "4", "1", "2"], "y": [1., 2, 3, 4, 5, 6]})
+    d = hd.build_design("y ~ 1 + (1|animal)", data, relationships={"animal": ped})
+    assert not schur_applies(d)
