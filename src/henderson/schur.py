@@ -123,44 +123,57 @@ def _level_inverses(chol, W, b_ptr, b_rows, s_inverse, limit):
     n_levels, k, _ = chol.shape
     diag = np.zeros((n_levels, k, k))
     cross = np.zeros((len(b_rows), k))
+    widest = 0
     for lev in range(n_levels):
-        Linv = np.linalg.inv(chol[lev])
-        start, stop = b_ptr[lev], b_ptr[lev + 1]
+        widest = max(widest, b_ptr[lev + 1] - b_ptr[lev])
+    V = np.empty((widest, k))          # V_l = B_l A_l⁻¹ = W_l L_l⁻¹
+    SV = np.empty((widest, k))
+    rows = np.empty(widest, dtype=np.int64)
+    slots = np.empty(widest, dtype=np.int64)
+    Linv = np.empty((k, k))
+    for lev in range(n_levels):
+        # inverse of the k x k lower-triangular factor, by forward substitution
+        for j in range(k):
+            for i in range(k):
+                if i < j:
+                    Linv[i, j] = 0.0
+                elif i == j:
+                    Linv[i, j] = 1.0 / chol[lev, i, i]
+                else:
+                    s = 0.0
+                    for c in range(j, i):
+                        s -= chol[lev, i, c] * Linv[c, j]
+                    Linv[i, j] = s / chol[lev, i, i]
         c = 0
-        for e in range(start, stop):
+        for e in range(b_ptr[lev], b_ptr[lev + 1]):
             if b_rows[e] < limit:
-                c += 1
-        V = np.zeros((c, k))          # V_l = B_l A_l⁻¹ = W_l L_l⁻¹
-        rows = np.empty(c, dtype=np.int64)
-        idx = 0
-        for e in range(start, stop):
-            if b_rows[e] < limit:
-                rows[idx] = b_rows[e]
+                rows[c] = b_rows[e]
+                slots[c] = e
                 for a in range(k):
                     s = 0.0
                     for d in range(a, k):
                         s += W[e, d] * Linv[d, a]
-                    V[idx, a] = s
-                idx += 1
-        SV = np.zeros((c, k))
+                    V[c, a] = s
+                c += 1
         for i in range(c):
+            for a in range(k):
+                SV[i, a] = 0.0
+            row = rows[i]
             for j in range(c):
-                sij = s_inverse[rows[i], rows[j]]
+                sij = s_inverse[row, rows[j]]
                 for a in range(k):
                     SV[i, a] += sij * V[j, a]
-        Ainv = Linv.T @ Linv
         for a in range(k):
             for b in range(k):
-                s = Ainv[a, b]
+                s = 0.0
+                for d in range(max(a, b), k):   # (L⁻¹)'L⁻¹
+                    s += Linv[d, a] * Linv[d, b]
                 for i in range(c):
                     s += V[i, a] * SV[i, b]
                 diag[lev, a, b] = s
-        idx = 0
-        for e in range(start, stop):
-            if b_rows[e] < limit:
-                for a in range(k):
-                    cross[e, a] = -SV[idx, a]
-                idx += 1
+        for i in range(c):
+            for a in range(k):
+                cross[slots[i], a] = -SV[i, a]
     return diag, cross
 
 
