@@ -135,3 +135,45 @@ def test_records_for_animals_missing_from_pedigree_are_named(visible):
         hd.lmm("y ~ sex + (1 | animal)", bad, relationships={"animal": ped})
     with pytest.raises(hd.FormulaError, match="'sire'"):
         hd.lmm("y ~ sex + (1 | animal)", data, relationships={"sire": ped})
+
+
+def test_repeatability_and_maternal_terms_ai_equals_bobyqa(visible):
+    ped, _, data, _ = visible
+    data = data.copy()
+    data["pe"] = data["animal"]
+    # repeatability: animal (pedigree) + permanent environment (identity)
+    ai = hd.lmm("y ~ sex + hy + (1 | animal) + (1 | pe)", data, relationships={"animal": ped})
+    dfo = hd.lmm("y ~ sex + hy + (1 | animal) + (1 | pe)", data, relationships={"animal": ped},
+                 optimizer="bobyqa")
+    assert ai.optimizer_result.method == "ai-reml"
+    assert ai.objective == pytest.approx(dfo.objective, rel=1e-9)
+    assert list(ai.variance_components.index) == ["animal", "pe", "Residual"]
+    # maternal genetic effect on the dam, with the same pedigree
+    frame = pd.read_csv(DATA / "animal" / "animal_visible_pedigree.csv", dtype=str,
+                        keep_default_na=False).set_index("animal")
+    data["dam"] = frame.loc[data["animal"], "dam"].to_numpy()
+    maternal = data[data["dam"] != "0"]
+    ai = hd.lmm("y ~ sex + (1 | animal) + (1 | dam)", maternal,
+                relationships={"animal": ped, "dam": ped})
+    dfo = hd.lmm("y ~ sex + (1 | animal) + (1 | dam)", maternal,
+                 relationships={"animal": ped, "dam": ped}, optimizer="bobyqa")
+    assert ai.objective == pytest.approx(dfo.objective, rel=1e-9)
+    assert len(ai.breeding_values("dam")) == len(ped)
+
+
+def test_em_steps_are_taken_when_ai_steps_fail(visible, monkeypatch):
+    """Force every AI step to be rejected: EM-REML steps alone still climb."""
+    import henderson.aireml as aireml
+
+    ped, _, data, ref = visible
+    real_solve = np.linalg.solve
+    monkeypatch.setattr(aireml.np.linalg, "solve",
+                        lambda a, b: np.full_like(b, np.nan) if a.shape == (2, 2) else real_solve(a, b))
+    design = hd.build_design("y ~ sex + hy + (1 | animal)", data, relationships={"animal": ped})
+    objective = hd.Objective(hd.MixedModelEquations(design), reml=True)
+    result = aireml.optimize_ai_reml(objective, np.array([0.3]), max_iterations=5)
+    kinds = [h[1] for h in result.history]
+    values = [h[2] for h in result.history]
+    assert kinds == ["EM"] * 5
+    assert all(b <= a + 1e-9 for a, b in zip(values, values[1:]))
+    assert values[-1] < objective(np.array([0.3]))

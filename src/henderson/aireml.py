@@ -139,15 +139,20 @@ def optimize_ai_reml(objective: Objective, start: np.ndarray, verbose: bool | in
     n_levels = np.array([t.n_levels for t in info.design.terms], dtype=float)
     for iteration in range(1, max_iterations + 1):
         phi, value = state.phi, state.objective
+        # variances at the boundary (0) stay there; the step is taken in the others
+        free = phi > 0
+        step = np.zeros_like(phi)
         try:
-            step = np.linalg.solve(state.ai, state.score)
+            step[free] = np.linalg.solve(state.ai[np.ix_(free, free)], state.score[free])
         except np.linalg.LinAlgError:
-            step = np.full_like(state.score, np.nan)
+            step[:] = np.nan
         accepted = False
         scale = 1.0
         while scale > 1e-3 and np.all(np.isfinite(step)):
             candidate = phi + scale * step
-            if np.all(candidate[:-1] >= 0) and candidate[-1] > 0:
+            # a variance that would turn negative is put on the boundary instead
+            candidate[:-1] = np.maximum(candidate[:-1], 0.0)
+            if candidate[-1] > 0:
                 new_theta = np.sqrt(candidate[:-1] / candidate[-1])
                 new_value = objective(new_theta)
                 if new_value <= value + 1e-10 * abs(value):
@@ -170,7 +175,9 @@ def optimize_ai_reml(objective: Objective, start: np.ndarray, verbose: bool | in
                   f"φ={np.array2string(phi, precision=6)}  {time.perf_counter() - t0:.1f}s",
                   file=sys.stderr)
         relative_change = float(np.max(np.abs(phi - old_phi)) / np.max(np.abs(phi)))
-        decrement = float(score @ np.linalg.lstsq(ai, score, rcond=None)[0])
+        free = phi > 0
+        decrement = float(score[free] @ np.linalg.lstsq(ai[np.ix_(free, free)], score[free],
+                                                        rcond=None)[0])
         # the objective is only known to ~1e-12 relative (5e-6 absolute at 700k
         # records), so a tiny change in φ ends the iterations as well as the decrement
         small_change = abs(old_value - value) < tolerance * max(1.0, abs(value))

@@ -231,10 +231,21 @@ class LinearMixedModel:
                            if all(t.n_coefs == 1 for t in self.design.terms) else
                            [np.nan] * len(self.design.terms), self.sigma ** 2)
         se = np.full(len(values), np.nan)
-        ai = getattr(self.optimizer_result, "average_information", None)
-        if ai is not None:
-            se = np.sqrt(np.diag(np.linalg.inv(ai)))
+        covariance = self._variance_covariance()
+        if covariance is not None:
+            se = np.sqrt(np.diag(covariance))
         return pd.DataFrame({"variance": values, "std_error": se}, index=names)
+
+    def _variance_covariance(self) -> np.ndarray | None:
+        """AI⁻¹ over the variances off the boundary (0 rows/columns for those at 0)."""
+        ai = getattr(self.optimizer_result, "average_information", None)
+        if ai is None:
+            return None
+        phi = self.optimizer_result.variance_components
+        free = phi > 0
+        covariance = np.zeros_like(ai)
+        covariance[np.ix_(free, free)] = np.linalg.inv(ai[np.ix_(free, free)])
+        return covariance
 
     def heritability(self, group: str | None = None) -> tuple[float, float]:
         """``h² = σ²_group / (Σ σ²_t + σ²_e)`` and its SE (delta method on AI⁻¹)."""
@@ -248,8 +259,8 @@ class LinearMixedModel:
         h2 = values[i] / total
         gradient = -values[i] / total ** 2 * np.ones(len(values))
         gradient[i] += 1.0 / total
-        ai = getattr(self.optimizer_result, "average_information", None)
-        se = float(np.sqrt(gradient @ np.linalg.inv(ai) @ gradient)) if ai is not None else np.nan
+        covariance = self._variance_covariance()
+        se = float(np.sqrt(gradient @ covariance @ gradient)) if covariance is not None else np.nan
         return float(h2), se
 
     @property
