@@ -200,7 +200,8 @@ def write_report(rows, path: Path, quick: bool, lme4: bool) -> None:
             if tool not in row:
                 continue
             r = row[tool]
-            lines.append(f"| {row['case']} | {tool} | {cell(r, 'wall', '.1f')} | "
+            case = row["case"].replace("|", "\\|")
+            lines.append(f"| {case} | {tool} | {cell(r, 'wall', '.1f')} | "
                          f"{cell(r, 'fit', '.2f')} | {cell(r, 'peak_mb', '.0f')} | "
                          f"{cell(r, 'objective', '.4f')} |")
     lines.append("")

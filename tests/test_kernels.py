@@ -46,18 +46,18 @@ def test_crossproduct_kernels_match_dense(seed, ka, kb):
         return out
 
     Za, Zb, W = zmat(ca, za, la), zmat(cb, zb, lb), np.diag(w)
-    diag = kernels.level_crossprod(ca, za, w, la)
+    diag = kernels.grouped_crossprod(ca, za, za, w, la)
     full = Za.T @ W @ Za
     for lev in range(la):
         s = slice(lev * ka, (lev + 1) * ka)
         assert np.allclose(diag[lev], full[s, s])
     keys, pair = np.unique(ca * lb + cb, return_inverse=True)
-    blocks = kernels.pair_crossprod(pair.astype(np.int64), za, zb, w, len(keys))
+    blocks = kernels.grouped_crossprod(pair.astype(np.int64), za, zb, w, len(keys))
     cross = Za.T @ W @ Zb
     for p, key in enumerate(keys):
         i, j = divmod(key, lb)
         assert np.allclose(blocks[p], cross[i * ka:(i + 1) * ka, j * kb:(j + 1) * kb])
-    zx = kernels.level_dense_crossprod(ca, za, w, dense, la)
+    zx = kernels.grouped_crossprod(ca, za, dense, w, la)
     assert np.allclose(zx.reshape(la * ka, 3), Za.T @ W @ dense)
 
 

@@ -16,49 +16,23 @@ _NJIT = dict(nogil=True, cache=True)
 
 
 @numba.njit(**_NJIT)
-def level_crossprod(level_codes, z, weights, n_levels):
-    """``out[l] = Σ_{i: code_i = l} w_i z_i z_i'``, shape (n_levels, k, k)."""
-    n, k = z.shape
-    out = np.zeros((n_levels, k, k))
+def grouped_crossprod(group_codes, left, right, weights, n_groups):
+    """``out[g] = Σ_{i: code_i = g} w_i left_i right_i'``, shape (n_groups, k_l, k_r).
+
+    With the level codes of one term and ``left = right = z`` this is the block
+    diagonal of ``Z_t'WZ_t``; with pair codes of two terms the blocks of ``Z_t'WZ_s``;
+    with dense columns on the right, ``Z_t'W[X y]``.
+    """
+    n, kl = left.shape
+    kr = right.shape[1]
+    out = np.zeros((n_groups, kl, kr))
     for i in range(n):
-        lev = level_codes[i]
+        g = group_codes[i]
         w = weights[i]
-        for a in range(k):
-            wa = w * z[i, a]
-            for b in range(k):
-                out[lev, a, b] += wa * z[i, b]
-    return out
-
-
-@numba.njit(**_NJIT)
-def pair_crossprod(pair_codes, z_a, z_b, weights, n_pairs):
-    """``out[p] = Σ_{i: pair_i = p} w_i z_a,i z_b,i'``, shape (n_pairs, k_a, k_b)."""
-    n, ka = z_a.shape
-    kb = z_b.shape[1]
-    out = np.zeros((n_pairs, ka, kb))
-    for i in range(n):
-        p = pair_codes[i]
-        w = weights[i]
-        for a in range(ka):
-            wa = w * z_a[i, a]
-            for b in range(kb):
-                out[p, a, b] += wa * z_b[i, b]
-    return out
-
-
-@numba.njit(**_NJIT)
-def level_dense_crossprod(level_codes, z, weights, dense, n_levels):
-    """``out[l] = Σ_{i: code_i = l} w_i z_i d_i'`` for dense columns d, (n_levels, k, m)."""
-    n, k = z.shape
-    m = dense.shape[1]
-    out = np.zeros((n_levels, k, m))
-    for i in range(n):
-        lev = level_codes[i]
-        w = weights[i]
-        for a in range(k):
-            wa = w * z[i, a]
-            for c in range(m):
-                out[lev, a, c] += wa * dense[i, c]
+        for a in range(kl):
+            wa = w * left[i, a]
+            for b in range(kr):
+                out[g, a, b] += wa * right[i, b]
     return out
 
 

@@ -100,8 +100,8 @@ class CrossProducts:
             z = np.ascontiguousarray(term.z)
             codes = term.level_codes
             nl, k = term.n_levels, term.n_coefs
-            diagonal.append(kernels.level_crossprod(codes, z, w, nl))
-            zxy = kernels.level_dense_crossprod(codes, z, w, dense_columns, nl)
+            diagonal.append(kernels.grouped_crossprod(codes, z, z, w, nl))
+            zxy = kernels.grouped_crossprod(codes, z, dense_columns, w, nl)
             zy.append(np.ascontiguousarray(zxy[:, :, -1]))
             if not sparse_x:
                 pairs = np.column_stack([np.repeat(np.arange(nl), p), np.tile(np.arange(p), nl)])
@@ -115,7 +115,7 @@ class CrossProducts:
                 term_s = design.terms[s]
                 key = term_t.level_codes * term_s.n_levels + term_s.level_codes
                 pair_keys, pair_codes = np.unique(key, return_inverse=True)
-                blocks = kernels.pair_crossprod(
+                blocks = kernels.grouped_crossprod(
                     pair_codes.astype(np.int64),
                     np.ascontiguousarray(term_t.z),
                     np.ascontiguousarray(term_s.z),

@@ -432,8 +432,11 @@ class LinearMixedModel:
             lines.append(f"optimizer did not converge: {self.optimizer_result.message}")
         if timings:
             lines.append("")
-            lines.append(f"Evaluations: {self.n_evaluations}; CHOLMOD ordering: "
-                         f"{self.mme.ordering}")
+            how = ("block elimination of the largest factor (dense Schur complement)"
+                   if self.mme.ordering == "schur" else
+                   f"CHOLMOD, {self.mme.ordering} ordering")
+            method = self.optimizer_result.method if self.optimizer_result else "none (known variances)"
+            lines.append(f"Evaluations: {self.n_evaluations} ({method}); factorisation: {how}")
             lines.append("Timings (s): " + ", ".join(
                 f"{k} {v:.3f}" for k, v in self.timings.items()))
         return "\n".join(lines)

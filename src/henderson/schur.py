@@ -21,6 +21,7 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 
+from .kernels import _find_row
 from .mme import MixedModelEquations, NotPositiveDefiniteError
 
 #: the trailing dense block may have at most this many rows (8·m² bytes, m³/3 flops)
@@ -193,17 +194,10 @@ def _lookup(rows, cols, first, k, diag, cross, b_ptr, b_rows, s_inverse):
             out[t] = s_inverse[r - first, c - first]
         else:
             lev, a = c // k, c % k
-            target = r - first
-            lo, hi = b_ptr[lev], b_ptr[lev + 1]
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if b_rows[mid] < target:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            if lo == b_ptr[lev + 1] or b_rows[lo] != target:
+            pos = _find_row(b_rows, b_ptr[lev], b_ptr[lev + 1], r - first)
+            if pos < 0:
                 raise ValueError("schur lookup: entry not in the pattern")
-            out[t] = cross[lo, a]
+            out[t] = cross[pos, a]
     return out
 
 
