@@ -16,11 +16,12 @@ DEMO_MODELS = [
 ]
 
 
-def demo(out=sys.stdout) -> int:
+def demo(out=None) -> int:
     import numpy as np
 
     import henderson as hd
 
+    out = sys.stdout if out is None else out
     for name, formula, options in DEMO_MODELS:
         model = hd.lmm(formula, hd.datasets.load(name), **options)
         print(f"==== {name}: {formula}", file=out)
@@ -41,8 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="fit the bundled example data and print the summaries")
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        return demo()
+    try:
+        if args.command == "demo":
+            return demo()
+    except BrokenPipeError:  # `henderson demo | head`: the reader left, not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 2
 
 
