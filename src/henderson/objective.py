@@ -124,16 +124,17 @@ def objective_gradient(objective: Objective, theta: np.ndarray) -> tuple[float, 
         traces[t] += np.einsum("lac,cd,ldb->ab", xp.diagonal[t], lams[t], inverse)
     for (t, s), (pairs, blocks) in xp.crossed.items():
         kt, ks = design.terms[t].n_coefs, design.terms[s].n_coefs
-        np.add.at(v[t], pairs[:, 0], np.einsum("pab,pb->pa", blocks, blops := blups[s][pairs[:, 1]]))
+        np.add.at(v[t], pairs[:, 0], np.einsum("pab,pb->pa", blocks, blups[s][pairs[:, 1]]))
         np.add.at(v[s], pairs[:, 1], np.einsum("pab,pa->pb", blocks, blups[t][pairs[:, 0]]))
         rows = offsets[s] + pairs[:, 1][:, None, None] * ks + np.arange(ks)[None, :, None]
         cols = offsets[t] + pairs[:, 0][:, None, None] * kt + np.arange(kt)[None, None, :]
         shape = (len(pairs), ks, kt)
         inverse = selected.entries(np.broadcast_to(rows, shape).ravel(),
                                    np.broadcast_to(cols, shape).ravel()).reshape(shape)
-        traces[t] += np.einsum("pac,cd,pdb->ab", blocks, lams[s], inverse)
-        traces[s] += np.einsum("pca,cd,pbd->ab", blocks, lams[t], inverse)
-        del blops
+        # Σ_p B_p Λ_s Q_p and Σ_p B_p' Λ_t Q_p': contract over the pairs first (BLAS)
+        paired = np.tensordot(blocks, inverse, axes=([0], [0]))   # (a, c, d, b) = Σ_p B[a,c] Q[d,b]
+        traces[t] += np.einsum("acdb,cd->ab", paired, lams[s])
+        traces[s] += np.einsum("cabd,cd->ab", paired, lams[t])
     for t, term in enumerate(design.terms):
         pairs, blocks = xp.zx[t]
         if not len(pairs):
