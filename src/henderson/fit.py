@@ -114,8 +114,22 @@ def optimize_lbfgs(objective: Objective, start: np.ndarray, lower: np.ndarray,
         return value, gradient
 
     bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower]
+    options = {"ftol": 1e-13, "gtol": 1e-6, "maxiter": 1000}
     result = minimize(value_and_gradient, start, jac=True, method="L-BFGS-B", bounds=bounds,
-                      options={"ftol": 1e-13, "gtol": 1e-6, "maxiter": 1000})
+                      options=options)
+    # θ_i = 0 is a stationary point of the profiled objective (it is even in the
+    # diagonal of a one-coefficient term), so a projected step onto the bound can stop
+    # there at a saddle: probe inside the bound and restart when that is lower
+    for _ in range(3):
+        at_zero = np.flatnonzero(np.isfinite(lower) & (result.x <= lower + 1e-10))
+        if not len(at_zero):
+            break
+        probe = result.x.copy()
+        probe[at_zero] = 0.1
+        if objective(probe) >= result.fun:
+            break
+        result = minimize(value_and_gradient, probe, jac=True, method="L-BFGS-B",
+                          bounds=bounds, options=options)
     # a line search that fails at the noise floor of the objective (~1e-13 relative) is
     # convergence when the projected gradient is negligible
     at_bound = np.isfinite(lower) & (result.x <= lower) & (result.jac > 0)
