@@ -12,6 +12,7 @@ from .errors import (ConvergenceWarning, DataError, FormulaError, HendersonError
 from .fit import fit_design, lmm
 from .formula import parse_formula
 from .genomic import RelationshipMatrix, grm
+from .inference import anova
 from .pedigree import Pedigree
 from .mme import MixedModelEquations
 from .objective import Objective
@@ -20,7 +21,7 @@ from .results import LinearMixedModel
 __version__ = "0.1.0"
 
 __all__ = [
-    "lmm", "fit_design", "Pedigree", "RelationshipMatrix", "grm", "build_design", "parse_formula", "datasets", "Design",
+    "lmm", "fit_design", "anova", "Pedigree", "RelationshipMatrix", "grm", "build_design", "parse_formula", "datasets", "Design",
     "RandomTerm", "MixedModelEquations", "Objective", "LinearMixedModel",
     "FormulaError", "DataError", "PedigreeError", "HendersonError",
     "ConvergenceWarning", "RankDeficiencyWarning",

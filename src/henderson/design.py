@@ -66,6 +66,8 @@ class RandomTerm:
     level_precision: sp.csc_matrix | None = None
     logdet_level_covariance: float = 0.0
     level_variance: np.ndarray | None = None  # diag(K) when known (1 + F for a pedigree)
+    z_spec: object = None                      # formulaic ModelSpec of the term's covariates
+    factors: tuple = ()                        # data columns forming the grouping factor
 
     @property
     def n_levels(self) -> int:
@@ -131,6 +133,7 @@ class Design:
     dropped_fixed: list[str] = field(default_factory=list)
     response_name: str = "y"
     row_index: pd.Index | None = None
+    fixed_spec: object = None                  # formulaic ModelSpec of the fixed part
 
     @property
     def n_obs(self) -> int:
@@ -215,8 +218,8 @@ def _model_matrix(spec: str, data: pd.DataFrame, sparse: bool = False):
         raise FormulaError(f"cannot build model matrix for {spec!r}: {exc}") from exc
     names = [lme4_column_name(c) for c in matrix.model_spec.column_names]
     if sparse:
-        return sp.csc_matrix(matrix, dtype=np.float64), names
-    return np.asarray(matrix, dtype=np.float64), names
+        return sp.csc_matrix(matrix, dtype=np.float64), names, matrix.model_spec
+    return np.asarray(matrix, dtype=np.float64), names, matrix.model_spec
 
 
 def _required_columns(formula: ParsedFormula) -> list[str]:
@@ -382,10 +385,10 @@ def build_design(
     n = len(y)
 
     if _wants_sparse_fixed(parsed, frame, sparse_fixed):
-        X, fixed_names = _model_matrix(parsed.fixed, frame, sparse=True)
+        X, fixed_names, fixed_spec = _model_matrix(parsed.fixed, frame, sparse=True)
         dropped = []
     else:
-        X, fixed_names = _model_matrix(parsed.fixed, frame)
+        X, fixed_names, fixed_spec = _model_matrix(parsed.fixed, frame)
         X, fixed_names, dropped = _drop_aliased(X, fixed_names)
     relationships = dict(relationships or {})
     unknown = [g for g in relationships if g not in {b.group for b in parsed.bars}]
@@ -395,7 +398,7 @@ def build_design(
 
     terms: list[RandomTerm] = []
     for bar in parsed.bars:
-        z, coef_names = _model_matrix(bar.lhs, frame)
+        z, coef_names, z_spec = _model_matrix(bar.lhs, frame)
         if z.shape[1] == 0:
             raise FormulaError(f"random term ({bar.lhs} | {bar.group}) has no columns")
         if bar.group in relationships:
@@ -412,10 +415,12 @@ def build_design(
             terms.append(RandomTerm(bar.group, codes, pd.Index(known.labels, name=bar.group),
                                     z, coef_names, level_precision=known.precision(),
                                     logdet_level_covariance=known.logdet(),
-                                    level_variance=known.diagonal()))
+                                    level_variance=known.diagonal(), z_spec=z_spec,
+                                    factors=bar.factors))
             continue
         codes, levels = _grouping_factor(frame, bar)
-        term = RandomTerm(bar.group, codes, levels, z, coef_names)
+        term = RandomTerm(bar.group, codes, levels, z, coef_names, z_spec=z_spec,
+                          factors=bar.factors)
         if term.n_levels < 2:
             raise DataError(
                 f"grouping factor {bar.group!r} has a single level "
@@ -445,4 +450,5 @@ def build_design(
         dropped_fixed=dropped,
         response_name=parsed.response,
         row_index=frame.index,
+        fixed_spec=fixed_spec,
     )

@@ -325,4 +325,9 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
                        strategy=strategy)
     model.timings["design"] = design_seconds
     model.timings["total"] = time.perf_counter() - t0
+    model.call = dict(formula=formula, data=data, reml=reml, weights=weights,
+                      missing=missing, optimizer=optimizer, ordering=ordering,
+                      method=method, relationships=relationships,
+                      sparse_fixed=sparse_fixed, fixed_variances=fixed_variances,
+                      strategy=strategy)
     return model

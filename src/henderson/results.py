@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .design import Design
+from .design import Design, lme4_column_name
 from .mme import MixedModelEquations
 from .objective import Objective
 
@@ -316,6 +316,66 @@ class LinearMixedModel:
     def residuals(self) -> pd.Series:
         return pd.Series(self.design.y - self.fitted.to_numpy(),
                          index=self.design.row_index, name="residuals")
+
+    def refit(self, **changes) -> "LinearMixedModel":
+        """Fit the same model again with some arguments of :func:`henderson.lmm`
+        changed, e.g. ``m.refit(reml=False)``."""
+        from .fit import lmm
+
+        call = getattr(self, "call", None)
+        if call is None:
+            raise ValueError("this model was not fitted by hd.lmm(); refit needs its call")
+        return lmm(**{**call, **changes})
+
+    def predict(self, newdata: pd.DataFrame, re: bool = True) -> np.ndarray:
+        """Predictions ``X β̂ (+ Z b̂)`` for new rows.
+
+        Parameters
+        ----------
+        newdata : DataFrame
+            Needs the columns of the fixed part (and, with ``re=True``, of the random
+            terms and grouping factors); a missing column is a ``FormulaError``.
+        re : bool
+            Add the BLUPs. A level not seen in the fit contributes 0: the population
+            prediction, as lme4's ``allow.new.levels=TRUE``.
+
+        Examples
+        --------
+        >>> import henderson as hd, pandas as pd
+        >>> m = hd.lmm("Reaction ~ Days + (Days | Subject)", hd.datasets.load("sleepstudy"))
+        >>> new = pd.DataFrame({"Days": [0, 10], "Subject": ["308", "999"]})
+        >>> m.predict(new).round(2).tolist()
+        [253.66, 356.08]
+        """
+        from .errors import DataError, FormulaError
+
+        design = self.design
+        needed = set(design.fixed_spec.required_variables)
+        if re:
+            for term in design.terms:
+                needed |= set(term.z_spec.required_variables) | set(term.factors)
+        absent = sorted(c for c in needed if c not in newdata.columns)
+        if absent:
+            raise FormulaError(f"newdata lacks column(s) {', '.join(map(repr, absent))}")
+        try:
+            X = design.fixed_spec.get_model_matrix(newdata, na_action="raise")
+        except Exception as exc:
+            raise DataError(f"cannot build the fixed effects for newdata: {exc}") from exc
+        names = [lme4_column_name(c) for c in X.columns] if hasattr(X, "columns") else None
+        X = pd.DataFrame(np.asarray(X.todense() if hasattr(X, "todense") else X),
+                         columns=names)[design.fixed_names].to_numpy(dtype=float)
+        prediction = X @ self.fixef.to_numpy()
+        if not re:
+            return prediction
+        offsets = design.column_offsets()
+        for t, term in enumerate(design.terms):
+            z = np.asarray(term.z_spec.get_model_matrix(newdata, na_action="raise"), dtype=float)
+            labels = newdata[list(term.factors)].astype(str).agg(":".join, axis=1)
+            codes = pd.Index(term.levels.astype(str)).get_indexer(labels)
+            b = self._b[offsets[t]:offsets[t + 1]].reshape(term.n_levels, term.n_coefs)
+            known = codes >= 0
+            prediction[known] += np.einsum("ik,ik->i", z[known], b[codes[known]])
+        return prediction
 
     # ------------------------------------------------------------ matrices of the model
     @property

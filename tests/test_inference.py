@@ -1,0 +1,39 @@
+"""Likelihood-ratio tests and predictions against lme4 (tests/data/inference)."""
+import numpy as np
+import pandas as pd
+import pytest
+
+import henderson as hd
+from conftest import load_json
+
+REF = load_json("inference", "lme4_inference.json")
+
+
+def test_lrt_matches_lme4_anova(sleepstudy):
+    ref = REF["sleepstudy_lrt"]
+    m0 = hd.lmm(ref["m0"], sleepstudy)
+    m1 = hd.lmm(ref["m1"], sleepstudy)
+    table = hd.anova(m1, m0)  # order of arguments does not matter
+    assert np.allclose(table["deviance"], ref["deviance"], rtol=1e-6)
+    assert np.allclose(table["AIC"], ref["AIC"], rtol=1e-6)
+    assert np.allclose(table["BIC"], ref["BIC"], rtol=1e-6)
+    assert table["Chisq"].iloc[1] == pytest.approx(ref["chisq"], rel=1e-6)
+    assert table["Df"].iloc[1] == ref["df"]
+    assert table["Pr(>Chisq)"].iloc[1] == pytest.approx(ref["p"], rel=1e-6)
+
+
+def test_predictions_with_and_without_random_effects(sleepstudy):
+    ref = REF["sleepstudy_predict"]
+    m = hd.lmm("Reaction ~ Days + (Days | Subject)", sleepstudy)
+    new = pd.DataFrame(ref["newdata"])
+    assert np.allclose(m.predict(new), ref["with_random"], rtol=1e-6)
+    assert np.allclose(m.predict(new, re=False), ref["population"], rtol=1e-6)
+
+
+def test_predict_errors(sleepstudy):
+    m = hd.lmm("Reaction ~ Days + (Days | Subject)", sleepstudy)
+    with pytest.raises(hd.FormulaError, match="'Days'"):
+        m.predict(pd.DataFrame({"Subject": ["308"]}))
+    with pytest.raises(hd.FormulaError, match="'Subject'"):
+        m.predict(pd.DataFrame({"Days": [1.0]}))
+    assert m.predict(pd.DataFrame({"Days": [1.0]}), re=False).shape == (1,)
