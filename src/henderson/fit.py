@@ -57,7 +57,12 @@ class _Progress:
 def optimize_bobyqa(objective: Objective, start: np.ndarray, lower: np.ndarray,
                     verbose: bool | int = False, max_evaluations: int = 100_000,
                     tolerance: float = 1e-10) -> OptimizerResult:
-    """Powell's BOBYQA (nlopt), lme4's default optimiser for ``lmer``."""
+    """Powell's BOBYQA (nlopt), lme4's default optimiser for ``lmer``.
+
+    Stops at ``ftol_abs = xtol_abs = 1e-10``, tighter than lme4's 1e-8: that costs
+    25-35% more evaluations (InstEval 70 vs 52) but pins down flat directions (the
+    near-zero intercept-slope covariance of weighted sleepstudy moves by 1% between
+    the two), which the agreement with lme4's printed variance components needs."""
     import nlopt
 
     func = _Progress(objective, verbose) if verbose else objective
