@@ -37,3 +37,25 @@ def test_predict_errors(sleepstudy):
     with pytest.raises(hd.FormulaError, match="'Subject'"):
         m.predict(pd.DataFrame({"Days": [1.0]}))
     assert m.predict(pd.DataFrame({"Days": [1.0]}), re=False).shape == (1,)
+
+
+@pytest.mark.parametrize("name", [n for n in __import__("conftest").CASES
+                                  if "satterthwaite_df" in __import__("conftest").load_case(n)["fixef"]])
+def test_satterthwaite_df_match_lmertest(name):
+    from conftest import load_case
+
+    case = load_case(name)
+    m = hd.lmm(case["formula"], hd.datasets.load(case["data"]), reml=case["REML"],
+               weights=case["weights"])
+    table = m.coef_table
+    ref = np.array(case["fixef"]["satterthwaite_df"])
+    assert list(table.index) == case["fixef"]["names"]
+    assert np.all(np.abs(table["df"].to_numpy() - ref) / ref < 1e-3)
+    assert np.allclose(table["Std. Error"], case["fixef"]["std_error"], rtol=2e-3)
+
+
+def test_satterthwaite_t_and_p_for_sleepstudy(sleepstudy):
+    ref = REF["sleepstudy_satterthwaite"]
+    table = hd.lmm("Reaction ~ Days + (Days | Subject)", sleepstudy).coef_table
+    assert np.allclose(table["t value"], ref["t"], rtol=1e-4)
+    assert np.allclose(table["Pr(>|t|)"], ref["p"], rtol=1e-2)

@@ -87,6 +87,7 @@ class LinearMixedModel:
             self.sigma = objective.sigma(evaluation)
         self.n_evaluations = objective.n_evaluations
         self._evaluation = evaluation
+        self._objective_stage = objective
         self._full_selected_inverse = None
         q = design.n_random
         sigma2 = self.sigma ** 2
@@ -432,6 +433,15 @@ class LinearMixedModel:
         return blocks
 
     # ------------------------------------------------------------ printing
+    @property
+    def coef_table(self) -> pd.DataFrame:
+        """Fixed effects with Satterthwaite df and p-values, as lmerTest's summary."""
+        from .inference import satterthwaite
+
+        if self.known_variances:
+            raise ValueError("no degrees of freedom with known variances")
+        return satterthwaite(self)
+
     def coefficient_table(self) -> pd.DataFrame:
         se = np.sqrt(np.diag(self.vcov.to_numpy()))
         return pd.DataFrame({"Estimate": self.fixef.to_numpy(), "Std. Error": se,
@@ -480,8 +490,15 @@ class LinearMixedModel:
         lines.append(f"Number of obs: {self.nobs}, groups:  "
                      + "; ".join(f"{g}, {n}" for g, n in groups))
         lines.append("")
-        lines.append("Fixed effects:")
-        lines.append(self.coefficient_table().to_string(float_format=lambda v: f"{v:.4g}"))
+        cheap = (not self.known_variances and self.design.n_fixed <= 50
+                 and self.design.n_random <= 100_000)
+        if cheap:
+            lines.append("Fixed effects (Satterthwaite df, as lmerTest):")
+            table = self.coef_table
+        else:
+            lines.append("Fixed effects:")
+            table = self.coefficient_table()
+        lines.append(table.to_string(float_format=lambda v: f"{v:.4g}"))
         if self.design.dropped_fixed:
             lines.append("fixed-effect columns dropped (rank deficient): "
                          + ", ".join(self.design.dropped_fixed))
