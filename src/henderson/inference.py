@@ -82,6 +82,34 @@ def _hessian(func, x, step):
     return hessian
 
 
+def _satterthwaite_pieces(model):
+    """``V = vcov(β̂)``, its Jacobian in ``varpar = (θ, σ)`` and ``A = 2 H⁻¹`` (cached)."""
+    cached = getattr(model, "_satterthwaite_cache", None)
+    if cached is not None:
+        return cached
+    deviance, vcov = _varpar_functions(model)
+    varpar = np.append(model.theta, model.sigma)
+    # steps well above the objective's rounding (~1e-12 relative), then one Richardson
+    # extrapolation (as numDeriv, which lmerTest uses) to cancel the O(h²) error
+    step = 1e-3 * np.maximum(np.abs(varpar), 0.1)
+    hessian = (4 * _hessian(deviance, varpar, step / 2) - _hessian(deviance, varpar, step)) / 3
+    try:
+        A = 2.0 * np.linalg.inv(hessian)
+    except np.linalg.LinAlgError:
+        A = 2.0 * np.linalg.pinv(hessian)
+    V = vcov(varpar)
+    jacobian = []
+    for i in range(len(varpar)):
+        e = np.zeros(len(varpar))
+        e[i] = step[i]
+        coarse = (vcov(varpar + e) - vcov(varpar - e)) / (2 * step[i])
+        fine = (vcov(varpar + e / 2) - vcov(varpar - e / 2)) / step[i]
+        jacobian.append((4 * fine - coarse) / 3)
+    model._objective_stage.evaluate(model.theta)  # leave the factor at the optimum
+    model._satterthwaite_cache = (V, np.array(jacobian), A)
+    return model._satterthwaite_cache
+
+
 def satterthwaite(model, contrasts: np.ndarray | None = None) -> pd.DataFrame:
     """Satterthwaite degrees of freedom for fixed effects (or contrasts), as lmerTest.
 
@@ -94,27 +122,9 @@ def satterthwaite(model, contrasts: np.ndarray | None = None) -> pd.DataFrame:
     DataFrame with ``Estimate, Std. Error, df, t value, Pr(>|t|)`` per row of the
     contrasts (default: each fixed effect).
     """
-    deviance, vcov = _varpar_functions(model)
-    varpar = np.append(model.theta, model.sigma)
-    # steps well above the objective's rounding (~1e-12 relative), then one Richardson
-    # extrapolation (as numDeriv, which lmerTest uses) to cancel the O(h²) error
-    step = 1e-3 * np.maximum(np.abs(varpar), 0.1)
-    hessian = (4 * _hessian(deviance, varpar, step / 2) - _hessian(deviance, varpar, step)) / 3
-    try:
-        A = 2.0 * np.linalg.inv(hessian)
-    except np.linalg.LinAlgError:
-        A = 2.0 * np.linalg.pinv(hessian)
+    V, jacobian, A = _satterthwaite_pieces(model)
     p = model.design.n_fixed
     L = np.eye(p) if contrasts is None else np.atleast_2d(np.asarray(contrasts, dtype=float))
-    V = vcov(varpar)
-    jacobian = []
-    for i in range(len(varpar)):
-        e = np.zeros(len(varpar))
-        e[i] = step[i]
-        coarse = (vcov(varpar + e) - vcov(varpar - e)) / (2 * step[i])
-        fine = (vcov(varpar + e / 2) - vcov(varpar - e / 2)) / step[i]
-        jacobian.append((4 * fine - coarse) / 3)
-    model._objective_stage.evaluate(model.theta)  # leave the factor at the optimum
     estimates = L @ model.fixef.to_numpy()
     variances = np.einsum("ij,jk,ik->i", L, V, L)
     gradients = np.array([np.einsum("ij,jk,ik->i", L, J, L) for J in jacobian]).T
@@ -124,3 +134,43 @@ def satterthwaite(model, contrasts: np.ndarray | None = None) -> pd.DataFrame:
     index = model.design.fixed_names if contrasts is None else [f"L{i}" for i in range(len(L))]
     return pd.DataFrame({"Estimate": estimates, "Std. Error": se, "df": df, "t value": t,
                          "Pr(>|t|)": 2 * stats.t.sf(np.abs(t), df)}, index=index)
+
+
+def _f_denominator_df(nu: np.ndarray, tol: float = 1e-8) -> float:
+    """lmerTest's ``get_Fstat_ddf``: combine the df of q independent t statistics."""
+    if len(nu) == 1:
+        return float(nu[0])
+    if np.all(np.abs(np.diff(nu)) < tol):
+        return float(np.mean(nu))
+    if np.any(nu <= 2):
+        return 2.0
+    E = float(np.sum(nu / (nu - 2)))
+    return 2 * E / (E - len(nu))
+
+
+def f_test(model, contrasts) -> pd.Series:
+    """F test of ``L β = 0`` with Satterthwaite denominator df (lmerTest's ``contestMD``).
+
+    ``L V L'`` is diagonalised; each eigen-direction gives a t statistic with its own
+    Satterthwaite df, and the F statistic's denominator df combines them.
+
+    Returns
+    -------
+    Series with ``Sum Sq, Mean Sq, NumDF, DenDF, F value, Pr(>F)``.
+    """
+    V, jacobian, A = _satterthwaite_pieces(model)
+    L = np.atleast_2d(np.asarray(contrasts, dtype=float))
+    beta = model.fixef.to_numpy()
+    eigenvalues, vectors = np.linalg.eigh(L @ V @ L.T)
+    keep = eigenvalues > 1e-8 * max(eigenvalues.max(), 1e-300)
+    d, P = eigenvalues[keep][::-1], vectors[:, keep][:, ::-1]
+    q = len(d)
+    PtL = P.T @ L
+    t2 = (PtL @ beta) ** 2 / d
+    F = float(t2.sum() / q)
+    gradients = np.array([[row @ J @ row for J in jacobian] for row in PtL])
+    nu = 2 * d ** 2 / np.einsum("ij,jk,ik->i", gradients, A, gradients)
+    ddf = _f_denominator_df(nu)
+    sigma2 = model.sigma ** 2
+    return pd.Series({"Sum Sq": F * q * sigma2, "Mean Sq": F * sigma2, "NumDF": q,
+                      "DenDF": ddf, "F value": F, "Pr(>F)": float(stats.f.sf(F, q, ddf))})

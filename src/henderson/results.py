@@ -442,6 +442,13 @@ class LinearMixedModel:
             raise ValueError("no degrees of freedom with known variances")
         return satterthwaite(self)
 
+    def test(self, contrasts) -> pd.Series:
+        """F test of ``L β = 0`` with Satterthwaite denominator df, as lmerTest's
+        ``contest()``; ``contrasts`` is L (rows over the fixed effects)."""
+        from .inference import f_test
+
+        return f_test(self, contrasts)
+
     def coefficient_table(self) -> pd.DataFrame:
         se = np.sqrt(np.diag(self.vcov.to_numpy()))
         return pd.DataFrame({"Estimate": self.fixef.to_numpy(), "Std. Error": se,
