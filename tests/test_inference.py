@@ -59,3 +59,21 @@ def test_satterthwaite_t_and_p_for_sleepstudy(sleepstudy):
     table = hd.lmm("Reaction ~ Days + (Days | Subject)", sleepstudy).coef_table
     assert np.allclose(table["t value"], ref["t"], rtol=1e-4)
     assert np.allclose(table["Pr(>|t|)"], ref["p"], rtol=1e-2)
+
+
+def test_type3_anova_matches_lmertest_on_insteval():
+    ref = REF["insteval_anova_satterthwaite"]
+    m = hd.lmm(ref["formula"], hd.datasets.load("insteval"))
+    table = m.anova()
+    assert list(table.index) == ref["terms"]
+    assert np.allclose(table["F value"], ref["F"], rtol=1e-4)
+    assert np.allclose(table["NumDF"], ref["NumDF"])
+    assert np.allclose(table["DenDF"], ref["DenDF"], rtol=1e-2)
+    assert np.allclose(table["Pr(>F)"], ref["p"], rtol=1e-2)
+    # a one-row contrast: F = t² and the same df as the coefficient table
+    L = np.zeros((1, len(m.fixef)))
+    L[0, 1] = 1.0
+    one = m.test(L)
+    row = m.coef_table.iloc[1]
+    assert one["F value"] == pytest.approx(row["t value"] ** 2, rel=1e-10)
+    assert one["DenDF"] == pytest.approx(row["df"], rel=1e-10)

@@ -174,3 +174,50 @@ def f_test(model, contrasts) -> pd.Series:
     sigma2 = model.sigma ** 2
     return pd.Series({"Sum Sq": F * q * sigma2, "Mean Sq": F * sigma2, "NumDF": q,
                       "DenDF": ddf, "F value": F, "Pr(>F)": float(stats.f.sf(F, q, ddf))})
+
+
+def type3_anova(model) -> pd.DataFrame:
+    """Type III F tests of the fixed-effect terms with Satterthwaite denominators, as
+    lmerTest's ``anova(m)``.
+
+    Each term's hypothesis is "its coefficients are 0" in the sum-to-zero coding of
+    every categorical variable (where type III hypotheses are the natural ones),
+    mapped to the fitted coding through ``X_sum = X M``: ``L = (M⁻¹)_term``.
+
+    Returns
+    -------
+    DataFrame indexed by term with ``Sum Sq, Mean Sq, NumDF, DenDF, F value, Pr(>F)``.
+    """
+    import re
+
+    import formulaic
+    import scipy.sparse as sp
+
+    call = getattr(model, "call", None)
+    design = model.design
+    if call is None:
+        raise ValueError("type III tests need the model's data: fit it with hd.lmm()")
+    if sp.issparse(design.X) or design.dropped_fixed:
+        raise ValueError("type III tests need a dense, full-rank X")
+    frame = call["data"].loc[design.row_index]
+    spec = design.formula.fixed
+    for name in sorted(formulaic.Formula(spec).required_variables, key=len, reverse=True):
+        column = frame[name]
+        if (isinstance(column.dtype, pd.CategoricalDtype) or column.dtype == object
+                or pd.api.types.is_string_dtype(column)):
+            spec = re.sub(rf"(?<![\w.]){re.escape(name)}(?![\w.(])",
+                          f"C({name}, contr.sum)", spec)
+    summed = formulaic.model_matrix(spec, frame, na_action="raise")
+    X_sum = np.asarray(summed, dtype=float)
+    if X_sum.shape[1] != design.n_fixed:
+        raise ValueError("sum-to-zero and fitted codings span different spaces")
+    M = np.linalg.lstsq(design.X, X_sum, rcond=None)[0]
+    M_inverse = np.linalg.inv(M)
+    rows = {}
+    for term, columns in summed.model_spec.term_indices.items():
+        label = str(term)
+        if label == "1":
+            continue
+        label = re.sub(r"C\((\w[\w.]*), contr\.sum\)", r"\1", label)
+        rows[label] = f_test(model, M_inverse[columns])
+    return pd.DataFrame(rows).T

@@ -442,6 +442,13 @@ class LinearMixedModel:
             raise ValueError("no degrees of freedom with known variances")
         return satterthwaite(self)
 
+    def anova(self) -> pd.DataFrame:
+        """Type III F tests of the fixed-effect terms, Satterthwaite denominators
+        (lmerTest's ``anova()``)."""
+        from .inference import type3_anova
+
+        return type3_anova(self)
+
     def test(self, contrasts) -> pd.Series:
         """F test of ``L β = 0`` with Satterthwaite denominator df, as lmerTest's
         ``contest()``; ``contrasts`` is L (rows over the fixed effects)."""
