@@ -77,3 +77,23 @@ def test_type3_anova_matches_lmertest_on_insteval():
     row = m.coef_table.iloc[1]
     assert one["F value"] == pytest.approx(row["t value"] ** 2, rel=1e-10)
     assert one["DenDF"] == pytest.approx(row["df"], rel=1e-10)
+
+
+def test_kenward_roger_matches_pbkrtest(sleepstudy):
+    ref = REF["sleepstudy_kenward_roger"]
+    m = hd.lmm("Reaction ~ Days + (Days | Subject)", sleepstudy)
+    table = m.coefficients(ddf="Kenward-Roger")
+    assert list(table.index) == ref["names"]
+    assert np.allclose(table["df"], ref["df"], rtol=1e-3)
+    assert np.allclose(table["Std. Error"], ref["se"], rtol=1e-4)
+    assert np.allclose(table["Pr(>|t|)"], ref["p"], rtol=1e-3)
+
+
+def test_kenward_roger_is_below_satterthwaite_on_an_unbalanced_crossed_design():
+    m = hd.lmm("diameter ~ 1 + (1|plate) + (1|sample)", hd.datasets.load("penicillin"))
+    kr = m.coefficients(ddf="Kenward-Roger")
+    sw = m.coef_table
+    # one intercept, two crossed factors: both approximations land near the number
+    # of samples (6) minus one, and KR's variance adjustment only inflates the SE
+    assert 4 < kr["df"].iloc[0] < 6.5 and 4 < sw["df"].iloc[0] < 6.5
+    assert kr["Std. Error"].iloc[0] >= sw["Std. Error"].iloc[0] * (1 - 1e-9)

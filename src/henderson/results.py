@@ -442,6 +442,18 @@ class LinearMixedModel:
             raise ValueError("no degrees of freedom with known variances")
         return satterthwaite(self)
 
+    def coefficients(self, ddf: str = "Satterthwaite") -> pd.DataFrame:
+        """Fixed effects with df and p-values: ``ddf="Satterthwaite"`` (lmerTest,
+        ``coef_table``) or ``"Kenward-Roger"`` (pbkrtest; adjusted SEs; dense, REML
+        fits up to 5,000 rows)."""
+        from .inference import kenward_roger
+
+        if ddf == "Satterthwaite":
+            return self.coef_table
+        if ddf in ("Kenward-Roger", "KR"):
+            return kenward_roger(self)
+        raise ValueError("ddf must be 'Satterthwaite' or 'Kenward-Roger'")
+
     def anova(self) -> pd.DataFrame:
         """Type III F tests of the fixed-effect terms, Satterthwaite denominators
         (lmerTest's ``anova()``)."""
