@@ -454,6 +454,46 @@ class LinearMixedModel:
             return kenward_roger(self)
         raise ValueError("ddf must be 'Satterthwaite' or 'Kenward-Roger'")
 
+    def simulate(self, n: int = 1, seed=None) -> np.ndarray:
+        """Responses simulated from the fitted model, shape (n_obs, n)."""
+        from .bootstrap import simulate
+
+        return simulate(self, n, seed)
+
+    def confint(self, method: str = "wald", level: float = 0.95, n_boot: int = 200,
+                seed=None) -> pd.DataFrame:
+        """Confidence intervals for lme4's ``confint`` parameters (SDs, correlations,
+        σ, fixed effects).
+
+        ``"wald"``: fixed effects only (NaN for variance parameters, as lme4);
+        ``"bootstrap"``: percentile intervals from a parametric bootstrap that reuses
+        the symbolic factorisation. Profile intervals are not implemented yet.
+        """
+        from scipy import stats
+
+        from .bootstrap import bootstrap, parameter_vector
+
+        estimates = parameter_vector(self)
+        alpha = (1 - level) / 2
+        if method == "wald":
+            lower = pd.Series(np.nan, index=estimates.index)
+            upper = lower.copy()
+            se = np.sqrt(np.diag(self.vcov.to_numpy()))
+            z = stats.norm.ppf(1 - alpha)
+            names = self.design.fixed_names
+            lower[names] = self.fixef.to_numpy() - z * se
+            upper[names] = self.fixef.to_numpy() + z * se
+        elif method == "bootstrap":
+            replicates = bootstrap(self, n_boot, seed)
+            lower = replicates.quantile(alpha)
+            upper = replicates.quantile(1 - alpha)
+        elif method == "profile":
+            raise NotImplementedError("profile-likelihood intervals are not implemented yet")
+        else:
+            raise ValueError("method must be 'wald', 'bootstrap' or 'profile'")
+        return pd.DataFrame({f"{100 * alpha:.1f} %": lower,
+                             f"{100 * (1 - alpha):.1f} %": upper})
+
     def anova(self) -> pd.DataFrame:
         """Type III F tests of the fixed-effect terms, Satterthwaite denominators
         (lmerTest's ``anova()``)."""
