@@ -47,5 +47,13 @@ def test_bootstrap_intervals_cover_the_estimates_and_resemble_profile_ones(model
     wald = model.confint("wald")
     se = np.sqrt(np.diag(model.vcov))
     assert np.allclose(wald.loc[["(Intercept)", "Days"]].iloc[:, 1] - model.fixef, 1.959964 * se)
-    with pytest.raises(NotImplementedError):
-        model.confint("profile")
+    with pytest.raises(ValueError):
+        model.confint("likelihood")
+
+
+def test_profile_intervals_match_lme4(model):
+    ref = load_json("inference", "lme4_inference.json")["sleepstudy_profile_ci"]
+    ci = model.confint("profile")
+    assert list(ci.index) == ref["params"]
+    assert np.allclose(ci.iloc[:, 0], ref["lower"], rtol=1e-3)
+    assert np.allclose(ci.iloc[:, 1], ref["upper"], rtol=1e-3)

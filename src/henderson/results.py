@@ -465,9 +465,10 @@ class LinearMixedModel:
         """Confidence intervals for lme4's ``confint`` parameters (SDs, correlations,
         σ, fixed effects).
 
+        ``"profile"``: profile-likelihood intervals on the ML deviance, as lme4;
         ``"wald"``: fixed effects only (NaN for variance parameters, as lme4);
         ``"bootstrap"``: percentile intervals from a parametric bootstrap that reuses
-        the symbolic factorisation. Profile intervals are not implemented yet.
+        the symbolic factorisation.
         """
         from scipy import stats
 
@@ -488,7 +489,9 @@ class LinearMixedModel:
             lower = replicates.quantile(alpha)
             upper = replicates.quantile(1 - alpha)
         elif method == "profile":
-            raise NotImplementedError("profile-likelihood intervals are not implemented yet")
+            from .profile import profile_confint
+
+            return profile_confint(self, level)
         else:
             raise ValueError("method must be 'wald', 'bootstrap' or 'profile'")
         return pd.DataFrame({f"{100 * alpha:.1f} %": lower,
