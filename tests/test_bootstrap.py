@@ -57,3 +57,17 @@ def test_profile_intervals_match_lme4(model):
     assert list(ci.index) == ref["params"]
     assert np.allclose(ci.iloc[:, 0], ref["lower"], rtol=1e-3)
     assert np.allclose(ci.iloc[:, 1], ref["upper"], rtol=1e-3)
+
+
+@pytest.mark.parametrize("strategy", ["schur", "cholmod"])
+def test_parallel_bootstrap_equals_sequential(strategy):
+    from henderson.bootstrap import bootstrap
+
+    model = hd.lmm("diameter ~ 1 + (1|plate) + (1|sample)", hd.datasets.load("penicillin"),
+                   strategy=strategy)
+    one = bootstrap(model, 12, seed=5, n_jobs=1)
+    two = bootstrap(model, 12, seed=5, n_jobs=2)
+    assert np.allclose(one.to_numpy(), two.to_numpy(), rtol=1e-10)
+    # the model itself is untouched by its replicates
+    assert model.objective == pytest.approx(Objective(model.mme, reml=True)(model.theta),
+                                            rel=1e-12)

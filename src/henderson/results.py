@@ -454,6 +454,20 @@ class LinearMixedModel:
             return kenward_roger(self)
         raise ValueError("ddf must be 'Satterthwaite' or 'Kenward-Roger'")
 
+    def plot_residuals(self, path=None):
+        """Residuals vs fitted and a normal QQ plot (matplotlib)."""
+        from .plots import plot_residuals
+
+        return plot_residuals(self, path)
+
+    def plot_ranef(self, group: str | None = None, path=None):
+        """Caterpillar plot of a grouping factor's BLUPs with conditional-SD bars."""
+        from .plots import plot_ranef
+
+        return plot_ranef(self, group, path=path)
+
+    plot = plot_residuals
+
     def simulate(self, n: int = 1, seed=None) -> np.ndarray:
         """Responses simulated from the fitted model, shape (n_obs, n)."""
         from .bootstrap import simulate
@@ -461,7 +475,7 @@ class LinearMixedModel:
         return simulate(self, n, seed)
 
     def confint(self, method: str = "wald", level: float = 0.95, n_boot: int = 200,
-                seed=None) -> pd.DataFrame:
+                seed=None, n_jobs: int = 1) -> pd.DataFrame:
         """Confidence intervals for lme4's ``confint`` parameters (SDs, correlations,
         σ, fixed effects).
 
@@ -485,7 +499,7 @@ class LinearMixedModel:
             lower[names] = self.fixef.to_numpy() - z * se
             upper[names] = self.fixef.to_numpy() + z * se
         elif method == "bootstrap":
-            replicates = bootstrap(self, n_boot, seed)
+            replicates = bootstrap(self, n_boot, seed, n_jobs=n_jobs)
             lower = replicates.quantile(alpha)
             upper = replicates.quantile(1 - alpha)
         elif method == "profile":

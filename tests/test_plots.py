@@ -1,0 +1,18 @@
+import numpy as np
+import pytest
+
+import henderson as hd
+
+matplotlib = pytest.importorskip("matplotlib")
+
+
+def test_caterpillar_and_residual_plots(tmp_path):
+    m = hd.lmm("Reaction ~ Days + (Days | Subject)", hd.datasets.load("sleepstudy"))
+    fig = m.plot_ranef("Subject", path=tmp_path / "cat.png")
+    assert (tmp_path / "cat.png").stat().st_size > 5000
+    ax = fig.axes[0]
+    # the plotted points are the sorted intercept BLUPs
+    xs = ax.lines[0].get_xdata() if ax.lines else ax.collections[0].get_offsets()[:, 0]
+    assert np.allclose(np.sort(m.ranef["Subject"]["(Intercept)"]), xs)
+    m.plot(path=tmp_path / "res.png")
+    assert (tmp_path / "res.png").stat().st_size > 5000
