@@ -97,3 +97,10 @@ def test_kenward_roger_is_below_satterthwaite_on_an_unbalanced_crossed_design():
     # of samples (6) minus one, and KR's variance adjustment only inflates the SE
     assert 4 < kr["df"].iloc[0] < 6.5 and 4 < sw["df"].iloc[0] < 6.5
     assert kr["Std. Error"].iloc[0] >= sw["Std. Error"].iloc[0] * (1 - 1e-9)
+
+
+def test_summary_prints_satterthwaite_or_kenward_roger(sleepstudy):
+    m = hd.lmm("Reaction ~ Days + (Days | Subject)", sleepstudy)
+    assert "Satterthwaite" in m.summary() and "Pr(>|t|)" in m.summary()
+    kr = m.summary(ddf="Kenward-Roger")
+    assert "Kenward-Roger" in kr and "17" in kr

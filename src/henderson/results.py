@@ -531,13 +531,17 @@ class LinearMixedModel:
                              "t value": self.fixef.to_numpy() / se},
                             index=self.design.fixed_names)
 
-    def summary(self, timings: bool = False) -> str:
-        """The fit as lme4's ``summary()`` prints it.
+    def summary(self, timings: bool = False, ddf: str = "Satterthwaite") -> str:
+        """The fit as lme4's ``summary()`` prints it (with lmerTest's df and p).
 
         Parameters
         ----------
         timings : bool
             Append the seconds spent in each stage and the number of evaluations.
+        ddf : {"Satterthwaite", "Kenward-Roger"}
+            Degrees of freedom of the coefficient table (Satterthwaite is printed for
+            models up to 50 fixed effects and 100,000 random effects; Kenward-Roger on
+            request, dense, up to 5,000 rows).
         """
         lines = [
             f"Linear mixed model fit by {'REML' if self.reml else 'maximum likelihood'} "
@@ -575,7 +579,10 @@ class LinearMixedModel:
         lines.append("")
         cheap = (not self.known_variances and self.design.n_fixed <= 50
                  and self.design.n_random <= 100_000)
-        if cheap:
+        if ddf in ("Kenward-Roger", "KR"):
+            lines.append("Fixed effects (Kenward-Roger df and adjusted SEs, as pbkrtest):")
+            table = self.coefficients(ddf="Kenward-Roger")
+        elif cheap:
             lines.append("Fixed effects (Satterthwaite df, as lmerTest):")
             table = self.coef_table
         else:
