@@ -23,11 +23,35 @@ def test_selected_inverse_matches_dense_inverse(seed, n, density):
     factor = cholesky(A, ordering_method="natural", mode="simplicial")
     L = factor.L().tocsc()
     L.sort_indices()
-    values = kernels.selected_inverse(L.indptr.astype(np.int64), L.indices.astype(np.int64), L.data)
+    indptr, indices = L.indptr.astype(np.int64), L.indices.astype(np.int64)
     dense_inverse = np.linalg.inv(A.toarray())
     rows = L.indices
     cols = np.repeat(np.arange(n), np.diff(L.indptr))
-    assert np.allclose(values, dense_inverse[rows, cols], rtol=1e-9, atol=1e-12)
+    for kernel in (kernels.selected_inverse, kernels.selected_inverse_supernodal):
+        values = kernel(indptr, indices, L.data)
+        assert np.allclose(values, dense_inverse[rows, cols], rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 10_000), st.integers(30, 120))
+def test_supernodal_selected_inverse_on_supernodal_factors(seed, n):
+    """CHOLMOD's supernodal factors come back with wide relaxed supernodes (explicit
+    zeros kept): the supernodal kernel must still equal the dense inverse there."""
+    from sksparse.cholmod import cholesky
+
+    rng = np.random.default_rng(seed)
+    A = random_spd_sparse(rng, n, 0.08)
+    factor = cholesky(A, ordering_method="amd", mode="supernodal")
+    L = factor.L().tocsc()  # L L' = P A P'
+    L.sort_indices()
+    perm = factor.P()
+    indptr, indices = L.indptr.astype(np.int64), L.indices.astype(np.int64)
+    starts = kernels.fundamental_supernodes(indptr, indices)
+    values = kernels.selected_inverse_supernodal(indptr, indices, L.data)
+    dense_inverse = np.linalg.inv(A.toarray()[np.ix_(perm, perm)])
+    cols = np.repeat(np.arange(n), np.diff(L.indptr))
+    assert np.allclose(values, dense_inverse[L.indices, cols], rtol=1e-9, atol=1e-12)
+    assert len(starts) - 1 < n  # some supernodes are wider than one column
 
 
 @settings(max_examples=25, deadline=None)

@@ -2,7 +2,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import henderson as hd
 from henderson import PedigreeError
 from henderson.pedigree import Pedigree, relationship_matrix_tabular
 from conftest import DATA, load_json
