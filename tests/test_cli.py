@@ -16,3 +16,65 @@ def test_demo_into_a_closed_pipe_exits_cleanly():
                           capture_output=True, text=True)
     assert proc.stdout.startswith("==== plants")
     assert "Traceback" not in proc.stderr
+
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import henderson as hd
+
+
+def test_fit_writes_results_equal_to_the_python_api(tmp_path, capsys):
+    data = hd.datasets.load("sleepstudy")
+    path = tmp_path / "sleep.csv"
+    data.to_csv(path, index=False)
+    assert main(["fit", "Reaction ~ Days + (Days | Subject)", str(path), "--out",
+                 str(tmp_path / "out"), "--quiet"]) == 0
+    assert "Satterthwaite" in capsys.readouterr().out
+    api = hd.lmm("Reaction ~ Days + (Days | Subject)", data.assign(Subject=data["Subject"].astype(int)))
+    fixef = pd.read_csv(tmp_path / "out" / "fixef.csv", index_col=0)
+    assert np.allclose(fixef["estimate"], api.fixef, rtol=1e-8)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["objective"] == pytest.approx(api.objective, rel=1e-10)
+    ranef = pd.read_csv(tmp_path / "out" / "ranef_Subject.csv", index_col=0)
+    assert np.allclose(ranef["Days"], api.ranef["Subject"]["Days"], rtol=1e-6)
+    assert "Days_cond_sd" in ranef.columns
+
+
+def test_fit_animal_model_with_pedigree_file(tmp_path):
+    hd.datasets.load("animal_pedigree").to_csv(tmp_path / "ped.csv", index=False)
+    hd.datasets.load("animal_records").to_csv(tmp_path / "rec.csv", index=False)
+    assert main(["fit", "y ~ sex + hy + (1 | animal)", str(tmp_path / "rec.csv"),
+                 "--pedigree", str(tmp_path / "ped.csv"), "--out", str(tmp_path / "o"),
+                 "--quiet"]) == 0
+    table = pd.read_csv(tmp_path / "o" / "ranef_animal.csv", index_col=0)
+    assert {"pev", "reliability"} <= set(table.columns) and len(table) == 860
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing_file", "not found"),
+    ("missing_column", "'Dayz'"),
+    ("bad_formula", "formula"),
+    ("nan_in_y", "missing or infinite"),
+    ("empty", "no rows"),
+])
+def test_fit_bad_inputs_fail_with_one_line(tmp_path, capsys, case, message):
+    data = hd.datasets.load("sleepstudy")
+    formula = "Reaction ~ Days + (1 | Subject)"
+    path = tmp_path / "d.csv"
+    if case == "missing_column":
+        formula = "Reaction ~ Dayz + (1 | Subject)"
+    if case == "bad_formula":
+        formula = "Reaction Days + (1 | Subject)"
+    if case == "nan_in_y":
+        data.loc[3, "Reaction"] = np.nan
+    if case == "empty":
+        data = data.iloc[:0]
+    if case != "missing_file":
+        data.to_csv(path, index=False)
+    assert main(["fit", formula, str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("henderson: error:") and message in err[0]

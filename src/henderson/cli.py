@@ -2,11 +2,16 @@
 
 ``henderson demo`` fits the bundled example data (the seed's plants in pots,
 sleepstudy, Penicillin's crossed design) and prints the summaries.
+``henderson fit "y ~ x + (1|g)" data.csv [--pedigree ped.csv] [--ml] [--out DIR]``
+fits a model from a CSV or Parquet file, prints the summary and writes the results
+as CSV plus a JSON summary; errors are one line on stderr with exit code 2.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+
+import numpy as np
 
 DEMO_MODELS = [
     ("plants", "height ~ moisture + (1 | pot)", {}),
@@ -36,15 +41,98 @@ def demo(out=None) -> int:
     return 0
 
 
+def _read_table(path: str):
+    import pandas as pd
+    from pathlib import Path
+
+    from .errors import DataError
+
+    file = Path(path)
+    if not file.exists():
+        raise DataError(f"data file {path!r} not found")
+    if file.suffix.lower() in (".parquet", ".pq"):
+        frame = pd.read_parquet(file)
+    else:
+        frame = pd.read_csv(file)
+    if len(frame) == 0:
+        raise DataError(f"data file {path!r} has no rows")
+    return frame
+
+
+def fit_command(args, out=None, err=None) -> int:
+    import json
+    from pathlib import Path
+
+    import henderson as hd
+
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    say = (lambda msg: None) if args.quiet else (lambda msg: print(f"[henderson] {msg}", file=err))
+    say(f"reading {args.data}")
+    data = _read_table(args.data)
+    relationships = None
+    if args.pedigree:
+        say(f"reading pedigree {args.pedigree}")
+        pedigree = hd.Pedigree.read(args.pedigree, sep=None)
+        group = args.animal or "animal"
+        relationships = {group: pedigree}
+    say(f"fitting {args.formula} to {len(data)} rows")
+    model = hd.lmm(args.formula, data, reml=not args.ml, relationships=relationships,
+                   verbose=False if args.quiet else 25)
+    print(model.summary(), file=out)
+    if args.out:
+        folder = Path(args.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        fixed = model.fixef.to_frame()
+        fixed["std_error"] = np.sqrt(np.diag(model.vcov.to_numpy()))
+        fixed.to_csv(folder / "fixef.csv", index_label="term")
+        model.varcorr.to_csv(folder / "varcorr.csv", index=False)
+        for group, values in model.ranef.items():
+            table = values.join(model.ranef_sd[group].add_suffix("_cond_sd"))
+            term = next(t for t in model.design.terms if t.group == group)
+            if term.level_precision is not None and term.n_coefs == 1:
+                bv = model.breeding_values(group)
+                table = table.join(bv[["pev", "reliability"]])
+            table.to_csv(folder / f"ranef_{group.replace(':', '_')}.csv")
+        summary = {"formula": args.formula, "reml": not args.ml, "nobs": model.nobs,
+                   "objective": model.objective, "loglik": model.loglik, "aic": model.aic,
+                   "bic": model.bic, "sigma": model.sigma, "theta": model.theta.tolist(),
+                   "fixef": model.fixef.to_dict(), "converged": model.converged,
+                   "singular": model.singular, "evaluations": model.n_evaluations}
+        (folder / "summary.json").write_text(json.dumps(summary, indent=1))
+        say(f"results written to {folder}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="henderson",
                                      description="Linear mixed models on sparse MME.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="fit the bundled example data and print the summaries")
+    fit = sub.add_parser("fit", help="fit a model to a CSV or Parquet file")
+    fit.add_argument("formula", help='lme4 formula, e.g. "y ~ x + (1 | g)"')
+    fit.add_argument("data", help="CSV or Parquet file")
+    fit.add_argument("--pedigree", help="pedigree file (animal, sire, dam) for an animal term")
+    fit.add_argument("--animal", help="grouping factor that the pedigree belongs to "
+                                       "(default: animal)")
+    fit.add_argument("--ml", action="store_true", help="maximum likelihood instead of REML")
+    fit.add_argument("--out", help="folder for CSV results and summary.json")
+    fit.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    fit.add_argument("--traceback", action="store_true", help="show tracebacks of errors")
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
             return demo()
+        if args.command == "fit":
+            from .errors import HendersonError
+
+            try:
+                return fit_command(args)
+            except (HendersonError, OSError) as exc:
+                if args.traceback:
+                    raise
+                print(f"henderson: error: {exc}", file=sys.stderr)
+                return 2
     except BrokenPipeError:  # `henderson demo | head`: the reader left, not an error
         import os
 
