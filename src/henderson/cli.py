@@ -51,7 +51,10 @@ def _read_table(path: str):
     if not file.exists():
         raise DataError(f"data file {path!r} not found")
     if file.suffix.lower() in (".parquet", ".pq"):
-        frame = pd.read_parquet(file)
+        try:
+            frame = pd.read_parquet(file)
+        except ImportError as exc:
+            raise DataError("reading Parquet needs pyarrow: pip install henderson[pipeline]") from exc
     else:
         frame = pd.read_csv(file)
     if len(frame) == 0:
