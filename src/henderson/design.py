@@ -106,6 +106,15 @@ class RandomTerm:
         lam[rows[order], cols[order]] = theta_t
         return lam
 
+    def level_block_indices(self, offset: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row and column indices in C of every level's k x k diagonal block, each of
+        shape (n_levels, k, k), for a term whose columns start at ``offset``."""
+        k = self.n_coefs
+        base = offset + np.arange(self.n_levels)[:, None, None] * k
+        shape = (self.n_levels, k, k)
+        return (np.broadcast_to(base + np.arange(k)[None, :, None], shape),
+                np.broadcast_to(base + np.arange(k)[None, None, :], shape))
+
     def z_matrix(self) -> sp.csc_matrix:
         """This term's block of Z: n x (n_levels k), column ``level*k + coef``."""
         n, k = self.z.shape

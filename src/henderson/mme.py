@@ -250,9 +250,7 @@ def _ordering_candidates(design: Design, xp: CrossProducts, ordering: str,
     offsets = design.column_offsets()
     for t, term in enumerate(design.terms):
         k = term.n_coefs
-        base = offsets[t] + np.arange(term.n_levels)[:, None, None] * k
-        builder.add(base + np.arange(k)[None, :, None] + 0 * np.arange(k)[None, None, :],
-                    base + np.arange(k)[None, None, :] + 0 * np.arange(k)[None, :, None])
+        builder.add(*term.level_block_indices(offsets[t]))
         if term.level_precision is not None:
             prec = sp.tril(term.level_precision).tocoo()
             for a in range(k):
@@ -419,11 +417,8 @@ class MixedModelEquations:
         builder = _PatternBuilder()
         diag_ids, cross_ids, zx_ids, prec_ids = [], {}, [], []
         for t, term in enumerate(design.terms):
-            k, nl = term.n_coefs, term.n_levels
-            base = offsets[t] + np.arange(nl)[:, None, None] * k
-            rows = np.broadcast_to(base + np.arange(k)[None, :, None], (nl, k, k))
-            cols = np.broadcast_to(base + np.arange(k)[None, None, :], (nl, k, k))
-            diag_ids.append(builder.add(rows, cols))
+            k = term.n_coefs
+            diag_ids.append(builder.add(*term.level_block_indices(offsets[t])))
             pairs, blocks = xp.zx[t]
             level_cols = offsets[t] + pairs[:, 0][:, None, None] * k + np.arange(k)[None, :, None]
             x_rows = q + pairs[:, 1][:, None, None] + 0 * level_cols

@@ -117,9 +117,7 @@ def objective_gradient(objective: Objective, theta: np.ndarray) -> tuple[float, 
     traces = [np.zeros((term.n_coefs, term.n_coefs)) for term in design.terms]
     for t, term in enumerate(design.terms):
         k, nl = term.n_coefs, term.n_levels
-        base = offsets[t] + np.arange(nl)[:, None, None] * k
-        rows = np.broadcast_to(base + np.arange(k)[None, :, None], (nl, k, k))
-        cols = np.broadcast_to(base + np.arange(k)[None, None, :], (nl, k, k))
+        rows, cols = term.level_block_indices(offsets[t])
         inverse = selected.entries(rows.ravel(), cols.ravel()).reshape(nl, k, k)
         traces[t] += np.einsum("lac,cd,ldb->ab", xp.diagonal[t], lams[t], inverse)
     for (t, s), (pairs, blocks) in xp.crossed.items():

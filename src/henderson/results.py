@@ -173,10 +173,8 @@ class LinearMixedModel:
         out = []
         for t, term in enumerate(design.terms):
             k, nl = term.n_coefs, term.n_levels
-            base = offsets[t] + np.arange(nl)[:, None, None] * k
-            rows = np.broadcast_to(base + np.arange(k)[None, :, None], (nl, k, k)).ravel()
-            cols = np.broadcast_to(base + np.arange(k)[None, None, :], (nl, k, k)).ravel()
-            blocks = mme.inverse_entries(selected, rows, cols).reshape(nl, k, k)
+            rows, cols = term.level_block_indices(offsets[t])
+            blocks = mme.inverse_entries(selected, rows.ravel(), cols.ravel()).reshape(nl, k, k)
             lam = self._relative_factors[t]
             out.append(self.sigma ** 2 * np.einsum("ab,lbc,dc->lad", lam, blocks, lam))
         return out
