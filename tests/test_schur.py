@@ -64,3 +64,20 @@ def test_schur_not_used_for_pedigrees_or_large_trailing_blocks():
     data = pd.DataFrame({"animal": ["3", "4", "3", "4", "1", "2"], "y": [1., 2, 3, 4, 5, 6]})
     d = hd.build_design("y ~ 1 + (1|animal)", data, relationships={"animal": ped})
     assert not schur_applies(d)
+
+
+@pytest.mark.parametrize("strategy", ["schur", "cholmod"])
+def test_failed_factorisation_does_not_leave_a_stale_theta(strategy):
+    from henderson.mme import NotPositiveDefiniteError
+
+    d = hd.build_design("diameter ~ 1 + (1|plate) + (1|sample)", hd.datasets.load("penicillin"))
+    mme = BlockEliminationEquations(d) if strategy == "schur" else MixedModelEquations(d)
+    good = np.array([1.5, 3.5])
+    mme.factorize(good)
+    before = mme.logdet()
+    try:  # block elimination raises; CHOLMOD may return a NaN factor instead
+        mme.factorize(np.array([np.nan, 1.0]))
+    except NotPositiveDefiniteError:
+        assert mme.theta is None
+    mme.factorize(good)                      # must refactor, not trust the old state
+    assert mme.logdet() == pytest.approx(before, rel=1e-12)

@@ -522,8 +522,15 @@ class MixedModelEquations:
         return np.concatenate(parts)
 
     def factorize(self, theta: np.ndarray) -> None:
-        """Refresh the numeric factor for a new θ (symbolic analysis is reused)."""
+        """Refresh the numeric factor for a new θ (symbolic analysis is reused).
+
+        A call with the θ the factor already holds does nothing: C depends on θ only,
+        and callers (AI-REML after its line search, the results after the optimiser)
+        often ask again for the point they just evaluated."""
         theta = np.asarray(theta, dtype=np.float64)
+        if self.theta is not None and np.array_equal(theta, self.theta):
+            return
+        self.theta = None  # until this factorisation succeeds
         start = time.perf_counter()
         self.fill(theta)
         try:

@@ -273,6 +273,9 @@ class BlockEliminationEquations(MixedModelEquations):
         import time
 
         theta = np.asarray(theta, dtype=np.float64)
+        if self.theta is not None and np.array_equal(theta, self.theta):
+            return  # the factor already holds this θ (see MixedModelEquations.factorize)
+        self.theta = None  # until this factorisation succeeds
         start = time.perf_counter()
         self.fill(theta)
         S, self.level_chol, self.w, self.logdet_levels = _eliminate(
