@@ -93,13 +93,7 @@ def profile_confint(model, level: float = 0.95) -> pd.DataFrame:
             return deviance_var(params)
 
         if free:
-            class _Wrap:
-                n_evaluations = 0
-
-                def __call__(self, v):
-                    return reduced(v)
-
-            result = optimize_bobyqa(_Wrap(), start_var[free], lower_var[free], tolerance=1e-10)
+            result = optimize_bobyqa(reduced, start_var[free], lower_var[free], tolerance=1e-10)
             value = result.objective
         else:
             value = reduced(np.zeros(0))
