@@ -54,6 +54,7 @@ def test_fit_animal_model_with_pedigree_file(tmp_path):
     assert {"pev", "reliability"} <= set(table.columns) and len(table) == 860
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["in-memory", "chunked"])
 @pytest.mark.parametrize("case,message", [
     ("missing_file", "not found"),
     ("missing_column", "'Dayz'"),
@@ -61,7 +62,7 @@ def test_fit_animal_model_with_pedigree_file(tmp_path):
     ("nan_in_y", "missing or infinite"),
     ("empty", "no rows"),
 ])
-def test_fit_bad_inputs_fail_with_one_line(tmp_path, capsys, case, message):
+def test_fit_bad_inputs_fail_with_one_line(tmp_path, capsys, case, message, chunked):
     data = hd.datasets.load("sleepstudy")
     formula = "Reaction ~ Days + (1 | Subject)"
     path = tmp_path / "d.csv"
@@ -75,6 +76,35 @@ def test_fit_bad_inputs_fail_with_one_line(tmp_path, capsys, case, message):
         data = data.iloc[:0]
     if case != "missing_file":
         data.to_csv(path, index=False)
-    assert main(["fit", formula, str(path), "--quiet"]) == 2
+    assert main(["fit", formula, str(path), "--quiet"] + (["--chunked"] if chunked else [])) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("henderson: error:") and message in err[0]
+
+
+def test_chunked_fit_saves_a_model_that_predicts_from_the_file(tmp_path, capsys):
+    data = hd.datasets.load("insteval").iloc[:30_000]
+    data.to_parquet(tmp_path / "ie.parquet", row_group_size=4_000)
+    formula = "y ~ service + (1 | s) + (1 | d)"
+    assert main(["fit", formula, str(tmp_path / "ie.parquet"), "--chunked", "--chunk-rows",
+                 "7000", "--out", str(tmp_path / "out"), "--save", str(tmp_path / "m.npz"),
+                 "--quiet"]) == 0
+    api = hd.lmm(formula, data)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["objective"] == pytest.approx(api.objective, rel=1e-10)
+    assert summary["nobs"] == 30_000
+    ranef = pd.read_csv(tmp_path / "out" / "ranef_d.csv", index_col=0)
+    assert np.allclose(ranef["(Intercept)_cond_sd"], api.ranef_sd["d"]["(Intercept)"], rtol=1e-4)
+    new = data.iloc[:50]
+    new.to_csv(tmp_path / "new.csv", index=False)
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "m.npz"), str(tmp_path / "new.csv"), "--out",
+                 str(tmp_path / "pred.csv")]) == 0
+    predicted = pd.read_csv(tmp_path / "pred.csv")["prediction"]
+    np.testing.assert_allclose(predicted, api.predict(new), rtol=1e-5)
+
+
+def test_predict_with_a_missing_model_file_fails_with_one_line(tmp_path, capsys):
+    hd.datasets.load("sleepstudy").to_csv(tmp_path / "d.csv", index=False)
+    assert main(["predict", str(tmp_path / "none.npz"), str(tmp_path / "d.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not found" in err[0]

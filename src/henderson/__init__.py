@@ -14,14 +14,16 @@ from .formula import parse_formula
 from .genomic import RelationshipMatrix, grm
 from .inference import anova
 from .pedigree import Pedigree
+from .persist import SavedModel, load
 from .mme import MixedModelEquations
 from .objective import Objective
 from .results import LinearMixedModel
+from .streaming import ChunkedData, chunked
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "lmm", "fit_design", "anova", "Pedigree", "RelationshipMatrix", "grm", "build_design", "parse_formula", "datasets", "Design",
+    "lmm", "fit_design", "anova", "chunked", "ChunkedData", "load", "SavedModel", "Pedigree", "RelationshipMatrix", "grm", "build_design", "parse_formula", "datasets", "Design",
     "RandomTerm", "MixedModelEquations", "Objective", "LinearMixedModel",
     "FormulaError", "DataError", "PedigreeError", "HendersonError",
     "ConvergenceWarning", "RankDeficiencyWarning",

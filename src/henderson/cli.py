@@ -2,9 +2,11 @@
 
 ``henderson demo`` fits the bundled example data (the seed's plants in pots,
 sleepstudy, Penicillin's crossed design) and prints the summaries.
-``henderson fit "y ~ x + (1|g)" data.csv [--pedigree ped.csv] [--ml] [--out DIR]``
-fits a model from a CSV or Parquet file, prints the summary and writes the results
-as CSV plus a JSON summary; errors are one line on stderr with exit code 2.
+``henderson fit "y ~ x + (1|g)" data.csv [--pedigree ped.csv] [--ml] [--out DIR]
+[--chunked] [--save model.npz]`` fits a model from a CSV or Parquet file (in memory,
+or streamed in chunks), prints the summary and writes the results as CSV plus a JSON
+summary; ``henderson predict model.npz new.csv`` predicts from a saved model. Errors
+are one line on stderr with exit code 2.
 """
 from __future__ import annotations
 
@@ -71,15 +73,21 @@ def fit_command(args, out=None, err=None) -> int:
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"[henderson] {msg}", file=err))
-    say(f"reading {args.data}")
-    data = _read_table(args.data)
+    if args.chunked:
+        say(f"streaming {args.data} in chunks of {args.chunk_rows:,} rows (two passes)")
+        data = hd.chunked(args.data, chunk_rows=args.chunk_rows)
+        rows = "chunks"
+    else:
+        say(f"reading {args.data}")
+        data = _read_table(args.data)
+        rows = f"{len(data)} rows"
     relationships = None
     if args.pedigree:
         say(f"reading pedigree {args.pedigree}")
         pedigree = hd.Pedigree.read(args.pedigree, sep=None)
         group = args.animal or "animal"
         relationships = {group: pedigree}
-    say(f"fitting {args.formula} to {len(data)} rows")
+    say(f"fitting {args.formula} to {rows}")
     model = hd.lmm(args.formula, data, reml=not args.ml, relationships=relationships,
                    verbose=False if args.quiet else 25)
     print(model.summary(), file=out)
@@ -104,6 +112,24 @@ def fit_command(args, out=None, err=None) -> int:
                    "singular": model.singular, "evaluations": model.n_evaluations}
         (folder / "summary.json").write_text(json.dumps(summary, indent=1))
         say(f"results written to {folder}")
+    if args.save:
+        model.save(args.save)
+        say(f"model saved to {args.save}")
+    return 0
+
+
+def predict_command(args, out=None, err=None) -> int:
+    import henderson as hd
+
+    out = sys.stdout if out is None else out
+    model = hd.load(args.model)
+    data = _read_table(args.data)
+    prediction = model.predict(data, re=not args.population)
+    frame = data.assign(prediction=prediction)
+    if args.out:
+        frame.to_csv(args.out, index=False)
+    else:
+        frame.to_csv(out, index=False)
     return 0
 
 
@@ -121,16 +147,31 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--ml", action="store_true", help="maximum likelihood instead of REML")
     fit.add_argument("--out", help="folder for CSV results and summary.json")
     fit.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    fit.add_argument("--chunked", action="store_true",
+                     help="stream the file in chunks (out of core: memory bounded by the "
+                          "MME, not the rows; no fitted values or residuals)")
+    fit.add_argument("--chunk-rows", type=int, default=1_000_000,
+                     help="rows per chunk with --chunked (default 1,000,000)")
+    fit.add_argument("--save", help="write the fitted model to this file (.npz, no pickle) "
+                                    "for `henderson predict`")
     fit.add_argument("--traceback", action="store_true", help="show tracebacks of errors")
+    predict = sub.add_parser("predict", help="predict new rows from a saved model")
+    predict.add_argument("model", help="file written by `henderson fit --save`")
+    predict.add_argument("data", help="CSV or Parquet file of new rows")
+    predict.add_argument("--out", help="CSV file for the rows with a prediction column "
+                                       "(default: stdout)")
+    predict.add_argument("--population", action="store_true",
+                         help="fixed effects only (no BLUPs)")
+    predict.add_argument("--traceback", action="store_true", help="show tracebacks of errors")
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
             return demo()
-        if args.command == "fit":
+        if args.command in ("fit", "predict"):
             from .errors import HendersonError
 
             try:
-                return fit_command(args)
+                return (fit_command if args.command == "fit" else predict_command)(args)
             except (HendersonError, OSError) as exc:
                 if args.traceback:
                     raise

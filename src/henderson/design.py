@@ -143,10 +143,28 @@ class Design:
     response_name: str = "y"
     row_index: pd.Index | None = None
     fixed_spec: object = None                  # formulaic ModelSpec of the fixed part
+    #: rows of a design whose rows were not kept (chunked and Dask fits: ``y``, ``X``,
+    #: ``weights`` and each term's ``z`` and ``level_codes`` then have no rows)
+    n_rows: int | None = None
+    #: whether prior weights were given, for designs without rows
+    prior_weights: bool | None = None
 
     @property
     def n_obs(self) -> int:
-        return len(self.y)
+        return len(self.y) if self.n_rows is None else self.n_rows
+
+    @property
+    def has_rows(self) -> bool:
+        """False for a design built from chunks: only its cross-products exist."""
+        return self.n_rows is None
+
+    def require_rows(self, what: str) -> None:
+        """Raise a clear error when ``what`` needs the rows of a chunked design."""
+        if not self.has_rows:
+            raise DataError(
+                f"{what} needs the rows of the data, which a chunked or Dask fit does not "
+                "keep (only the cross-products); use predict(data) on the rows you need, or "
+                "fit in memory")
 
     @property
     def n_fixed(self) -> int:
@@ -162,6 +180,8 @@ class Design:
 
     @property
     def weighted(self) -> bool:
+        if self.prior_weights is not None:
+            return self.prior_weights
         return not np.all(self.weights == 1.0)
 
     def theta_slices(self) -> list[slice]:
@@ -245,6 +265,22 @@ def _required_columns(formula: ParsedFormula) -> list[str]:
     return list(dict.fromkeys([formula.response] + columns))
 
 
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
+
+
+def _used_columns(formula: ParsedFormula, available) -> list[str]:
+    """The columns a model reads: formulaic's required variables, plus names that only
+    appear inside stateful transforms (formulaic 1.2 leaves ``Days`` out of
+    ``center(Days)``'s required variables)."""
+    columns = _required_columns(formula)
+    available = set(map(str, available))
+    for spec in [formula.fixed] + [b.lhs for b in formula.bars]:
+        for name in _IDENTIFIER.findall(spec):
+            if name in available and name not in columns:
+                columns.append(name)
+    return columns
+
+
 def _drop_aliased(X: np.ndarray, names: list[str], tol: float = 1e-7):
     """Drop columns of X that are linear combinations of earlier ones.
 
@@ -275,6 +311,89 @@ def _drop_aliased(X: np.ndarray, names: list[str], tol: float = 1e-7):
         stacklevel=3,
     )
     return X[:, kept], [names[j] for j in kept], dropped
+
+
+def select_rows(data: pd.DataFrame, columns: list[str], weights, missing: str,
+                where: str = "", allow_empty: bool = False) -> tuple[pd.DataFrame, np.ndarray]:
+    """The used columns of the rows a fit keeps, and their prior weights.
+
+    Rows with a missing or infinite value in a used column (or weight) raise a
+    :class:`DataError` (``missing="raise"``) or are dropped (``"drop"``). ``where``
+    names the chunk in messages of chunked fits.
+    """
+    weight_values = None
+    if isinstance(weights, str):
+        if weights not in data.columns:
+            raise FormulaError(f"weights column {weights!r} not found in data")
+        weight_values = data[weights].to_numpy(dtype=np.float64)
+    elif weights is not None:
+        weight_values = np.asarray(weights, dtype=np.float64)
+        if weight_values.shape != (len(data),):
+            raise DataError(f"weights must have length {len(data)}, got {weight_values.shape}")
+
+    frame = data[columns]
+    bad = frame.isna().to_numpy()
+    numeric = frame.select_dtypes(include=[np.number])
+    if numeric.shape[1]:
+        bad_num = ~np.isfinite(numeric.to_numpy(dtype=np.float64))
+        bad[:, [frame.columns.get_loc(c) for c in numeric.columns]] |= bad_num
+    if weight_values is not None:
+        bad = np.column_stack([bad, ~np.isfinite(weight_values)])
+    bad_rows = bad.any(axis=1)
+    if bad_rows.any():
+        if missing == "raise":
+            names = list(frame.columns) + (["weights"] if weight_values is not None else [])
+            cols = [names[j] for j in np.flatnonzero(bad.any(axis=0))]
+            raise DataError(
+                f"{int(bad_rows.sum())} row(s) have missing or infinite values in "
+                f"{', '.join(map(repr, cols))} (first at row {int(np.argmax(bad_rows))}{where}); "
+                "clean them or pass missing='drop'"
+            )
+        frame = frame.loc[~bad_rows]
+        if weight_values is not None:
+            weight_values = weight_values[~bad_rows]
+        if len(frame) == 0 and not allow_empty:
+            raise DataError("no rows left after dropping missing values")
+    if weight_values is None:
+        weight_values = np.ones(len(frame))
+    elif np.any(weight_values <= 0):
+        raise DataError("prior weights must be positive")
+
+    return frame, weight_values
+
+
+def is_categorical(column: pd.Series) -> bool:
+    """Whether formulaic encodes this column as a factor (not numbers or booleans)."""
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        return True
+    return not (pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column))
+
+
+def with_categories(frame: pd.DataFrame, categories: dict[str, list]) -> pd.DataFrame:
+    """Cast the named columns to categoricals with fixed categories.
+
+    Every chunk of a chunked fit, and new data given to a saved model, then encode to
+    the same model-matrix columns as the whole data did. A value outside the
+    categories is a :class:`DataError`.
+    """
+    frame = frame.copy()
+    for name, cats in categories.items():
+        if name not in frame.columns:
+            continue
+        column = frame[name]
+        present = column.notna().to_numpy()
+        codes = pd.Index(list(cats)).get_indexer(column.astype(object))
+        if np.any((codes < 0) & present):  # e.g. categories '0', '1' and integers from a CSV
+            codes = pd.Index([str(c) for c in cats]).get_indexer(column.astype(str))
+        codes[~present] = -1
+        unseen = (codes < 0) & present
+        cast = pd.Categorical.from_codes(codes, categories=list(cats))
+        if unseen.any():
+            examples = pd.unique(column[unseen].astype(str))[:5]
+            raise DataError(f"column {name!r} has value(s) not seen in the fit: "
+                            f"{', '.join(map(repr, examples))}")
+        frame[name] = cast
+    return frame
 
 
 #: a fixed part whose categorical columns have more levels than this is built sparse
@@ -342,50 +461,14 @@ def build_design(
         raise DataError("data has no rows")
     if missing not in ("raise", "drop"):
         raise ValueError("missing must be 'raise' or 'drop'")
-    columns = _required_columns(parsed)
+    columns = _used_columns(parsed, data.columns)
     absent = [c for c in columns if c not in data.columns]
     if absent:
         raise FormulaError(
             f"column(s) {', '.join(map(repr, absent))} not found in data "
             f"(available: {', '.join(map(str, data.columns[:20]))})"
         )
-    weight_values = None
-    if isinstance(weights, str):
-        if weights not in data.columns:
-            raise FormulaError(f"weights column {weights!r} not found in data")
-        weight_values = data[weights].to_numpy(dtype=np.float64)
-    elif weights is not None:
-        weight_values = np.asarray(weights, dtype=np.float64)
-        if weight_values.shape != (len(data),):
-            raise DataError(f"weights must have length {len(data)}, got {weight_values.shape}")
-
-    frame = data[columns]
-    bad = frame.isna().to_numpy()
-    numeric = frame.select_dtypes(include=[np.number])
-    if numeric.shape[1]:
-        bad_num = ~np.isfinite(numeric.to_numpy(dtype=np.float64))
-        bad[:, [frame.columns.get_loc(c) for c in numeric.columns]] |= bad_num
-    if weight_values is not None:
-        bad = np.column_stack([bad, ~np.isfinite(weight_values)])
-    bad_rows = bad.any(axis=1)
-    if bad_rows.any():
-        if missing == "raise":
-            names = list(frame.columns) + (["weights"] if weight_values is not None else [])
-            cols = [names[j] for j in np.flatnonzero(bad.any(axis=0))]
-            raise DataError(
-                f"{int(bad_rows.sum())} row(s) have missing or infinite values in "
-                f"{', '.join(map(repr, cols))} (first at row {int(np.argmax(bad_rows))}); "
-                "clean them or pass missing='drop'"
-            )
-        frame = frame.loc[~bad_rows]
-        if weight_values is not None:
-            weight_values = weight_values[~bad_rows]
-        if len(frame) == 0:
-            raise DataError("no rows left after dropping missing values")
-    if weight_values is None:
-        weight_values = np.ones(len(frame))
-    elif np.any(weight_values <= 0):
-        raise DataError("prior weights must be positive")
+    frame, weight_values = select_rows(data, columns, weights, missing)
 
     y_col = frame[parsed.response]
     if not pd.api.types.is_numeric_dtype(y_col) or pd.api.types.is_bool_dtype(y_col):

@@ -181,8 +181,12 @@ def theta_from_variances(design: Design, variances: dict) -> tuple[np.ndarray, f
 def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
                ordering: str = "auto", start: np.ndarray | None = None,
                verbose: bool | int = False, method: str = "mme",
-               fixed_variances: dict | None = None, strategy: str = "auto"):
+               fixed_variances: dict | None = None, strategy: str = "auto",
+               crossproducts=None):
     """Fit a model whose :class:`Design` is already built (lme4's modular route).
+
+    ``crossproducts`` (:class:`~henderson.mme.CrossProducts`) are given for a design
+    without rows (chunked and Dask fits).
 
     ``fixed_variances`` (grouping factor or VarCorr name -> variance, or k x k
     covariance; plus ``"residual"``) skips estimation: the MME are solved once at the
@@ -204,9 +208,9 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
     if strategy not in ("auto", "schur", "cholmod"):
         raise ValueError("strategy must be 'auto', 'schur' or 'cholmod'")
     if strategy == "schur" or (strategy == "auto" and schur_applies(design)):
-        mme = BlockEliminationEquations(design)
+        mme = BlockEliminationEquations(design, crossproducts=crossproducts)
     else:
-        mme = MixedModelEquations(design, ordering=ordering)
+        mme = MixedModelEquations(design, ordering=ordering, crossproducts=crossproducts)
     timings["mme_setup"] = time.perf_counter() - t0
     objective = Objective(mme, reml=reml)
     if fixed_variances is not None:
@@ -217,6 +221,7 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
         model.timings.update(timings)
         return model
     if method == "blockdiag":
+        design.require_rows("method='blockdiag'")
         from .blockdiag import BlockDiagonalObjective
 
         search = BlockDiagonalObjective(design, reml=reml)
@@ -230,8 +235,10 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
     if optimizer == "auto":
         has_known = any(t.level_precision is not None for t in design.terms)
         one_coef = all(t.n_coefs == 1 for t in design.terms)
-        optimizer = "ai" if (has_known and one_coef and reml and method == "mme") else "bobyqa"
+        optimizer = "ai" if (has_known and one_coef and reml and method == "mme"
+                             and design.has_rows) else "bobyqa"
     if optimizer == "ai":
+        design.require_rows("optimizer='ai' (AI-REML's working variates)")
         from .aireml import optimize_ai_reml
 
         if start is None or not np.any(start):
@@ -273,8 +280,12 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
     formula : str
         lme4 formula, e.g. ``"Reaction ~ Days + (Days | Subject)"``: ``(x | g)``
         correlated, ``(x || g)`` independent, ``(1 | a/b)`` nested, ``(1 | a:b)``.
-    data : pandas.DataFrame
+    data : pandas.DataFrame, path, ChunkedData or dask DataFrame
         Categorical columns keep their category order; the first is the reference.
+        A Parquet/CSV path or :func:`hd.chunked` source is read in chunks (out of
+        core) and a Dask DataFrame is reduced on its cluster: only the cross-products
+        are built, so ``fitted``/``residuals`` are not available, everything the MME
+        give is (estimates, BLUPs, conditional SDs, ``predict``).
     reml : bool, default True
         REML (lme4's default) or maximum likelihood.
     weights : str or array, optional
@@ -323,13 +334,22 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
     >>> m.fixef.round(3).to_dict()
     {'(Intercept)': 251.405, 'Days': 10.467}
     """
+    from .streaming import as_chunk_source, chunked_design
+
     t0 = time.perf_counter()
-    design = build_design(formula, data, weights=weights, missing=missing,
-                          relationships=relationships, sparse_fixed=sparse_fixed)
+    source = as_chunk_source(data)
+    if source is None:
+        design = build_design(formula, data, weights=weights, missing=missing,
+                              relationships=relationships, sparse_fixed=sparse_fixed)
+        crossproducts = None
+    else:
+        design, crossproducts = chunked_design(
+            formula, source, weights=weights, missing=missing, relationships=relationships,
+            sparse_fixed=sparse_fixed, verbose=bool(verbose))
     design_seconds = time.perf_counter() - t0
     model = fit_design(design, reml=reml, optimizer=optimizer, ordering=ordering,
                        verbose=verbose, method=method, fixed_variances=fixed_variances,
-                       strategy=strategy)
+                       strategy=strategy, crossproducts=crossproducts)
     model.timings["design"] = design_seconds
     model.timings["total"] = time.perf_counter() - t0
     model.call = dict(formula=formula, data=data, reml=reml, weights=weights,

@@ -13,6 +13,7 @@ into scikit-sparse lives in this module.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
@@ -144,6 +145,62 @@ class CrossProducts:
             n_obs=len(y),
             sum_log_weights=float(np.sum(np.log(w))),
         )
+
+
+    def add(self, other: "CrossProducts") -> "CrossProducts":
+        """Add the cross-products of other rows (same terms, levels and fixed columns),
+        in place; returns ``self``. Cross-products add over rows, which is what chunked
+        and Dask fits rest on."""
+        if len(other.diagonal) != len(self.diagonal) or other.xy.shape != self.xy.shape:
+            raise ValueError("cross-products of different designs cannot be added")
+        n_fixed = self.xy.shape[0]
+        for t in range(len(self.diagonal)):
+            self.diagonal[t] += other.diagonal[t]
+            self.zy[t] += other.zy[t]
+            self.zx[t] = _add_pair_blocks(self.zx[t], other.zx[t], n_fixed)
+        for key, value in other.crossed.items():
+            n_cols = self.diagonal[key[1]].shape[0]
+            self.crossed[key] = _add_pair_blocks(self.crossed[key], value, n_cols)
+        self.xx = self.xx + other.xx
+        self.xy = self.xy + other.xy
+        self.yy += other.yy
+        self.n_obs += other.n_obs
+        self.sum_log_weights += other.sum_log_weights
+        return self
+
+    def drop_fixed(self, keep: np.ndarray) -> "CrossProducts":
+        """The cross-products with only the fixed-effect columns ``keep``."""
+        keep = np.asarray(keep, dtype=np.int64)
+        new_index = np.full(self.xy.shape[0], -1, dtype=np.int64)
+        new_index[keep] = np.arange(len(keep))
+        zx = []
+        for pairs, blocks in self.zx:
+            kept = new_index[pairs[:, 1]] >= 0
+            zx.append((np.column_stack([pairs[kept, 0], new_index[pairs[kept, 1]]]),
+                       blocks[kept]))
+        xx = self.xx[keep][:, keep]
+        return dataclasses.replace(self, zx=zx, xx=xx, xy=self.xy[keep])
+
+
+def _add_pair_blocks(into, other, n_cols: int):
+    """Sum two (pairs, blocks) lists whose pairs are sorted and unique: blocks of common
+    pairs add, pairs only in ``other`` are inserted in order."""
+    pairs, blocks = into
+    other_pairs, other_blocks = other
+    if pairs.shape == other_pairs.shape and np.array_equal(pairs, other_pairs):
+        blocks += other_blocks
+        return pairs, blocks
+    keys = pairs[:, 0].astype(np.int64) * n_cols + pairs[:, 1]
+    other_keys = other_pairs[:, 0].astype(np.int64) * n_cols + other_pairs[:, 1]
+    position = np.searchsorted(keys, other_keys)
+    found = position < len(keys)
+    found[found] = keys[position[found]] == other_keys[found]
+    blocks[position[found]] += other_blocks[found]
+    new = ~found
+    if new.any():
+        pairs = np.insert(pairs, position[new], other_pairs[new], axis=0)
+        blocks = np.insert(blocks, position[new], other_blocks[new], axis=0)
+    return pairs, blocks
 
 
 def _sparse_level_crossprod(codes, z, w, X, n_levels):
@@ -332,6 +389,9 @@ class MixedModelEquations:
         Fill-reducing ordering of the random-effect block. ``"auto"`` factors the
         pattern under each candidate once and keeps the one with the fewest nonzeros
         in L. Fixed effects always come last.
+    crossproducts : CrossProducts, optional
+        Cross-products accumulated elsewhere (chunked and Dask fits, whose design
+        has no rows); by default computed from the design's rows.
 
     Examples
     --------
@@ -349,10 +409,14 @@ class MixedModelEquations:
     DENSE_FIXED_LIMIT = 64
 
     def __init__(self, design: Design, ordering: str = "auto", mode: str = "auto",
-                 dense_fixed: bool | None = None, symbolic: bool = True):
+                 dense_fixed: bool | None = None, symbolic: bool = True,
+                 crossproducts: CrossProducts | None = None):
         start = time.perf_counter()
         self.design = design
-        self.xp = CrossProducts.from_design(design)
+        if crossproducts is None:
+            design.require_rows("building the cross-products")
+            crossproducts = CrossProducts.from_design(design)
+        self.xp = crossproducts
         self.timings = {"crossproducts": time.perf_counter() - start}
         start = time.perf_counter()
         q, p = design.n_random, design.n_fixed

@@ -29,6 +29,28 @@ def _group_names(design: Design) -> list[str]:
     return names
 
 
+def random_effects_lines(names: list[str], coef_names: list[list[str]],
+                         covariances: list[np.ndarray], sigma: float) -> list[str]:
+    """The "Random effects:" table of ``summary()``, as lme4 prints it."""
+    lines = ["Random effects:"]
+    header = f" {'Groups':<12} {'Name':<14} {'Variance':>10} {'Std.Dev.':>10}"
+    if any(len(c) > 1 for c in coef_names):
+        header += " Corr"
+    lines.append(header)
+    for name, coefs, cov in zip(names, coef_names, covariances):
+        sd = np.sqrt(np.diag(cov))
+        for a, coef in enumerate(coefs):
+            group = name if a == 0 else ""
+            line = f" {group:<12} {coef:<14} {cov[a, a]:10.4g} {sd[a]:10.4g}"
+            if a > 0:
+                corr = [cov[a, b] / (sd[a] * sd[b]) if sd[a] * sd[b] > 0 else np.nan
+                        for b in range(a)]
+                line += " " + " ".join(f"{c:5.2f}" for c in corr)
+            lines.append(line)
+    lines.append(f" {'Residual':<12} {'':<14} {sigma ** 2:10.4g} {sigma:10.4g}")
+    return lines
+
+
 class LinearMixedModel:
     """A fitted linear mixed model (returned by :func:`henderson.lmm`).
 
@@ -268,9 +290,29 @@ class LinearMixedModel:
         a selected inverse of C_zz)."""
         if self._ranef_sd is None:
             variances = self._compute_conditional_variances()
-            self._ranef_sd = self._tables([
-                np.sqrt(np.maximum(np.diagonal(v, axis1=1, axis2=2), 0.0)) for v in variances])
+            self._ranef_sd = [np.sqrt(np.maximum(np.diagonal(v, axis1=1, axis2=2), 0.0))
+                              for v in variances]
+        return self._tables(self._ranef_sd)
+
+    def _conditional_sds(self) -> list[np.ndarray]:
+        """Per term, the (levels x k) conditional SDs behind ``ranef_sd``."""
+        self.ranef_sd
         return self._ranef_sd
+
+    def save(self, path, conditional_sd: bool = True):
+        """Write the fit to ``path`` (an ``.npz`` archive, no pickle) for
+        :func:`henderson.load`; the loaded model predicts as this one.
+
+        Parameters
+        ----------
+        path : str or Path
+        conditional_sd : bool
+            Store the BLUPs' conditional SDs too (one selected inverse, if not yet
+            computed).
+        """
+        from .persist import save_model
+
+        return save_model(self, path, conditional_sd=conditional_sd)
 
     def _tables(self, per_term: list[np.ndarray]) -> dict[str, pd.DataFrame]:
         """Per-term (levels x k) arrays as DataFrames merged by grouping factor."""
@@ -308,11 +350,13 @@ class LinearMixedModel:
     # ------------------------------------------------------------ predictions
     @property
     def fitted(self) -> pd.Series:
+        self.design.require_rows("fitted values")
         values = self.design.X @ self.fixef.to_numpy() + self.Z @ self._b
         return pd.Series(values, index=self.design.row_index, name="fitted")
 
     @property
     def residuals(self) -> pd.Series:
+        self.design.require_rows("residuals")
         return pd.Series(self.design.y - self.fitted.to_numpy(),
                          index=self.design.row_index, name="residuals")
 
@@ -379,10 +423,12 @@ class LinearMixedModel:
     # ------------------------------------------------------------ matrices of the model
     @property
     def X(self) -> np.ndarray:
+        self.design.require_rows("X")
         return self.design.X
 
     @property
     def Z(self) -> sp.csc_matrix:
+        self.design.require_rows("Z")
         return self.design.Z
 
     @property
@@ -401,6 +447,7 @@ class LinearMixedModel:
     @property
     def R(self) -> sp.csc_matrix:
         """Residual covariance ``σ² W⁻¹`` (n x n, diagonal)."""
+        self.design.require_rows("R")
         return sp.diags(self.sigma ** 2 / self.design.weights, format="csc")
 
     @property
@@ -422,6 +469,7 @@ class LinearMixedModel:
         """
         from .blockdiag import outermost_grouping
 
+        self.design.require_rows("sigma_blocks()")
         outer = self.design.terms[outermost_grouping(self.design)]
         sigma = self.Sigma.tocsr()
         blocks = {}
@@ -449,6 +497,7 @@ class LinearMixedModel:
         if ddf == "Satterthwaite":
             return self.coef_table
         if ddf in ("Kenward-Roger", "KR"):
+            self.design.require_rows("Kenward-Roger df")
             return kenward_roger(self)
         raise ValueError("ddf must be 'Satterthwaite' or 'Kenward-Roger'")
 
@@ -470,6 +519,7 @@ class LinearMixedModel:
         """Responses simulated from the fitted model, shape (n_obs, n)."""
         from .bootstrap import simulate
 
+        self.design.require_rows("simulate()")
         return simulate(self, n, seed)
 
     def confint(self, method: str = "wald", level: float = 0.95, n_boot: int = 200,
@@ -486,6 +536,8 @@ class LinearMixedModel:
 
         from .bootstrap import bootstrap, parameter_vector
 
+        if method != "wald":
+            self.design.require_rows(f"confint(method={method!r})")
         estimates = parameter_vector(self)
         alpha = (1 - level) / 2
         if method == "wald":
@@ -514,6 +566,7 @@ class LinearMixedModel:
         (lmerTest's ``anova()``)."""
         from .inference import type3_anova
 
+        self.design.require_rows("anova()")
         return type3_anova(self)
 
     def test(self, contrasts) -> pd.Series:
@@ -553,24 +606,9 @@ class LinearMixedModel:
         lines.append(f"{'AIC':>10} {'BIC':>10} {'logLik':>10} {label if not self.reml else 'REML crit':>10}")
         lines.append(f"{self.aic:10.1f} {self.bic:10.1f} {self.loglik:10.1f} {self.objective:10.1f}")
         lines.append("")
-        lines.append("Random effects:")
-        header = f" {'Groups':<12} {'Name':<14} {'Variance':>10} {'Std.Dev.':>10}"
-        has_corr = any(t.n_coefs > 1 for t in self.design.terms)
-        if has_corr:
-            header += " Corr"
-        lines.append(header)
-        for name, term, cov in zip(_group_names(self.design), self.design.terms,
-                                   self.covariance_matrices().values()):
-            sd = np.sqrt(np.diag(cov))
-            for a, coef in enumerate(term.coef_names):
-                group = name if a == 0 else ""
-                line = f" {group:<12} {coef:<14} {cov[a, a]:10.4g} {sd[a]:10.4g}"
-                if a > 0:
-                    corr = [cov[a, b] / (sd[a] * sd[b]) if sd[a] * sd[b] > 0 else np.nan
-                            for b in range(a)]
-                    line += " " + " ".join(f"{c:5.2f}" for c in corr)
-                lines.append(line)
-        lines.append(f" {'Residual':<12} {'':<14} {self.sigma ** 2:10.4g} {self.sigma:10.4g}")
+        lines.extend(random_effects_lines(
+            _group_names(self.design), [t.coef_names for t in self.design.terms],
+            list(self.covariance_matrices().values()), self.sigma))
         groups = dict.fromkeys((t.group, t.n_levels) for t in self.design.terms)
         lines.append(f"Number of obs: {self.nobs}, groups:  "
                      + "; ".join(f"{g}, {n}" for g, n in groups))

@@ -240,9 +240,10 @@ class BlockEliminationEquations(MixedModelEquations):
     True
     """
 
-    def __init__(self, design, ordering: str = "natural", mode: str = "auto"):
+    def __init__(self, design, ordering: str = "natural", mode: str = "auto",
+                 crossproducts=None):
         super().__init__(design, ordering="natural", mode=mode, dense_fixed=True,
-                         symbolic=False)
+                         symbolic=False, crossproducts=crossproducts)
         self.ordering = "schur"
         first = design.terms[0]
         self.first, self.k = first.n_columns, first.n_coefs

@@ -1,0 +1,549 @@
+"""Stage 2 for data that arrive in chunks: the design and cross-products without rows.
+
+The mixed-model equations depend on the data only through cross-products
+(:class:`~henderson.mme.CrossProducts`), and cross-products add over rows. A chunked
+fit makes two passes over the chunks (Parquet row groups, CSV chunks, Dask partitions):
+
+1. a *scan* fixes what every chunk must share: which rows are kept, the levels of each
+   grouping factor (the ones the whole data would give) and the categories of each
+   categorical covariate;
+2. each chunk becomes a :class:`~henderson.design.Design` with those levels, and its
+   cross-products are added to the total.
+
+Memory is bounded by the size of the MME plus one chunk, not by the number of rows.
+The result is a :class:`Design` without rows (``n_rows`` set) and its cross-products,
+which :func:`~henderson.fit.fit_design` fits as it fits an in-memory design.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .design import (SPARSE_FIXED_LEVELS, Design, RandomTerm, _grouping_factor,
+                     _model_matrix, _used_columns, is_categorical, select_rows,
+                     with_categories)
+from .errors import DataError, FormulaError, RankDeficiencyWarning
+from .formula import ParsedFormula, parse_formula
+from .mme import CrossProducts
+
+#: rows per chunk when a file or DataFrame is cut into chunks
+DEFAULT_CHUNK_ROWS = 1_000_000
+
+
+# ---------------------------------------------------------------- sources of chunks
+class ChunkedData:
+    """Rows that arrive as pandas DataFrames, one chunk at a time, and can be read twice.
+
+    Build one with :func:`chunked`; pass it to :func:`henderson.lmm` as ``data``.
+
+    Parameters
+    ----------
+    read : callable
+        ``read(columns)`` returns an iterator over DataFrames holding those columns.
+    columns : list of str
+        The columns the source has.
+    name : str
+        What the source is, for messages.
+    """
+
+    def __init__(self, read: Callable[[list[str]], Iterator[pd.DataFrame]],
+                 columns: list[str], name: str = "chunks"):
+        self._read = read
+        self.columns = list(columns)
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"ChunkedData({self.name})"
+
+    def chunks(self, columns: list[str]) -> Iterator[pd.DataFrame]:
+        """The chunks, holding ``columns``."""
+        return self._read(columns)
+
+    def map_reduce(self, columns: list[str], func, combine, progress=None):
+        """``func(chunk, where)`` on every chunk, folded with ``combine(total, part)``."""
+        total, rows = None, 0
+        for i, chunk in enumerate(self.chunks(columns)):
+            part = func(chunk, f" of chunk {i}")
+            rows += len(chunk)
+            total = part if total is None else combine(total, part)
+            if progress is not None:
+                progress(i, rows)
+        if total is None:
+            raise DataError(f"{self.name} has no rows")
+        return total
+
+
+class DaskData:
+    """A Dask DataFrame as a source of chunks: one chunk per partition, the partial
+    results summed by a tree reduction on the cluster (the active ``distributed``
+    client, or Dask's default scheduler)."""
+
+    def __init__(self, frame, split_every: int = 8):
+        self.frame = frame
+        self.columns = list(frame.columns)
+        self.name = f"Dask DataFrame with {frame.npartitions} partitions"
+        self.split_every = split_every
+
+    def map_reduce(self, columns: list[str], func, combine, progress=None):
+        import dask
+
+        parts = self.frame[columns].to_delayed()
+        tasks = [dask.delayed(func)(part, f" of partition {i}") for i, part in enumerate(parts)]
+        if not tasks:
+            raise DataError(f"{self.name} has no partitions")
+        reduce = dask.delayed(_combine_all)
+        while len(tasks) > 1:
+            tasks = [reduce(combine, tasks[i:i + self.split_every])
+                     for i in range(0, len(tasks), self.split_every)]
+        (result,) = dask.compute(tasks[0])
+        return result
+
+
+def _combine_all(combine, parts):
+    """Sum a list of partial results without changing any of them (Dask may hold
+    them elsewhere, or recompute a task from them)."""
+    total = copy.deepcopy(parts[0])
+    for part in parts[1:]:
+        total = combine(total, part)
+    return total
+
+
+def is_dask_frame(data) -> bool:
+    return type(data).__module__.split(".")[0] == "dask" and hasattr(data, "to_delayed")
+
+
+def chunked(source, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> ChunkedData:
+    """Rows to be fitted chunk by chunk, out of core.
+
+    Parameters
+    ----------
+    source : str, Path, DataFrame, list of DataFrames or callable
+        A Parquet file (read a batch of ``chunk_rows`` at a time, within row groups),
+        a CSV file (read ``chunk_rows`` rows at a time), a DataFrame (cut into chunks),
+        a list of DataFrames, or a callable returning a fresh iterator of DataFrames
+        each time it is called (the data are read twice).
+    chunk_rows : int
+        Rows per chunk for files and DataFrames.
+
+    Returns
+    -------
+    ChunkedData
+
+    Examples
+    --------
+    >>> import henderson as hd
+    >>> data = hd.chunked(hd.datasets.load("sleepstudy"), chunk_rows=50)
+    >>> m = hd.lmm("Reaction ~ Days + (Days | Subject)", data)
+    >>> round(m.objective, 3), m.nobs
+    (1743.628, 180)
+    """
+    if isinstance(source, ChunkedData):
+        return source
+    if chunk_rows < 1:
+        raise ValueError("chunk_rows must be positive")
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.exists():
+            raise DataError(f"data file {str(source)!r} not found")
+        if path.suffix.lower() in (".parquet", ".pq"):
+            return _parquet_chunks(path, chunk_rows)
+        return _csv_chunks(path, chunk_rows)
+    if isinstance(source, pd.DataFrame):
+        frame = source
+
+        def read_frame(columns):
+            for start in range(0, len(frame), chunk_rows):
+                yield frame.iloc[start:start + chunk_rows][columns]
+
+        return ChunkedData(read_frame, list(frame.columns), f"DataFrame of {len(frame)} rows")
+    if callable(source):
+        first = next(iter(source()), None)
+        if first is None:
+            raise DataError("the chunk source yields no chunks")
+
+        def read_callable(columns):
+            for chunk in source():
+                yield chunk[columns]
+
+        return ChunkedData(read_callable, list(first.columns), "chunks")
+    frames = list(source)
+    if not frames or not all(isinstance(f, pd.DataFrame) for f in frames):
+        raise DataError("chunked() needs a file path, a DataFrame, a list of DataFrames "
+                        "or a callable returning DataFrames")
+    return ChunkedData(lambda columns: (f[columns] for f in frames),
+                       list(frames[0].columns), f"{len(frames)} DataFrames")
+
+
+def _parquet_chunks(path: Path, chunk_rows: int) -> ChunkedData:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise DataError("reading Parquet needs pyarrow: pip install henderson[pipeline]") \
+            from exc
+    try:
+        schema = pq.ParquetFile(path).schema_arrow
+    except Exception as exc:
+        raise DataError(f"cannot read Parquet file {str(path)!r}: {exc}") from exc
+
+    def read(columns):
+        file = pq.ParquetFile(path)
+        for batch in file.iter_batches(batch_size=chunk_rows, columns=columns):
+            yield batch.to_pandas()
+
+    return ChunkedData(read, list(schema.names), f"Parquet file {str(path)!r}")
+
+
+def _csv_chunks(path: Path, chunk_rows: int) -> ChunkedData:
+    header = pd.read_csv(path, nrows=0)
+
+    def read(columns):
+        yield from pd.read_csv(path, usecols=columns, chunksize=chunk_rows)
+
+    return ChunkedData(read, list(header.columns), f"CSV file {str(path)!r}")
+
+
+# ---------------------------------------------------------------- pass 1: the scan
+@dataclass
+class ChunkScan:
+    """What one pass over the chunks learns: rows kept, the combinations of grouping
+    columns that occur (per random term), the values of categorical covariates."""
+
+    n_rows: int
+    combos: list[pd.DataFrame]
+    values: dict[str, list]           # categorical covariate -> values in first-seen order
+    ordered: dict[str, bool]          # True where the column is a pandas categorical
+    weighted: bool
+
+    def merge(self, other: "ChunkScan") -> "ChunkScan":
+        combos = [pd.concat([a, b], ignore_index=True).drop_duplicates(ignore_index=True)
+                  for a, b in zip(self.combos, other.combos)]
+        values = {}
+        for name in self.values:
+            seen = dict.fromkeys(self.values[name])
+            seen.update(dict.fromkeys(other.values[name]))
+            values[name] = list(seen)
+        ordered = {n: self.ordered[n] and other.ordered[n] for n in self.ordered}
+        return ChunkScan(self.n_rows + other.n_rows, combos, values, ordered,
+                         self.weighted or other.weighted)
+
+    def categories(self) -> dict[str, list]:
+        """Categories in the order formulaic gives the whole data: a categorical's own
+        order, otherwise sorted."""
+        return {name: (vals if self.ordered[name] else sorted(vals))
+                for name, vals in self.values.items()}
+
+
+@dataclass
+class _Plan:
+    """The columns a model reads and how rows are selected; sent to every chunk."""
+
+    formula: ParsedFormula
+    columns: list[str]
+    covariates: list[str]             # variables of the fixed part and of the bars' lhs
+    weights: str | None
+    missing: str
+
+    def read_columns(self) -> list[str]:
+        return self.columns + ([self.weights] if self.weights and
+                               self.weights not in self.columns else [])
+
+    def rows(self, chunk: pd.DataFrame, where: str):
+        return select_rows(chunk, self.columns, self.weights, self.missing, where=where,
+                           allow_empty=True)
+
+    def scan(self, chunk: pd.DataFrame, where: str = "") -> ChunkScan:
+        frame, weights = self.rows(chunk, where)
+        combos = [frame[list(bar.factors)].drop_duplicates(ignore_index=True)
+                  for bar in self.formula.bars]
+        values, ordered = {}, {}
+        for name in self.covariates:
+            column = frame[name]
+            if not is_categorical(column):
+                continue
+            if isinstance(column.dtype, pd.CategoricalDtype):
+                values[name] = list(column.cat.categories)
+                ordered[name] = True
+            else:
+                values[name] = list(pd.unique(column))
+                ordered[name] = False
+        return ChunkScan(len(frame), combos, values, ordered,
+                         bool(np.any(weights != 1.0)))
+
+
+def _merge_scans(a: ChunkScan, b: ChunkScan) -> ChunkScan:
+    return a.merge(b)
+
+
+# ---------------------------------------------------------------- pass 2: cross-products
+@dataclass
+class _ChunkProducts:
+    """A chunk's cross-products with the model-matrix specs that made them."""
+
+    crossproducts: CrossProducts | None
+    fixed_names: list[str]
+    fixed_spec: object
+    z_specs: list
+
+
+def _add_products(a: _ChunkProducts, b: _ChunkProducts) -> _ChunkProducts:
+    if b.crossproducts is None:
+        return a
+    if a.crossproducts is None:
+        return b
+    if a.fixed_names != b.fixed_names:
+        raise DataError("chunks encode the fixed effects to different columns: "
+                        f"{a.fixed_names} and {b.fixed_names}")
+    a.crossproducts.add(b.crossproducts)
+    return a
+
+
+@dataclass
+class ChunkEncoder:
+    """Turns one chunk into a :class:`Design` whose level codes, fixed columns and
+    categories are those of the whole data."""
+
+    plan: _Plan
+    categories: dict[str, list]
+    levels: list[pd.Index]            # per bar, in formula order
+    known: dict                        # bar index -> RelationshipMatrix
+    term_order: list[int]
+    sparse_fixed: bool
+
+    def design(self, chunk: pd.DataFrame, where: str = "") -> Design | None:
+        plan = self.plan
+        frame, weights = plan.rows(chunk, where)
+        if len(frame) == 0:
+            return None
+        frame = with_categories(frame, self.categories)
+        response = frame[plan.formula.response]
+        if not pd.api.types.is_numeric_dtype(response) or pd.api.types.is_bool_dtype(response):
+            raise DataError(f"response {plan.formula.response!r} must be numeric")
+        X, fixed_names, fixed_spec = _model_matrix(plan.formula.fixed, frame,
+                                                   sparse=self.sparse_fixed)
+        terms = []
+        for b, bar in enumerate(plan.formula.bars):
+            z, coef_names, z_spec = _model_matrix(bar.lhs, frame)
+            codes = _level_codes(frame, bar.factors, self.levels[b])
+            if np.any(codes < 0):
+                absent = pd.unique(_labels(frame, bar.factors)[codes < 0])
+                raise DataError(
+                    f"{len(absent)} level(s) of {bar.group!r} are not in its relationship "
+                    f"matrix: {', '.join(map(str, absent[:10]))}")
+            known = self.known.get(b)
+            terms.append(RandomTerm(
+                bar.group, codes, self.levels[b], z, coef_names,
+                level_precision=None if known is None else known.precision(),
+                logdet_level_covariance=0.0 if known is None else known.logdet(),
+                level_variance=None if known is None else known.diagonal(),
+                z_spec=z_spec, factors=bar.factors))
+        stateful = [name for spec in [fixed_spec] + [t.z_spec for t in terms]
+                    for name in spec.transform_state]
+        if stateful:
+            raise FormulaError(
+                f"stateful transforms ({', '.join(stateful)}) would be computed chunk by "
+                "chunk, not on the whole data; compute those columns before a chunked fit")
+        return Design(formula=plan.formula, y=response.to_numpy(dtype=np.float64), X=X,
+                      fixed_names=fixed_names, terms=[terms[i] for i in self.term_order],
+                      weights=weights, response_name=plan.formula.response,
+                      fixed_spec=fixed_spec)
+
+    def products(self, chunk: pd.DataFrame, where: str = "") -> _ChunkProducts:
+        design = self.design(chunk, where)
+        if design is None:
+            return _ChunkProducts(None, [], None, [])
+        return _ChunkProducts(CrossProducts.from_design(design), design.fixed_names,
+                              design.fixed_spec, [t.z_spec for t in design.terms])
+
+
+def _labels(frame: pd.DataFrame, factors) -> np.ndarray:
+    """Level labels of the rows as :func:`_grouping_factor` names levels."""
+    parts = [frame[name].astype(str).to_numpy() for name in factors]
+    if len(parts) == 1:
+        return parts[0]
+    out = parts[0].astype(object)
+    for part in parts[1:]:
+        out = out + ":" + part
+    return out
+
+
+def _level_codes(frame: pd.DataFrame, factors, levels: pd.Index) -> np.ndarray:
+    column = frame[factors[0]]
+    if len(factors) == 1 and isinstance(column.dtype, pd.CategoricalDtype):
+        # one lookup per category instead of one per row
+        per_category = levels.get_indexer(column.cat.categories.astype(str))
+        codes = column.cat.codes.to_numpy()
+        return np.where(codes >= 0, per_category[codes], -1).astype(np.int64)
+    return levels.get_indexer(_labels(frame, factors)).astype(np.int64)
+
+
+# ---------------------------------------------------------------- the whole stage
+def _aliased_from_gram(xx: np.ndarray, tol: float = 1e-7) -> list[int]:
+    """Columns to keep: a column goes when its squared residual on the kept earlier
+    columns (a Schur complement of X'WX) is below ``tol²`` times its squared norm, the
+    criterion :func:`henderson.design._drop_aliased` applies to X itself."""
+    kept: list[int] = []
+    for j in range(xx.shape[0]):
+        norm2 = xx[j, j]
+        if norm2 <= 0:
+            continue
+        if kept:
+            block = xx[np.ix_(kept, kept)]
+            cross = xx[kept, j]
+            residual2 = norm2 - cross @ np.linalg.solve(block, cross)
+        else:
+            residual2 = norm2
+        if residual2 > tol * tol * norm2:
+            kept.append(j)
+    return kept
+
+
+def chunked_design(formula, source, weights: str | None = None, missing: str = "raise",
+                   relationships: dict | None = None, sparse_fixed: bool | str = "auto",
+                   verbose: bool = False) -> tuple[Design, CrossProducts]:
+    """The design (without rows) and the cross-products of data read in chunks.
+
+    Parameters
+    ----------
+    formula : str or ParsedFormula
+    source : ChunkedData or DaskData
+    weights : str, optional
+        Name of the prior-weight column.
+    missing, relationships, sparse_fixed
+        As for :func:`henderson.design.build_design`.
+    verbose : bool
+        Report each chunk of both passes on stderr.
+
+    Returns
+    -------
+    design : Design
+        With ``n_rows`` set and no row arrays.
+    crossproducts : CrossProducts
+    """
+    parsed = parse_formula(formula) if isinstance(formula, str) else formula
+    if missing not in ("raise", "drop"):
+        raise ValueError("missing must be 'raise' or 'drop'")
+    if weights is not None and not isinstance(weights, str):
+        raise DataError("a chunked fit takes prior weights as a column name")
+    columns = _used_columns(parsed, source.columns)
+    absent = [c for c in columns + ([weights] if weights else []) if c not in source.columns]
+    if absent:
+        raise FormulaError(
+            f"column(s) {', '.join(map(repr, absent))} not found in data "
+            f"(available: {', '.join(map(str, source.columns[:20]))})")
+    import formulaic
+
+    covariates = sorted(set().union(*[formulaic.Formula(spec).required_variables
+                                      for spec in [parsed.fixed] + [b.lhs for b in parsed.bars]]))
+    plan = _Plan(parsed, columns, [c for c in covariates if c in columns], weights, missing)
+
+    scan = source.map_reduce(plan.read_columns(), plan.scan, _merge_scans,
+                             progress=_progress("scan", verbose))
+    n = scan.n_rows
+    if n == 0:
+        raise DataError("no rows left after dropping missing values" if missing == "drop"
+                        else f"{source.name} has no rows")
+    relationships = dict(relationships or {})
+    unknown = [g for g in relationships if g not in {b.group for b in parsed.bars}]
+    if unknown:
+        raise FormulaError(f"relationships given for {', '.join(map(repr, unknown))}, which "
+                           "is not the grouping factor of any random term")
+    levels, known = [], {}
+    for b, bar in enumerate(parsed.bars):
+        if bar.group in relationships:
+            from .genomic import as_relationship
+
+            known[b] = as_relationship(relationships[bar.group])
+            levels.append(pd.Index(known[b].labels, name=bar.group))
+            continue
+        _, level_index = _grouping_factor(scan.combos[b], bar)
+        if len(level_index) < 2:
+            raise DataError(f"grouping factor {bar.group!r} has a single level "
+                            f"({level_index[0]!r}); a random effect needs at least 2")
+        levels.append(level_index)
+    categories = scan.categories()
+    if sparse_fixed == "auto":
+        fixed_vars = formulaic.Formula(parsed.fixed).required_variables
+        sparse_fixed = sum(len(v) for k, v in categories.items() if k in fixed_vars) \
+            > SPARSE_FIXED_LEVELS
+    term_order = sorted(range(len(parsed.bars)), key=lambda b: -len(levels[b]))
+    encoder = ChunkEncoder(plan, categories, levels, known, term_order, bool(sparse_fixed))
+
+    total = source.map_reduce(plan.read_columns(), encoder.products, _add_products,
+                              progress=_progress("cross-products", verbose))
+    xp = total.crossproducts
+    if xp is None:
+        raise DataError("no rows left after dropping missing values")
+    fixed_names, dropped = list(total.fixed_names), []
+    if not sparse_fixed:
+        keep = _aliased_from_gram(np.asarray(xp.xx))
+        if len(keep) < len(fixed_names):
+            dropped = [name for j, name in enumerate(fixed_names) if j not in keep]
+            warnings.warn(
+                f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} "
+                f"column(s): {', '.join(dropped)}", RankDeficiencyWarning, stacklevel=3)
+            xp = xp.drop_fixed(np.array(keep))
+            fixed_names = [fixed_names[j] for j in keep]
+    p = len(fixed_names)
+    terms = []
+    for b in term_order:
+        bar = parsed.bars[b]
+        z_spec = total.z_specs[term_order.index(b)]
+        coef_names = _coef_names(z_spec)
+        term = RandomTerm(
+            bar.group, np.zeros(0, dtype=np.int64), levels[b], np.zeros((0, len(coef_names))),
+            coef_names, level_precision=None if b not in known else known[b].precision(),
+            logdet_level_covariance=0.0 if b not in known else known[b].logdet(),
+            level_variance=None if b not in known else known[b].diagonal(),
+            z_spec=z_spec, factors=bar.factors)
+        if b not in known and term.n_columns >= n:
+            raise DataError(
+                f"number of observations (={n}) <= number of random effects "
+                f"(={term.n_columns}) for term ({bar.lhs} | {bar.group}); the "
+                "random-effects parameters and the residual variance are unidentifiable")
+        terms.append(term)
+    X = sp.csc_matrix((0, p)) if sparse_fixed else np.zeros((0, p))
+    design = Design(formula=parsed, y=np.zeros(0), X=X, fixed_names=fixed_names,
+                    terms=terms, weights=np.zeros(0), dropped_fixed=dropped,
+                    response_name=parsed.response, fixed_spec=total.fixed_spec,
+                    n_rows=n, prior_weights=scan.weighted)
+    return design, xp
+
+
+def _coef_names(spec) -> list[str]:
+    from .design import lme4_column_name
+
+    return [lme4_column_name(c) for c in spec.column_names]
+
+
+def _progress(stage: str, verbose: bool):
+    if not verbose:
+        return None
+
+    def report(chunk: int, rows: int) -> None:
+        print(f"[henderson] {stage}: chunk {chunk + 1}, {rows:,} rows", file=sys.stderr,
+              flush=True)
+
+    return report
+
+
+def as_chunk_source(data) -> ChunkedData | DaskData | None:
+    """The chunk source ``data`` stands for, or None for an in-memory DataFrame."""
+    if isinstance(data, (ChunkedData, DaskData)):
+        return data
+    if is_dask_frame(data):
+        return DaskData(data)
+    if isinstance(data, (str, Path)):
+        return chunked(data)
+    return None
+
+
+__all__ = ["ChunkedData", "DaskData", "chunked", "chunked_design", "ChunkEncoder",
+           "ChunkScan", "as_chunk_source"]
