@@ -52,3 +52,12 @@ def test_ml_and_reml_differ_as_lme4(sleepstudy):
     ml = hd.lmm("Reaction ~ Days + (Days | Subject)", sleepstudy, reml=False)
     assert ml.objective == pytest.approx(load_case("sleepstudy_ml")["objective"], rel=2e-7)
     assert ml.npar == 6
+
+
+def test_ai_reml_from_a_far_start_reaches_lme4_optimum():
+    """The first AI step from θ = 0.5 overshoots σ²_s below 0; it used to be put on the
+    boundary and kept there (objective 2,435 above lme4's, reported as converged)."""
+    case = load_case("insteval_reml")
+    m = hd.lmm(case["formula"], hd.datasets.load("insteval"), optimizer="ai")
+    assert m.objective == pytest.approx(case["objective"], rel=2e-7)
+    np.testing.assert_allclose(m.theta, case["theta"], rtol=1e-4)

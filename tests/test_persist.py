@@ -56,7 +56,8 @@ def test_new_levels_and_unseen_categories():
     new = data.iloc[:3].copy()
     new["s"] = new["s"].astype(str) + "-new"     # new student: population prediction for s
     expected = model.predict(new)
-    import tempfile, os
+    import os
+    import tempfile
     path = os.path.join(tempfile.mkdtemp(), "m.npz")
     model.save(path)
     saved = hd.load(path)

@@ -5,14 +5,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from conftest import DATA
 
 import henderson as hd
 from henderson.design import build_design
 from henderson.errors import DataError, FormulaError, RankDeficiencyWarning
 from henderson.mme import CrossProducts
 from henderson.streaming import chunked_design
-
-from conftest import DATA
 
 MODELS = [
     ("sleepstudy", "Reaction ~ Days + (Days | Subject)", {}),

@@ -144,14 +144,27 @@ def optimize_ai_reml(objective: Objective, start: np.ndarray, verbose: bool | in
         step = np.zeros_like(phi)
         try:
             step[free] = np.linalg.solve(state.ai[np.ix_(free, free)], state.score[free])
+            # a variance the step would turn negative moves to 1% of its value instead
+            # (not to 0: from a poor start, InstEval's θ = 0.5, the first step overshoots
+            # a variance far from 0), and the others take the Newton step given that
+            # move; a variance that keeps shrinking reaches the boundary below.
+            over = free & (phi + step < 0)
+            over[-1] = False
+            if over.any():
+                rest = free & ~over
+                step[over] = -0.99 * phi[over]
+                step[rest] = np.linalg.solve(
+                    state.ai[np.ix_(rest, rest)],
+                    state.score[rest] - state.ai[np.ix_(rest, over)] @ step[over])
         except np.linalg.LinAlgError:
             step[:] = np.nan
         accepted = False
         scale = 1.0
         while scale > 1e-3 and np.all(np.isfinite(step)):
             candidate = phi + scale * step
-            # a variance that would turn negative is put on the boundary instead
-            candidate[:-1] = np.maximum(candidate[:-1], 0.0)
+            variances = candidate[:-1]
+            variances[variances < 0] = 0.0
+            variances[variances < 1e-10 * max(candidate[-1], 0.0)] = 0.0
             if candidate[-1] > 0:
                 new_theta = np.sqrt(candidate[:-1] / candidate[-1])
                 new_value = objective(new_theta)

@@ -207,8 +207,8 @@ class SavedModel:
         """The estimates as ``summary()`` printed them (Wald t values)."""
         from .results import random_effects_lines
 
-        lines = [f"Linear mixed model fit by {'REML' if self.reml else 'maximum likelihood'} "
-                 "['henderson'], loaded from file",
+        method = "REML" if self.reml else "maximum likelihood"
+        lines = [f"Linear mixed model fit by {method} ['henderson'], loaded from file",
                  f"Formula: {self.formula}", "",
                  f"{'AIC':>10} {'BIC':>10} {'logLik':>10} {'REML crit' if self.reml else 'deviance':>10}",
                  f"{self.aic:10.1f} {self.bic:10.1f} {self.loglik:10.1f} {self.objective:10.1f}",

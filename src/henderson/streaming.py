@@ -19,17 +19,25 @@ from __future__ import annotations
 import copy
 import sys
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .design import (SPARSE_FIXED_LEVELS, Design, RandomTerm, _grouping_factor,
-                     _model_matrix, _used_columns, is_categorical, select_rows,
-                     with_categories)
+from .design import (
+    SPARSE_FIXED_LEVELS,
+    Design,
+    RandomTerm,
+    _grouping_factor,
+    _model_matrix,
+    _used_columns,
+    is_categorical,
+    select_rows,
+    with_categories,
+)
 from .errors import DataError, FormulaError, RankDeficiencyWarning
 from .formula import ParsedFormula, parse_formula
 from .mme import CrossProducts
@@ -222,7 +230,7 @@ class ChunkScan:
     ordered: dict[str, bool]          # True where the column is a pandas categorical
     weighted: bool
 
-    def merge(self, other: "ChunkScan") -> "ChunkScan":
+    def merge(self, other: ChunkScan) -> ChunkScan:
         combos = [pd.concat([a, b], ignore_index=True).drop_duplicates(ignore_index=True)
                   for a, b in zip(self.combos, other.combos)]
         values = {}
@@ -545,5 +553,12 @@ def as_chunk_source(data) -> ChunkedData | DaskData | None:
     return None
 
 
-__all__ = ["ChunkedData", "DaskData", "chunked", "chunked_design", "ChunkEncoder",
-           "ChunkScan", "as_chunk_source"]
+__all__ = [
+    "ChunkEncoder",
+    "ChunkScan",
+    "ChunkedData",
+    "DaskData",
+    "as_chunk_source",
+    "chunked",
+    "chunked_design",
+]
