@@ -61,3 +61,13 @@ def test_ai_reml_from_a_far_start_reaches_lme4_optimum():
     m = hd.lmm(case["formula"], hd.datasets.load("insteval"), optimizer="ai")
     assert m.objective == pytest.approx(case["objective"], rel=2e-7)
     np.testing.assert_allclose(m.theta, case["theta"], rtol=1e-4)
+
+
+def test_auto_optimizer_is_quasi_newton_from_50000_rows(sleepstudy):
+    assert hd.lmm("Reaction ~ Days + (Days | Subject)", sleepstudy) \
+        .optimizer_result.method == "bobyqa"
+    m = hd.lmm("y ~ service + (1 | s) + (1 | d)", hd.datasets.load("insteval"))
+    assert m.optimizer_result.method == "lbfgs" and m.converged
+    reference = hd.lmm("y ~ service + (1 | s) + (1 | d)", hd.datasets.load("insteval"),
+                       optimizer="bobyqa")
+    assert m.objective == pytest.approx(reference.objective, rel=1e-10)

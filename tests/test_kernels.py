@@ -99,3 +99,16 @@ def test_scatter_blocks_applies_lambda_on_both_sides():
     mask = positions.ravel() >= 0
     assert np.allclose(data[positions.ravel()[mask]], expected[mask])
     assert data[8] == 0.0  # the slot of the masked entry (1, 0, 2) is untouched
+
+
+def test_add_rows_equals_numpy_add_at():
+    from henderson.kernels import add_rows
+
+    rng = np.random.default_rng(3)
+    index = rng.integers(0, 7, 500)
+    values = rng.normal(size=(500, 3))
+    expected = np.zeros((7, 3))
+    np.add.at(expected, index, values)
+    out = np.zeros((7, 3))
+    add_rows(out, index, values)
+    np.testing.assert_allclose(out, expected, rtol=1e-13)

@@ -54,6 +54,10 @@ class _Progress:
         return value
 
 
+#: from this many rows ``optimizer="auto"`` takes the quasi-Newton optimiser
+LBFGS_MIN_ROWS = 50_000
+
+
 def optimize_bobyqa(objective: Objective, start: np.ndarray, lower: np.ndarray,
                     verbose: bool | int = False, max_evaluations: int = 100_000,
                     tolerance: float = 1e-10) -> OptimizerResult:
@@ -121,7 +125,13 @@ def optimize_lbfgs(objective: Objective, start: np.ndarray, lower: np.ndarray,
         return value, gradient
 
     bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower]
-    options = {"ftol": 1e-13, "gtol": 1e-6, "maxiter": 1000}
+    # the gradient's size scales with the objective's (the deviance of n rows): an
+    # absolute 1e-6 is out of reach at a million rows, where the line search then
+    # failed at the objective's noise floor for 12 more evaluations (34 in all, the
+    # optimum reached at 22); 1e-9 relative moves θ by far less than lme4 prints
+    start_value = objective(np.asarray(start, dtype=float))
+    scale = abs(start_value) if np.isfinite(start_value) else 1.0
+    options = {"ftol": 1e-13, "gtol": max(1e-6, 1e-9 * scale), "maxiter": 1000}
     result = minimize(value_and_gradient, start, jac=True, method="L-BFGS-B", bounds=bounds,
                       options=options)
     # θ_i = 0 is a stationary point of the profiled objective (it is even in the
@@ -235,8 +245,12 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
     if optimizer == "auto":
         has_known = any(t.level_precision is not None for t in design.terms)
         one_coef = all(t.n_coefs == 1 for t in design.terms)
-        optimizer = "ai" if (has_known and one_coef and reml and method == "mme"
-                             and design.has_rows) else "bobyqa"
+        if has_known and one_coef and reml and method == "mme" and design.has_rows:
+            optimizer = "ai"
+        elif method == "mme" and design.n_obs >= LBFGS_MIN_ROWS:
+            optimizer = "lbfgs"
+        else:
+            optimizer = "bobyqa"
     if optimizer == "ai":
         design.require_rows("optimizer='ai' (AI-REML's working variates)")
         from .aireml import optimize_ai_reml
@@ -294,10 +308,11 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
         Rows with NaN/inf in a used column raise a ``DataError`` or are dropped.
     optimizer : {"auto", "ai", "bobyqa", "lbfgs", "Powell", "Nelder-Mead", "L-BFGS-B"}
         ``"ai"``: average-information REML (the default for REML models with a known
-        level covariance and one coefficient per term); ``"bobyqa"``: lme4's
-        derivative-free optimiser (the default otherwise); ``"lbfgs"``: quasi-Newton
-        on the analytic gradient (selected inverse); or a bounded scipy method with
-        finite differences.
+        level covariance and one coefficient per term); ``"lbfgs"``: quasi-Newton
+        on the analytic gradient (selected inverse; the default from 50,000 rows,
+        where its ~25 evaluations beat BOBYQA's ~135: 1M-row crossed design 17-20 s
+        instead of 37-41 s); ``"bobyqa"``: lme4's derivative-free optimiser (the
+        default otherwise); or a bounded scipy method with finite differences.
     ordering : {"auto", "natural", "amd", "metis"}
         Fill-reducing ordering for CHOLMOD (``auto`` measures the candidates).
     verbose : bool or int

@@ -45,8 +45,8 @@ def scatter_blocks(lam_a, blocks, lam_b, positions, data):
     ``positions`` is -1 where an entry is not stored (upper triangle).
     """
     n_blocks, ka, kb = blocks.shape
+    tmp = np.empty((ka, kb))  # once: an allocation per block cost half of the fill
     for p in range(n_blocks):
-        tmp = np.zeros((ka, kb))
         for a in range(ka):
             for b in range(kb):
                 acc = 0.0
@@ -61,6 +61,16 @@ def scatter_blocks(lam_a, blocks, lam_b, positions, data):
                     for c in range(b, kb):
                         acc += tmp[a, c] * lam_b[c, b]
                     data[pos] += acc
+
+
+@numba.njit(**_NJIT)
+def add_rows(out, index, values):
+    """``out[index[p]] += values[p]`` (rows; repeated indices add), as ``np.add.at``
+    but ~20x faster."""
+    for p in range(len(index)):
+        r = index[p]
+        for a in range(values.shape[1]):
+            out[r, a] += values[p, a]
 
 
 @numba.njit(**_NJIT)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import kernels
 from .mme import MixedModelEquations, NotPositiveDefiniteError
 
 
@@ -119,11 +120,11 @@ def objective_gradient(objective: Objective, theta: np.ndarray) -> tuple[float, 
         k, nl = term.n_coefs, term.n_levels
         rows, cols = term.level_block_indices(offsets[t])
         inverse = selected.entries(rows.ravel(), cols.ravel()).reshape(nl, k, k)
-        traces[t] += np.einsum("lac,cd,ldb->ab", xp.diagonal[t], lams[t], inverse)
+        traces[t] += np.tensordot(xp.diagonal[t] @ lams[t], inverse, axes=([0, 2], [0, 1]))
     for (t, s), (pairs, blocks) in xp.crossed.items():
         kt, ks = design.terms[t].n_coefs, design.terms[s].n_coefs
-        np.add.at(v[t], pairs[:, 0], np.einsum("pab,pb->pa", blocks, blups[s][pairs[:, 1]]))
-        np.add.at(v[s], pairs[:, 1], np.einsum("pab,pa->pb", blocks, blups[t][pairs[:, 0]]))
+        kernels.add_rows(v[t], pairs[:, 0], np.einsum("pab,pb->pa", blocks, blups[s][pairs[:, 1]]))
+        kernels.add_rows(v[s], pairs[:, 1], np.einsum("pab,pa->pb", blocks, blups[t][pairs[:, 0]]))
         rows = offsets[s] + pairs[:, 1][:, None, None] * ks + np.arange(ks)[None, :, None]
         cols = offsets[t] + pairs[:, 0][:, None, None] * kt + np.arange(kt)[None, None, :]
         shape = (len(pairs), ks, kt)
@@ -137,7 +138,7 @@ def objective_gradient(objective: Objective, theta: np.ndarray) -> tuple[float, 
         pairs, blocks = xp.zx[t]
         if not len(pairs):
             continue
-        np.add.at(v[t], pairs[:, 0], blocks[:, :, 0] * beta[pairs[:, 1]][:, None])
+        kernels.add_rows(v[t], pairs[:, 0], blocks[:, :, 0] * beta[pairs[:, 1]][:, None])
         if objective.reml:
             k = term.n_coefs
             rows = np.broadcast_to((q + pairs[:, 1])[:, None], (len(pairs), k))

@@ -31,17 +31,13 @@ _NJIT = dict(nogil=True, cache=True)
 
 
 @numba.njit(**_NJIT)
-def _eliminate(data, a_take, b_ptr, b_rows, b_take, d_take, d_rows, d_cols, k, m):
-    """Cholesky of each A_l, W_l = B_l L_l⁻ᵀ and the lower triangle of S."""
-    n_levels = a_take.shape[0]
-    S = np.zeros((m, m))
-    for e in range(len(d_take)):
-        S[d_rows[e], d_cols[e]] += data[d_take[e]]
-    chol = np.zeros((n_levels, k, k))
-    W = np.zeros((len(b_rows), k))
+def _eliminate_levels(data, a_take, b_ptr, b_rows, b_take, k, lo, hi, chol, W, S):
+    """Levels ``lo .. hi-1``: Cholesky of each A_l, W_l = B_l L_l⁻ᵀ, and
+    ``S -= W_l W_l'`` on the lower triangle. Returns Σ log|A_l| (NaN if one is not
+    positive definite)."""
     logdet = 0.0
     A = np.empty((k, k))
-    for lev in range(n_levels):
+    for lev in range(lo, hi):
         for a in range(k):
             for b in range(a + 1):
                 A[a, b] = data[a_take[lev, a, b]]
@@ -51,7 +47,7 @@ def _eliminate(data, a_take, b_ptr, b_rows, b_take, d_take, d_rows, d_cols, k, m
             for c in range(j):
                 s -= chol[lev, j, c] * chol[lev, j, c]
             if s <= 0.0:
-                return S, chol, W, np.nan
+                return np.nan
             d = np.sqrt(s)
             chol[lev, j, j] = d
             logdet += 2.0 * np.log(d)
@@ -78,7 +74,29 @@ def _eliminate(data, a_take, b_ptr, b_rows, b_take, d_take, d_rows, d_cols, k, m
                     S[i, j] -= s
                 else:
                     S[j, i] -= s
-    return S, chol, W, logdet
+    return logdet
+
+
+@numba.njit(**_NJIT)
+def _eliminate(data, a_take, b_ptr, b_rows, b_take, d_take, d_rows, d_cols, k, chol, W, S):
+    """Cholesky of each A_l (into ``chol``), W_l = B_l L_l⁻ᵀ (into ``W``) and the lower
+    triangle of S (into ``S``); returns Σ log|A_l| (NaN if an A_l is not positive
+    definite).
+
+    The buffers are the caller's, reused from one θ to the next: allocating them
+    (~35 MB at a million rows) cost as much as the elimination. Serial on purpose:
+    OpenMP threads left spinning after a parallel region slowed the LAPACK Cholesky
+    of S that follows (InstEval: 45 -> 75 ms per evaluation), and on 2 cores a
+    chunked parallel elimination (a copy of S per thread) gained nothing at a
+    million rows (its scattered updates of S are bandwidth-bound)."""
+    m = S.shape[0]
+    for i in range(m):
+        for j in range(i + 1):
+            S[i, j] = 0.0
+    for e in range(len(d_take)):
+        S[d_rows[e], d_cols[e]] += data[d_take[e]]
+    return _eliminate_levels(data, a_take, b_ptr, b_rows, b_take, k, 0, a_take.shape[0],
+                             chol, W, S)
 
 
 @numba.njit(**_NJIT)
@@ -120,7 +138,11 @@ def _backward(chol, W, b_ptr, b_rows, y1, x2):
 @numba.njit(**_NJIT)
 def _level_inverses(chol, W, b_ptr, b_rows, s_inverse, limit):
     """Z_ll (n_levels, k, k) and Z_{R_l,l} (rows of B, k) from S⁻¹; B rows at or
-    beyond ``limit`` (fixed effects, for C_zz⁻¹) are left out."""
+    beyond ``limit`` (fixed effects, for C_zz⁻¹) are left out. S⁻¹[R_l, R_l] is read
+    once per pair (it is symmetric): the reads are what costs (0.32 -> 0.25 s at a
+    million rows). Serial on purpose: a parallel version (prange over level ranges)
+    left OpenMP threads spinning that slowed the next factorisation more (0.09 ->
+    0.27 s) than it saved."""
     n_levels, k, _ = chol.shape
     diag = np.zeros((n_levels, k, k))
     cross = np.zeros((len(b_rows), k))
@@ -159,11 +181,16 @@ def _level_inverses(chol, W, b_ptr, b_rows, s_inverse, limit):
         for i in range(c):
             for a in range(k):
                 SV[i, a] = 0.0
+        for i in range(c):
             row = rows[i]
-            for j in range(c):
+            for j in range(i):
                 sij = s_inverse[row, rows[j]]
                 for a in range(k):
                     SV[i, a] += sij * V[j, a]
+                    SV[j, a] += sij * V[i, a]
+            sii = s_inverse[row, row]
+            for a in range(k):
+                SV[i, a] += sii * V[i, a]
         for a in range(k):
             for b in range(k):
                 s = 0.0
@@ -269,6 +296,19 @@ class BlockEliminationEquations(MixedModelEquations):
         self.d_take = np.flatnonzero(in_d)
         self.d_rows, self.d_cols = rows[in_d] - q1, cols[in_d] - q1
         self.timings["symbolic"] = 0.0
+        self.level_chol = np.zeros((first.n_levels, k, k))
+        self.w = np.zeros((len(self.b_rows), k))
+        self._schur_buffer = np.zeros((self.m, self.m))
+
+    def __copy__(self):
+        """A shallow copy with its own numeric workspace (the bootstrap refits copies,
+        possibly in threads; the level factors and S are written in place)."""
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone.level_chol = self.level_chol.copy()
+        clone.w = self.w.copy()
+        clone._schur_buffer = np.zeros_like(self._schur_buffer)
+        return clone
 
     def factorize(self, theta) -> None:
         import time
@@ -279,9 +319,10 @@ class BlockEliminationEquations(MixedModelEquations):
         self.theta = None  # until this factorisation succeeds
         start = time.perf_counter()
         self.fill(theta)
-        S, self.level_chol, self.w, self.logdet_levels = _eliminate(
+        S = self._schur_buffer
+        self.logdet_levels = _eliminate(
             self.matrix.data, self.a_take, self.b_ptr, self.b_rows, self.b_take,
-            self.d_take, self.d_rows, self.d_cols, self.k, self.m)
+            self.d_take, self.d_rows, self.d_cols, self.k, self.level_chol, self.w, S)
         if not np.isfinite(self.logdet_levels):
             raise NotPositiveDefiniteError(f"C(θ) is not positive definite at θ={theta}")
         try:
