@@ -108,3 +108,17 @@ def test_predict_with_a_missing_model_file_fails_with_one_line(tmp_path, capsys)
     assert main(["predict", str(tmp_path / "none.npz"), str(tmp_path / "d.csv")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not found" in err[0]
+
+
+def test_fit_writes_parquet_tables(tmp_path):
+    data = hd.datasets.load("sleepstudy")
+    data.to_parquet(tmp_path / "sleep.parquet")
+    assert main(["fit", "Reaction ~ Days + (Days | Subject)", str(tmp_path / "sleep.parquet"),
+                 "--out", str(tmp_path / "out"), "--format", "parquet", "--quiet"]) == 0
+    api = hd.lmm("Reaction ~ Days + (Days | Subject)", data)
+    fixef = pd.read_parquet(tmp_path / "out" / "fixef.parquet").set_index("term")
+    np.testing.assert_allclose(fixef["estimate"], api.fixef, rtol=1e-8)
+    ranef = pd.read_parquet(tmp_path / "out" / "ranef_Subject.parquet").set_index("Subject")
+    np.testing.assert_allclose(ranef["Days_cond_sd"], api.ranef_sd["Subject"]["Days"], rtol=1e-6)
+    assert set(pd.read_parquet(tmp_path / "out" / "varcorr.parquet")["grp"]) == {
+        "Subject", "Residual"}

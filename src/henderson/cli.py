@@ -94,17 +94,18 @@ def fit_command(args, out=None, err=None) -> int:
     if args.out:
         folder = Path(args.out)
         folder.mkdir(parents=True, exist_ok=True)
+        write = _table_writer(args.format)
         fixed = model.fixef.to_frame()
         fixed["std_error"] = np.sqrt(np.diag(model.vcov.to_numpy()))
-        fixed.to_csv(folder / "fixef.csv", index_label="term")
-        model.varcorr.to_csv(folder / "varcorr.csv", index=False)
+        write(fixed.rename_axis("term").reset_index(), folder / "fixef")
+        write(model.varcorr, folder / "varcorr")
         for group, values in model.ranef.items():
             table = values.join(model.ranef_sd[group].add_suffix("_cond_sd"))
             term = next(t for t in model.design.terms if t.group == group)
             if term.level_precision is not None and term.n_coefs == 1:
                 bv = model.breeding_values(group)
                 table = table.join(bv[["pev", "reliability"]])
-            table.to_csv(folder / f"ranef_{group.replace(':', '_')}.csv")
+            write(table.reset_index(), folder / f"ranef_{group.replace(':', '_')}")
         summary = {"formula": args.formula, "reml": not args.ml, "nobs": model.nobs,
                    "objective": model.objective, "loglik": model.loglik, "aic": model.aic,
                    "bic": model.bic, "sigma": model.sigma, "theta": model.theta.tolist(),
@@ -116,6 +117,18 @@ def fit_command(args, out=None, err=None) -> int:
         model.save(args.save)
         say(f"model saved to {args.save}")
     return 0
+
+
+def _table_writer(kind: str):
+    """Write a DataFrame as ``path.csv`` or ``path.parquet``."""
+    def write(frame, path):
+        frame = frame.copy()
+        frame.columns = [str(c) for c in frame.columns]
+        if kind == "parquet":
+            frame.to_parquet(path.with_suffix(".parquet"), index=False)
+        else:
+            frame.to_csv(path.with_suffix(".csv"), index=False)
+    return write
 
 
 def predict_command(args, out=None, err=None) -> int:
@@ -145,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--animal", help="grouping factor that the pedigree belongs to "
                                        "(default: animal)")
     fit.add_argument("--ml", action="store_true", help="maximum likelihood instead of REML")
-    fit.add_argument("--out", help="folder for CSV results and summary.json")
+    fit.add_argument("--out", help="folder for the results (fixef, varcorr, ranef_<group>) "
+                                   "and summary.json")
+    fit.add_argument("--format", choices=["csv", "parquet"], default="csv",
+                     help="file format of the result tables (default csv)")
     fit.add_argument("--quiet", action="store_true", help="no progress on stderr")
     fit.add_argument("--chunked", action="store_true",
                      help="stream the file in chunks (out of core: memory bounded by the "

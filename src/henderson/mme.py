@@ -236,17 +236,27 @@ class _PatternBuilder:
         return len(self.sizes) - 1
 
     def build(self, inverse_perm: np.ndarray, size: int):
-        rows = inverse_perm[np.concatenate(self.rows)]
-        cols = inverse_perm[np.concatenate(self.cols)]
-        lower_rows = np.maximum(rows, cols)
-        lower_cols = np.minimum(rows, cols)
-        keys = lower_cols * size + lower_rows
+        # one key per contribution, (column, row) of the lower triangle, built piece by
+        # piece and the pieces freed as they go: the pattern of a million-row crossed
+        # design is ~3M contributions, and whole-array temporaries set the peak memory
+        keys = np.empty(sum(self.sizes), dtype=np.int64)
+        start = 0
+        while self.rows:
+            rows = inverse_perm[self.rows.pop(0)]
+            cols = inverse_perm[self.cols.pop(0)]
+            piece = keys[start:start + len(rows)]
+            np.minimum(rows, cols, out=piece)
+            piece *= size
+            piece += np.maximum(rows, cols, out=rows)
+            start += len(rows)
+            del rows, cols
         unique_keys, slot = np.unique(keys, return_inverse=True)
+        del keys
         indptr = np.zeros(size + 1, dtype=np.int64)
         np.add.at(indptr, (unique_keys // size) + 1, 1)
         indptr = np.cumsum(indptr)
         indices = (unique_keys % size).astype(np.int64)
-        slots = np.split(slot.astype(np.int64), np.cumsum(self.sizes)[:-1])
+        slots = np.split(slot.astype(np.int64, copy=False), np.cumsum(self.sizes)[:-1])
         return indptr, indices, slots
 
 

@@ -93,6 +93,10 @@ class Objective:
         return float(np.sqrt(evaluation.penalized_rss / self.dof))
 
 
+#: pairs of levels (or of level and fixed column) handled at once in the gradient
+PAIR_SLICE = 1 << 16
+
+
 def objective_gradient(objective: Objective, theta: np.ndarray) -> tuple[float, np.ndarray]:
     """The objective and its analytic gradient in θ (DESIGN.md section 4).
 
@@ -121,30 +125,38 @@ def objective_gradient(objective: Objective, theta: np.ndarray) -> tuple[float, 
         rows, cols = term.level_block_indices(offsets[t])
         inverse = selected.entries(rows.ravel(), cols.ravel()).reshape(nl, k, k)
         traces[t] += np.tensordot(xp.diagonal[t] @ lams[t], inverse, axes=([0, 2], [0, 1]))
-    for (t, s), (pairs, blocks) in xp.crossed.items():
+    # the pair lists run to millions (a million rows of a crossed design): they are
+    # taken in slices so that the index and entry arrays stay small (peak memory)
+    for (t, s), (all_pairs, all_blocks) in xp.crossed.items():
         kt, ks = design.terms[t].n_coefs, design.terms[s].n_coefs
-        kernels.add_rows(v[t], pairs[:, 0], np.einsum("pab,pb->pa", blocks, blups[s][pairs[:, 1]]))
-        kernels.add_rows(v[s], pairs[:, 1], np.einsum("pab,pa->pb", blocks, blups[t][pairs[:, 0]]))
-        rows = offsets[s] + pairs[:, 1][:, None, None] * ks + np.arange(ks)[None, :, None]
-        cols = offsets[t] + pairs[:, 0][:, None, None] * kt + np.arange(kt)[None, None, :]
-        shape = (len(pairs), ks, kt)
-        inverse = selected.entries(np.broadcast_to(rows, shape).ravel(),
-                                   np.broadcast_to(cols, shape).ravel()).reshape(shape)
-        # Σ_p B_p Λ_s Q_p and Σ_p B_p' Λ_t Q_p': contract over the pairs first (BLAS)
-        paired = np.tensordot(blocks, inverse, axes=([0], [0]))   # (a, c, d, b) = Σ_p B[a,c] Q[d,b]
-        traces[t] += np.einsum("acdb,cd->ab", paired, lams[s])
-        traces[s] += np.einsum("cabd,cd->ab", paired, lams[t])
+        for start in range(0, len(all_pairs), PAIR_SLICE):
+            pairs = all_pairs[start:start + PAIR_SLICE]
+            blocks = all_blocks[start:start + PAIR_SLICE]
+            kernels.add_rows(v[t], pairs[:, 0],
+                             np.einsum("pab,pb->pa", blocks, blups[s][pairs[:, 1]]))
+            kernels.add_rows(v[s], pairs[:, 1],
+                             np.einsum("pab,pa->pb", blocks, blups[t][pairs[:, 0]]))
+            rows = offsets[s] + pairs[:, 1][:, None, None] * ks + np.arange(ks)[None, :, None]
+            cols = offsets[t] + pairs[:, 0][:, None, None] * kt + np.arange(kt)[None, None, :]
+            shape = (len(pairs), ks, kt)
+            inverse = selected.entries(np.broadcast_to(rows, shape).ravel(),
+                                       np.broadcast_to(cols, shape).ravel()).reshape(shape)
+            # Σ_p B_p Λ_s Q_p and Σ_p B_p' Λ_t Q_p': contract over the pairs first (BLAS)
+            paired = np.tensordot(blocks, inverse, axes=([0], [0]))  # Σ_p B[a,c] Q[d,b]
+            traces[t] += np.einsum("acdb,cd->ab", paired, lams[s])
+            traces[s] += np.einsum("cabd,cd->ab", paired, lams[t])
     for t, term in enumerate(design.terms):
-        pairs, blocks = xp.zx[t]
-        if not len(pairs):
-            continue
-        kernels.add_rows(v[t], pairs[:, 0], blocks[:, :, 0] * beta[pairs[:, 1]][:, None])
-        if objective.reml:
-            k = term.n_coefs
-            rows = np.broadcast_to((q + pairs[:, 1])[:, None], (len(pairs), k))
-            cols = offsets[t] + pairs[:, 0][:, None] * k + np.arange(k)[None, :]
-            inverse = selected.entries(rows.ravel(), cols.ravel()).reshape(len(pairs), k)
-            traces[t] += np.einsum("pa,pb->ab", blocks[:, :, 0], inverse)
+        all_pairs, all_blocks = xp.zx[t]
+        k = term.n_coefs
+        for start in range(0, len(all_pairs), PAIR_SLICE):
+            pairs = all_pairs[start:start + PAIR_SLICE]
+            blocks = all_blocks[start:start + PAIR_SLICE]
+            kernels.add_rows(v[t], pairs[:, 0], blocks[:, :, 0] * beta[pairs[:, 1]][:, None])
+            if objective.reml:
+                rows = np.broadcast_to((q + pairs[:, 1])[:, None], (len(pairs), k))
+                cols = offsets[t] + pairs[:, 0][:, None] * k + np.arange(k)[None, :]
+                inverse = selected.entries(rows.ravel(), cols.ravel()).reshape(len(pairs), k)
+                traces[t] += np.einsum("pa,pb->ab", blocks[:, :, 0], inverse)
     gradient = []
     prss = evaluation.penalized_rss
     for t, term in enumerate(design.terms):

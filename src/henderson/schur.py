@@ -276,25 +276,38 @@ class BlockEliminationEquations(MixedModelEquations):
         self.first, self.k = first.n_columns, first.n_coefs
         q1, k, size = self.first, self.k, self.size
         self.m = size - q1
-        cols = np.repeat(np.arange(size), np.diff(self.indptr))
-        rows = self.indices.astype(np.int64)
-        in_b = (cols < q1) & (rows >= q1)
+        # C is stored by columns, lower triangle: the first q1 columns hold the level
+        # blocks A and, below them, B; the rest is D. Slices by column, no per-entry
+        # column array over all of C (peak memory at a million rows).
+        indptr, indices = self.indptr, self.indices
+        first_end = int(indptr[q1])
+        rows = indices[:first_end].astype(np.int64)
+        cols = np.repeat(np.arange(q1, dtype=np.int64), np.diff(indptr[:q1 + 1]))
+        in_b = rows >= q1
         # B: per level, the rows (shared by the level's k columns) and their slots
-        b_cols, b_rows_all, b_slots = cols[in_b], rows[in_b] - q1, np.flatnonzero(in_b)
+        b_slots = np.flatnonzero(in_b)
+        b_rows_all = rows[in_b] - q1
+        b_cols = cols[in_b]
+        del rows, cols, in_b
         level, coef = b_cols // k, b_cols % k
+        del b_cols
         order = np.lexsort((coef, b_rows_all, level))
-        level, coef, b_rows_all, b_slots = level[order], coef[order], b_rows_all[order], b_slots[order]
+        level, coef = level[order], coef[order]
+        b_rows_all, b_slots = b_rows_all[order], b_slots[order]
+        del order
         keep = coef == 0
         self.b_rows = b_rows_all[keep]
         self.b_ptr = np.concatenate([[0], np.cumsum(np.bincount(level[keep],
                                                                 minlength=first.n_levels))])
+        del level, coef, keep, b_rows_all
         self.b_take = b_slots.reshape(-1, k) if k > 1 else b_slots[:, None]
         if len(self.b_take) != len(self.b_rows):
             raise AssertionError("B blocks of a level must share their rows")
         self.a_take = np.where(self.diag_positions[0] >= 0, self.diag_positions[0], 0)
-        in_d = cols >= q1
-        self.d_take = np.flatnonzero(in_d)
-        self.d_rows, self.d_cols = rows[in_d] - q1, cols[in_d] - q1
+        self.d_take = np.arange(first_end, len(indices), dtype=np.int64)
+        self.d_rows = indices[first_end:].astype(np.int64) - q1
+        self.d_cols = np.repeat(np.arange(size - q1, dtype=np.int64),
+                                np.diff(indptr[q1:]))
         self.timings["symbolic"] = 0.0
         self.level_chol = np.zeros((first.n_levels, k, k))
         self.w = np.zeros((len(self.b_rows), k))
