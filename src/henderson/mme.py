@@ -147,7 +147,7 @@ class CrossProducts:
         )
 
 
-    def add(self, other: "CrossProducts") -> "CrossProducts":
+    def add(self, other: CrossProducts) -> CrossProducts:
         """Add the cross-products of other rows (same terms, levels and fixed columns),
         in place; returns ``self``. Cross-products add over rows, which is what chunked
         and Dask fits rest on."""
@@ -168,7 +168,7 @@ class CrossProducts:
         self.sum_log_weights += other.sum_log_weights
         return self
 
-    def drop_fixed(self, keep: np.ndarray) -> "CrossProducts":
+    def drop_fixed(self, keep: np.ndarray) -> CrossProducts:
         """The cross-products with only the fixed-effect columns ``keep``."""
         keep = np.asarray(keep, dtype=np.int64)
         new_index = np.full(self.xy.shape[0], -1, dtype=np.int64)

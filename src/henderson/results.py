@@ -288,15 +288,14 @@ class LinearMixedModel:
     def ranef_sd(self) -> dict[str, pd.DataFrame]:
         """Conditional SDs of the BLUPs, as lme4's ``condVar`` (computed on first use:
         a selected inverse of C_zz)."""
+        return self._tables(self._conditional_sds())
+
+    def _conditional_sds(self) -> list[np.ndarray]:
+        """Per term, the (levels x k) conditional SDs behind ``ranef_sd``."""
         if self._ranef_sd is None:
             variances = self._compute_conditional_variances()
             self._ranef_sd = [np.sqrt(np.maximum(np.diagonal(v, axis1=1, axis2=2), 0.0))
                               for v in variances]
-        return self._tables(self._ranef_sd)
-
-    def _conditional_sds(self) -> list[np.ndarray]:
-        """Per term, the (levels x k) conditional SDs behind ``ranef_sd``."""
-        self.ranef_sd
         return self._ranef_sd
 
     def save(self, path, conditional_sd: bool = True):
