@@ -50,3 +50,17 @@ def test_profiled_sigma_is_the_minimiser_of_the_unprofiled_criterion(sleepstudy)
     assert objective.at_sigma(evaluation, sigma2) == pytest.approx(evaluation.objective, rel=1e-12)
     for factor in (0.9, 1.1):
         assert objective.at_sigma(evaluation, sigma2 * factor) > evaluation.objective
+
+
+@pytest.mark.parametrize("strategy", ["cholmod", "schur"])
+def test_non_finite_theta_is_an_error_not_a_nan_objective(sleepstudy, strategy):
+    """CHOLMOD factored C(NaN) silently: every log-determinant and solution was NaN."""
+    from henderson.mme import NotPositiveDefiniteError
+    from henderson.schur import BlockEliminationEquations
+
+    design = hd.build_design("Reaction ~ Days + (Days | Subject)", sleepstudy)
+    mme = MixedModelEquations(design) if strategy == "cholmod" \
+        else BlockEliminationEquations(design)
+    with pytest.raises(NotPositiveDefiniteError, match="θ"):
+        mme.factorize(np.array([np.nan, 0.1, 0.2]))
+    assert Objective(mme, reml=True)(np.array([np.inf, 0.1, 0.2])) == np.inf

@@ -605,6 +605,9 @@ class MixedModelEquations:
         if self.theta is not None and np.array_equal(theta, self.theta):
             return
         self.theta = None  # until this factorisation succeeds
+        if not np.all(np.isfinite(theta)):
+            # CHOLMOD factors a NaN matrix without complaint and every result is NaN
+            raise NotPositiveDefiniteError(f"C(θ) is not defined at θ={theta}")
         start = time.perf_counter()
         self.fill(theta)
         try:
