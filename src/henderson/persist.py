@@ -163,17 +163,11 @@ class SavedModel:
         return {g: f[0] if len(f) == 1 else pd.concat(f, axis=1) for g, f in frames.items()}
 
     def _varcorr(self) -> pd.DataFrame:
-        rows = []
-        for term, cov in zip(self._terms, self._covariances):
-            sd = np.sqrt(np.diag(cov))
-            coefs = term["coef_names"]
-            rows += [(term["name"], c, None, cov[a, a], sd[a]) for a, c in enumerate(coefs)]
-            for a in range(len(coefs)):
-                for b in range(a + 1, len(coefs)):
-                    corr = cov[b, a] / (sd[a] * sd[b]) if sd[a] * sd[b] > 0 else np.nan
-                    rows.append((term["name"], coefs[a], coefs[b], cov[b, a], corr))
-        rows.append(("Residual", None, None, self.sigma ** 2, self.sigma))
-        return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
+        from .results import varcorr_table
+
+        return varcorr_table([t["name"] for t in self._terms],
+                             [t["coef_names"] for t in self._terms],
+                             self._covariances, self.sigma)
 
     def predict(self, newdata: pd.DataFrame, re: bool = True) -> np.ndarray:
         """Predictions ``X β̂ (+ Z b̂)`` for new rows, as the fitted model's ``predict``

@@ -29,6 +29,23 @@ def _group_names(design: Design) -> list[str]:
     return names
 
 
+def varcorr_table(names: list[str], coef_names: list[list[str]],
+                  covariances: list[np.ndarray], sigma: float) -> pd.DataFrame:
+    """lme4's ``as.data.frame(VarCorr(m))``: variances and SDs, then covariances and
+    correlations, term by term, and the residual."""
+    rows = []
+    for name, coefs, cov in zip(names, coef_names, covariances):
+        sd = np.sqrt(np.diag(cov))
+        rows += [(name, coef, None, cov[a, a], sd[a]) for a, coef in enumerate(coefs)]
+        for a in range(len(coefs)):
+            for b in range(a + 1, len(coefs)):
+                denom = sd[a] * sd[b]
+                corr = cov[b, a] / denom if denom > 0 else np.nan
+                rows.append((name, coefs[a], coefs[b], cov[b, a], corr))
+    rows.append(("Residual", None, None, sigma ** 2, sigma))
+    return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
+
+
 def random_effects_lines(names: list[str], coef_names: list[list[str]],
                          covariances: list[np.ndarray], sigma: float) -> list[str]:
     """The "Random effects:" table of ``summary()``, as lme4 prints it."""
@@ -323,23 +340,9 @@ class LinearMixedModel:
 
     # ------------------------------------------------------------ variance components
     def _varcorr_table(self) -> pd.DataFrame:
-        rows = []
-        sigma2 = self.sigma ** 2
-        for name, term, lam in zip(_group_names(self.design), self.design.terms,
-                                   self._relative_factors):
-            cov = sigma2 * lam @ lam.T
-            sd = np.sqrt(np.diag(cov))
-            for a, coef in enumerate(term.coef_names):
-                rows.append((name, coef, None, cov[a, a], sd[a]))
-            k = term.n_coefs
-            for a in range(k):
-                for b in range(a + 1, k):
-                    denom = sd[a] * sd[b]
-                    corr = cov[b, a] / denom if denom > 0 else np.nan
-                    rows.append((name, term.coef_names[a], term.coef_names[b],
-                                 cov[b, a], corr))
-        rows.append(("Residual", None, None, sigma2, self.sigma))
-        return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
+        return varcorr_table(_group_names(self.design),
+                             [t.coef_names for t in self.design.terms],
+                             list(self.covariance_matrices().values()), self.sigma)
 
     def covariance_matrices(self) -> dict[str, np.ndarray]:
         """The k x k covariance matrix σ² Λ_t Λ_t' of every term, by VarCorr name."""
