@@ -414,6 +414,82 @@ def _wants_sparse_fixed(formula: ParsedFormula, frame: pd.DataFrame, sparse_fixe
     return levels > SPARSE_FIXED_LEVELS
 
 
+def level_labels(frame: pd.DataFrame, factors) -> np.ndarray:
+    """The level label of every row, as :func:`_grouping_factor` names levels
+    (``"a:b"`` for an interaction)."""
+    parts = [frame[name].astype(str).to_numpy() for name in factors]
+    if len(parts) == 1:
+        return parts[0]
+    out = parts[0].astype(object)
+    for part in parts[1:]:
+        out = out + ":" + part
+    return out
+
+
+def check_columns(columns: list[str], available) -> None:
+    """A :class:`FormulaError` naming the columns the model needs and the data lacks."""
+    available = list(available)
+    absent = [c for c in columns if c not in available]
+    if absent:
+        raise FormulaError(
+            f"column(s) {', '.join(map(repr, absent))} not found in data "
+            f"(available: {', '.join(map(str, available[:20]))})"
+        )
+
+
+def known_relationships(formula: ParsedFormula, relationships: dict | None) -> dict:
+    """Grouping factor -> :class:`~henderson.RelationshipMatrix`, each a factor of the
+    formula's random terms."""
+    from .genomic import as_relationship
+
+    relationships = dict(relationships or {})
+    unknown = [g for g in relationships if g not in {b.group for b in formula.bars}]
+    if unknown:
+        raise FormulaError(f"relationships given for {', '.join(map(repr, unknown))}, which "
+                           "is not the grouping factor of any random term")
+    return {group: as_relationship(known) for group, known in relationships.items()}
+
+
+def levels_not_in_relationship(group: str, labels: np.ndarray) -> DataError:
+    """The error for records whose level the relationship matrix lacks."""
+    absent = pd.unique(labels)
+    return DataError(f"{len(absent)} level(s) of {group!r} are not in its relationship "
+                     f"matrix: {', '.join(map(str, absent[:10]))}")
+
+
+def check_levels(bar: RandomBar, levels: pd.Index) -> None:
+    """A random effect needs a grouping factor with two levels or more."""
+    if len(levels) < 2:
+        raise DataError(
+            f"grouping factor {bar.group!r} has a single level "
+            f"({levels[0]!r}); a random effect needs at least 2"
+        )
+
+
+def random_term(bar: RandomBar, level_codes: np.ndarray, levels: pd.Index, z: np.ndarray,
+                coef_names: list[str], z_spec, known, n_obs: int) -> RandomTerm:
+    """The :class:`RandomTerm` of a bar, with its known level covariance (or None),
+    after the checks every design makes: columns, two levels, fewer random effects
+    than observations."""
+    if not coef_names:
+        raise FormulaError(f"random term ({bar.lhs} | {bar.group}) has no columns")
+    term = RandomTerm(bar.group, level_codes, levels, z, coef_names, z_spec=z_spec,
+                      factors=bar.factors)
+    if known is not None:
+        term.level_precision = known.precision()
+        term.logdet_level_covariance = known.logdet()
+        term.level_variance = known.diagonal()
+        return term
+    check_levels(bar, levels)
+    if term.n_columns >= n_obs:
+        raise DataError(
+            f"number of observations (={n_obs}) <= number of random effects "
+            f"(={term.n_columns}) for term ({bar.lhs} | {bar.group}); the "
+            "random-effects parameters and the residual variance are unidentifiable"
+        )
+    return term
+
+
 def build_design(
     formula: str | ParsedFormula,
     data: pd.DataFrame,
@@ -462,12 +538,7 @@ def build_design(
     if missing not in ("raise", "drop"):
         raise ValueError("missing must be 'raise' or 'drop'")
     columns = _used_columns(parsed, data.columns)
-    absent = [c for c in columns if c not in data.columns]
-    if absent:
-        raise FormulaError(
-            f"column(s) {', '.join(map(repr, absent))} not found in data "
-            f"(available: {', '.join(map(str, data.columns[:20]))})"
-        )
+    check_columns(columns, data.columns)
     frame, weight_values = select_rows(data, columns, weights, missing)
 
     y_col = frame[parsed.response]
@@ -482,49 +553,20 @@ def build_design(
     else:
         X, fixed_names, fixed_spec = _model_matrix(parsed.fixed, frame)
         X, fixed_names, dropped = _drop_aliased(X, fixed_names)
-    relationships = dict(relationships or {})
-    unknown = [g for g in relationships if g not in {b.group for b in parsed.bars}]
-    if unknown:
-        raise FormulaError(f"relationships given for {', '.join(map(repr, unknown))}, which "
-                           "is not the grouping factor of any random term")
-
+    relationships = known_relationships(parsed, relationships)
     terms: list[RandomTerm] = []
     for bar in parsed.bars:
         z, coef_names, z_spec = _model_matrix(bar.lhs, frame)
-        if z.shape[1] == 0:
-            raise FormulaError(f"random term ({bar.lhs} | {bar.group}) has no columns")
-        if bar.group in relationships:
-            from .genomic import as_relationship
-
-            known = as_relationship(relationships[bar.group])
-            labels = frame[bar.factors[0]].astype(str).to_numpy()
-            codes = known.labels.get_indexer(labels).astype(np.int64)
+        known = relationships.get(bar.group)
+        if known is not None:
+            labels = level_labels(frame, bar.factors)
+            levels = pd.Index(known.labels, name=bar.group)
+            codes = levels.get_indexer(labels).astype(np.int64)
             if np.any(codes < 0):
-                absent = pd.unique(labels[codes < 0])
-                raise DataError(
-                    f"{len(absent)} level(s) of {bar.group!r} are not in its relationship "
-                    f"matrix: {', '.join(map(str, absent[:10]))}")
-            terms.append(RandomTerm(bar.group, codes, pd.Index(known.labels, name=bar.group),
-                                    z, coef_names, level_precision=known.precision(),
-                                    logdet_level_covariance=known.logdet(),
-                                    level_variance=known.diagonal(), z_spec=z_spec,
-                                    factors=bar.factors))
-            continue
-        codes, levels = _grouping_factor(frame, bar)
-        term = RandomTerm(bar.group, codes, levels, z, coef_names, z_spec=z_spec,
-                          factors=bar.factors)
-        if term.n_levels < 2:
-            raise DataError(
-                f"grouping factor {bar.group!r} has a single level "
-                f"({levels[0]!r}); a random effect needs at least 2"
-            )
-        if term.n_columns >= n:
-            raise DataError(
-                f"number of observations (={n}) <= number of random effects "
-                f"(={term.n_columns}) for term ({bar.lhs} | {bar.group}); the "
-                "random-effects parameters and the residual variance are unidentifiable"
-            )
-        terms.append(term)
+                raise levels_not_in_relationship(bar.group, labels[codes < 0])
+        else:
+            codes, levels = _grouping_factor(frame, bar)
+        terms.append(random_term(bar, codes, levels, z, coef_names, z_spec, known, n))
     if not terms:
         raise FormulaError(
             f"formula {parsed.text!r} has no random term '(... | group)'; "

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .design import lme4_column_name, with_categories
-from .errors import DataError, FormulaError
+from .errors import DataError
 
 FORMAT = "henderson-model"
 VERSION = 1
@@ -174,15 +174,15 @@ class SavedModel:
         (a level not seen in the fit contributes 0)."""
         import formulaic
 
+        from .results import blup_contribution, check_newdata
+
         header = self._header
         needed = set(formulaic.Formula(header["fixed"]).required_variables)
         if re:
             for term in self._terms:
                 needed |= set(formulaic.Formula(term["covariates"]).required_variables)
                 needed |= set(term["factors"])
-        absent = sorted(c for c in needed if c not in newdata.columns)
-        if absent:
-            raise FormulaError(f"newdata lacks column(s) {', '.join(map(repr, absent))}")
+        check_newdata(newdata, needed)
         frame = with_categories(newdata[sorted(needed)].reset_index(drop=True),
                                 header["categories"])
         prediction = _model_matrix(header["fixed"], frame)[self.fixef.index].to_numpy() \
@@ -191,10 +191,7 @@ class SavedModel:
             return prediction
         for term, levels, b in zip(self._terms, self._levels, self._b):
             z = _model_matrix(term["covariates"], frame)[term["coef_names"]].to_numpy()
-            labels = newdata[list(term["factors"])].astype(str).agg(":".join, axis=1)
-            codes = levels.get_indexer(labels)
-            known = codes >= 0
-            prediction[known] += np.einsum("ik,ik->i", z[known], b[codes[known]])
+            prediction += blup_contribution(newdata, term["factors"], levels, z, b)
         return prediction
 
     def summary(self) -> str:

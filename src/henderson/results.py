@@ -29,6 +29,28 @@ def _group_names(design: Design) -> list[str]:
     return names
 
 
+def check_newdata(newdata: pd.DataFrame, needed) -> None:
+    """A :class:`FormulaError` naming the columns prediction needs and newdata lacks."""
+    from .errors import FormulaError
+
+    absent = sorted(c for c in needed if c not in newdata.columns)
+    if absent:
+        raise FormulaError(f"newdata lacks column(s) {', '.join(map(repr, absent))}")
+
+
+def blup_contribution(newdata: pd.DataFrame, factors, levels: pd.Index, z: np.ndarray,
+                      b: np.ndarray) -> np.ndarray:
+    """``z_i · b[level_i]`` for every row of newdata; 0 for a level not seen in the
+    fit (the population prediction, as lme4's ``allow.new.levels=TRUE``)."""
+    from .design import level_labels
+
+    codes = pd.Index(levels.astype(str)).get_indexer(level_labels(newdata, factors))
+    out = np.zeros(len(newdata))
+    seen = codes >= 0
+    out[seen] = np.einsum("ik,ik->i", z[seen], b[codes[seen]])
+    return out
+
+
 def varcorr_table(names: list[str], coef_names: list[list[str]],
                   covariances: list[np.ndarray], sigma: float) -> pd.DataFrame:
     """lme4's ``as.data.frame(VarCorr(m))``: variances and SDs, then covariances and
@@ -392,16 +414,14 @@ class LinearMixedModel:
         >>> m.predict(new).round(2).tolist()
         [253.66, 356.08]
         """
-        from .errors import DataError, FormulaError
+        from .errors import DataError
 
         design = self.design
         needed = set(design.fixed_spec.required_variables)
         if re:
             for term in design.terms:
                 needed |= set(term.z_spec.required_variables) | set(term.factors)
-        absent = sorted(c for c in needed if c not in newdata.columns)
-        if absent:
-            raise FormulaError(f"newdata lacks column(s) {', '.join(map(repr, absent))}")
+        check_newdata(newdata, needed)
         try:
             X = design.fixed_spec.get_model_matrix(newdata, na_action="raise")
         except Exception as exc:
@@ -415,11 +435,8 @@ class LinearMixedModel:
         offsets = design.column_offsets()
         for t, term in enumerate(design.terms):
             z = np.asarray(term.z_spec.get_model_matrix(newdata, na_action="raise"), dtype=float)
-            labels = newdata[list(term.factors)].astype(str).agg(":".join, axis=1)
-            codes = pd.Index(term.levels.astype(str)).get_indexer(labels)
             b = self._b[offsets[t]:offsets[t + 1]].reshape(term.n_levels, term.n_coefs)
-            known = codes >= 0
-            prediction[known] += np.einsum("ik,ik->i", z[known], b[codes[known]])
+            prediction += blup_contribution(newdata, term.factors, term.levels, z, b)
         return prediction
 
     # ------------------------------------------------------------ matrices of the model

@@ -34,7 +34,13 @@ from .design import (
     _grouping_factor,
     _model_matrix,
     _used_columns,
+    check_columns,
+    check_levels,
     is_categorical,
+    known_relationships,
+    level_labels,
+    levels_not_in_relationship,
+    random_term,
     select_rows,
     with_categories,
 )
@@ -286,10 +292,6 @@ class _Plan:
                          bool(np.any(weights != 1.0)))
 
 
-def _merge_scans(a: ChunkScan, b: ChunkScan) -> ChunkScan:
-    return a.merge(b)
-
-
 # ---------------------------------------------------------------- pass 2: cross-products
 @dataclass
 class _ChunkProducts:
@@ -316,12 +318,14 @@ def _add_products(a: _ChunkProducts, b: _ChunkProducts) -> _ChunkProducts:
 @dataclass
 class ChunkEncoder:
     """Turns one chunk into a :class:`Design` whose level codes, fixed columns and
-    categories are those of the whole data."""
+    categories are those of the whole data. Its terms carry no level covariance: the
+    cross-products do not need it, and a pedigree's A⁻¹ need not travel to every Dask
+    task."""
 
     plan: _Plan
     categories: dict[str, list]
     levels: list[pd.Index]            # per bar, in formula order
-    known: dict                        # bar index -> RelationshipMatrix
+    known_bars: frozenset             # bars whose levels are a relationship matrix's
     term_order: list[int]
     sparse_fixed: bool
 
@@ -340,18 +344,11 @@ class ChunkEncoder:
         for b, bar in enumerate(plan.formula.bars):
             z, coef_names, z_spec = _model_matrix(bar.lhs, frame)
             codes = _level_codes(frame, bar.factors, self.levels[b])
-            if np.any(codes < 0):
-                absent = pd.unique(_labels(frame, bar.factors)[codes < 0])
-                raise DataError(
-                    f"{len(absent)} level(s) of {bar.group!r} are not in its relationship "
-                    f"matrix: {', '.join(map(str, absent[:10]))}")
-            known = self.known.get(b)
-            terms.append(RandomTerm(
-                bar.group, codes, self.levels[b], z, coef_names,
-                level_precision=None if known is None else known.precision(),
-                logdet_level_covariance=0.0 if known is None else known.logdet(),
-                level_variance=None if known is None else known.diagonal(),
-                z_spec=z_spec, factors=bar.factors))
+            if np.any(codes < 0):  # the scan saw every level, except of known matrices
+                raise levels_not_in_relationship(
+                    bar.group, level_labels(frame, bar.factors)[codes < 0])
+            terms.append(RandomTerm(bar.group, codes, self.levels[b], z, coef_names,
+                                    z_spec=z_spec, factors=bar.factors))
         stateful = [name for spec in [fixed_spec] + [t.z_spec for t in terms]
                     for name in spec.transform_state]
         if stateful:
@@ -371,17 +368,6 @@ class ChunkEncoder:
                               design.fixed_spec, [t.z_spec for t in design.terms])
 
 
-def _labels(frame: pd.DataFrame, factors) -> np.ndarray:
-    """Level labels of the rows as :func:`_grouping_factor` names levels."""
-    parts = [frame[name].astype(str).to_numpy() for name in factors]
-    if len(parts) == 1:
-        return parts[0]
-    out = parts[0].astype(object)
-    for part in parts[1:]:
-        out = out + ":" + part
-    return out
-
-
 def _level_codes(frame: pd.DataFrame, factors, levels: pd.Index) -> np.ndarray:
     column = frame[factors[0]]
     if len(factors) == 1 and isinstance(column.dtype, pd.CategoricalDtype):
@@ -389,7 +375,7 @@ def _level_codes(frame: pd.DataFrame, factors, levels: pd.Index) -> np.ndarray:
         per_category = levels.get_indexer(column.cat.categories.astype(str))
         codes = column.cat.codes.to_numpy()
         return np.where(codes >= 0, per_category[codes], -1).astype(np.int64)
-    return levels.get_indexer(_labels(frame, factors)).astype(np.int64)
+    return levels.get_indexer(level_labels(frame, factors)).astype(np.int64)
 
 
 # ---------------------------------------------------------------- the whole stage
@@ -441,48 +427,35 @@ def chunked_design(formula, source, weights: str | None = None, missing: str = "
     if weights is not None and not isinstance(weights, str):
         raise DataError("a chunked fit takes prior weights as a column name")
     columns = _used_columns(parsed, source.columns)
-    absent = [c for c in columns + ([weights] if weights else []) if c not in source.columns]
-    if absent:
-        raise FormulaError(
-            f"column(s) {', '.join(map(repr, absent))} not found in data "
-            f"(available: {', '.join(map(str, source.columns[:20]))})")
+    check_columns(columns + ([weights] if weights else []), source.columns)
     import formulaic
 
     covariates = sorted(set().union(*[formulaic.Formula(spec).required_variables
                                       for spec in [parsed.fixed] + [b.lhs for b in parsed.bars]]))
     plan = _Plan(parsed, columns, [c for c in covariates if c in columns], weights, missing)
 
-    scan = source.map_reduce(plan.read_columns(), plan.scan, _merge_scans,
+    scan = source.map_reduce(plan.read_columns(), plan.scan, ChunkScan.merge,
                              progress=_progress("scan", verbose))
     n = scan.n_rows
     if n == 0:
         raise DataError("no rows left after dropping missing values" if missing == "drop"
                         else f"{source.name} has no rows")
-    relationships = dict(relationships or {})
-    unknown = [g for g in relationships if g not in {b.group for b in parsed.bars}]
-    if unknown:
-        raise FormulaError(f"relationships given for {', '.join(map(repr, unknown))}, which "
-                           "is not the grouping factor of any random term")
-    levels, known = [], {}
+    relationships = known_relationships(parsed, relationships)
+    levels = []
     for b, bar in enumerate(parsed.bars):
         if bar.group in relationships:
-            from .genomic import as_relationship
-
-            known[b] = as_relationship(relationships[bar.group])
-            levels.append(pd.Index(known[b].labels, name=bar.group))
-            continue
-        _, level_index = _grouping_factor(scan.combos[b], bar)
-        if len(level_index) < 2:
-            raise DataError(f"grouping factor {bar.group!r} has a single level "
-                            f"({level_index[0]!r}); a random effect needs at least 2")
-        levels.append(level_index)
+            levels.append(pd.Index(relationships[bar.group].labels, name=bar.group))
+        else:
+            levels.append(_grouping_factor(scan.combos[b], bar)[1])
+            check_levels(bar, levels[-1])  # before the second pass over the data
     categories = scan.categories()
     if sparse_fixed == "auto":
         fixed_vars = formulaic.Formula(parsed.fixed).required_variables
         sparse_fixed = sum(len(v) for k, v in categories.items() if k in fixed_vars) \
             > SPARSE_FIXED_LEVELS
     term_order = sorted(range(len(parsed.bars)), key=lambda b: -len(levels[b]))
-    encoder = ChunkEncoder(plan, categories, levels, known, term_order, bool(sparse_fixed))
+    known_bars = frozenset(b for b, bar in enumerate(parsed.bars) if bar.group in relationships)
+    encoder = ChunkEncoder(plan, categories, levels, known_bars, term_order, bool(sparse_fixed))
 
     total = source.map_reduce(plan.read_columns(), encoder.products, _add_products,
                               progress=_progress("cross-products", verbose))
@@ -503,20 +476,11 @@ def chunked_design(formula, source, weights: str | None = None, missing: str = "
     terms = []
     for b in term_order:
         bar = parsed.bars[b]
-        z_spec = total.z_specs[term_order.index(b)]
-        coef_names = _coef_names(z_spec)
-        term = RandomTerm(
-            bar.group, np.zeros(0, dtype=np.int64), levels[b], np.zeros((0, len(coef_names))),
-            coef_names, level_precision=None if b not in known else known[b].precision(),
-            logdet_level_covariance=0.0 if b not in known else known[b].logdet(),
-            level_variance=None if b not in known else known[b].diagonal(),
-            z_spec=z_spec, factors=bar.factors)
-        if b not in known and term.n_columns >= n:
-            raise DataError(
-                f"number of observations (={n}) <= number of random effects "
-                f"(={term.n_columns}) for term ({bar.lhs} | {bar.group}); the "
-                "random-effects parameters and the residual variance are unidentifiable")
-        terms.append(term)
+        coef_names = _coef_names(total.z_specs[term_order.index(b)])
+        terms.append(random_term(bar, np.zeros(0, dtype=np.int64), levels[b],
+                                 np.zeros((0, len(coef_names))), coef_names,
+                                 total.z_specs[term_order.index(b)],
+                                 relationships.get(bar.group), n))
     X = sp.csc_matrix((0, p)) if sparse_fixed else np.zeros((0, p))
     design = Design(formula=parsed, y=np.zeros(0), X=X, fixed_names=fixed_names,
                     terms=terms, weights=np.zeros(0), dropped_fixed=dropped,
