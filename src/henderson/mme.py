@@ -75,7 +75,9 @@ class CrossProducts:
     pairs that occur together (``pair_levels``, shape (n_pairs, 2)) and their
     (n_pairs, k_t, k_s) blocks; ``zx[t]`` likewise holds (level, fixed column) pairs and
     (n_pairs, k, 1) blocks (every pair when X is dense, the nonzero ones when X is
-    sparse); ``zy[t]`` is (n_levels, k); ``xx`` is X'WX (dense or sparse).
+    sparse); ``zy[t]`` is (n_levels, k); ``xx`` is X'WX (dense or sparse);
+    ``x_nonzeros`` counts the rows where each column of X is nonzero (its density,
+    which places it in or after the fill-reducing ordering).
     """
 
     diagonal: list[np.ndarray]
@@ -87,6 +89,7 @@ class CrossProducts:
     yy: float
     n_obs: int
     sum_log_weights: float
+    x_nonzeros: np.ndarray
 
     @classmethod
     def from_design(cls, design: Design) -> "CrossProducts":
@@ -144,6 +147,8 @@ class CrossProducts:
             yy=float(np.dot(w * y, y)),
             n_obs=len(y),
             sum_log_weights=float(np.sum(np.log(w))),
+            x_nonzeros=(np.diff(X.indptr) if sparse_x
+                        else np.count_nonzero(X, axis=0)).astype(np.int64),
         )
 
 
@@ -166,6 +171,7 @@ class CrossProducts:
         self.yy += other.yy
         self.n_obs += other.n_obs
         self.sum_log_weights += other.sum_log_weights
+        self.x_nonzeros = self.x_nonzeros + other.x_nonzeros
         return self
 
     def drop_fixed(self, keep: np.ndarray) -> CrossProducts:
@@ -179,7 +185,8 @@ class CrossProducts:
             zx.append((np.column_stack([pairs[kept, 0], new_index[pairs[kept, 1]]]),
                        blocks[kept]))
         xx = self.xx[keep][:, keep]
-        return dataclasses.replace(self, zx=zx, xx=xx, xy=self.xy[keep])
+        return dataclasses.replace(self, zx=zx, xx=xx, xy=self.xy[keep],
+                                   x_nonzeros=self.x_nonzeros[keep])
 
 
 def _add_pair_blocks(into, other, n_cols: int):
@@ -264,13 +271,6 @@ class _PatternBuilder:
 DENSE_COLUMN_FRACTION = 0.1
 
 
-def _column_density(X) -> np.ndarray:
-    n = max(X.shape[0], 1)
-    if sp.issparse(X):
-        return np.diff(sp.csc_matrix(X).indptr) / n
-    return np.count_nonzero(X, axis=0) / n
-
-
 #: above this many random effects, orderings are not timed: the natural ordering is
 #: taken when its dense Schur complement is small (crossed designs), AMD otherwise.
 #: METIS is never taken unmeasured: on a 300k-animal pedigree with herds it gave
@@ -291,7 +291,7 @@ def _ordering_candidates(design: Design, xp: CrossProducts, ordering: str,
     # the ordering (they only slow AMD/METIS down: 44 s vs 3 s at 1M animals)
     ordered_fixed = np.zeros(0, dtype=np.int64)
     if include_fixed:
-        density = _column_density(design.X)
+        density = xp.x_nonzeros / max(xp.n_obs, 1)
         ordered_fixed = np.flatnonzero(density <= DENSE_COLUMN_FRACTION)
     trailing_fixed = np.setdiff1d(np.arange(design.n_fixed), ordered_fixed) if include_fixed \
         else np.zeros(0, dtype=np.int64)
@@ -479,9 +479,6 @@ class MixedModelEquations:
         sparse_part.data[sparse_part.indptr[:-1]] = 1.0  # the diagonal: any SPD values
         self.factor = cholmod_analyze(sparse_part, ordering="natural", mode=mode)
         self.timings["symbolic"] = time.perf_counter() - start
-        self.timings["numeric"] = 0.0
-        self.n_factorizations = 0
-        self.theta = None
 
     # -- pattern
     def _build_pattern(self) -> None:
