@@ -54,16 +54,8 @@ def _with_response(mme, y: np.ndarray, private: bool = False):
           for t in design.terms]
     xy = np.asarray(design.X.T @ (w * y)).ravel()
     xp = dataclasses.replace(mme.xp, zy=zy, xy=xy, yy=float(np.dot(w * y, y)))
-    clone = copy.copy(mme)
+    clone = mme.with_private_workspace() if private else copy.copy(mme)
     clone.design, clone.xp = design, xp
-    if private:
-        clone.matrix = mme.matrix.copy()
-        clone.timings = dict(mme.timings)
-        if hasattr(mme, "random_matrix"):
-            clone.random_matrix = mme.random_matrix.copy()
-        if hasattr(mme, "factor"):
-            clone.factor = mme.factor.copy()
-        clone._random_factor = None
     return clone
 
 

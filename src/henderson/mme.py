@@ -13,6 +13,7 @@ into scikit-sparse lives in this module.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 import warnings
@@ -565,6 +566,20 @@ class MixedModelEquations:
         self.xx_rows, self.xx_cols = np.maximum(a, b), np.minimum(a, b)
         # C_zz's own order maps to original random indices
         self.random_perm = original[is_random]
+
+    def with_private_workspace(self) -> MixedModelEquations:
+        """A shallow copy that shares the pattern and the symbolic analysis but owns
+        its numeric workspace (C's values and the numeric factor), so that copies can
+        be refactored at other θ, in threads, without touching this one."""
+        clone = copy.copy(self)
+        clone.matrix = self.matrix.copy()
+        clone.timings = dict(self.timings)
+        if hasattr(self, "random_matrix"):
+            clone.random_matrix = self.random_matrix.copy()
+        if hasattr(self, "factor"):
+            clone.factor = self.factor.copy()
+        clone._random_factor = None
+        return clone
 
     # -- values
     def relative_factors(self, theta: np.ndarray) -> list[np.ndarray]:

@@ -313,11 +313,10 @@ class BlockEliminationEquations(MixedModelEquations):
         self.w = np.zeros((len(self.b_rows), k))
         self._schur_buffer = np.zeros((self.m, self.m))
 
-    def __copy__(self):
-        """A shallow copy with its own numeric workspace (the bootstrap refits copies,
-        possibly in threads; the level factors and S are written in place)."""
-        clone = object.__new__(type(self))
-        clone.__dict__.update(self.__dict__)
+    def with_private_workspace(self):
+        """See :meth:`MixedModelEquations.with_private_workspace`; here the workspace
+        is C's values, the level factors, W and S, all written in place."""
+        clone = super().with_private_workspace()
         clone.level_chol = self.level_chol.copy()
         clone.w = self.w.copy()
         clone._schur_buffer = np.zeros_like(self._schur_buffer)
