@@ -90,6 +90,25 @@ def test_rank_deficient_columns_are_dropped_by_name(sleepstudy):
     assert d.fixed_names == ["(Intercept)", "Days"] and d.dropped_fixed == ["Days2"]
 
 
+def test_near_aliasing_is_decided_by_projection_not_by_the_gram_screen(sleepstudy):
+    """X'X screens out the clearly independent designs; a column close to the others
+    (relative residual 1e-5, inside the screen's 1e-3 but above the 1e-7 tolerance)
+    is decided by projecting it, and kept; one at 1e-9 is dropped, as R's qr() would."""
+    import warnings
+
+    rng = np.random.default_rng(3)
+    df = sleepstudy.copy()
+    noise = rng.normal(size=len(df))
+    for size, kept in ((1e-5, True), (1e-9, False)):
+        df["near"] = 2 * df["Days"] + size * np.linalg.norm(2 * df["Days"]) * noise / \
+            np.linalg.norm(noise)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            d = build_design("Reaction ~ Days + near + (1 | Subject)", df)
+        assert ("near" in d.fixed_names) is kept
+        assert any(issubclass(w.category, RankDeficiencyWarning) for w in caught) is not kept
+
+
 def test_theta_bounds_and_relative_factor(sleepstudy):
     term = build_design("Reaction ~ Days + (Days | Subject)", sleepstudy).terms[0]
     assert np.array_equal(term.theta_lower_bounds(), [0, -np.inf, 0])

@@ -63,15 +63,67 @@ def test_ai_reml_from_a_far_start_reaches_lme4_optimum():
     np.testing.assert_allclose(m.theta, case["theta"], rtol=1e-4)
 
 
-def test_auto_optimizer_is_quasi_newton_from_50000_rows(sleepstudy):
+def test_auto_optimizer_is_newton_type_from_50000_rows(sleepstudy):
     assert hd.lmm("Reaction ~ Days + (Days | Subject)", sleepstudy) \
         .optimizer_result.method == "bobyqa"
-    m = hd.lmm("y ~ service + (1 | s) + (1 | d)", hd.datasets.load("insteval"))
+    insteval = hd.datasets.load("insteval")
+    # REML with one-coefficient terms: AI-REML from the moment start (three AI states,
+    # four factorisations; lme4 takes 31 BOBYQA evaluations)
+    m = hd.lmm("y ~ service + (1 | s) + (1 | d)", insteval)
+    assert m.optimizer_result.method == "ai-reml" and m.converged
+    assert m.mme.n_factorizations <= 5
+    reference = hd.lmm("y ~ service + (1 | s) + (1 | d)", insteval, optimizer="bobyqa")
+    assert m.objective == pytest.approx(reference.objective, rel=1e-11)
+    np.testing.assert_allclose(m.theta, reference.theta, rtol=1e-4)
+    # ML: quasi-Newton, stopping at the first evaluated point that is optimal; L-BFGS-B
+    # alone idled at the objective's noise floor for as many evaluations again
+    m = hd.lmm("y ~ service + (1 | s) + (1 | d)", insteval, reml=False)
     assert m.optimizer_result.method == "lbfgs" and m.converged
-    # it stops at the first evaluated point that is optimal; L-BFGS-B alone idled at
-    # the objective's noise floor for as many evaluations again (InstEval: 13 -> 31)
     assert m.optimizer_result.message == "projected gradient below tolerance"
-    assert m.n_evaluations <= 20
-    reference = hd.lmm("y ~ service + (1 | s) + (1 | d)", hd.datasets.load("insteval"),
+    assert m.n_evaluations <= 12
+    reference = hd.lmm("y ~ service + (1 | s) + (1 | d)", insteval, reml=False,
                        optimizer="bobyqa")
     assert m.objective == pytest.approx(reference.objective, rel=1e-10)
+
+
+def test_moment_start_is_near_the_optimum_and_leaves_slopes_at_lme4s_start():
+    from henderson.fit import moment_start
+    from henderson.mme import CrossProducts
+
+    insteval = hd.build_design("y ~ service * dept + (1 | s) + (1 | d)",
+                               hd.datasets.load("insteval"))
+    start = moment_start(insteval, CrossProducts.from_design(insteval))
+    optimum = np.sqrt(np.array([0.105620, 0.262338]) / 1.384932)  # lme4's variances
+    assert np.all(np.abs(start / optimum - 1) < 0.05)
+    # from the cross-products alone: a chunked design starts at the same θ
+    streamed = hd.lmm("y ~ service * dept + (1 | s) + (1 | d)",
+                      hd.chunked(hd.datasets.load("insteval"), chunk_rows=20_000),
+                      optimizer="lbfgs")
+    assert streamed.objective == pytest.approx(237688.733511, rel=1e-10)
+    zerocorr = hd.build_design("Reaction ~ Days + (Days || Subject)",
+                               hd.datasets.load("sleepstudy"))
+    start = moment_start(zerocorr, CrossProducts.from_design(zerocorr))
+    assert np.all(np.isfinite(start)) and start[1] == 1.0 and 0.05 < start[0] < 20
+    slopes = hd.build_design("Reaction ~ Days + (Days | Subject)",
+                             hd.datasets.load("sleepstudy"))
+    assert moment_start(slopes, CrossProducts.from_design(slopes)) is None
+
+
+def test_a_start_that_is_not_theta_is_refused(sleepstudy):
+    design = hd.build_design("Reaction ~ Days + (Days | Subject)", sleepstudy)
+    for start in ([1.0, 0.0], [1.0, np.nan, 1.0]):
+        with pytest.raises(ValueError, match="start must be 3 finite values"):
+            hd.fit_design(design, start=start)
+
+
+def test_variance_component_errors_come_with_any_optimiser():
+    """The AI matrix is computed at the estimates on first use, so a BOBYQA fit has
+    the same standard errors of its variances as an AI-REML fit (and ML none)."""
+    penicillin = hd.datasets.load("penicillin")
+    formula = "diameter ~ 1 + (1|plate) + (1|sample)"
+    ai = hd.lmm(formula, penicillin, optimizer="ai").variance_components
+    derivative_free = hd.lmm(formula, penicillin, optimizer="bobyqa").variance_components
+    assert np.all(derivative_free["std_error"] > 0)
+    np.testing.assert_allclose(derivative_free.to_numpy(), ai.to_numpy(), rtol=2e-4)
+    ml = hd.lmm(formula, penicillin, reml=False).variance_components
+    assert ml["std_error"].isna().all()

@@ -64,3 +64,25 @@ def test_non_finite_theta_is_an_error_not_a_nan_objective(sleepstudy, strategy):
     with pytest.raises(NotPositiveDefiniteError, match="θ"):
         mme.factorize(np.array([np.nan, 0.1, 0.2]))
     assert Objective(mme, reml=True)(np.array([np.inf, 0.1, 0.2])) == np.inf
+
+
+@pytest.mark.parametrize("formula,data,weights", [m for m in MODELS if "(Days |" not in m[0]])
+@pytest.mark.parametrize("reml", [True, False])
+@pytest.mark.parametrize("schur", [True, False])
+def test_one_coefficient_gradient_equals_the_general_formula(formula, data, weights, reml,
+                                                             schur, monkeypatch):
+    """``2 (q_t − tr C⁻¹_tt) / θ_t`` from the diagonal of C⁻¹ against the general
+    gradient over the whole pattern of C, on both kinds of equations."""
+    import henderson.objective as objective_module
+    from henderson.schur import BlockEliminationEquations
+
+    design = hd.build_design(formula, hd.datasets.load(data), weights=weights)
+    assert objective_module.scalar_terms(design)
+    equations = BlockEliminationEquations(design) if schur else MixedModelEquations(design)
+    objective = Objective(equations, reml)
+    theta = np.linspace(0.4, 1.7, design.n_theta)
+    value, fast = objective_gradient(objective, theta)
+    monkeypatch.setattr(objective_module, "scalar_terms", lambda design: False)
+    general_value, general = objective_gradient(objective, theta)
+    assert value == general_value
+    assert np.allclose(fast, general, rtol=1e-9, atol=1e-9 * np.abs(general).max())

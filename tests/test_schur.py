@@ -46,6 +46,27 @@ def test_block_elimination_equals_cholmod(design):
         sa = a.selected_inverse(random_only).entries(original_rows[keep], original_cols[keep])
         sb = b.selected_inverse(random_only).entries(original_rows[keep], original_cols[keep])
         assert np.allclose(sa, sb, rtol=1e-8, atol=1e-12)
+    # the diagonal alone (potri and the per-level quadratic forms) against a dense
+    # inverse of C and of C_zz; multi-column solves against one column at a time
+    dense = np.linalg.inv(_dense_C(b))
+    q = b.n_random
+    for equations in (a, b):
+        assert np.allclose(equations.inverse_diagonal(), np.diag(dense)[:q], rtol=1e-9)
+        assert np.allclose(equations.inverse_diagonal(random_block_only=True),
+                           np.diag(np.linalg.inv(_dense_C(b)[:q, :q])), rtol=1e-9)
+    block = rng.normal(size=(a.size, 3))
+    assert np.allclose(a.solve(block), np.column_stack([a.solve(c) for c in block.T]),
+                       rtol=1e-12, atol=1e-14)
+
+
+def _dense_C(equations):
+    """C(θ) as a dense matrix in original order, from the lower triangle the
+    CHOLMOD path fills (permuted coordinates)."""
+    lower = equations.matrix.toarray()
+    permuted = lower + np.tril(lower, -1).T
+    C = np.empty_like(permuted)
+    C[np.ix_(equations.perm, equations.perm)] = permuted
+    return C
 
 
 def test_fit_strategies_agree():

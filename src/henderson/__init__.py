@@ -20,6 +20,10 @@ from .objective import Objective
 from .results import LinearMixedModel
 from .streaming import ChunkedData, chunked
 
+from .kernels import initialise_numba as _initialise_numba
+
+_initialise_numba(0.0)
+
 __version__ = "0.1.0"
 
 __all__ = [

@@ -16,6 +16,15 @@ _NJIT = dict(nogil=True, cache=True)
 
 
 @numba.njit(**_NJIT)
+def initialise_numba(x):
+    """A trivial kernel called when henderson is imported: the first call of any
+    Numba function in a process sets up Numba's CPU target (~0.4 s here), which
+    belongs with loading the library (as ``library(lme4)`` loads its compiled code),
+    not with the first fit."""
+    return x + 1.0
+
+
+@numba.njit(**_NJIT)
 def grouped_crossprod(group_codes, left, right, weights, n_groups):
     """``out[g] = Σ_{i: code_i = g} w_i left_i right_i'``, shape (n_groups, k_l, k_r).
 

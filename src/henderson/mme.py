@@ -599,6 +599,16 @@ class MixedModelEquations:
         for (t, s), (_, blocks) in xp.crossed.items():
             kernels.scatter_blocks(lams[t], blocks, lams[s], self.cross_positions[(t, s)], data)
 
+    def multiply(self, vector: np.ndarray) -> np.ndarray:
+        """``C(θ) v`` (original order) at the θ of the last :meth:`fill`, from the lower
+        triangle held in ``matrix``."""
+        lower = self.matrix
+        permuted = np.asarray(vector, dtype=np.float64)[self.perm]
+        product = lower @ permuted + lower.T @ permuted - lower.diagonal() * permuted
+        out = np.empty_like(product)
+        out[self.perm] = product
+        return out
+
     def rhs(self, theta: np.ndarray) -> np.ndarray:
         """``[Λ'Z'Wy; X'Wy]`` in the original (unpermuted) order."""
         parts = []
@@ -749,6 +759,14 @@ class MixedModelEquations:
         position = np.empty(self.n_random, dtype=np.int64)
         position[self.random_perm] = np.arange(self.n_random)
         return SelectedInverse(matrix, position)
+
+    def inverse_diagonal(self, random_block_only: bool = False) -> np.ndarray:
+        """The diagonal of ``C⁻¹`` (or ``C_zz⁻¹``) on the random effects, in original
+        order: all that the gradient of a model whose terms each have one coefficient
+        needs (``∂ log|C| / ∂θ_t = 2 (q_t − tr C⁻¹_tt) / θ_t``)."""
+        q = self.n_random
+        index = np.arange(q)
+        return self.selected_inverse(random_block_only).entries(index, index)
 
     def inverse_entries(self, selected: "SelectedInverse", rows, cols) -> np.ndarray:
         """Entries of a selected inverse at original (unpermuted) coordinates."""

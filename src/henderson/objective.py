@@ -93,6 +93,34 @@ class Objective:
         return float(np.sqrt(evaluation.penalized_rss / self.dof))
 
 
+def scalar_terms(design) -> bool:
+    """Every random term has one coefficient and identity level covariance."""
+    return all(t.n_coefs == 1 and t.level_precision is None for t in design.terms)
+
+
+def _scalar_gradient(objective: Objective, theta: np.ndarray) -> tuple[float, np.ndarray]:
+    """The gradient when every term has one coefficient and identity K, at θ > 0.
+
+    Then ``Λ̃ = Σ_t θ_t P_t`` and ``∂C/∂θ_t = (P_t (C − J) + (C − J) P_t) / θ_t`` (J the
+    identity on the random block), so ``∂ log|C| / ∂θ_t = 2 (q_t − tr (C⁻¹)_tt) / θ_t``:
+    only the diagonal of C⁻¹ is needed, not its entries on the whole pattern of C.
+    The normal equations ``Λ Z'W r = ũ`` give ``∂r²/∂θ_t = −2 ‖ũ_t‖² / θ_t``.
+    """
+    mme = objective.mme
+    design = mme.design
+    evaluation = objective.evaluate(theta, fixed_inverse=False)
+    diagonal = mme.inverse_diagonal(random_block_only=not objective.reml)
+    offsets = design.column_offsets()
+    spherical = evaluation.solution
+    gradient = np.empty(len(theta))
+    for t, term in enumerate(design.terms):
+        block = slice(offsets[t], offsets[t + 1])
+        logdet_part = 2.0 * (term.n_levels - float(np.sum(diagonal[block]))) / theta[t]
+        rss_part = -2.0 * float(spherical[block] @ spherical[block]) / theta[t]
+        gradient[t] = logdet_part + objective.dof * rss_part / evaluation.penalized_rss
+    return evaluation.objective, gradient
+
+
 #: pairs of levels (or of level and fixed column) handled at once in the gradient
 PAIR_SLICE = 1 << 16
 
@@ -108,6 +136,8 @@ def objective_gradient(objective: Objective, theta: np.ndarray) -> tuple[float, 
     mme = objective.mme
     design, xp = mme.design, mme.xp
     theta = np.asarray(theta, dtype=float)
+    if scalar_terms(design) and np.all(theta > 0):
+        return _scalar_gradient(objective, theta)
     evaluation = objective.evaluate(theta, fixed_inverse=False)
     selected = mme.selected_inverse(random_block_only=not objective.reml)
     lams = mme.relative_factors(theta)

@@ -299,13 +299,29 @@ class LinearMixedModel:
     def _variance_covariance(self) -> np.ndarray | None:
         """AI⁻¹ over the variances off the boundary (0 rows/columns for those at 0)."""
         ai = getattr(self.optimizer_result, "average_information", None)
+        phi = getattr(self.optimizer_result, "variance_components", None)
         if ai is None:
-            return None
-        phi = self.optimizer_result.variance_components
+            state = self._average_information()
+            if state is None:
+                return None
+            ai, phi = state.ai, state.phi
         free = phi > 0
         covariance = np.zeros_like(ai)
         covariance[np.ix_(free, free)] = np.linalg.inv(ai[np.ix_(free, free)])
         return covariance
+
+    def _average_information(self):
+        """The AI state at the estimates (REML fits of one-coefficient terms; None
+        otherwise), computed once on first use."""
+        if "_ai_state" not in self.__dict__:
+            state = None
+            if (self.reml and self.optimizer_result is not None
+                    and all(t.n_coefs == 1 for t in self.design.terms)):
+                from .aireml import AverageInformation
+
+                state = AverageInformation(self._objective_stage).at(self.theta)
+            self.__dict__["_ai_state"] = state
+        return self.__dict__["_ai_state"]
 
     def heritability(self, group: str | None = None) -> tuple[float, float]:
         """``h² = σ²_group / (Σ σ²_t + σ²_e)`` and its SE (delta method on AI⁻¹)."""
