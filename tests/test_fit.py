@@ -127,3 +127,14 @@ def test_variance_component_errors_come_with_any_optimiser():
     np.testing.assert_allclose(derivative_free.to_numpy(), ai.to_numpy(), rtol=2e-4)
     ml = hd.lmm(formula, penicillin, reml=False).variance_components
     assert ml["std_error"].isna().all()
+
+
+def test_the_import_warm_up_fits_through_the_common_path():
+    """Importing the package fits a 60-row model to load the compiled kernels; that
+    fit must take the block elimination and AI-REML (else it warms the wrong kernels)
+    and succeed (its errors are swallowed so that an import never fails)."""
+    from henderson.fit import _warm_up_fit
+
+    model = _warm_up_fit()
+    assert model.mme.ordering == "schur" and model.optimizer_result.method == "ai-reml"
+    assert model.converged and np.all(model.theta > 0)

@@ -83,6 +83,8 @@ def test_crossproduct_kernels_match_dense(seed, ka, kb):
         assert np.allclose(blocks[p], cross[i * ka:(i + 1) * ka, j * kb:(j + 1) * kb])
     zx = kernels.grouped_crossprod(ca, za, dense, w, la)
     assert np.allclose(zx.reshape(la * ka, 3), Za.T @ W @ dense)
+    by_columns = kernels.grouped_crossprod_columns(ca, za, np.ascontiguousarray(dense.T), w, la)
+    assert np.allclose(by_columns.reshape(la * ka, 3), Za.T @ W @ dense)
 
 
 def test_scatter_blocks_applies_lambda_on_both_sides():

@@ -117,3 +117,27 @@ def test_copies_have_their_own_numeric_workspace(equations):
     clone.factorize(np.array([0.2, 0.4]))
     np.testing.assert_array_equal(original.solve(rhs), before)
     assert not np.allclose(clone.solve(rhs), before)
+
+
+@pytest.mark.parametrize("formula,data", [
+    ("diameter ~ 1 + (1|plate) + (1|sample)", "penicillin"),
+    ("y ~ x + (1 + x | g1) + (1 | g2)", None),
+])
+def test_two_threads_give_the_one_thread_numbers(formula, data, monkeypatch):
+    """The elimination split by rows of S and the inverse's diagonal split by levels
+    over two threads (large designs) against one thread doing all of it."""
+    import henderson.schur as schur
+
+    frame = hd.datasets.load(data) if data else crossed(3000, 300, 20, seed=4)
+    design = hd.build_design(formula, frame)
+    theta = design.theta_start() * 0.7 + 0.1
+    serial = BlockEliminationEquations(design)
+    assert serial._row_split is None
+    monkeypatch.setattr(schur, "THREADED_WORK", 0)
+    threaded = BlockEliminationEquations(design)
+    assert threaded._row_split is not None and threaded._level_split is not None
+    for equations in (serial, threaded):
+        equations.factorize(theta)
+    assert threaded.logdet() == serial.logdet()
+    np.testing.assert_array_equal(threaded.schur_factor, serial.schur_factor)
+    np.testing.assert_array_equal(threaded.inverse_diagonal(), serial.inverse_diagonal())

@@ -20,9 +20,9 @@ from .objective import Objective
 from .results import LinearMixedModel
 from .streaming import ChunkedData, chunked
 
-from .kernels import initialise_numba as _initialise_numba
+from .fit import load_compiled_kernels as _load_compiled_kernels
 
-_initialise_numba(0.0)
+_load_compiled_kernels()
 
 __version__ = "0.1.0"
 

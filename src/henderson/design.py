@@ -237,7 +237,6 @@ def _grouping_factor(data: pd.DataFrame, bar: RandomBar) -> tuple[np.ndarray, pd
 
 
 def _model_matrix(spec: str, data: pd.DataFrame, sparse: bool = False):
-
     try:
         matrix = formulaic.model_matrix(spec, data, na_action="raise",
                                         output="sparse" if sparse else "pandas")
@@ -252,7 +251,6 @@ def _model_matrix(spec: str, data: pd.DataFrame, sparse: bool = False):
 
 
 def _required_columns(formula: ParsedFormula) -> list[str]:
-
     columns: list[str] = []
     try:
         for spec in [formula.fixed] + [b.lhs for b in formula.bars]:

@@ -186,6 +186,38 @@ def optimize_lbfgs(objective: Objective, start: np.ndarray, lower: np.ndarray,
     return OptimizerResult(theta, value, objective.n_evaluations, converged, message, "lbfgs")
 
 
+def load_compiled_kernels() -> None:
+    """Load the compiled Numba kernels of the common fitting path, as importing the
+    package does (``HENDERSON_NO_WARMUP=1`` skips it).
+
+    The first call of a Numba function in a process sets up Numba's CPU target
+    (0.4 s here) and each kernel's first call loads its machine code from the cache
+    (~10 ms each). That is loading the library, as ``library(lme4)`` loads lme4's
+    compiled code, so it is done here, by fitting a 60-row crossed model through the
+    block elimination and AI-REML (the kernels and the exact signatures of a real
+    fit), and not in a user's first fit. Where no cache exists yet (a fresh install)
+    this compiles the kernels once; nothing here ever makes the import fail.
+    """
+    import os
+
+    if os.environ.get("HENDERSON_NO_WARMUP"):
+        return
+    try:
+        _warm_up_fit()
+    except Exception:  # noqa: BLE001 - a warm-up must never break the import
+        pass
+
+
+def _warm_up_fit():
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"g1": np.repeat(np.arange(12), 5), "g2": np.tile(np.arange(6), 10),
+                          "x": rng.normal(size=60)})
+    frame["y"] = frame["x"] + rng.normal(size=60) + 0.5 * rng.normal(size=12)[frame["g1"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lmm("y ~ x + (1 | g1) + (1 | g2)", frame, optimizer="ai", strategy="schur")
+
+
 def moment_start(design: Design, xp) -> np.ndarray | None:
     """θ from one-way ANOVA estimates of each term's variance, for models whose terms
     each have one coefficient and identity K (None otherwise); a slope term

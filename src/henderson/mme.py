@@ -97,20 +97,22 @@ class CrossProducts:
         w = np.ascontiguousarray(design.weights, dtype=np.float64)
         y = np.ascontiguousarray(design.y, dtype=np.float64)
         sparse_x = sp.issparse(design.X)
-        X = design.X.tocsc() if sparse_x else np.ascontiguousarray(design.X, dtype=np.float64)
+        X = design.X.tocsc() if sparse_x else np.asarray(design.X, dtype=np.float64)
         p = X.shape[1]
-        dense_columns = y[:, None] if sparse_x else np.column_stack([X, y])
+        # X is read by columns (formulaic's X is column-major): no row-major copy of it
+        x_columns = None if sparse_x else np.ascontiguousarray(X.T)
         diagonal, zx, zy = [], [], []
         for term in design.terms:
             z = np.ascontiguousarray(term.z)
             codes = term.level_codes
             nl, k = term.n_levels, term.n_coefs
             diagonal.append(kernels.grouped_crossprod(codes, z, z, w, nl))
-            zxy = kernels.grouped_crossprod(codes, z, dense_columns, w, nl)
-            zy.append(np.ascontiguousarray(zxy[:, :, -1]))
+            zy.append(np.ascontiguousarray(
+                kernels.grouped_crossprod(codes, z, y[:, None], w, nl)[:, :, 0]))
             if not sparse_x:
+                zx_blocks = kernels.grouped_crossprod_columns(codes, z, x_columns, w, nl)
                 pairs = np.column_stack([np.repeat(np.arange(nl), p), np.tile(np.arange(p), nl)])
-                blocks = np.ascontiguousarray(zxy[:, :, :-1].transpose(0, 2, 1)).reshape(nl * p, k, 1)
+                blocks = np.ascontiguousarray(zx_blocks.transpose(0, 2, 1)).reshape(nl * p, k, 1)
             else:
                 pairs, blocks = _sparse_level_crossprod(codes, z, w, X, nl)
             zx.append((pairs, blocks))
@@ -136,7 +138,8 @@ class CrossProducts:
             xx = (X.T @ wX).tocsc()
             xy = np.asarray(wX.T @ y).ravel()
         else:
-            wX = X * w[:, None]
+            unit = bool(np.all(w == 1.0))  # no weighted copy of X when there are none
+            wX = X if unit else X * w[:, None]
             xx, xy = X.T @ wX, wX.T @ y
         return cls(
             diagonal=diagonal,

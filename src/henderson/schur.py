@@ -16,6 +16,8 @@ with ``V_l = B_l A_l⁻¹`` and ``R_l`` the rows of B in level l's columns.
 """
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 import scipy.linalg
@@ -31,18 +33,15 @@ _NJIT = dict(nogil=True, cache=True)
 
 
 @numba.njit(**_NJIT)
-def _eliminate_levels(data, a_take, b_ptr, b_rows, b_take, k, lo, hi, chol, W, U):
-    """Levels ``lo .. hi-1``: Cholesky of each A_l, W_l = B_l L_l⁻ᵀ, and
-    ``S -= W_l W_l'`` on the lower triangle of S, held as the upper triangle of the
-    row-major ``U = S'`` (b_rows ascend within each level). Returns Σ log|A_l| (NaN if one is not
-    positive definite)."""
+def _factor_levels(data, a_take, b_ptr, b_take, k, chol, W):
+    """Cholesky of each level block A_l (into ``chol``) and ``W_l = B_l L_l⁻ᵀ`` (into
+    ``W``). Returns Σ log|A_l| (NaN if an A_l is not positive definite)."""
     logdet = 0.0
     A = np.empty((k, k))
-    for lev in range(lo, hi):
+    for lev in range(a_take.shape[0]):
         for a in range(k):
             for b in range(a + 1):
                 A[a, b] = data[a_take[lev, a, b]]
-        # k x k Cholesky
         for j in range(k):
             s = A[j, j]
             for c in range(j):
@@ -57,54 +56,86 @@ def _eliminate_levels(data, a_take, b_ptr, b_rows, b_take, k, lo, hi, chol, W, U
                 for c in range(j):
                     s -= chol[lev, i, c] * chol[lev, j, c]
                 chol[lev, i, j] = s / d
-        start, stop = b_ptr[lev], b_ptr[lev + 1]
-        for e in range(start, stop):  # W row = B row solved against L'
+        for e in range(b_ptr[lev], b_ptr[lev + 1]):  # W row = B row solved against L'
             for a in range(k):
                 s = data[b_take[e, a]]
                 for c in range(a):
                     s -= W[e, c] * chol[lev, a, c]
                 W[e, a] = s / chol[lev, a, a]
-        # S is written through its transpose U (row-major upper triangle): for a
-        # row j of B, its updates U[j, i >= j] run along one row of U, and the
-        # fixed-effect columns (last in S) are contiguous there
-        if k == 1:  # one coefficient: a scalar loop numba compiles tightly (25 -> 10 ms)
-            for f in range(start, stop):
-                row = U[b_rows[f]]
-                wf = W[f, 0]
-                for e in range(f, stop):
-                    row[b_rows[e]] -= W[e, 0] * wf
-            continue
-        for f in range(start, stop):
-            row = U[b_rows[f]]
-            for e in range(f, stop):
-                s = 0.0
-                for a in range(k):
-                    s += W[e, a] * W[f, a]
-                row[b_rows[e]] -= s
     return logdet
 
 
 @numba.njit(**_NJIT)
-def _eliminate(data, a_take, b_ptr, b_rows, b_take, d_take, d_rows, d_cols, k, chol, W, U):
-    """Cholesky of each A_l (into ``chol``), W_l = B_l L_l⁻ᵀ (into ``W``) and S, its
-    lower triangle held as the upper triangle of the row-major ``U = S'`` (so that
-    ``U.T`` is S in column-major order, LAPACK's own); returns Σ log|A_l| (NaN if an
-    A_l is not positive definite).
-
-    The buffers are the caller's, reused from one θ to the next: allocating them
-    (~35 MB at a million rows) cost as much as the elimination. Serial on purpose:
-    OpenMP threads left spinning after a parallel region slowed the LAPACK Cholesky
-    of S that follows (InstEval: 45 -> 75 ms per evaluation), and on 2 cores a
-    chunked parallel elimination (a copy of S per thread) gained nothing at a
-    million rows (its scattered updates of S are bandwidth-bound)."""
+def _start_schur(data, d_take, d_rows, d_cols, U):
+    """U = D' on its upper triangle: S before the levels are eliminated."""
     m = U.shape[0]
     for j in range(m):
         for i in range(j, m):
             U[j, i] = 0.0
     for e in range(len(d_take)):
         U[d_cols[e], d_rows[e]] += data[d_take[e]]
-    return _eliminate_levels(data, a_take, b_ptr, b_rows, b_take, k, 0, a_take.shape[0],
-                             chol, W, U)
+
+
+@numba.njit(**_NJIT)
+def _update_schur(b_ptr, b_rows, W, k, U, row_lo, row_hi):
+    """``S -= Σ_l W_l W_l'`` on the rows ``row_lo .. row_hi-1`` of U = S' (upper
+    triangle, row-major: the lower triangle of S column-major, LAPACK's layout).
+
+    For a row j of B, its updates ``U[j, i >= j]`` run along one row of U, and the
+    fixed-effect columns (last in S) are contiguous there. Two threads each take a
+    range of rows (no copy of S, no conflicting writes): Python threads on a nogil
+    kernel, not an OpenMP region, whose idle threads kept spinning and slowed the
+    LAPACK Cholesky that follows (0.09 -> 0.27 s)."""
+    for lev in range(len(b_ptr) - 1):
+        start, stop = b_ptr[lev], b_ptr[lev + 1]
+        first = start
+        while first < stop and b_rows[first] < row_lo:
+            first += 1
+        if k == 1:  # one coefficient: a scalar loop numba compiles tightly (25 -> 10 ms)
+            for f in range(first, stop):
+                j = b_rows[f]
+                if j >= row_hi:
+                    break
+                row = U[j]
+                wf = W[f, 0]
+                for e in range(f, stop):
+                    row[b_rows[e]] -= W[e, 0] * wf
+            continue
+        for f in range(first, stop):
+            j = b_rows[f]
+            if j >= row_hi:
+                break
+            row = U[j]
+            for e in range(f, stop):
+                s = 0.0
+                for a in range(k):
+                    s += W[e, a] * W[f, a]
+                row[b_rows[e]] -= s
+
+
+def _split_by_work(work: np.ndarray) -> int:
+    """The index that splits ``work`` (per row or per level) into two equal halves."""
+    total = np.cumsum(work, dtype=np.float64)
+    return int(np.searchsorted(total, total[-1] / 2.0)) if len(total) else 0
+
+
+_POOL = None
+
+
+def _in_two_threads(first, second):
+    """Run ``first()`` on a worker thread and ``second()`` here; both results."""
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="henderson")
+    future = _POOL.submit(first)
+    other = second()
+    return future.result(), other
+
+
+#: from this many multiply-adds in a pass over the levels, two threads share it
+THREADED_WORK = 200_000
 
 
 @numba.njit(**_NJIT)
@@ -378,6 +409,20 @@ class BlockEliminationEquations(MixedModelEquations):
         self.level_chol = np.zeros((first.n_levels, k, k))
         self.w = np.zeros((len(self.b_rows), k))
         self._schur_buffer = np.zeros((self.m, self.m))
+        self._inverse_buffer = None
+        # work of the passes over the levels (multiply-adds): by row of S for the
+        # elimination, by level for the inverse's diagonal; two threads share a pass
+        # that is large enough, split where the work halves
+        sizes = np.diff(self.b_ptr)
+        position = np.arange(len(self.b_rows)) - np.repeat(self.b_ptr[:-1], sizes)
+        after = np.repeat(sizes, sizes) - position  # updates of each B entry's row
+        by_row = np.bincount(self.b_rows, weights=after * k * k, minlength=self.m)
+        self._row_split = None
+        self._level_split = None
+        if by_row.sum() >= THREADED_WORK and (os.cpu_count() or 1) > 1:
+            self._row_split = max(1, min(self.m - 1, _split_by_work(by_row)))
+            self._level_split = max(1, min(first.n_levels - 1,
+                                           _split_by_work(sizes.astype(float) ** 2)))
 
     def with_private_workspace(self):
         """See :meth:`MixedModelEquations.with_private_workspace`; here the workspace
@@ -386,6 +431,7 @@ class BlockEliminationEquations(MixedModelEquations):
         clone.level_chol = self.level_chol.copy()
         clone.w = self.w.copy()
         clone._schur_buffer = np.zeros_like(self._schur_buffer)
+        clone._inverse_buffer = None
         return clone
 
     def factorize(self, theta) -> None:
@@ -398,11 +444,18 @@ class BlockEliminationEquations(MixedModelEquations):
         start = time.perf_counter()
         self.fill(theta)
         S = self._schur_buffer
-        self.logdet_levels = _eliminate(
-            self.matrix.data, self.a_take, self.b_ptr, self.b_rows, self.b_take,
-            self.d_take, self.d_rows, self.d_cols, self.k, self.level_chol, self.w, S)
+        data = self.matrix.data
+        self.logdet_levels = _factor_levels(data, self.a_take, self.b_ptr, self.b_take,
+                                            self.k, self.level_chol, self.w)
         if not np.isfinite(self.logdet_levels):
             raise NotPositiveDefiniteError(f"C(θ) is not positive definite at θ={theta}")
+        _start_schur(data, self.d_take, self.d_rows, self.d_cols, S)
+        args = (self.b_ptr, self.b_rows, self.w, self.k, S)
+        if self._row_split is None:
+            _update_schur(*args, 0, self.m)
+        else:
+            _in_two_threads(lambda: _update_schur(*args, 0, self._row_split),
+                            lambda: _update_schur(*args, self._row_split, self.m))
         # U = S' row-major is S column-major: LAPACK factors it in place, no copy
         factor, info = scipy.linalg.lapack.dpotrf(S.T, lower=1, clean=0, overwrite_a=1)
         if info != 0:
@@ -447,13 +500,21 @@ class BlockEliminationEquations(MixedModelEquations):
         unit[self.m - p + np.arange(p), np.arange(p)] = 1.0
         return scipy.linalg.cho_solve((self.schur_factor, True), unit)[self.m - p:, :]
 
-    def _schur_inverse_upper(self, limit: int) -> np.ndarray:
+    def _schur_inverse_upper(self, limit: int, scratch: bool = False) -> np.ndarray:
         """S⁻¹ (of its leading ``limit`` rows: C_zz⁻¹) as a row-major array whose upper
         triangle is filled: LAPACK's potri on the column-major factor, half the flops
-        of solving against the identity."""
+        of solving against the identity. ``scratch=True`` writes it into a buffer that
+        the next call overwrites (for a caller that is done with it at once): a fresh
+        10 MB array per AI state cost its page faults every time in a new process."""
         if limit == 0:
             return np.zeros((0, 0))
-        factor = np.array(self.schur_factor[:limit, :limit], order="F")
+        if scratch:
+            if self._inverse_buffer is None or self._inverse_buffer.shape[0] < limit:
+                self._inverse_buffer = np.empty((self.m, self.m), order="F")
+            factor = self._inverse_buffer[:limit, :limit]
+            np.copyto(factor, self.schur_factor[:limit, :limit])
+        else:
+            factor = np.array(self.schur_factor[:limit, :limit], order="F")
         inverse, info = scipy.linalg.lapack.dpotri(factor, lower=1, overwrite_c=1)
         if info != 0:
             raise NotPositiveDefiniteError("the Schur complement could not be inverted")
@@ -461,9 +522,17 @@ class BlockEliminationEquations(MixedModelEquations):
 
     def inverse_diagonal(self, random_block_only: bool = False) -> np.ndarray:
         limit = self.m - self.n_fixed if random_block_only else self.m
-        upper = self._schur_inverse_upper(limit)
-        levels = _level_inverse_diagonals(self.level_chol, self.w, self.b_ptr, self.b_rows,
-                                          upper, limit)
+        upper = self._schur_inverse_upper(limit, scratch=True)
+        kernel = _level_inverse_diagonals
+        if self._level_split is None:
+            levels = kernel(self.level_chol, self.w, self.b_ptr, self.b_rows, upper, limit)
+        else:
+            half = self._level_split
+            levels = np.concatenate(_in_two_threads(
+                lambda: kernel(self.level_chol[:half], self.w, self.b_ptr[:half + 1],
+                               self.b_rows, upper, limit),
+                lambda: kernel(self.level_chol[half:], self.w, self.b_ptr[half:],
+                               self.b_rows, upper, limit)))
         rest = np.diag(upper)[:self.m - self.n_fixed]
         return np.concatenate([levels.ravel(), rest])
 
