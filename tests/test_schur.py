@@ -50,7 +50,9 @@ def test_block_elimination_equals_cholmod(design):
     # inverse of C and of C_zz; multi-column solves against one column at a time
     dense = np.linalg.inv(_dense_C(b))
     q = b.n_random
+    vector = rng.normal(size=a.size)
     for equations in (a, b):
+        assert np.allclose(equations.multiply(vector), _dense_C(b) @ vector, rtol=1e-12)
         assert np.allclose(equations.inverse_diagonal(), np.diag(dense)[:q], rtol=1e-9)
         assert np.allclose(equations.inverse_diagonal(random_block_only=True),
                            np.diag(np.linalg.inv(_dense_C(b)[:q, :q])), rtol=1e-9)
