@@ -1,5 +1,6 @@
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import henderson as hd
@@ -138,3 +139,41 @@ def test_the_import_warm_up_fits_through_the_common_path():
     model = _warm_up_fit()
     assert model.mme.ordering == "schur" and model.optimizer_result.method == "ai-reml"
     assert model.converged and np.all(model.theta > 0)
+
+
+def _nested_60k():
+    rng = np.random.default_rng(7)
+    n = 60_000
+    outer = rng.integers(0, 500, n)
+    inner = outer * 3 + rng.integers(0, 3, n)
+    x = rng.normal(size=n)
+    y = (1 + 0.5 * x + 0.8 * rng.normal(size=500)[outer] + 0.5 * rng.normal(size=1500)[inner]
+         + rng.normal(size=n))
+    return pd.DataFrame({"g1": outer, "g3": inner, "x": x, "y": y})
+
+
+def test_ai_reml_on_nested_terms_reaches_the_derivative_free_optimum():
+    """A term nested in another, from a poor start: the AI step conditioned on one
+    overshooting variance pushed the other below zero, the line search clipped it to 0
+    and AI-REML kept it there, 780 above the optimum, reported as converged."""
+    frame = _nested_60k()
+    ai = hd.lmm("y ~ x + (1|g1) + (1|g3)", frame)
+    assert ai.optimizer_result.method == "ai-reml" and ai.converged
+    reference = hd.lmm("y ~ x + (1|g1) + (1|g3)", frame, optimizer="bobyqa")
+    assert ai.objective == pytest.approx(reference.objective, rel=1e-11)
+    np.testing.assert_allclose(ai.theta, reference.theta, rtol=1e-4)
+    # the start the one-way estimates gave before they knew about nesting
+    poor = hd.fit_design(hd.build_design("y ~ x + (1|g1) + (1|g3)", frame), optimizer="ai",
+                         start=[1.94, 1.75])
+    assert poor.objective == pytest.approx(reference.objective, rel=1e-11)
+
+
+def test_ai_reml_does_not_stay_on_the_boundary_when_inside_is_lower():
+    """θ_t = 0 is a stationary point that AI-REML never leaves; from a start with a
+    variance at 0 it probes inside the boundary and starts again from there."""
+    frame = _nested_60k()
+    design = hd.build_design("y ~ x + (1|g1) + (1|g3)", frame)
+    reference = hd.lmm("y ~ x + (1|g1) + (1|g3)", frame, optimizer="bobyqa")
+    from_boundary = hd.fit_design(design, optimizer="ai", start=[0.0, 0.8])
+    assert from_boundary.objective == pytest.approx(reference.objective, rel=1e-11)
+    assert np.all(from_boundary.theta > 0.3)

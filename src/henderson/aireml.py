@@ -137,7 +137,8 @@ class AverageInformation:
 
 def optimize_ai_reml(objective: Objective, start: np.ndarray, verbose: bool | int = False,
                      max_iterations: int = 60, tolerance: float = 1e-9,
-                     final_gain: float = 0.1, final_mismatch: float | None = None):
+                     final_gain: float = 0.1, final_mismatch: float | None = None,
+                     probe_boundary: bool = True):
     """AI-REML from θ ``start``; returns an :class:`~henderson.fit.OptimizerResult`."""
     from .fit import OptimizerResult
 
@@ -159,9 +160,16 @@ def optimize_ai_reml(objective: Objective, start: np.ndarray, verbose: bool | in
             # (not to 0: from a poor start, InstEval's θ = 0.5, the first step overshoots
             # a variance far from 0), and the others take the Newton step given that
             # move; a variance that keeps shrinking reaches the boundary below.
-            over = free & (phi + step < 0)
-            over[-1] = False
-            if over.any():
+            # The conditioned step can push another variance below zero in turn (a
+            # term nested in another, from a poor start): repeat until none is, or the
+            # line search would clip it to 0 and strand it there.
+            over = np.zeros_like(free)
+            for _ in range(len(phi)):
+                new_over = free & ~over & (phi + step < 0)
+                new_over[-1] = False
+                if not new_over.any():
+                    break
+                over |= new_over
                 rest = free & ~over
                 step[over] = -0.99 * phi[over]
                 step[rest] = np.linalg.solve(
@@ -235,4 +243,17 @@ def optimize_ai_reml(objective: Objective, start: np.ndarray, verbose: bool | in
         result.average_information = state.ai
         result.variance_components = state.phi
     # else the last step left the last AI behind: the results compute it at θ on demand
+    # θ_t = 0 is a stationary point of the profiled objective and AI-REML keeps a
+    # variance that reached 0 there: probe inside the boundary, and start again from
+    # the probe when it is lower (a variance stranded at 0 is a wrong answer reported
+    # as converged)
+    zero = np.asarray(theta) == 0
+    if probe_boundary and zero.any():
+        probe = np.array(theta, dtype=float)
+        probe[zero] = 0.1
+        if objective(probe) < value:
+            again = optimize_ai_reml(objective, probe, verbose, max_iterations, tolerance,
+                                     final_gain, final_mismatch, probe_boundary=False)
+            again.history = history + again.history
+            return again
     return result

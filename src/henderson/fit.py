@@ -241,7 +241,7 @@ def moment_start(design: Design, xp) -> np.ndarray | None:
     if not (n > design.n_fixed and rss > 0):
         return None
     total = rss / (n - design.n_fixed)
-    variances = []
+    variances, within = [], [total]
     for t, term in enumerate(design.terms):
         if term.coef_names != ["(Intercept)"]:  # a slope (z not 0/1): no one-way ANOVA
             variances.append(np.nan)
@@ -256,13 +256,19 @@ def moment_start(design: Design, xp) -> np.ndarray | None:
         between = float(np.sum(sums ** 2 / np.maximum(counts, 1e-300)))
         mean_between = between / (levels - 1)
         mean_within = max(rss - between, 0.0) / (n - levels)
+        within.append(mean_within)
         n0 = (n - float(np.sum(counts ** 2)) / n) / (levels - 1)
         variances.append(max(mean_between - mean_within, 0.0) / n0)
     variances = np.array(variances)
     if np.all(np.isnan(variances)):
         return None
-    # nested terms both count the inner one's variance: keep a residual share
-    residual = max(total - np.nansum(variances), 0.1 * total)
+    # Nested terms (each level of one inside a single level of the other) both count
+    # the inner one's variance, so the total less the terms' falls towards 0; the
+    # finest term's within-level mean square is σ²_e there. Crossed terms: that mean
+    # square also holds the other terms' variances, and the total less them is closer.
+    nested = any(len(pairs) in (design.terms[t].n_levels, design.terms[u].n_levels)
+                 for (t, u), (pairs, _) in xp.crossed.items())
+    residual = min(within) if nested else max(total - np.nansum(variances), 0.1 * total)
     # θ = 0 is a stationary point of the profiled objective: start inside; slopes
     # start where lme4 does
     theta = np.clip(np.sqrt(variances / residual), 0.05, 20.0)
