@@ -175,6 +175,37 @@ def _backward(chol, W, b_ptr, b_rows, y1, x2):
 
 
 @numba.njit(**_NJIT)
+def _level_rows(chol, lev, W, b_ptr, b_rows, limit, Linv, V, rows, slots):
+    """For level ``lev``: ``Linv = L_l⁻¹`` (forward substitution on the k x k factor)
+    and, for its B rows before ``limit``, their rows, slots and ``V = W_l L_l⁻¹ =
+    B_l A_l⁻¹``. Returns how many rows were kept."""
+    k = chol.shape[1]
+    for j in range(k):
+        for i in range(k):
+            if i < j:
+                Linv[i, j] = 0.0
+            elif i == j:
+                Linv[i, j] = 1.0 / chol[lev, i, i]
+            else:
+                s = 0.0
+                for c in range(j, i):
+                    s -= chol[lev, i, c] * Linv[c, j]
+                Linv[i, j] = s / chol[lev, i, i]
+    c = 0
+    for e in range(b_ptr[lev], b_ptr[lev + 1]):
+        if b_rows[e] < limit:
+            rows[c] = b_rows[e]
+            slots[c] = e
+            for a in range(k):
+                s = 0.0
+                for d in range(a, k):
+                    s += W[e, d] * Linv[d, a]
+                V[c, a] = s
+            c += 1
+    return c
+
+
+@numba.njit(**_NJIT)
 def _level_inverses(chol, W, b_ptr, b_rows, s_inverse, limit):
     """Z_ll (n_levels, k, k) and Z_{R_l,l} (rows of B, k) from S⁻¹; B rows at or
     beyond ``limit`` (fixed effects, for C_zz⁻¹) are left out. S⁻¹[R_l, R_l] is read
@@ -194,29 +225,7 @@ def _level_inverses(chol, W, b_ptr, b_rows, s_inverse, limit):
     slots = np.empty(widest, dtype=np.int64)
     Linv = np.empty((k, k))
     for lev in range(n_levels):
-        # inverse of the k x k lower-triangular factor, by forward substitution
-        for j in range(k):
-            for i in range(k):
-                if i < j:
-                    Linv[i, j] = 0.0
-                elif i == j:
-                    Linv[i, j] = 1.0 / chol[lev, i, i]
-                else:
-                    s = 0.0
-                    for c in range(j, i):
-                        s -= chol[lev, i, c] * Linv[c, j]
-                    Linv[i, j] = s / chol[lev, i, i]
-        c = 0
-        for e in range(b_ptr[lev], b_ptr[lev + 1]):
-            if b_rows[e] < limit:
-                rows[c] = b_rows[e]
-                slots[c] = e
-                for a in range(k):
-                    s = 0.0
-                    for d in range(a, k):
-                        s += W[e, d] * Linv[d, a]
-                    V[c, a] = s
-                c += 1
+        c = _level_rows(chol, lev, W, b_ptr, b_rows, limit, Linv, V, rows, slots)
         for i in range(c):
             for a in range(k):
                 SV[i, a] = 0.0
@@ -266,27 +275,10 @@ def _level_inverse_diagonals(chol, W, b_ptr, b_rows, upper_inverse, limit):
         widest = max(widest, b_ptr[lev + 1] - b_ptr[lev])
     V = np.empty((widest, k))
     rows = np.empty(widest, dtype=np.int64)
+    slots = np.empty(widest, dtype=np.int64)
     Linv = np.zeros((k, k))
     for lev in range(n_levels):
-        for j in range(k):
-            for i in range(j, k):
-                if i == j:
-                    Linv[i, j] = 1.0 / chol[lev, i, i]
-                else:
-                    s = 0.0
-                    for c in range(j, i):
-                        s -= chol[lev, i, c] * Linv[c, j]
-                    Linv[i, j] = s / chol[lev, i, i]
-        c = 0
-        for e in range(b_ptr[lev], b_ptr[lev + 1]):
-            if b_rows[e] < limit:
-                rows[c] = b_rows[e]
-                for a in range(k):
-                    s = 0.0
-                    for d in range(a, k):
-                        s += W[e, d] * Linv[d, a]
-                    V[c, a] = s
-                c += 1
+        c = _level_rows(chol, lev, W, b_ptr, b_rows, limit, Linv, V, rows, slots)
         for a in range(k):
             s = 0.0
             for d in range(a, k):
