@@ -147,6 +147,7 @@ def optimize_ai_reml(objective: Objective, start: np.ndarray, verbose: bool | in
     history = []
     t0 = time.perf_counter()
     state = info.at(theta)
+    state_is_current = True  # False when the last step ends without a state at its θ
     converged, message = False, "maximum number of iterations reached"
     n_levels = np.array([t.n_levels for t in info.design.terms], dtype=float)
     for iteration in range(1, max_iterations + 1):
@@ -209,24 +210,23 @@ def optimize_ai_reml(objective: Objective, start: np.ndarray, verbose: bool | in
         mismatch = abs((value - new_value) - gain) if accepted else np.inf
         last_mismatch = (max(1e-7, 1e-13 * abs(value)) if final_mismatch is None
                          else final_mismatch)
-        if accepted and scale == 1.0 and gain < final_gain and mismatch < last_mismatch:
-            value = new_value
-            history.append((iteration, kind, value, np.append(candidate[:-1], candidate[-1])))
-            if verbose:
-                print(f"[henderson] AI-REML iter {iteration:3d} {kind}  objective {value:.8f}  "
-                      f"gain {gain:.2e}, mismatch {mismatch:.1e}: last step  "
-                      f"{time.perf_counter() - t0:.1f}s",
-                      file=sys.stderr)
-            converged, message = True, f"AI-REML converged in {iteration} iterations"
-            break
-        old_value, old_phi = value, phi
-        state = info.at(theta)
-        value, phi, score, ai = state.objective, state.phi, state.score, state.ai
+        last = accepted and scale == 1.0 and gain < final_gain and mismatch < last_mismatch
+        if last:
+            value, phi = new_value, candidate
+            state_is_current = False
+        else:
+            old_value, old_phi = value, phi
+            state = info.at(theta)
+            value, phi, score, ai = state.objective, state.phi, state.score, state.ai
         history.append((iteration, kind, value, phi.copy()))
         if verbose:
             print(f"[henderson] AI-REML iter {iteration:3d} {kind}  objective {value:.8f}  "
-                  f"gain {gain:.2e} mismatch {mismatch:.1e}  φ={np.array2string(phi, precision=6)}  {time.perf_counter() - t0:.1f}s",
-                  file=sys.stderr)
+                  f"gain {gain:.2e} mismatch {mismatch:.1e}  "
+                  f"φ={np.array2string(phi, precision=6)}{'  last step' if last else ''}  "
+                  f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        if last:
+            converged, message = True, f"AI-REML converged in {iteration} iterations"
+            break
         relative_change = float(np.max(np.abs(phi - old_phi)) / np.max(np.abs(phi)))
         free = phi > 0
         decrement = float(score[free] @ np.linalg.lstsq(ai[np.ix_(free, free)], score[free],
@@ -239,7 +239,7 @@ def optimize_ai_reml(objective: Objective, start: np.ndarray, verbose: bool | in
             break
     result = OptimizerResult(theta, value, objective.n_evaluations, converged, message,
                              "ai-reml", history)
-    if np.array_equal(np.sqrt(state.phi[:-1] / state.phi[-1]), theta):
+    if state_is_current:
         result.average_information = state.ai
         result.variance_components = state.phi
     # else the last step left the last AI behind: the results compute it at θ on demand

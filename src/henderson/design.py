@@ -288,7 +288,7 @@ def _drop_aliased(X: np.ndarray, names: list[str], tol: float = 1e-7):
     if X.shape[1] == 0:
         return X, names, []
     # Screen with the Gram matrix (one BLAS pass; the column-by-column projections
-    # below read X four times per column: 90 of InstEval's 150 ms of design): the
+    # below read X four times per column: ~30 of InstEval's ~75 ms of design): the
     # squared Cholesky diagonal of X'X over its diagonal is each column's relative
     # residual² after the earlier ones. Far above tol² (1e-6 against 1e-14) no rounding
     # of X'X can turn it into an aliased column, so all are kept without projecting.

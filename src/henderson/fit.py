@@ -432,12 +432,12 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
     missing : {"raise", "drop"}
         Rows with NaN/inf in a used column raise a ``DataError`` or are dropped.
     optimizer : {"auto", "ai", "bobyqa", "lbfgs", "Powell", "Nelder-Mead", "L-BFGS-B"}
-        ``"ai"``: average-information REML (the default for REML models with a known
-        level covariance and one coefficient per term); ``"lbfgs"``: quasi-Newton
-        on the analytic gradient (selected inverse; the default from 50,000 rows,
-        where its ~25 evaluations beat BOBYQA's ~135: 1M-row crossed design 17-20 s
-        instead of 37-41 s); ``"bobyqa"``: lme4's derivative-free optimiser (the
-        default otherwise); or a bounded scipy method with finite differences.
+        ``"ai"``: average-information REML (the default for REML models with one
+        coefficient per term that have a known level covariance or at least 50,000
+        rows); ``"lbfgs"``: quasi-Newton on the analytic gradient (the default for
+        other models from 50,000 rows, where its ~25 evaluations beat BOBYQA's ~135);
+        ``"bobyqa"``: lme4's derivative-free optimiser (the default otherwise); or a
+        bounded scipy method with finite differences.
     ordering : {"auto", "natural", "amd", "metis"}
         Fill-reducing ordering for CHOLMOD (``auto`` measures the candidates).
     verbose : bool or int

@@ -15,8 +15,6 @@ import numpy as np
 _NJIT = dict(nogil=True, cache=True)
 
 
-
-
 @numba.njit(**_NJIT)
 def grouped_crossprod(group_codes, left, right, weights, n_groups):
     """``out[g] = Σ_{i: code_i = g} w_i left_i right_i'``, shape (n_groups, k_l, k_r).

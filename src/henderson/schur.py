@@ -175,6 +175,17 @@ def _backward(chol, W, b_ptr, b_rows, y1, x2):
 
 
 @numba.njit(**_NJIT)
+def _level_buffers(b_ptr, k):
+    """Work arrays for :func:`_level_rows`, sized for the level with most B rows:
+    ``L_l⁻¹`` (k x k), ``V`` and the rows and slots kept."""
+    widest = 0
+    for lev in range(len(b_ptr) - 1):
+        widest = max(widest, b_ptr[lev + 1] - b_ptr[lev])
+    return (np.zeros((k, k)), np.empty((widest, k)), np.empty(widest, dtype=np.int64),
+            np.empty(widest, dtype=np.int64))
+
+
+@numba.njit(**_NJIT)
 def _level_rows(chol, lev, W, b_ptr, b_rows, limit, Linv, V, rows, slots):
     """For level ``lev``: ``Linv = L_l⁻¹`` (forward substitution on the k x k factor)
     and, for its B rows before ``limit``, their rows, slots and ``V = W_l L_l⁻¹ =
@@ -216,14 +227,8 @@ def _level_inverses(chol, W, b_ptr, b_rows, s_inverse, limit):
     n_levels, k, _ = chol.shape
     diag = np.zeros((n_levels, k, k))
     cross = np.zeros((len(b_rows), k))
-    widest = 0
-    for lev in range(n_levels):
-        widest = max(widest, b_ptr[lev + 1] - b_ptr[lev])
-    V = np.empty((widest, k))          # V_l = B_l A_l⁻¹ = W_l L_l⁻¹
-    SV = np.empty((widest, k))
-    rows = np.empty(widest, dtype=np.int64)
-    slots = np.empty(widest, dtype=np.int64)
-    Linv = np.empty((k, k))
+    Linv, V, rows, slots = _level_buffers(b_ptr, k)
+    SV = np.empty_like(V)
     for lev in range(n_levels):
         c = _level_rows(chol, lev, W, b_ptr, b_rows, limit, Linv, V, rows, slots)
         for i in range(c):
@@ -270,13 +275,7 @@ def _level_inverse_diagonals(chol, W, b_ptr, b_rows, upper_inverse, limit):
     ``limit`` are left out (C_zz⁻¹)."""
     n_levels, k, _ = chol.shape
     out = np.zeros((n_levels, k))
-    widest = 0
-    for lev in range(n_levels):
-        widest = max(widest, b_ptr[lev + 1] - b_ptr[lev])
-    V = np.empty((widest, k))
-    rows = np.empty(widest, dtype=np.int64)
-    slots = np.empty(widest, dtype=np.int64)
-    Linv = np.zeros((k, k))
+    Linv, V, rows, slots = _level_buffers(b_ptr, k)
     for lev in range(n_levels):
         c = _level_rows(chol, lev, W, b_ptr, b_rows, limit, Linv, V, rows, slots)
         for a in range(k):
