@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 DATA = Path(__file__).parent / "data"
@@ -12,6 +13,19 @@ CASES = sorted(p.stem for p in (DATA / "cases").glob("*.json"))
 
 def load_case(name: str) -> dict:
     return json.loads((DATA / "cases" / f"{name}.json").read_text())
+
+
+def assert_sigma_and_fixed_effects(model, case: dict) -> None:
+    """σ to 1e-3, fixed effects to 1e-4 and their SEs to 2e-3 of what lme4 printed
+    (relative; estimates near 0 on the scale of the largest)."""
+    assert abs(model.sigma - case["sigma"]) / case["sigma"] < 1e-3
+    fixef = case["fixef"]
+    assert list(model.fixef.index) == fixef["names"]
+    estimate = np.array(fixef["estimate"])
+    scale = np.maximum(np.abs(estimate), 1e-8 * np.max(np.abs(estimate)))
+    assert np.all(np.abs(model.fixef.to_numpy() - estimate) / scale < 1e-4)
+    se = np.sqrt(np.diag(model.vcov.to_numpy()))
+    assert np.all(np.abs(se - fixef["std_error"]) / np.array(fixef["std_error"]) < 2e-3)
 
 
 def load_json(*parts: str) -> dict:

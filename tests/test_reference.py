@@ -7,7 +7,7 @@ import pytest
 
 import henderson as hd
 
-from conftest import CASES, load_case
+from conftest import CASES, assert_sigma_and_fixed_effects, load_case
 
 _FITS: dict[str, hd.LinearMixedModel] = {}
 
@@ -40,14 +40,7 @@ def test_objective_and_likelihood(name):
 @pytest.mark.parametrize("name", CASES)
 def test_sigma_and_fixed_effects(name):
     case, m = fitted(name)
-    assert abs(m.sigma - case["sigma"]) / case["sigma"] < 1e-3
-    fixef = case["fixef"]
-    assert list(m.fixef.index) == fixef["names"]
-    est = np.array(fixef["estimate"])
-    scale = np.maximum(np.abs(est), 1e-8 * np.max(np.abs(est)))
-    assert np.all(np.abs(m.fixef.to_numpy() - est) / scale < 1e-4)
-    se = np.sqrt(np.diag(m.vcov.to_numpy()))
-    assert np.all(rel(se, fixef["std_error"]) < 2e-3)
+    assert_sigma_and_fixed_effects(m, case)
 
 
 @pytest.mark.parametrize("name", CASES)
