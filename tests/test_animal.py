@@ -177,3 +177,50 @@ def test_em_steps_are_taken_when_ai_steps_fail(visible, monkeypatch):
     assert kinds == ["EM"] * 5
     assert all(b <= a + 1e-9 for a, b in zip(values, values[1:]))
     assert values[-1] < objective(np.array([0.3]))
+
+
+def _dense_average_information(design, phi):
+    """Score and AI of the REML log-likelihood from the dense V: ``V = Σ_t φ_t Z_t K_t
+    Z_t' + φ_e W⁻¹``, ``P = V⁻¹ − V⁻¹X(X'V⁻¹X)⁻¹X'V⁻¹``, ``s_i = −½(tr PV̇_i − y'PV̇_iPy)``
+    and ``AI_ij = ½ y'PV̇_iPV̇_jPy``."""
+    X, y = np.asarray(design.X.todense() if hasattr(design.X, "todense") else design.X), design.y
+    derivatives = []
+    for term in design.terms:
+        Z = term.z_matrix().toarray()
+        K = (np.eye(term.n_levels) if term.level_precision is None
+             else np.linalg.inv(term.level_precision.toarray()))
+        derivatives.append(Z @ K @ Z.T)
+    derivatives.append(np.diag(1.0 / design.weights))
+    V = sum(p * D for p, D in zip(phi, derivatives))
+    Vinv = np.linalg.inv(V)
+    VX = Vinv @ X
+    P = Vinv - VX @ np.linalg.solve(X.T @ VX, VX.T)
+    Py = P @ y
+    score = np.array([-0.5 * (np.trace(P @ D) - Py @ D @ Py) for D in derivatives])
+    ai = np.array([[0.5 * Py @ Di @ P @ Dj @ Py for Dj in derivatives] for Di in derivatives])
+    return score, ai
+
+
+@pytest.mark.parametrize("case", ["penicillin", "weighted", "animal"])
+def test_average_information_equals_the_dense_formulas(case, visible):
+    """The AI matrix and score, computed in the space of the equations (products with
+    C and one solve, no rows), against the dense textbook formulas on V."""
+    from henderson.aireml import AverageInformation
+    from henderson.mme import MixedModelEquations
+    from henderson.objective import Objective
+
+    if case == "penicillin":
+        design = hd.build_design("diameter ~ 1 + (1|plate) + (1|sample)",
+                                 hd.datasets.load("penicillin"))
+    elif case == "weighted":
+        design = hd.build_design("Reaction ~ Days + (1|Subject)",
+                                 hd.datasets.load("sleepstudy_weighted"), weights="w")
+    else:
+        ped, _, data, _ = visible
+        design = hd.build_design("y ~ sex + hy + (1 | animal)", data,
+                                 relationships={"animal": ped})
+    theta = np.linspace(0.6, 1.3, design.n_theta)
+    state = AverageInformation(Objective(MixedModelEquations(design))).at(theta)
+    score, ai = _dense_average_information(design, state.phi)
+    np.testing.assert_allclose(state.ai, ai, rtol=1e-8, atol=1e-10 * np.abs(ai).max())
+    np.testing.assert_allclose(state.score, score, rtol=1e-7, atol=1e-8 * np.abs(score).max())
