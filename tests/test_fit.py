@@ -81,7 +81,7 @@ def test_auto_optimizer_is_newton_type_from_50000_rows(sleepstudy):
     m = hd.lmm("y ~ service + (1 | s) + (1 | d)", insteval, reml=False)
     assert m.optimizer_result.method == "lbfgs" and m.converged
     assert m.optimizer_result.message == "projected gradient below tolerance"
-    assert m.n_evaluations <= 12
+    assert m.optimizer_result.optimizer_evaluations <= 12
     reference = hd.lmm("y ~ service + (1 | s) + (1 | d)", insteval, reml=False,
                        optimizer="bobyqa")
     assert m.objective == pytest.approx(reference.objective, rel=1e-10)

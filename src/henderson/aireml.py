@@ -135,12 +135,45 @@ class AverageInformation:
         return AIState(evaluation.objective, phi, score, ai, traces, quads)
 
 
+def ai_convergence_check(objective: Objective, theta: np.ndarray, result=None,
+                         tolerance: float | None = None):
+    """lme4's scaled-gradient test at θ from AI-REML's own quantities: the exact REML
+    score and, for the Hessian, twice the average information (positive definite by
+    construction, so the definiteness test is left to the boundary probe of
+    :func:`optimize_ai_reml`), on the variances off the boundary. No finite
+    differences: the state at θ is the one the results need for the SEs anyway, and is
+    stored on ``result`` for them.
+
+    Returns a :class:`~henderson.optimize.ConvergenceCheck`.
+    """
+    from .optimize import SETTINGS, ConvergenceCheck
+
+    tolerance = SETTINGS.check_gradient if tolerance is None else tolerance
+    state = AverageInformation(objective).at(np.asarray(theta, dtype=float))
+    if result is not None:
+        result.average_information, result.variance_components = state.ai, state.phi
+    free = state.phi > 0
+    gradient = -2.0 * state.score  # of the objective, −2ℓ_R, in the variances
+    scaled = np.zeros(len(gradient))
+    try:
+        upper = np.linalg.cholesky(2.0 * state.ai[np.ix_(free, free)]).T
+        scaled[free] = np.abs(np.linalg.solve(upper, gradient[free]))
+    except np.linalg.LinAlgError:
+        scaled[free] = np.inf
+    worst = int(np.argmax(scaled))
+    passed = bool(scaled[worst] <= tolerance)
+    message = "" if passed else (f"max|scaled gradient| {scaled[worst]:.3g} > {tolerance:g} "
+                                 f"(variance {worst})")
+    return ConvergenceCheck(passed, message, state.objective, gradient, scaled, np.nan,
+                            [] if passed else [])
+
+
 def optimize_ai_reml(objective: Objective, start: np.ndarray, verbose: bool | int = False,
                      max_iterations: int = 60, tolerance: float = 1e-9,
                      final_gain: float = 0.1, final_mismatch: float | None = None,
                      probe_boundary: bool = True):
     """AI-REML from θ ``start``; returns an :class:`~henderson.fit.OptimizerResult`."""
-    from .fit import OptimizerResult
+    from .optimize import OptimizerResult
 
     info = AverageInformation(objective)
     theta = np.maximum(np.asarray(start, dtype=float), 0.0)

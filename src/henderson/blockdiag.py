@@ -13,6 +13,7 @@ import numpy as np
 from . import kernels
 from .design import Design
 from .errors import FormulaError
+from .mme import response_shift
 
 
 def outermost_grouping(design: Design) -> int:
@@ -70,6 +71,10 @@ class BlockDiagonalObjective:
         self.z_offsets = np.concatenate([[0], np.cumsum(self.term_k)[:-1]]).astype(np.int64)
         self.z_all = np.ascontiguousarray(np.column_stack([t.z for t in design.terms]))
         self.kmax = int(self.term_k.max())
+        # the shifted response of the MME path (mme.response_shift): y'V⁻¹y − β'X'V⁻¹y
+        # cancels as y'Wy − sol'·rhs does when y has a large mean
+        shift = response_shift(design.X, design.y, design.weights, design.fixed_names)
+        self.y = np.ascontiguousarray(design.y - design.X @ shift)
         self.dof = design.n_obs - design.n_fixed if reml else design.n_obs
         self.constant = -float(np.sum(np.log(design.weights)))
         self.n_evaluations = 0
@@ -83,7 +88,7 @@ class BlockDiagonalObjective:
         return kernels.block_diagonal_sums(
             self.group_ptr, self.row_order, self.local_cols, self.col_base,
             self.group_size, self.z_all, self.z_offsets, lam_all, self.term_k,
-            np.ascontiguousarray(d.X), d.y, d.weights)
+            np.ascontiguousarray(d.X), self.y, d.weights)
 
     def __call__(self, theta: np.ndarray) -> float:
         self.n_evaluations += 1

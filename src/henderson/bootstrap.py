@@ -49,6 +49,7 @@ def _with_response(mme, y: np.ndarray, private: bool = False):
     refitted in parallel threads."""
     design = dataclasses.replace(mme.design, y=y)
     w = design.weights
+    y = y - np.asarray(design.X @ mme.xp.shift).ravel()  # the fit's shifted response
     zy = [kernels.grouped_crossprod(t.level_codes, np.ascontiguousarray(t.z),
                                     y[:, None].copy(), w, t.n_levels)[:, :, 0]
           for t in design.terms]
@@ -100,7 +101,7 @@ def bootstrap(model, n: int = 200, seed=None, n_jobs: int = 1) -> pd.DataFrame:
     import os
     from concurrent.futures import ThreadPoolExecutor
 
-    from .fit import optimize_bobyqa
+    from .optimize import optimize_bobyqa
     from .objective import Objective
     from .results import LinearMixedModel
 

@@ -6,10 +6,8 @@
 """
 from __future__ import annotations
 
-import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -17,173 +15,13 @@ import pandas as pd
 from scipy.sparse import issparse as sp_issparse
 
 from .design import Design, build_design
-from .errors import ConvergenceWarning
 from .mme import MixedModelEquations
 from .objective import Objective
-
-
-@dataclass
-class OptimizerResult:
-    theta: np.ndarray
-    objective: float
-    n_evaluations: int
-    converged: bool
-    message: str
-    method: str
-    history: list = field(default_factory=list)
-
-
-class _Progress:
-    """Prints the objective every ``every`` evaluations to stderr."""
-
-    def __init__(self, objective: Objective, verbose: bool | int):
-        self.objective = objective
-        self.every = 1 if verbose is True else int(verbose)
-        self.start = time.perf_counter()
-        self.best = np.inf
-
-    def __call__(self, theta):
-        value = self.objective(theta)
-        self.best = min(self.best, value)
-        count = self.objective.n_evaluations
-        if self.every and count % self.every == 0:
-            print(
-                f"[henderson] eval {count:5d}  objective {value:.6f}  best {self.best:.6f}"
-                f"  θ={np.array2string(np.asarray(theta), precision=5)}"
-                f"  {time.perf_counter() - self.start:.1f}s",
-                file=sys.stderr,
-            )
-        return value
-
+from .optimize import (SETTINGS, OptimizerResult, ScaledProblem, ensure_convergence,
+                       optimize_bobyqa, optimize_lbfgs, optimize_scipy, theta_scale)
 
 #: from this many rows ``optimizer="auto"`` takes the quasi-Newton optimiser
-LBFGS_MIN_ROWS = 50_000
-
-
-def optimize_bobyqa(objective: Objective, start: np.ndarray, lower: np.ndarray,
-                    verbose: bool | int = False, max_evaluations: int = 100_000,
-                    tolerance: float = 1e-10) -> OptimizerResult:
-    """Powell's BOBYQA (nlopt), lme4's default optimiser for ``lmer``, on any
-    callable θ → value (an :class:`Objective` or a plain function).
-
-    Stops at ``ftol_abs = xtol_abs = 1e-10``, tighter than lme4's 1e-8: that costs
-    25-35% more evaluations (InstEval 70 vs 52) but pins down flat directions (the
-    near-zero intercept-slope covariance of weighted sleepstudy moves by 1% between
-    the two), which the agreement with lme4's printed variance components needs."""
-    import nlopt
-
-    func = _Progress(objective, verbose) if verbose else objective
-    n = len(start)
-    opt = nlopt.opt(nlopt.LN_BOBYQA, n)
-    opt.set_lower_bounds(np.where(np.isfinite(lower), lower, -1e300))
-    opt.set_min_objective(lambda x, grad: func(x))
-    opt.set_ftol_abs(tolerance)
-    opt.set_xtol_abs(tolerance)
-    opt.set_maxeval(max_evaluations)
-    opt.set_initial_step(np.full(n, 0.75))
-    with np.errstate(all="ignore"):
-        theta = opt.optimize(np.asarray(start, dtype=float))
-    code = opt.last_optimize_result()
-    converged = code in (nlopt.FTOL_REACHED, nlopt.XTOL_REACHED, nlopt.SUCCESS,
-                         nlopt.STOPVAL_REACHED)
-    return OptimizerResult(theta, opt.last_optimum_value(),
-                           getattr(objective, "n_evaluations", opt.get_numevals()),
-                           converged, f"nlopt BOBYQA return code {code}", "bobyqa")
-
-
-def optimize_scipy(objective: Objective, start: np.ndarray, lower: np.ndarray,
-                   method: str = "Powell", verbose: bool | int = False) -> OptimizerResult:
-    """A bounded scipy optimiser (``Powell``, ``Nelder-Mead``, ``L-BFGS-B`` with
-    finite differences)."""
-    from scipy.optimize import Bounds, minimize
-
-    func = _Progress(objective, verbose) if verbose else objective
-    bounds = Bounds(lower, np.full_like(lower, np.inf))
-    result = minimize(func, start, method=method, bounds=bounds,
-                      options={"xtol": 1e-10, "ftol": 1e-12, "maxfev": 100_000}
-                      if method == "Powell" else {})
-    return OptimizerResult(result.x, float(result.fun), objective.n_evaluations,
-                           bool(result.success), str(result.message), method)
-
-
-class _GradientSmall(Exception):
-    """Raised inside L-BFGS-B when an evaluated point is already optimal."""
-
-    def __init__(self, theta, value, gradient):
-        super().__init__("projected gradient below tolerance")
-        self.theta, self.value, self.gradient = theta, value, gradient
-
-
-def optimize_lbfgs(objective: Objective, start: np.ndarray, lower: np.ndarray,
-                   verbose: bool | int = False) -> OptimizerResult:
-    """Quasi-Newton (L-BFGS-B) on the analytic gradient from the selected inverse.
-
-    Stops at the first evaluated point (line-search trials included) whose projected
-    gradient is below ``max(1e-6, 1e-8·|f|)`` and whose value is the lowest so far.
-    The gradient scales with the objective (the deviance of n rows): an absolute 1e-6
-    is out of reach at a million rows, and L-BFGS-B, which tests only accepted iterates,
-    idled at the objective's noise floor (InstEval: optimal at evaluation 13, stopped
-    at 31; 1M-row crossed: optimal at 22, stopped at 34). The θ error this tolerance
-    allows is ~|g|/H ≈ 1e-8, far below what lme4 prints."""
-    from scipy.optimize import minimize
-
-    from .objective import objective_gradient
-
-    progress = _Progress(objective, verbose) if verbose else None
-    start_value = objective(np.asarray(start, dtype=float))
-    scale = abs(start_value) if np.isfinite(start_value) else 1.0
-    tolerance = max(1e-6, 1e-8 * scale)
-    bounded = np.isfinite(lower)
-    best = [np.inf]
-
-    def value_and_gradient(theta):
-        try:
-            value, gradient = objective_gradient(objective, theta)
-        except np.linalg.LinAlgError:
-            return np.inf, np.zeros_like(theta)
-        objective.history.append((np.array(theta), value))
-        if progress is not None and progress.every and objective.n_evaluations % progress.every == 0:
-            print(f"[henderson] eval {objective.n_evaluations:5d}  objective {value:.6f}  "
-                  f"|gradient| {np.max(np.abs(gradient)):.2e}", file=sys.stderr)
-        at_bound = bounded & (theta <= lower) & (gradient > 0)
-        if value <= best[0] and np.max(np.abs(np.where(at_bound, 0.0, gradient))) < tolerance:
-            raise _GradientSmall(np.array(theta, dtype=float), value, gradient)
-        best[0] = min(best[0], value)
-        return value, gradient
-
-    bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower]
-    options = {"ftol": 1e-13, "gtol": tolerance, "maxiter": 1000}
-
-    def run(theta0):
-        try:
-            result = minimize(value_and_gradient, theta0, jac=True, method="L-BFGS-B",
-                              bounds=bounds, options=options)
-            return result.x, float(result.fun), result.jac, bool(result.success), \
-                str(result.message)
-        except _GradientSmall as stop:
-            return stop.theta, float(stop.value), stop.gradient, True, \
-                "projected gradient below tolerance"
-
-    theta, value, gradient, success, message = run(start)
-    # θ_i = 0 is a stationary point of the profiled objective (it is even in the
-    # diagonal of a one-coefficient term), so a projected step onto the bound can stop
-    # there at a saddle: probe inside the bound and restart when that is lower
-    for _ in range(3):
-        at_zero = np.flatnonzero(bounded & (theta <= lower + 1e-10))
-        if not len(at_zero):
-            break
-        probe = theta.copy()
-        probe[at_zero] = 0.1
-        if objective(probe) >= value:
-            break
-        best[0] = np.inf
-        theta, value, gradient, success, message = run(probe)
-    # a line search that fails at the noise floor of the objective (~1e-13 relative) is
-    # convergence when the projected gradient is negligible
-    at_bound = bounded & (theta <= lower) & (gradient > 0)
-    projected = np.where(at_bound, 0.0, gradient)
-    converged = success or float(np.max(np.abs(projected))) < 1e-3
-    return OptimizerResult(theta, value, objective.n_evaluations, converged, message, "lbfgs")
+LBFGS_MIN_ROWS = SETTINGS.lbfgs_min_rows
 
 
 def load_compiled_kernels() -> None:
@@ -370,6 +208,13 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
             optimizer = "lbfgs"
         else:
             optimizer = "bobyqa"
+    known = ("ai", "bobyqa", "lbfgs", "Powell", "Nelder-Mead", "L-BFGS-B")
+    if optimizer not in known:
+        raise ValueError(f"unknown optimizer {optimizer!r}; use 'auto', "
+                         + ", ".join(repr(k) for k in known))
+    if optimizer == "lbfgs" and method != "mme":
+        raise ValueError("optimizer='lbfgs' needs method='mme'")
+    problem = ScaledProblem(objective, theta_scale(design, mme.xp), search)
     if start is not None:
         start = np.asarray(start, dtype=float).ravel()
         if start.shape != (design.n_theta,) or not np.all(np.isfinite(start)):
@@ -377,27 +222,34 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
     elif optimizer in ("ai", "lbfgs") and method == "mme":
         # the Newton-type optimisers gain most from a start near the optimum
         start = moment_start(design, mme.xp)
-    if start is None:
-        start = design.theta_start()
+    # lme4 starts at Λ_t = I; here Λ̃_t = I, the same for intercepts and, for slopes,
+    # a start on the scale of the covariate
+    scaled_start = problem.to_scaled(start) if start is not None else design.theta_start()
     if optimizer == "ai":
         from .aireml import optimize_ai_reml
 
-        result = optimize_ai_reml(objective, start, verbose=verbose)
-    elif optimizer == "bobyqa":
-        result = optimize_bobyqa(search, start, lower, verbose=verbose)
-    elif optimizer == "lbfgs":
-        if method != "mme":
-            raise ValueError("optimizer='lbfgs' needs method='mme'")
-        result = optimize_lbfgs(objective, start, lower, verbose=verbose)
-    elif optimizer in ("Powell", "Nelder-Mead", "L-BFGS-B"):
-        result = optimize_scipy(search, start, lower, method=optimizer, verbose=verbose)
+        result = optimize_ai_reml(objective, problem.to_theta(scaled_start), verbose=verbose)
     else:
-        raise ValueError(f"unknown optimizer {optimizer!r}; use 'auto', 'ai', 'bobyqa', "
-                         "'lbfgs', 'Powell', 'Nelder-Mead' or 'L-BFGS-B'")
+        if optimizer == "bobyqa":
+            result = optimize_bobyqa(problem.value, scaled_start, lower, verbose=verbose)
+        elif optimizer == "lbfgs":
+            result = optimize_lbfgs(problem, scaled_start, lower, verbose=verbose)
+        else:
+            result = optimize_scipy(problem.value, scaled_start, lower, method=optimizer,
+                                    verbose=verbose)
+        result.theta = problem.to_theta(result.theta)
+        result.n_evaluations = problem.n_evaluations
     timings["optimize"] = time.perf_counter() - t0
-    if not result.converged:
-        warnings.warn(f"optimiser did not converge: {result.message}", ConvergenceWarning,
-                      stacklevel=2)
+    t0 = time.perf_counter()
+    first_check = None
+    if optimizer == "ai":
+        from .aireml import ai_convergence_check
+
+        ai_result = result
+        first_check = lambda scaled: ai_convergence_check(  # noqa: E731
+            objective, problem.to_theta(scaled), ai_result)
+    result = ensure_convergence(problem, result, lower, first_check=first_check)
+    timings["convergence_check"] = time.perf_counter() - t0
     theta = np.maximum(result.theta, lower)
     t0 = time.perf_counter()
     model = LinearMixedModel(design, mme, objective, theta, result)

@@ -79,6 +79,12 @@ class CrossProducts:
     sparse); ``zy[t]`` is (n_levels, k); ``xx`` is X'WX (dense or sparse);
     ``x_nonzeros`` counts the rows where each column of X is nonzero (its density,
     which places it in or after the fill-reducing ordering).
+
+    Every product with y is of the shifted response ``y − X β₀`` (``fixed_shift`` =
+    β₀, a least-squares fit of the fixed effects): the model is the same with β
+    shifted by β₀, and the penalised residual sum of squares, ``y'Wy − sol'·rhs``, no
+    longer cancels catastrophically when y has a large mean (y + 1e8 gave an
+    objective of −inf). Fixed effects are ``β̂ + β₀``.
     """
 
     diagonal: list[np.ndarray]
@@ -91,14 +97,27 @@ class CrossProducts:
     n_obs: int
     sum_log_weights: float
     x_nonzeros: np.ndarray
+    fixed_shift: np.ndarray | None = None
 
     @classmethod
-    def from_design(cls, design: Design) -> "CrossProducts":
+    def from_design(cls, design: Design, fixed_shift: np.ndarray | None = None
+                    ) -> "CrossProducts":
+        """The cross-products of a design's rows.
+
+        ``fixed_shift`` (β₀) is computed from the rows by :func:`response_shift` unless
+        given: the chunks of one fit must share it.
+        """
         w = np.ascontiguousarray(design.weights, dtype=np.float64)
-        y = np.ascontiguousarray(design.y, dtype=np.float64)
         sparse_x = sp.issparse(design.X)
         X = design.X.tocsc() if sparse_x else np.asarray(design.X, dtype=np.float64)
         p = X.shape[1]
+        if fixed_shift is None:
+            fixed_shift = response_shift(X, design.y, w, design.fixed_names)
+        fixed_shift = np.asarray(fixed_shift, dtype=np.float64)
+        y = np.asarray(design.y, dtype=np.float64)
+        if p and np.any(fixed_shift != 0):
+            y = y - np.asarray(X @ fixed_shift).ravel()
+        y = np.ascontiguousarray(y)
         # X is read by columns (formulaic's X is column-major): no row-major copy of it
         x_columns = None if sparse_x else np.ascontiguousarray(X.T)
         diagonal, zx, zy = [], [], []
@@ -153,6 +172,7 @@ class CrossProducts:
             sum_log_weights=float(np.sum(np.log(w))),
             x_nonzeros=(np.diff(X.indptr) if sparse_x
                         else np.count_nonzero(X, axis=0)).astype(np.int64),
+            fixed_shift=fixed_shift,
         )
 
 
@@ -162,6 +182,8 @@ class CrossProducts:
         and Dask fits rest on."""
         if len(other.diagonal) != len(self.diagonal) or other.xy.shape != self.xy.shape:
             raise ValueError("cross-products of different designs cannot be added")
+        if not np.array_equal(self.shift, other.shift):
+            raise ValueError("cross-products of differently shifted responses cannot be added")
         n_fixed = self.xy.shape[0]
         for t in range(len(self.diagonal)):
             self.diagonal[t] += other.diagonal[t]
@@ -178,9 +200,27 @@ class CrossProducts:
         self.x_nonzeros = self.x_nonzeros + other.x_nonzeros
         return self
 
+    @property
+    def shift(self) -> np.ndarray:
+        """β₀ of the shifted response (zeros when none)."""
+        if self.fixed_shift is None:
+            return np.zeros(self.xy.shape[0])
+        return self.fixed_shift
+
     def drop_fixed(self, keep: np.ndarray) -> CrossProducts:
-        """The cross-products with only the fixed-effect columns ``keep``."""
+        """The cross-products with only the fixed-effect columns ``keep``.
+
+        A dropped column is (to the aliasing tolerance) a combination of kept ones, so
+        its part of the shift ``X β₀`` moves onto them: ``x_j = X_k a_j`` with
+        ``a_j`` from X'WX."""
         keep = np.asarray(keep, dtype=np.int64)
+        shift = self.shift.copy()
+        dropped = np.setdiff1d(np.arange(len(shift)), keep)
+        if len(dropped) and np.any(shift[dropped] != 0):
+            xx = np.asarray(self.xx.toarray() if sp.issparse(self.xx) else self.xx)
+            combination = np.linalg.lstsq(xx[np.ix_(keep, keep)], xx[np.ix_(keep, dropped)],
+                                          rcond=None)[0]
+            shift[keep] += combination @ shift[dropped]
         new_index = np.full(self.xy.shape[0], -1, dtype=np.int64)
         new_index[keep] = np.arange(len(keep))
         zx = []
@@ -190,7 +230,77 @@ class CrossProducts:
                        blocks[kept]))
         xx = self.xx[keep][:, keep]
         return dataclasses.replace(self, zx=zx, xx=xx, xy=self.xy[keep],
-                                   x_nonzeros=self.x_nonzeros[keep])
+                                   x_nonzeros=self.x_nonzeros[keep], fixed_shift=shift[keep])
+
+
+def response_shift(X, y: np.ndarray, weights: np.ndarray, fixed_names=()) -> np.ndarray:
+    """β₀ such that ``y − X β₀`` is small: the weighted least-squares fit of the fixed
+    effects, refined once, on the columns that are not aliased among these rows (the
+    others get 0, so that a column a chunked fit drops later carries no shift).
+
+    Any β₀ gives the same model (β shifts by β₀); the closer to the fit, the smaller
+    the shifted response and the less ``y'Wy − sol'·rhs`` cancels. A sparse X (fixed
+    factors with thousands of levels) is shifted by the weighted mean of y on its
+    intercept column, when it has one.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    p = X.shape[1]
+    shift = np.zeros(p)
+    if p == 0 or len(y) == 0:
+        return shift
+    if sp.issparse(X):
+        if "(Intercept)" in fixed_names:
+            shift[list(fixed_names).index("(Intercept)")] = float(
+                np.sum(weights * y) / np.sum(weights))
+        return shift
+    X = np.asarray(X, dtype=np.float64)
+    unit = bool(np.all(weights == 1.0))
+    wX = X if unit else X * weights[:, None]
+    gram = X.T @ wX
+    keep = np.array(independent_columns(gram), dtype=np.int64)
+    if not len(keep):
+        return shift
+    try:
+        factor = np.linalg.cholesky(gram[np.ix_(keep, keep)])
+    except np.linalg.LinAlgError:
+        return shift
+    import scipy.linalg
+
+    residual = y
+    for _ in range(2):  # one refinement: the normal equations lose digits to κ(X'WX)
+        step = scipy.linalg.cho_solve((factor, True), wX[:, keep].T @ residual)
+        if not np.all(np.isfinite(step)):
+            return shift
+        shift[keep] += step
+        residual = y - X @ shift
+    return shift
+
+
+def independent_columns(gram: np.ndarray, tol: float = 1e-7) -> list[int]:
+    """Columns to keep of a Gram matrix X'WX: a column goes when its squared residual
+    on the kept earlier columns (a Schur complement of X'WX) is below ``tol²`` times
+    its squared norm, so that of two aliased columns the later goes, as R's ``qr()``.
+
+    A Cholesky factor of the kept block grows a row per kept column (O(p³) in all)."""
+    gram = np.asarray(gram, dtype=np.float64)
+    p = gram.shape[0]
+    kept: list[int] = []
+    factor = np.zeros((p, p))  # rows/columns 0..len(kept)-1 hold the kept block's L
+    import scipy.linalg
+
+    for j in range(p):
+        norm2 = gram[j, j]
+        if not norm2 > 0:
+            continue
+        k = len(kept)
+        cross = scipy.linalg.solve_triangular(factor[:k, :k], gram[kept, j], lower=True) \
+            if k else np.zeros(0)
+        residual2 = norm2 - float(cross @ cross)
+        if residual2 > tol * tol * norm2:
+            factor[k, :k] = cross
+            factor[k, k] = np.sqrt(residual2)
+            kept.append(j)
+    return kept
 
 
 def _add_pair_blocks(into, other, n_cols: int):

@@ -59,7 +59,8 @@ def _theta_from_sdcor(model, values, sigma):
 
 def profile_confint(model, level: float = 0.95) -> pd.DataFrame:
     """Profile-likelihood intervals for lme4's parameters (SDs, correlations, σ, β)."""
-    from .fit import fit_design, optimize_bobyqa
+    from .fit import fit_design
+    from .optimize import optimize_bobyqa
     from .objective import Objective
 
     ml = model.refit(reml=False) if model.reml else model

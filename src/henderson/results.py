@@ -152,7 +152,7 @@ class LinearMixedModel:
         self._full_selected_inverse = None
         q = design.n_random
         sigma2 = self.sigma ** 2
-        self.fixef = pd.Series(evaluation.solution[q:], index=design.fixed_names,
+        self.fixef = pd.Series(evaluation.solution[q:] + mme.xp.shift, index=design.fixed_names,
                                name="estimate")
         if full_vcov:
             vcov = sigma2 * evaluation.fixed_inverse

@@ -46,7 +46,7 @@ from .design import (
 )
 from .errors import DataError, FormulaError, RankDeficiencyWarning
 from .formula import ParsedFormula, parse_formula
-from .mme import CrossProducts
+from .mme import CrossProducts, independent_columns, response_shift
 
 #: rows per chunk when a file or DataFrame is cut into chunks
 DEFAULT_CHUNK_ROWS = 1_000_000
@@ -81,6 +81,10 @@ class ChunkedData:
         """The chunks, holding ``columns``."""
         return self._read(columns)
 
+    def first_chunks(self, columns: list[str]) -> Iterator[pd.DataFrame]:
+        """The chunks from the first, read only as far as the caller goes."""
+        return self.chunks(columns)
+
     def map_reduce(self, columns: list[str], func, combine, progress=None):
         """``func(chunk, where)`` on every chunk, folded with ``combine(total, part)``."""
         total, rows = None, 0
@@ -105,6 +109,12 @@ class DaskData:
         self.columns = list(frame.columns)
         self.name = f"Dask DataFrame with {frame.npartitions} partitions"
         self.split_every = split_every
+
+    def first_chunks(self, columns: list[str]) -> Iterator[pd.DataFrame]:
+        """The partitions from the first, each computed when the caller reaches it."""
+        frame = self.frame[columns]
+        for i in range(frame.npartitions):
+            yield frame.get_partition(i).compute()
 
     def map_reduce(self, columns: list[str], func, combine, progress=None):
         import dask
@@ -328,6 +338,8 @@ class ChunkEncoder:
     known_bars: frozenset             # bars whose levels are a relationship matrix's
     term_order: list[int]
     sparse_fixed: bool
+    #: β₀ of the shifted response y − Xβ₀, shared by every chunk (from the first)
+    fixed_shift: np.ndarray | None = None
 
     def design(self, chunk: pd.DataFrame, where: str = "") -> Design | None:
         plan = self.plan
@@ -364,7 +376,8 @@ class ChunkEncoder:
         design = self.design(chunk, where)
         if design is None:
             return _ChunkProducts(None, [], None, [])
-        return _ChunkProducts(CrossProducts.from_design(design), design.fixed_names,
+        return _ChunkProducts(CrossProducts.from_design(design, self.fixed_shift),
+                              design.fixed_names,
                               design.fixed_spec, [t.z_spec for t in design.terms])
 
 
@@ -379,26 +392,6 @@ def _level_codes(frame: pd.DataFrame, factors, levels: pd.Index) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- the whole stage
-def _aliased_from_gram(xx: np.ndarray, tol: float = 1e-7) -> list[int]:
-    """Columns to keep: a column goes when its squared residual on the kept earlier
-    columns (a Schur complement of X'WX) is below ``tol²`` times its squared norm, the
-    criterion :func:`henderson.design._drop_aliased` applies to X itself."""
-    kept: list[int] = []
-    for j in range(xx.shape[0]):
-        norm2 = xx[j, j]
-        if norm2 <= 0:
-            continue
-        if kept:
-            block = xx[np.ix_(kept, kept)]
-            cross = xx[kept, j]
-            residual2 = norm2 - cross @ np.linalg.solve(block, cross)
-        else:
-            residual2 = norm2
-        if residual2 > tol * tol * norm2:
-            kept.append(j)
-    return kept
-
-
 def chunked_design(formula, source, weights: str | None = None, missing: str = "raise",
                    relationships: dict | None = None, sparse_fixed: bool | str = "auto",
                    verbose: bool = False) -> tuple[Design, CrossProducts]:
@@ -456,6 +449,7 @@ def chunked_design(formula, source, weights: str | None = None, missing: str = "
     term_order = sorted(range(len(parsed.bars)), key=lambda b: -len(levels[b]))
     known_bars = frozenset(b for b, bar in enumerate(parsed.bars) if bar.group in relationships)
     encoder = ChunkEncoder(plan, categories, levels, known_bars, term_order, bool(sparse_fixed))
+    encoder.fixed_shift = _first_chunk_shift(source, plan, encoder)
 
     total = source.map_reduce(plan.read_columns(), encoder.products, _add_products,
                               progress=_progress("cross-products", verbose))
@@ -464,7 +458,7 @@ def chunked_design(formula, source, weights: str | None = None, missing: str = "
         raise DataError("no rows left after dropping missing values")
     fixed_names, dropped = list(total.fixed_names), []
     if not sparse_fixed:
-        keep = _aliased_from_gram(np.asarray(xp.xx))
+        keep = independent_columns(np.asarray(xp.xx))
         if len(keep) < len(fixed_names):
             dropped = [name for j, name in enumerate(fixed_names) if j not in keep]
             warnings.warn(
@@ -487,6 +481,17 @@ def chunked_design(formula, source, weights: str | None = None, missing: str = "
                     response_name=parsed.response, fixed_spec=total.fixed_spec,
                     n_rows=n, prior_weights=scan.weighted)
     return design, xp
+
+
+def _first_chunk_shift(source, plan: _Plan, encoder: ChunkEncoder) -> np.ndarray | None:
+    """β₀ for every chunk, from the first chunk with rows: any β₀ gives the same model
+    (:func:`~henderson.mme.response_shift`), and one chunk's least-squares fit already
+    takes a large mean or trend out of y."""
+    for i, chunk in enumerate(source.first_chunks(plan.read_columns())):
+        design = encoder.design(chunk, f" of chunk {i}")
+        if design is not None:
+            return response_shift(design.X, design.y, design.weights, design.fixed_names)
+    return None
 
 
 def _coef_names(spec) -> list[str]:

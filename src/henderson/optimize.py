@@ -1,0 +1,566 @@
+"""Stage 5 of the pipeline, the optimiser: θ̂ of the profiled objective.
+
+Owns the optimisers (BOBYQA as lme4, L-BFGS-B on the analytic gradient, scipy's
+bounded methods; AI-REML lives in ``aireml.py``), their tolerances in one
+:class:`OptimizerSettings`, the coordinates they search in, and the check that a
+point is a minimum (lme4's ``checkConv``) with the recovery when it is not.
+
+**Coordinates.** The optimisers see ``θ̃ = d ∘ θ``: each entry of a term's Λ_t scaled
+by a power of two near the root mean square of its row's covariate (``Λ̃_t = D_t Λ_t``,
+still lower triangular, the same model: ``z Λ = (z D⁻¹)(D Λ)``). An intercept has
+d = 1; a slope in a covariate of size 5e6 has d = 2²², so that its θ̃ is of order one
+and an absolute tolerance or a first step of 0.75 means the same whatever the
+covariate's units. Powers of two make the scaling exact.
+
+**Convergence.** A fit is reported converged only where :func:`check_convergence`
+passes: the projected gradient in θ̃ (KKT at the bounds), lme4's scaled gradient
+``min(|R⁻¹g|, |g|) < 2e-3`` with ``H = R'R`` the finite-difference Hessian of the
+analytic gradient on the free parameters, and no negative curvature. A zero diagonal
+of Λ_t with a nonzero column below it is a point where flipping that column's sign
+gives the same Σ_t and the opposite derivative along the diagonal, so its derivative
+must vanish, not merely point outwards: BOBYQA stopped at such points (808.29 where
+807.79 was the minimum). Where the check fails, :func:`ensure_convergence` restarts
+from the failing point and from the flipped ones, with L-BFGS-B and BOBYQA, keeps the
+lowest, and warns when the check still fails.
+"""
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ConvergenceWarning
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """Every tolerance and constant of the optimisers, with the reason for its value.
+
+    Attributes
+    ----------
+    bobyqa_tolerance : float
+        ``ftol_abs`` and ``xtol_abs`` of BOBYQA. Tighter than lme4's 1e-8: 25-35% more
+        evaluations (InstEval 70 vs 52), but flat directions are pinned down (the
+        near-zero intercept-slope covariance of weighted sleepstudy moves by 1%
+        between the two), which agreement with lme4's printed numbers needs.
+    bobyqa_initial_step : float
+        BOBYQA's first trust-region radius in θ̃ (lme4 takes 0.75 in θ = 1 units).
+    bobyqa_max_evaluations : int
+    lbfgs_min_rows : int
+        From this many rows ``optimizer="auto"`` takes L-BFGS-B (~25 evaluations
+        against BOBYQA's ~135).
+    lbfgs_gradient_floor, lbfgs_gradient_per_row : float
+        L-BFGS-B stops at the first evaluated point whose projected gradient is below
+        ``max(floor, per_row · n)``: the deviance of n rows is O(n) and its gradient
+        cannot be computed more finely (an absolute 1e-6 is out of reach at a million
+        rows, where the line search then idles at the noise floor). Per row, not per
+        unit of the objective, so that scaling y (which adds a constant to the
+        objective) changes nothing.
+    boundary_probe : float
+        θ̃ of a diagonal element moved inside its bound to test whether the bound is a
+        minimum (θ_t = 0 is a stationary point of the profiled objective).
+    check_gradient : float
+        lme4's ``check.conv.grad`` tolerance on ``min(|R⁻¹g|, |g|)``.
+    check_curvature : float
+        Negative curvature below ``−check_curvature · max(1, |λ|max)`` fails the check.
+    check_step : float
+        Relative step of the finite-difference Hessian (forward differences of the
+        analytic gradient, in θ̃).
+    boundary_gain : float
+        A diagonal element of Λ below ``boundary_threshold`` (θ̃) is set to exactly 0
+        when the objective rises by less than this (deviance units): lme4's BOBYQA
+        stops on the bound, Newton-type methods only approach it.
+    boundary_threshold : float
+    max_recoveries : int
+        Restart rounds of :func:`ensure_convergence`.
+    """
+
+    bobyqa_tolerance: float = 1e-10
+    bobyqa_initial_step: float = 0.75
+    bobyqa_max_evaluations: int = 100_000
+    lbfgs_min_rows: int = 50_000
+    lbfgs_gradient_floor: float = 1e-6
+    lbfgs_gradient_per_row: float = 1e-8
+    boundary_probe: float = 0.1
+    check_gradient: float = 2e-3
+    check_curvature: float = 1e-6
+    check_step: float = 1e-5
+    boundary_gain: float = 1e-7
+    boundary_threshold: float = 1e-3
+    max_recoveries: int = 3
+
+
+#: the settings every fit uses
+SETTINGS = OptimizerSettings()
+
+
+@dataclass
+class OptimizerResult:
+    """Where an optimiser stopped, in θ (not θ̃), and whether the point passed the
+    convergence check."""
+
+    theta: np.ndarray
+    objective: float
+    n_evaluations: int
+    converged: bool
+    message: str
+    method: str
+    history: list = field(default_factory=list)
+    check: object = None  # the ConvergenceCheck at theta, when one was made
+    #: evaluations of the optimiser itself, before the check and any recovery
+    optimizer_evaluations: int | None = None
+
+
+class _Progress:
+    """Prints the objective every ``every`` evaluations to stderr."""
+
+    def __init__(self, func, verbose: bool | int, count=None):
+        self.func = func
+        self.every = 1 if verbose is True else int(verbose)
+        self.start = time.perf_counter()
+        self.best = np.inf
+        self.count = count
+        self.calls = 0
+
+    def __call__(self, theta):
+        value = self.func(theta)
+        self.calls += 1
+        self.best = min(self.best, value)
+        count = self.count() if self.count is not None else self.calls
+        if self.every and count % self.every == 0:
+            print(
+                f"[henderson] eval {count:5d}  objective {value:.6f}  best {self.best:.6f}"
+                f"  θ={np.array2string(np.asarray(theta), precision=5)}"
+                f"  {time.perf_counter() - self.start:.1f}s",
+                file=sys.stderr,
+            )
+        return value
+
+
+class _Best:
+    """Remembers the lowest value a callable returned and where: nlopt raises on
+    roundoff without handing back its last point."""
+
+    def __init__(self, func):
+        self.func = func
+        self.theta = None
+        self.value = np.inf
+
+    def __call__(self, theta):
+        value = float(self.func(theta))
+        if value < self.value or self.theta is None:
+            self.theta, self.value = np.array(theta, dtype=float), value
+        return value
+
+
+def optimize_bobyqa(objective, start: np.ndarray, lower: np.ndarray,
+                    verbose: bool | int = False, max_evaluations: int | None = None,
+                    tolerance: float | None = None, initial_step: float | None = None,
+                    settings: OptimizerSettings = SETTINGS) -> OptimizerResult:
+    """Powell's BOBYQA (nlopt), lme4's default optimiser for ``lmer``, on any callable
+    θ → value.
+
+    nlopt's roundoff-limited stop (the trust region cannot shrink further: the
+    objective is flat to rounding there) returns the best point found; whether it is a
+    minimum is for :func:`check_convergence` to say.
+    """
+    import nlopt
+
+    count = getattr(objective, "n_evaluations", None)
+    func = _Progress(objective, verbose, (lambda: objective.n_evaluations)
+                     if count is not None else None) if verbose else objective
+    best = _Best(func)
+    n = len(start)
+    tolerance = settings.bobyqa_tolerance if tolerance is None else tolerance
+    opt = nlopt.opt(nlopt.LN_BOBYQA, n)
+    opt.set_lower_bounds(np.where(np.isfinite(lower), lower, -1e300))
+    opt.set_min_objective(lambda x, grad: best(x))
+    opt.set_ftol_abs(tolerance)
+    opt.set_xtol_abs(tolerance)
+    opt.set_maxeval(settings.bobyqa_max_evaluations if max_evaluations is None
+                    else max_evaluations)
+    opt.set_initial_step(np.full(n, settings.bobyqa_initial_step if initial_step is None
+                                 else initial_step))
+    start = np.maximum(np.asarray(start, dtype=float), np.where(np.isfinite(lower), lower,
+                                                                -np.inf))
+    try:
+        with np.errstate(all="ignore"):
+            theta = opt.optimize(start)
+        code = opt.last_optimize_result()
+        value = opt.last_optimum_value()
+        converged = code in (nlopt.FTOL_REACHED, nlopt.XTOL_REACHED, nlopt.SUCCESS,
+                             nlopt.STOPVAL_REACHED)
+        message = f"nlopt BOBYQA return code {code}"
+    except nlopt.RoundoffLimited:
+        theta, value = best.theta, best.value
+        converged, message = True, "nlopt BOBYQA stopped on roundoff"
+    except RuntimeError as exc:  # nlopt's generic failure (e.g. a non-finite value)
+        if best.theta is None:
+            raise
+        theta, value = best.theta, best.value
+        converged, message = False, f"nlopt BOBYQA failed: {exc}"
+    if best.theta is not None and best.value < value:
+        theta, value = best.theta, best.value
+    evaluations = objective.n_evaluations if count is not None else opt.get_numevals()
+    return OptimizerResult(np.asarray(theta, dtype=float), float(value), evaluations,
+                           converged, message, "bobyqa")
+
+
+def optimize_scipy(objective, start: np.ndarray, lower: np.ndarray, method: str = "Powell",
+                   verbose: bool | int = False) -> OptimizerResult:
+    """A bounded scipy optimiser (``Powell``, ``Nelder-Mead``, ``L-BFGS-B`` with
+    finite differences) on a callable θ → value."""
+    from scipy.optimize import Bounds, minimize
+
+    func = _Progress(objective, verbose) if verbose else objective
+    bounds = Bounds(lower, np.full_like(lower, np.inf))
+    result = minimize(func, start, method=method, bounds=bounds,
+                      options={"xtol": 1e-10, "ftol": 1e-12, "maxfev": 100_000}
+                      if method == "Powell" else {})
+    return OptimizerResult(result.x, float(result.fun),
+                           getattr(objective, "n_evaluations", int(result.nfev)),
+                           bool(result.success), str(result.message), method)
+
+
+class _GradientSmall(Exception):
+    """Raised inside L-BFGS-B when an evaluated point is already optimal."""
+
+    def __init__(self, theta, value, gradient):
+        super().__init__("projected gradient below tolerance")
+        self.theta, self.value, self.gradient = theta, value, gradient
+
+
+def optimize_lbfgs(problem: "ScaledProblem", start: np.ndarray, lower: np.ndarray,
+                   verbose: bool | int = False,
+                   settings: OptimizerSettings = SETTINGS) -> OptimizerResult:
+    """Quasi-Newton (L-BFGS-B) on the analytic gradient, in the problem's coordinates.
+
+    Stops at the first evaluated point (line-search trials included) whose projected
+    gradient is below ``max(1e-6, 1e-8·n)`` and whose value is the lowest so far
+    (:class:`OptimizerSettings`): L-BFGS-B tests only accepted iterates and idled at
+    the objective's noise floor (InstEval: optimal at evaluation 13, stopped at 31).
+    """
+    from scipy.optimize import minimize
+
+    tolerance = max(settings.lbfgs_gradient_floor,
+                    settings.lbfgs_gradient_per_row * problem.n_obs)
+    bounded = np.isfinite(lower)
+    best = [np.inf]
+
+    def value_and_gradient(theta):
+        try:
+            value, gradient = problem.value_and_gradient(theta)
+        except np.linalg.LinAlgError:
+            return np.inf, np.zeros_like(theta)
+        if verbose and problem.n_evaluations % (1 if verbose is True else int(verbose)) == 0:
+            print(f"[henderson] eval {problem.n_evaluations:5d}  objective {value:.6f}  "
+                  f"|gradient| {np.max(np.abs(gradient)):.2e}", file=sys.stderr)
+        at_bound = bounded & (theta <= lower) & (gradient > 0)
+        if value <= best[0] and np.max(np.abs(np.where(at_bound, 0.0, gradient))) < tolerance:
+            raise _GradientSmall(np.array(theta, dtype=float), value, gradient)
+        best[0] = min(best[0], value)
+        return value, gradient
+
+    bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower]
+    options = {"ftol": 1e-13, "gtol": tolerance, "maxiter": 1000}
+
+    def run(theta0):
+        try:
+            result = minimize(value_and_gradient, theta0, jac=True, method="L-BFGS-B",
+                              bounds=bounds, options=options)
+            return result.x, float(result.fun), result.jac, bool(result.success), \
+                str(result.message)
+        except _GradientSmall as stop:
+            return stop.theta, float(stop.value), stop.gradient, True, \
+                "projected gradient below tolerance"
+
+    theta, value, gradient, success, message = run(np.asarray(start, dtype=float))
+    # θ_i = 0 is a stationary point of the profiled objective (it is even in the
+    # diagonal of a one-coefficient term), so a projected step onto the bound can stop
+    # there at a saddle: probe inside the bound and restart when that is lower
+    for _ in range(3):
+        at_zero = np.flatnonzero(bounded & (theta <= lower + 1e-10))
+        if not len(at_zero):
+            break
+        probe = theta.copy()
+        probe[at_zero] = settings.boundary_probe
+        if problem.value(probe) >= value:
+            break
+        best[0] = np.inf
+        theta, value, gradient, success, message = run(probe)
+    # a line search that fails at the noise floor of the objective (~1e-13 relative) is
+    # convergence when the projected gradient is negligible (the check says)
+    at_bound = bounded & (theta <= lower) & (gradient > 0)
+    projected = np.where(at_bound, 0.0, gradient)
+    converged = success or float(np.max(np.abs(projected))) < 1e-3
+    return OptimizerResult(theta, value, problem.n_evaluations, converged, message, "lbfgs")
+
+
+# ---------------------------------------------------------------- coordinates
+def theta_scale(design, crossproducts) -> np.ndarray:
+    """``d`` of ``θ̃ = d ∘ θ``: per entry of θ, a power of two near the root mean square
+    of the covariate of its row of Λ_t (from ``diag(Z_t'WZ_t)``; 1 for an intercept)."""
+    n = max(float(crossproducts.n_obs), 1.0)
+    scales = []
+    for t, term in enumerate(design.terms):
+        k = term.n_coefs
+        second_moment = np.einsum("laa->a", crossproducts.diagonal[t]) / n
+        if term.level_variance is not None:  # a known K: levels without records count 0
+            second_moment = second_moment * term.n_levels / max(
+                np.count_nonzero(crossproducts.diagonal[t][:, 0, 0]), 1)
+        rms = np.sqrt(np.maximum(second_moment, 0.0))
+        row_scale = np.where(rms > 0, 2.0 ** np.round(np.log2(np.where(rms > 0, rms, 1.0))), 1.0)
+        rows, cols = np.tril_indices(k)
+        order = np.lexsort((rows, cols))  # θ runs column by column, as lme4's
+        scales.append(row_scale[rows[order]])
+    return np.concatenate(scales) if scales else np.zeros(0)
+
+
+class ScaledProblem:
+    """The profiled objective in the optimiser's coordinates θ̃ = d ∘ θ.
+
+    Parameters
+    ----------
+    objective : Objective
+        θ → value, with the analytic gradient (:func:`objective_gradient`).
+    scale : ndarray
+        ``d`` (:func:`theta_scale`).
+    search : callable, optional
+        What derivative-free optimisers evaluate (the block-diagonal path); the
+        objective by default.
+    """
+
+    def __init__(self, objective, scale: np.ndarray, search=None):
+        self.objective = objective
+        self.scale = np.asarray(scale, dtype=float)
+        self.search = objective if search is None else search
+        self.n_obs = objective.n_obs
+
+    @property
+    def n_evaluations(self) -> int:
+        return self.objective.n_evaluations + (
+            self.search.n_evaluations if self.search is not self.objective else 0)
+
+    def to_theta(self, scaled: np.ndarray) -> np.ndarray:
+        return np.asarray(scaled, dtype=float) / self.scale
+
+    def to_scaled(self, theta: np.ndarray) -> np.ndarray:
+        return np.asarray(theta, dtype=float) * self.scale
+
+    def value(self, scaled: np.ndarray) -> float:
+        """The objective at θ̃ (inf where C is not positive definite)."""
+        return float(self.search(self.to_theta(scaled)))
+
+    __call__ = value
+
+    def value_and_gradient(self, scaled: np.ndarray) -> tuple[float, np.ndarray]:
+        from .objective import objective_gradient
+
+        value, gradient = objective_gradient(self.objective, self.to_theta(scaled))
+        self.objective.history.append((self.to_theta(scaled), value))
+        return value, gradient / self.scale
+
+
+# ---------------------------------------------------------------- the check
+@dataclass
+class ConvergenceCheck:
+    """What :func:`check_convergence` found at a point (θ̃ coordinates).
+
+    Attributes
+    ----------
+    passed : bool
+    message : str
+        Why it failed, or "".
+    value : float
+    gradient : ndarray
+        ∂f/∂θ̃.
+    scaled_gradient : ndarray
+        lme4's ``min(|R⁻¹g|, |g|)`` on the free parameters (0 on those at a bound).
+    min_eigenvalue : float
+        The smallest eigenvalue of the Hessian on the free parameters.
+    restarts : list of ndarray
+        Points to restart from when the check failed (sign flips at zero diagonals).
+    """
+
+    passed: bool
+    message: str
+    value: float
+    gradient: np.ndarray
+    scaled_gradient: np.ndarray
+    min_eigenvalue: float
+    restarts: list
+
+
+def _zero_diagonals(design, scaled: np.ndarray, lower: np.ndarray):
+    """(index of the diagonal, indices of the column below it) of every diagonal
+    element of a Λ_t at its bound, in θ order."""
+    out, start = [], 0
+    for term in design.terms:
+        k = term.n_coefs
+        rows, cols = np.tril_indices(k)
+        order = np.lexsort((rows, cols))
+        rows, cols = rows[order], cols[order]
+        for j in range(k):
+            diagonal = start + int(np.flatnonzero((rows == j) & (cols == j))[0])
+            if scaled[diagonal] <= lower[diagonal]:
+                below = start + np.flatnonzero((cols == j) & (rows > j))
+                out.append((diagonal, below))
+        start += len(rows)
+    return out
+
+
+def check_convergence(problem: ScaledProblem, scaled: np.ndarray, lower: np.ndarray,
+                      settings: OptimizerSettings = SETTINGS) -> ConvergenceCheck:
+    """Whether θ̃ is a minimum of the problem: KKT at the bounds, lme4's scaled gradient
+    and the Hessian's definiteness on the free parameters (module docstring)."""
+    design = problem.objective.mme.design
+    scaled = np.asarray(scaled, dtype=float)
+    try:
+        value, gradient = problem.value_and_gradient(scaled)
+    except np.linalg.LinAlgError as exc:
+        return ConvergenceCheck(False, f"objective undefined at the optimum: {exc}", np.inf,
+                                np.full(len(scaled), np.nan), np.full(len(scaled), np.nan),
+                                np.nan, [])
+    tol = settings.check_gradient
+    at_bound = np.isfinite(lower) & (scaled <= lower)
+    free = ~at_bound
+    problems, restarts = [], []
+    # at a bound the gradient must point outwards; at a zero diagonal of Λ_t with a
+    # nonzero column below it, flipping the column gives the same point and the
+    # opposite derivative, so the derivative must vanish
+    for diagonal, below in _zero_diagonals(design, scaled, lower):
+        flips = len(below) and np.any(scaled[below] != 0)
+        derivative = gradient[diagonal]
+        if derivative < -tol or (flips and abs(derivative) > tol):
+            problems.append(f"descent from the boundary at θ[{diagonal}] "
+                            f"(derivative {derivative:.3g})")
+            probe = scaled.copy()
+            if flips and derivative > 0:
+                probe[below] = -probe[below]
+            probe[diagonal] = settings.boundary_probe
+            restarts.append(probe)
+    scaled_gradient = np.zeros(len(scaled))
+    min_eigenvalue = np.nan
+    index = np.flatnonzero(free)
+    if len(index):
+        hessian = np.empty((len(index), len(index)))
+        steps = settings.check_step * np.maximum(1.0, np.abs(scaled[index]))
+        try:
+            for a, i in enumerate(index):
+                moved = scaled.copy()
+                moved[i] += steps[a]
+                hessian[:, a] = (problem.value_and_gradient(moved)[1][index]
+                                 - gradient[index]) / steps[a]
+        except np.linalg.LinAlgError:
+            hessian[:] = np.nan
+        hessian = 0.5 * (hessian + hessian.T)
+        g = gradient[index]
+        if not np.all(np.isfinite(hessian)):
+            problems.append("Hessian not finite at the optimum")
+        else:
+            eigenvalues = np.linalg.eigvalsh(hessian)
+            min_eigenvalue = float(eigenvalues[0])
+            if min_eigenvalue < -settings.check_curvature * max(1.0, float(np.max(np.abs(eigenvalues)))):
+                problems.append(f"negative curvature ({min_eigenvalue:.3g}): not a minimum")
+                vectors = np.linalg.eigh(hessian)[1]
+                for sign in (1.0, -1.0):  # down the negative-curvature direction
+                    probe = scaled.copy()
+                    probe[index] += sign * 0.1 * vectors[:, 0] * max(1.0, np.linalg.norm(scaled))
+                    restarts.append(np.maximum(probe, lower))
+                scaled_gradient[index] = np.abs(g)
+            else:
+                try:
+                    upper = np.linalg.cholesky(hessian).T  # H = R'R, lme4's chol()
+                    newton = np.linalg.solve(upper, g)
+                except np.linalg.LinAlgError:  # singular: flat directions, g alone decides
+                    newton = np.full_like(g, np.inf)
+                scaled_gradient[index] = np.minimum(np.abs(newton), np.abs(g))
+            worst = int(np.argmax(scaled_gradient))
+            if scaled_gradient[worst] > tol:
+                problems.append(f"max|scaled gradient| {scaled_gradient[worst]:.3g} > {tol:g} "
+                                f"(θ[{worst}])")
+                restarts.append(scaled.copy())
+    return ConvergenceCheck(not problems, "; ".join(problems), float(value), gradient,
+                            scaled_gradient, min_eigenvalue, restarts)
+
+
+def ensure_convergence(problem: ScaledProblem, result: OptimizerResult, lower: np.ndarray,
+                       settings: OptimizerSettings = SETTINGS, warn: bool = True,
+                       first_check=None) -> OptimizerResult:
+    """Check the optimiser's point; where the check fails, restart (L-BFGS-B from the
+    point and from the flipped or probed ones it suggests, then BOBYQA with a small
+    first step from the best), keep the lowest, and check again. Diagonal elements of
+    Λ that the objective lets be exactly 0 are set to 0. Returns the result with
+    ``converged`` the verdict of the check (and a ``ConvergenceWarning`` when it failed).
+
+    ``result.theta`` is in θ; the check runs in θ̃. ``first_check(θ̃)``, when given,
+    makes the first check instead of :func:`check_convergence` (AI-REML's, from its
+    score and average information, with no finite differences).
+    """
+    scaled = problem.to_scaled(result.theta)
+    value = result.objective
+    if not np.isfinite(value) or not np.isfinite(problem.value(scaled)):
+        # an optimiser that ran off to where C is numerically singular: go back to the
+        # lowest point it evaluated
+        finite = [(v, t) for t, v in problem.objective.history if np.isfinite(v)]
+        if finite:
+            value, theta = min(finite, key=lambda item: item[0])
+            scaled = problem.to_scaled(theta)
+    scaled, value = _snap_to_boundary(problem, scaled, value, lower, settings)
+    check = (first_check or (lambda point: check_convergence(problem, point, lower, settings)))(
+        scaled)
+    value = check.value if np.isfinite(check.value) else value
+    method = result.method
+    for _ in range(settings.max_recoveries):
+        if check.passed:
+            break
+        improved = False
+        for start in check.restarts or [scaled]:
+            for attempt in ("lbfgs", "bobyqa"):
+                if attempt == "lbfgs":
+                    trial = optimize_lbfgs(problem, start, lower, settings=settings)
+                    trial_scaled = trial.theta
+                else:
+                    trial = optimize_bobyqa(problem.value, start, lower,
+                                            initial_step=0.1, settings=settings)
+                    trial_scaled = trial.theta
+                if trial.objective < value - 1e-12 * max(1.0, abs(value)):
+                    scaled, value, improved = trial_scaled, trial.objective, True
+                    method = f"{result.method}+{attempt}"
+        if not improved:
+            break
+        scaled, value = _snap_to_boundary(problem, scaled, value, lower, settings)
+        check = check_convergence(problem, scaled, lower, settings)
+        value = check.value if np.isfinite(check.value) else value
+    message = result.message if check.passed else \
+        f"{result.message}; convergence check failed: {check.message}"
+    if not check.passed and warn:
+        warnings.warn(f"the fit may not be at a minimum: {check.message} (objective "
+                      f"{value:.6f}); try another optimizer, or rescale covariates",
+                      ConvergenceWarning, stacklevel=3)
+    out = OptimizerResult(problem.to_theta(scaled) + 0.0, value, problem.n_evaluations,
+                          check.passed, message, method, result.history, check,
+                          result.n_evaluations)
+    for name in ("average_information", "variance_components"):
+        if hasattr(result, name) and np.array_equal(out.theta, result.theta):
+            setattr(out, name, getattr(result, name))
+    return out
+
+
+def _snap_to_boundary(problem: ScaledProblem, scaled: np.ndarray, value: float,
+                      lower: np.ndarray, settings: OptimizerSettings):
+    """Diagonal elements of Λ near 0 set to exactly 0 when the objective allows
+    (rises by less than ``boundary_gain``), one at a time, smallest first."""
+    scaled = np.array(scaled, dtype=float)
+    near = np.flatnonzero(np.isfinite(lower) & (scaled > lower)
+                          & (scaled < settings.boundary_threshold))
+    for i in near[np.argsort(scaled[near])]:
+        trial = scaled.copy()
+        trial[i] = lower[i]
+        trial_value = problem.value(trial)
+        if trial_value <= value + settings.boundary_gain:
+            scaled, value = trial, trial_value
+    return scaled, value
