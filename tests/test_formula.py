@@ -33,9 +33,19 @@ def test_several_bars_and_no_fixed_terms():
     assert [b.group for b in parsed.bars] == ["s", "d", "d"]
 
 
-def test_function_calls_in_fixed_part_are_kept():
+def test_function_calls_in_fixed_part_are_kept_with_r_arithmetic_for_python():
     parsed = parse_formula("y ~ log(x) + I(x^2) + (1 | g)")
-    assert parsed.fixed == "log(x) + I(x^2)"
+    assert parsed.fixed == "log(x) + I(x**2)"
+    assert parsed.text == "y ~ log(x) + I(x^2) + (1 | g)"
+    # the formula's own ^ (crossing) stays; inside calls R's operators become Python's
+    assert parse_formula("y ~ (a + b)^2 + I(x %% 3 + x %/% 2) + (1 | g)").fixed == \
+        "(a + b)^2 + I(x % 3 + x // 2)"
+    assert parse_formula("y ~ I(x > 1 & TRUE) + (1 | g)").fixed == "I(x > 1 & True)"
+
+
+def test_offsets_are_taken_out_of_the_fixed_part():
+    parsed = parse_formula("y ~ x + offset(log(n)) + (1 | g)")
+    assert parsed.fixed == "x" and parsed.offsets == ("log(n)",)
 
 
 @pytest.mark.parametrize("formula", [

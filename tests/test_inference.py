@@ -26,8 +26,32 @@ def test_predictions_with_and_without_random_effects(sleepstudy):
     ref = REF["sleepstudy_predict"]
     m = hd.lmm("Reaction ~ Days + (Days | Subject)", sleepstudy)
     new = pd.DataFrame(ref["newdata"])
-    assert np.allclose(m.predict(new), ref["with_random"], rtol=1e-6)
+    # lme4's predict(..., allow.new.levels = TRUE): a new subject gets the population
+    assert np.allclose(m.predict(new, allow_new_levels=True), ref["with_random"], rtol=1e-6)
     assert np.allclose(m.predict(new, re=False), ref["population"], rtol=1e-6)
+    with pytest.raises(hd.DataError, match="allow_new_levels"):
+        m.predict(new)  # lme4's default: new levels are an error
+
+
+def test_predict_matches_levels_as_r_labels_them(sleepstudy):
+    """Subject 308 as a float (308.0, e.g. read from a CSV with missing values) is the
+    fitted level 308; it got the population prediction when levels were matched by
+    their Python string form."""
+    m = hd.lmm("Reaction ~ Days + (Days | Subject)", sleepstudy)
+    as_int = m.predict(pd.DataFrame({"Days": [1.0, 1.0], "Subject": [308, 309]}))
+    as_float = m.predict(pd.DataFrame({"Days": [1.0, 1.0], "Subject": [308.0, 309.0]}))
+    as_text = m.predict(pd.DataFrame({"Days": [1.0, 1.0], "Subject": ["308", "309"]}))
+    np.testing.assert_array_equal(as_float, as_int)
+    np.testing.assert_array_equal(as_text, as_int)
+    population = m.predict(pd.DataFrame({"Days": [1.0, 1.0]}), re=False)
+    assert np.all(np.abs(as_float - population) > 1.0)
+
+
+def test_unseen_level_of_a_fixed_factor_is_an_error(sleepstudy):
+    """It used to be encoded as the reference level, silently."""
+    m = hd.lmm("Reaction ~ factor(Days) + (1 | Subject)", sleepstudy)
+    with pytest.raises(hd.DataError, match="'11'"):
+        m.predict(pd.DataFrame({"Days": [1, 11], "Subject": [308, 309]}))
 
 
 def test_predict_errors(sleepstudy):

@@ -55,13 +55,15 @@ def test_new_levels_and_unseen_categories():
     model = hd.lmm("y ~ service + (1 | s) + (1 | d)", data)
     new = data.iloc[:3].copy()
     new["s"] = new["s"].astype(str) + "-new"     # new student: population prediction for s
-    expected = model.predict(new)
+    expected = model.predict(new, allow_new_levels=True)
     import os
     import tempfile
     path = os.path.join(tempfile.mkdtemp(), "m.npz")
     model.save(path)
     saved = hd.load(path)
-    np.testing.assert_allclose(saved.predict(new), expected, rtol=1e-12)
+    np.testing.assert_allclose(saved.predict(new, allow_new_levels=True), expected, rtol=1e-12)
+    with pytest.raises(DataError, match="allow_new_levels"):
+        saved.predict(new)
     bad = data.iloc[:3].assign(service=["0", "1", "7"])
     with pytest.raises(DataError, match="'service' has value\\(s\\) not seen in the fit: '7'"):
         saved.predict(bad)

@@ -18,7 +18,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .errors import DataError, FormulaError, RankDeficiencyWarning
-from .formula import ParsedFormula, RandomBar, parse_formula
+from .formula import (R_FUNCTIONS, ParsedFormula, RandomBar, parse_formula,
+                      python_expression, r_labels)
 
 _CATEGORY_COLUMN = re.compile(r"^(?P<var>.+?)\[(?:T\.)?(?P<level>.*)\]$")
 
@@ -30,6 +31,9 @@ def lme4_column_name(name: str) -> str:
     """
     if name == "Intercept":
         return "(Intercept)"
+    # R's operators, as R deparses them, for what formula.python_expression rewrote
+    for python_op, r_op in ((" ** ", "^"), (" // ", "%/%"), (" % ", "%%"), (" / ", "/")):
+        name = name.replace(python_op, r_op)
     pieces = []
     for piece in name.split(":"):
         match = _CATEGORY_COLUMN.match(piece)
@@ -130,8 +134,8 @@ class RandomTerm:
 class Design:
     """Arrays of one model: ``y``, weights, ``X`` and the random terms.
 
-    Terms are stored in lme4's order (decreasing number of levels), which is also the
-    order of θ and of the columns of Z.
+    Terms are stored in lme4's order (:func:`lme4_term_order`), which is also the order
+    of θ and of the columns of Z.
     """
 
     formula: ParsedFormula
@@ -149,6 +153,10 @@ class Design:
     n_rows: int | None = None
     #: whether prior weights were given, for designs without rows
     prior_weights: bool | None = None
+    #: the offset of every row (the response is ``y + offset``), None without one
+    offset: np.ndarray | None = None
+    #: the ``offset=`` argument: a column name, "array" for values given per row, or None
+    offset_argument: str | None = None
 
     @property
     def n_obs(self) -> int:
@@ -207,38 +215,99 @@ class Design:
         return sp.hstack([t.z_matrix() for t in self.terms], format="csc")
 
 
+def factor_codes(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes (−1 for missing) and R labels of one grouping column.
+
+    Levels follow a categorical's category order, numbers sorted by value, anything
+    else sorted by label; values with the same label (5 and "5", 308 and 308.0) are one
+    level, as in R, where a factor's levels are character strings.
+    """
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        codes = column.cat.codes.to_numpy().astype(np.int64)
+        labels = r_labels(np.asarray(column.cat.categories))
+    else:
+        codes, uniques = pd.factorize(column, sort=False)
+        codes = codes.astype(np.int64)
+        values = np.asarray(uniques)
+        labels = r_labels(values)
+        order = np.argsort(values, kind="stable") if values.dtype.kind in "iuf" \
+            else np.argsort(labels.astype(str), kind="stable")
+        rank = np.empty(len(order), dtype=np.int64)
+        rank[order] = np.arange(len(order))
+        codes = np.where(codes >= 0, rank[np.maximum(codes, 0)], -1)
+        labels = labels[order]
+    distinct, first = np.unique(labels.astype(str), return_index=True)
+    if len(distinct) < len(labels):  # equal labels are one level, kept at the first
+        keep = np.sort(first)
+        merged = pd.Index(labels[keep].astype(str)).get_indexer(labels.astype(str))
+        codes = np.where(codes >= 0, merged[np.maximum(codes, 0)], -1)
+        labels = labels[keep]
+    return codes, labels.astype(object)
+
+
+def row_labels(column: pd.Series) -> np.ndarray:
+    """The R label of every value of a column (None where missing)."""
+    codes, uniques = pd.factorize(column, sort=False)
+    labels = np.append(r_labels(np.asarray(uniques)), None)
+    return labels[codes]  # code −1 (missing) takes the appended None
+
+
 def _grouping_factor(data: pd.DataFrame, bar: RandomBar) -> tuple[np.ndarray, pd.Index]:
     """Integer codes and labels of the (interaction of the) grouping columns.
 
-    Levels follow a categorical's category order, otherwise sorted values; for an
-    interaction the first factor varies slowest, as R's ``a:b``. Unused levels are
-    dropped, as lme4 does.
+    Levels of each column as :func:`factor_codes`; for an interaction the first factor
+    varies slowest, as R's ``a:b``. Unused levels are dropped, as lme4 does. Codes are
+    renumbered after each column, so that an interaction of many columns cannot
+    overflow (a product of category counts above 2⁶³ wrapped round).
     """
     codes = np.zeros(len(data), dtype=np.int64)
+    parts: list[np.ndarray] = []      # per column, its code of every current level
     labels: list[np.ndarray] = []
     for name in bar.factors:
-        column = data[name]
-        if isinstance(column.dtype, pd.CategoricalDtype):
-            cats = column.cat.categories
-            col_codes = column.cat.codes.to_numpy().astype(np.int64)
-        else:
-            col_codes, cats = pd.factorize(column, sort=True)
-            col_codes = col_codes.astype(np.int64)
-        codes = codes * len(cats) + col_codes
-        labels.append(np.asarray(cats.astype(str)))
-    used, level_codes = np.unique(codes, return_inverse=True)
-    parts = []
-    for lab in reversed(labels):
-        parts.append(lab[used % len(lab)])
-        used = used // len(lab)
-    parts.reverse()
-    names = parts[0] if len(parts) == 1 else [":".join(p) for p in zip(*parts)]
-    return level_codes.astype(np.int64), pd.Index(names, name=bar.group)
+        col_codes, col_labels = factor_codes(data[name])
+        used, codes = np.unique(codes * len(col_labels) + col_codes, return_inverse=True)
+        parts = [part[used // len(col_labels)] for part in parts] + [used % len(col_labels)]
+        labels.append(col_labels)
+    pieces = [lab[part].astype(str) for lab, part in zip(labels, parts)]
+    names = pieces[0] if len(pieces) == 1 else [":".join(p) for p in zip(*pieces)]
+    return codes.astype(np.int64).ravel(), pd.Index(list(names), name=bar.group)
+
+
+def _r_numbers(spec: str, data: pd.DataFrame) -> pd.DataFrame:
+    """Integer columns a spec reads, as floats: R computes with doubles, so
+    ``I(x^2)`` of an integer column neither overflows nor stays integer."""
+    names = set(_IDENTIFIER.findall(spec))
+    integer = [c for c in data.columns if c in names and data[c].dtype.kind in "iu"]
+    if not integer:
+        return data
+    return data.astype({c: np.float64 for c in integer})
+
+
+def materialize(model_spec, data: pd.DataFrame, what: str = "newdata"):
+    """A formulaic model spec evaluated on other rows (prediction, chunks), with R's
+    functions; a level of a categorical the fit did not see is a :class:`DataError`
+    (formulaic would encode it as the reference level, with a warning)."""
+    from formulaic.errors import DataMismatchWarning
+
+    data = _r_numbers(" ".join(map(str, model_spec.formula)), data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DataMismatchWarning)
+            return model_spec.get_model_matrix(data, context=R_FUNCTIONS, na_action="raise")
+    except DataMismatchWarning as exc:
+        levels = str(exc).split(":", 1)[-1].split(".", 1)[0].strip()
+        raise DataError(f"{what} has level(s) of a fixed-effect factor that the fit did not "
+                        f"see: {levels}") from None
+    except (FormulaError, DataError):
+        raise
+    except Exception as exc:
+        raise DataError(f"cannot build the model matrix for {what}: {exc}") from exc
 
 
 def _model_matrix(spec: str, data: pd.DataFrame, sparse: bool = False):
+    data = _r_numbers(spec, data)
     try:
-        matrix = formulaic.model_matrix(spec, data, na_action="raise",
+        matrix = formulaic.model_matrix(spec, data, na_action="raise", context=R_FUNCTIONS,
                                         output="sparse" if sparse else "pandas")
     except FormulaError:
         raise
@@ -250,16 +319,93 @@ def _model_matrix(spec: str, data: pd.DataFrame, sparse: bool = False):
     return np.asarray(matrix, dtype=np.float64), names, matrix.model_spec
 
 
+def expression_values(expression: str, data: pd.DataFrame, what: str) -> np.ndarray:
+    """An R expression of the columns (a response such as ``log(y)``, an offset),
+    evaluated as formulaic evaluates ``I(...)``; one number per row."""
+    spec = python_expression(f"I({expression})")
+    data = _r_numbers(spec, data)
+    try:
+        matrix = formulaic.model_matrix(f"0 + {spec}", data, na_action="ignore",
+                                        context=R_FUNCTIONS)
+    except Exception as exc:
+        raise FormulaError(f"cannot evaluate the {what} {expression!r}: {exc}") from exc
+    values = np.asarray(matrix, dtype=np.float64)
+    if values.shape != (len(data), 1):
+        raise FormulaError(f"the {what} {expression!r} must give one number per row")
+    return values[:, 0]
+
+
+def response_and_offset(formula: ParsedFormula, frame: pd.DataFrame,
+                        offset=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The response (a column or an R expression of columns) and the offset: the sum
+    of the formula's ``offset(...)`` terms and of ``offset`` (a column name or an array
+    of one value per row), None when there is none."""
+    if formula.response_is_column:
+        column = frame[formula.response]
+        if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+            raise DataError(f"response {formula.response!r} must be numeric")
+        y = column.to_numpy(dtype=np.float64)
+    else:
+        y = expression_values(formula.response, frame, "response")
+    if not np.all(np.isfinite(y)):
+        bad = np.flatnonzero(~np.isfinite(y))
+        raise DataError(f"response {formula.response!r} is missing or not finite in "
+                        f"{len(bad)} row(s) (first at row {int(bad[0])})")
+    return y, offset_values(formula.offsets, frame, offset)
+
+
+def offset_values(offsets, frame: pd.DataFrame, offset=None) -> np.ndarray | None:
+    """The sum of the ``offset(...)`` expressions and of ``offset`` (a column name or
+    one value per row) on these rows; None when there is neither."""
+    parts = [expression_values(text, frame, "offset") for text in offsets]
+    if offset is not None:
+        if isinstance(offset, str):
+            if offset not in frame.columns:
+                raise FormulaError(f"offset column {offset!r} not found in data")
+            parts.append(frame[offset].to_numpy(dtype=np.float64))
+        else:
+            values = np.asarray(offset, dtype=np.float64).ravel()
+            if values.shape != (len(frame),):
+                raise DataError(f"offset must have one value per row ({len(frame)}), "
+                                f"got {values.shape}")
+            parts.append(values)
+    total = None
+    for part in parts:
+        if not np.all(np.isfinite(part)):
+            raise DataError("the offset is missing or not finite in "
+                            f"{int(np.sum(~np.isfinite(part)))} row(s)")
+        total = part if total is None else total + part
+    return total
+
+
+def predicted_offset(offsets, argument: str | None, frame: pd.DataFrame,
+                     given=None) -> np.ndarray:
+    """The offset of new rows for a model fitted with the formula's ``offsets`` and an
+    ``offset=`` ``argument`` (a column name, "array" or None); ``given`` is the
+    ``offset=`` of predict."""
+    if argument is None and given is not None:
+        raise DataError("this model was fitted without offset=; predict takes none")
+    if argument == "array" and given is None:
+        raise DataError("the model was fitted with offset= values per row: give "
+                        "predict(newdata, offset=...) the offset of the new rows")
+    values = offset_values(offsets, frame, given if given is not None else argument)
+    return np.zeros(len(frame)) if values is None else values
+
+
 def _required_columns(formula: ParsedFormula) -> list[str]:
     columns: list[str] = []
+    expressions = [python_expression(f"I({e})") for e in
+                   ([] if formula.response_is_column else [formula.response])
+                   + list(formula.offsets)]
     try:
-        for spec in [formula.fixed] + [b.lhs for b in formula.bars]:
+        for spec in [formula.fixed] + [b.lhs for b in formula.bars] + expressions:
             columns.extend(sorted(formulaic.Formula(spec).required_variables))
     except Exception as exc:
         raise FormulaError(f"cannot parse formula {formula.text!r}: {exc}") from exc
     for bar in formula.bars:
         columns.extend(bar.factors)
-    return list(dict.fromkeys([formula.response] + columns))
+    head = [formula.response] if formula.response_is_column else []
+    return list(dict.fromkeys(head + columns))
 
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
@@ -269,9 +415,12 @@ def _used_columns(formula: ParsedFormula, available) -> list[str]:
     """The columns a model reads: formulaic's required variables, plus names that only
     appear inside stateful transforms (formulaic 1.2 leaves ``Days`` out of
     ``center(Days)``'s required variables)."""
-    columns = _required_columns(formula)
     available = set(map(str, available))
-    for spec in [formula.fixed] + [b.lhs for b in formula.bars]:
+    # formulaic takes a function it does not know (R's factor) for a variable
+    columns = [c for c in _required_columns(formula)
+               if c in available or c not in R_FUNCTIONS]
+    for spec in [formula.fixed] + [b.lhs for b in formula.bars] + list(formula.offsets) + \
+            [formula.response]:
         for name in _IDENTIFIER.findall(spec):
             if name in available and name not in columns:
                 columns.append(name)
@@ -398,7 +547,8 @@ def with_categories(frame: pd.DataFrame, categories: dict[str, list]) -> pd.Data
         present = column.notna().to_numpy()
         codes = pd.Index(list(cats)).get_indexer(column.astype(object))
         if np.any((codes < 0) & present):  # e.g. categories '0', '1' and integers from a CSV
-            codes = pd.Index([str(c) for c in cats]).get_indexer(column.astype(str))
+            codes = pd.Index(r_labels(np.asarray(cats, dtype=object)).astype(str)).get_indexer(
+                row_labels(column).astype(str))
         codes[~present] = -1
         unseen = (codes < 0) & present
         cast = pd.Categorical.from_codes(codes, categories=list(cats))
@@ -414,29 +564,61 @@ def with_categories(frame: pd.DataFrame, categories: dict[str, list]) -> pd.Data
 SPARSE_FIXED_LEVELS = 100
 
 
+_FACTOR_CALL = re.compile(r"(?:factor|as\.factor|as_factor|C)\(\s*([A-Za-z_.][A-Za-z0-9_.]*)")
+
+
+def spec_variables(spec: str, available) -> list[str]:
+    """The data columns a formulaic spec reads (formulaic takes functions it does not
+    know, such as R's ``factor``, for variables; those are left out)."""
+    available = set(map(str, available))
+    try:
+        names = formulaic.Formula(spec).required_variables
+    except Exception as exc:
+        raise FormulaError(f"cannot parse {spec!r}: {exc}") from exc
+    return sorted(n for n in names if n in available or n not in R_FUNCTIONS)
+
+
+def factor_variables(spec: str, frame: pd.DataFrame) -> list[str]:
+    """Columns a spec encodes as factors: categorical columns and those inside
+    ``factor(...)`` or ``C(...)``."""
+    wrapped = set(_FACTOR_CALL.findall(spec))
+    return [name for name in spec_variables(spec, frame.columns)
+            if name in frame.columns and (name in wrapped or is_categorical(frame[name]))]
+
+
 def _wants_sparse_fixed(formula: ParsedFormula, frame: pd.DataFrame, sparse_fixed) -> bool:
     if sparse_fixed != "auto":
         return bool(sparse_fixed)
-
-    levels = 0
-    for name in formulaic.Formula(formula.fixed).required_variables:
-        column = frame[name]
-        if isinstance(column.dtype, pd.CategoricalDtype) or column.dtype == object \
-                or pd.api.types.is_string_dtype(column):
-            levels += column.nunique()
+    levels = sum(frame[name].nunique() for name in factor_variables(formula.fixed, frame))
     return levels > SPARSE_FIXED_LEVELS
 
 
 def level_labels(frame: pd.DataFrame, factors) -> np.ndarray:
-    """The level label of every row, as :func:`_grouping_factor` names levels
-    (``"a:b"`` for an interaction)."""
-    parts = [frame[name].astype(str).to_numpy() for name in factors]
+    """The level label of every row, as :func:`_grouping_factor` names levels (R's
+    labels, ``"a:b"`` for an interaction); None where a value is missing."""
+    parts = [row_labels(frame[name]) for name in factors]
     if len(parts) == 1:
         return parts[0]
-    out = parts[0].astype(object)
+    missing = np.zeros(len(frame), dtype=bool)
+    for part in parts:
+        missing |= pd.isna(part)
+    out = parts[0].astype(str).astype(object)
     for part in parts[1:]:
-        out = out + ":" + part
+        out = out + ":" + part.astype(str)
+    out[missing] = None
     return out
+
+
+def check_new_levels(frame: pd.DataFrame, factors, levels: pd.Index) -> None:
+    """A :class:`DataError` naming levels of a grouping factor that the fit did not
+    see (lme4's ``allow.new.levels = FALSE``)."""
+    labels = level_labels(frame, factors)
+    unseen = pd.Index(levels.astype(str)).get_indexer(pd.Index(labels).astype(str)) < 0
+    if unseen.any():
+        examples = pd.unique(labels[unseen].astype(str))[:5]
+        raise DataError(f"newdata has {len(pd.unique(labels[unseen]))} level(s) of "
+                        f"{':'.join(factors)!r} not in the fit ({', '.join(examples)}); "
+                        "pass allow_new_levels=True for the population prediction there")
 
 
 def check_columns(columns: list[str], available) -> None:
@@ -503,6 +685,24 @@ def random_term(bar: RandomBar, level_codes: np.ndarray, levels: pd.Index, z: np
     return term
 
 
+def lme4_term_order(n_levels: list[int]) -> list[int]:
+    """The order of the random terms in lme4 (``mkReTrms``): unchanged unless some term
+    has more levels than the one before it, then ``rev(order(nl))`` — by decreasing
+    number of levels, terms with equally many levels in reverse formula order.
+
+    Examples
+    --------
+    >>> lme4_term_order([5, 10, 10])
+    [2, 1, 0]
+    >>> lme4_term_order([10, 10, 5])
+    [0, 1, 2]
+    """
+    if not any(b > a for a, b in zip(n_levels, n_levels[1:])):
+        return list(range(len(n_levels)))
+    ascending = sorted(range(len(n_levels)), key=lambda i: n_levels[i])  # stable, as order()
+    return ascending[::-1]
+
+
 def build_design(
     formula: str | ParsedFormula,
     data: pd.DataFrame,
@@ -510,6 +710,7 @@ def build_design(
     missing: str = "raise",
     relationships: dict | None = None,
     sparse_fixed: bool | str = "auto",
+    offset: str | np.ndarray | None = None,
 ) -> Design:
     """Build the arrays of a linear mixed model from a formula and a DataFrame.
 
@@ -530,7 +731,10 @@ def build_design(
     sparse_fixed : bool or "auto"
         Build X as a sparse matrix (fixed factors with thousands of levels, e.g.
         herd-year-season). ``"auto"``: when the fixed part's categorical columns have
-        more than 100 levels. Aliased columns are not detected in a sparse X.
+        more than 100 levels.
+    offset : str or array, optional
+        A known term of the mean, added to the formula's ``offset(...)`` terms: a
+        column name or one value per row. ``y`` holds the response less the offset.
 
     Returns
     -------
@@ -550,14 +754,21 @@ def build_design(
         raise DataError("data has no rows")
     if missing not in ("raise", "drop"):
         raise ValueError("missing must be 'raise' or 'drop'")
-    columns = _used_columns(parsed, data.columns)
+    offset_argument = offset if isinstance(offset, str) or offset is None else "array"
+    if offset is not None and not isinstance(offset, str):
+        values = np.asarray(offset, dtype=np.float64).ravel()
+        if values.shape != (len(data),):
+            raise DataError(f"offset must have one value per row ({len(data)}), "
+                            f"got shape {values.shape}")
+        offset = "(offset)"  # a column, so that rows dropped for missing values go too
+        data = data.assign(**{offset: values})
+    columns = _used_columns(parsed, data.columns) + ([offset] if offset else [])
     check_columns(columns, data.columns)
     frame, weight_values = select_rows(data, columns, weights, missing)
 
-    y_col = frame[parsed.response]
-    if not pd.api.types.is_numeric_dtype(y_col) or pd.api.types.is_bool_dtype(y_col):
-        raise DataError(f"response {parsed.response!r} must be numeric")
-    y = y_col.to_numpy(dtype=np.float64)
+    y, offset_values = response_and_offset(parsed, frame, offset)
+    if offset_values is not None:
+        y = y - offset_values
     n = len(y)
 
     if _wants_sparse_fixed(parsed, frame, sparse_fixed):
@@ -585,8 +796,7 @@ def build_design(
             f"formula {parsed.text!r} has no random term '(... | group)'; "
             "use ordinary least squares for a model without random effects"
         )
-    order = sorted(range(len(terms)), key=lambda i: -terms[i].n_levels)
-    terms = [terms[i] for i in order]
+    terms = [terms[i] for i in lme4_term_order([t.n_levels for t in terms])]
     return Design(
         formula=parsed,
         y=y,
@@ -598,4 +808,6 @@ def build_design(
         response_name=parsed.response,
         row_index=frame.index,
         fixed_spec=fixed_spec,
+        offset=offset_values,
+        offset_argument=offset_argument,
     )

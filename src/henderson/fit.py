@@ -263,7 +263,8 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
         optimizer: str = "auto", ordering: str = "auto",
         verbose: bool | int = False, method: str = "mme",
         relationships: dict | None = None, sparse_fixed: bool | str = "auto",
-        fixed_variances: dict | None = None, strategy: str = "auto"):
+        fixed_variances: dict | None = None, strategy: str = "auto",
+        offset: str | np.ndarray | None = None):
     """Fit a linear mixed model with lme4's formula syntax.
 
     Parameters
@@ -306,6 +307,10 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
     fixed_variances : dict, optional
         Known variances, e.g. ``{"animal": 20.0, "residual": 40.0}``: no estimation,
         the MME are solved once (BLUP, PEVs and reliabilities at those variances).
+    offset : str or array, optional
+        A known term of the mean, as lme4's ``offset=``: a column name or one value
+        per row (chunked fits: a column name); added to the formula's ``offset(...)``
+        terms.
     strategy : {"auto", "schur", "cholmod"}
         How C is factored: ``"schur"`` eliminates the largest grouping factor's
         block-diagonal part and factors the small dense rest (crossed designs);
@@ -332,12 +337,13 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
     source = as_chunk_source(data)
     if source is None:
         design = build_design(formula, data, weights=weights, missing=missing,
-                              relationships=relationships, sparse_fixed=sparse_fixed)
+                              relationships=relationships, sparse_fixed=sparse_fixed,
+                              offset=offset)
         crossproducts = None
     else:
         design, crossproducts = chunked_design(
             formula, source, weights=weights, missing=missing, relationships=relationships,
-            sparse_fixed=sparse_fixed, verbose=bool(verbose))
+            sparse_fixed=sparse_fixed, verbose=bool(verbose), offset=offset)
     design_seconds = time.perf_counter() - t0
     model = fit_design(design, reml=reml, optimizer=optimizer, ordering=ordering,
                        verbose=verbose, method=method, fixed_variances=fixed_variances,
@@ -348,5 +354,5 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
                       missing=missing, optimizer=optimizer, ordering=ordering,
                       method=method, relationships=relationships,
                       sparse_fixed=sparse_fixed, fixed_variances=fixed_variances,
-                      strategy=strategy)
+                      strategy=strategy, offset=offset)
     return model

@@ -95,6 +95,7 @@ def save_model(model, path, conditional_sd: bool = True) -> Path:
         "fixed_names": list(design.fixed_names), "dropped_fixed": list(design.dropped_fixed),
         "categories": categories, "terms": terms,
         "known_variances": bool(model.known_variances),
+        "offsets": list(design.formula.offsets), "offset_argument": design.offset_argument,
     }
     arrays.update(theta=np.asarray(model.theta, dtype=float),
                   fixef=model.fixef.to_numpy(dtype=float),
@@ -169,27 +170,31 @@ class SavedModel:
                              [t["coef_names"] for t in self._terms],
                              self._covariances, self.sigma)
 
-    def predict(self, newdata: pd.DataFrame, re: bool = True) -> np.ndarray:
-        """Predictions ``X β̂ (+ Z b̂)`` for new rows, as the fitted model's ``predict``
-        (a level not seen in the fit contributes 0)."""
-        import formulaic
-
+    def predict(self, newdata: pd.DataFrame, re: bool = True,
+                allow_new_levels: bool = False, offset=None) -> np.ndarray:
+        """Predictions ``X β̂ (+ Z b̂) (+ offset)`` for new rows, as the fitted model's
+        :meth:`~henderson.results.LinearMixedModel.predict` (a level not seen in the
+        fit is an error unless ``allow_new_levels``, then it contributes 0)."""
+        from .design import check_new_levels, predicted_offset, spec_variables
         from .results import blup_contribution, check_newdata
 
         header = self._header
-        needed = set(formulaic.Formula(header["fixed"]).required_variables)
+        needed = set(spec_variables(header["fixed"], newdata.columns))
         if re:
             for term in self._terms:
-                needed |= set(formulaic.Formula(term["covariates"]).required_variables)
+                needed |= set(spec_variables(term["covariates"], newdata.columns))
                 needed |= set(term["factors"])
         check_newdata(newdata, needed)
-        frame = with_categories(newdata[sorted(needed)].reset_index(drop=True),
-                                header["categories"])
+        frame = with_categories(newdata.reset_index(drop=True), header["categories"])
         prediction = _model_matrix(header["fixed"], frame)[self.fixef.index].to_numpy() \
             @ self.fixef.to_numpy()
+        prediction += predicted_offset(tuple(header.get("offsets", ())),
+                                       header.get("offset_argument"), frame, offset)
         if not re:
             return prediction
         for term, levels, b in zip(self._terms, self._levels, self._b):
+            if not allow_new_levels:
+                check_new_levels(newdata, term["factors"], levels)
             z = _model_matrix(term["covariates"], frame)[term["coef_names"]].to_numpy()
             prediction += blup_contribution(newdata, term["factors"], levels, z, b)
         return prediction
@@ -223,8 +228,12 @@ class SavedModel:
 def _model_matrix(spec: str, frame: pd.DataFrame) -> pd.DataFrame:
     import formulaic
 
+    from .design import _r_numbers
+    from .formula import R_FUNCTIONS
+
     try:
-        matrix = formulaic.model_matrix(spec, frame, na_action="raise")
+        matrix = formulaic.model_matrix(spec, _r_numbers(spec, frame), na_action="raise",
+                                        context=R_FUNCTIONS)
     except Exception as exc:
         raise DataError(f"cannot build {spec!r} for newdata: {exc}") from exc
     matrix = pd.DataFrame(np.asarray(matrix, dtype=float),

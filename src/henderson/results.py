@@ -389,15 +389,31 @@ class LinearMixedModel:
 
     # ------------------------------------------------------------ predictions
     @property
-    def fitted(self) -> pd.Series:
+    def population_fitted(self) -> pd.Series:
+        """``X β̂`` (+ offset): the fitted values without the BLUPs."""
         self.design.require_rows("fitted values")
-        values = self.design.X @ self.fixef.to_numpy() + self.Z @ self._b
+        values = np.asarray(self.design.X @ self.fixef.to_numpy()).ravel()
+        if self.design.offset is not None:
+            values = values + self.design.offset
         return pd.Series(values, index=self.design.row_index, name="fitted")
 
     @property
+    def fitted(self) -> pd.Series:
+        """``X β̂ + Z b̂`` (+ offset), row by row."""
+        values = self.population_fitted.to_numpy() + self.Z @ self._b
+        return pd.Series(values, index=self.design.row_index, name="fitted")
+
+    @property
+    def response(self) -> pd.Series:
+        """The response of every row (with the offset: ``y`` as the formula names it)."""
+        self.design.require_rows("the response")
+        values = self.design.y if self.design.offset is None \
+            else self.design.y + self.design.offset
+        return pd.Series(values, index=self.design.row_index, name=self.design.response_name)
+
+    @property
     def residuals(self) -> pd.Series:
-        self.design.require_rows("residuals")
-        return pd.Series(self.design.y - self.fitted.to_numpy(),
+        return pd.Series(self.response.to_numpy() - self.fitted.to_numpy(),
                          index=self.design.row_index, name="residuals")
 
     def refit(self, **changes) -> "LinearMixedModel":
@@ -410,47 +426,62 @@ class LinearMixedModel:
             raise ValueError("this model was not fitted by hd.lmm(); refit needs its call")
         return lmm(**{**call, **changes})
 
-    def predict(self, newdata: pd.DataFrame, re: bool = True) -> np.ndarray:
-        """Predictions ``X β̂ (+ Z b̂)`` for new rows.
+    def predict(self, newdata: pd.DataFrame | None = None, re: bool = True,
+                allow_new_levels: bool = False, offset=None) -> np.ndarray:
+        """Predictions ``X β̂ (+ Z b̂) (+ offset)``, as lme4's ``predict``.
 
         Parameters
         ----------
-        newdata : DataFrame
-            Needs the columns of the fixed part (and, with ``re=True``, of the random
-            terms and grouping factors); a missing column is a ``FormulaError``.
+        newdata : DataFrame, optional
+            Needs the columns of the fixed part and offsets (and, with ``re=True``, of
+            the random terms and grouping factors); a missing column is a
+            ``FormulaError``, a level of a fixed-effect factor the fit did not see a
+            ``DataError``. Without newdata: the fitted values.
         re : bool
-            Add the BLUPs. A level not seen in the fit contributes 0: the population
-            prediction, as lme4's ``allow.new.levels=TRUE``.
+            Add the BLUPs.
+        allow_new_levels : bool
+            A level of a grouping factor not seen in the fit is a ``DataError`` (lme4's
+            default); with True it contributes 0, the population prediction.
+            Levels match as R labels them: 308, 308.0 and "308" are one level.
+        offset : str or array, optional
+            The ``offset=`` of the fit for these rows (a column name or an array),
+            when the fit had one; the formula's ``offset(...)`` terms are evaluated on
+            newdata.
 
         Examples
         --------
         >>> import henderson as hd, pandas as pd
         >>> m = hd.lmm("Reaction ~ Days + (Days | Subject)", hd.datasets.load("sleepstudy"))
-        >>> new = pd.DataFrame({"Days": [0, 10], "Subject": ["308", "999"]})
-        >>> m.predict(new).round(2).tolist()
+        >>> new = pd.DataFrame({"Days": [0, 10], "Subject": [308, "999"]})
+        >>> m.predict(new, allow_new_levels=True).round(2).tolist()
         [253.66, 356.08]
         """
-        from .errors import DataError
+        from .design import check_new_levels, materialize, predicted_offset
 
+        if newdata is None:
+            return (self.fitted if re else self.population_fitted).to_numpy()
+        if not isinstance(newdata, pd.DataFrame):
+            raise TypeError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
         design = self.design
         needed = set(design.fixed_spec.required_variables)
         if re:
             for term in design.terms:
                 needed |= set(term.z_spec.required_variables) | set(term.factors)
         check_newdata(newdata, needed)
-        try:
-            X = design.fixed_spec.get_model_matrix(newdata, na_action="raise")
-        except Exception as exc:
-            raise DataError(f"cannot build the fixed effects for newdata: {exc}") from exc
+        X = materialize(design.fixed_spec, newdata)
         names = [lme4_column_name(c) for c in X.columns] if hasattr(X, "columns") else None
         X = pd.DataFrame(np.asarray(X.todense() if hasattr(X, "todense") else X),
                          columns=names)[design.fixed_names].to_numpy(dtype=float)
         prediction = X @ self.fixef.to_numpy()
+        prediction += predicted_offset(design.formula.offsets, design.offset_argument,
+                                       newdata, offset)
         if not re:
             return prediction
         offsets = design.column_offsets()
         for t, term in enumerate(design.terms):
-            z = np.asarray(term.z_spec.get_model_matrix(newdata, na_action="raise"), dtype=float)
+            if not allow_new_levels:
+                check_new_levels(newdata, term.factors, term.levels)
+            z = np.asarray(materialize(term.z_spec, newdata), dtype=float)
             b = self._b[offsets[t]:offsets[t + 1]].reshape(term.n_levels, term.n_coefs)
             prediction += blup_contribution(newdata, term.factors, term.levels, z, b)
         return prediction

@@ -40,7 +40,10 @@ from .design import (
     known_relationships,
     level_labels,
     levels_not_in_relationship,
+    lme4_term_order,
+    spec_variables,
     random_term,
+    response_and_offset,
     select_rows,
     with_categories,
 )
@@ -274,6 +277,7 @@ class _Plan:
     covariates: list[str]             # variables of the fixed part and of the bars' lhs
     weights: str | None
     missing: str
+    offset: str | None = None           # the offset= column
 
     def read_columns(self) -> list[str]:
         return self.columns + ([self.weights] if self.weights and
@@ -347,9 +351,9 @@ class ChunkEncoder:
         if len(frame) == 0:
             return None
         frame = with_categories(frame, self.categories)
-        response = frame[plan.formula.response]
-        if not pd.api.types.is_numeric_dtype(response) or pd.api.types.is_bool_dtype(response):
-            raise DataError(f"response {plan.formula.response!r} must be numeric")
+        y, offset = response_and_offset(plan.formula, frame, plan.offset)
+        if offset is not None:
+            y = y - offset
         X, fixed_names, fixed_spec = _model_matrix(plan.formula.fixed, frame,
                                                    sparse=self.sparse_fixed)
         terms = []
@@ -367,7 +371,7 @@ class ChunkEncoder:
             raise FormulaError(
                 f"stateful transforms ({', '.join(stateful)}) would be computed chunk by "
                 "chunk, not on the whole data; compute those columns before a chunked fit")
-        return Design(formula=plan.formula, y=response.to_numpy(dtype=np.float64), X=X,
+        return Design(formula=plan.formula, y=y, X=X,
                       fixed_names=fixed_names, terms=[terms[i] for i in self.term_order],
                       weights=weights, response_name=plan.formula.response,
                       fixed_spec=fixed_spec)
@@ -394,7 +398,8 @@ def _level_codes(frame: pd.DataFrame, factors, levels: pd.Index) -> np.ndarray:
 # ---------------------------------------------------------------- the whole stage
 def chunked_design(formula, source, weights: str | None = None, missing: str = "raise",
                    relationships: dict | None = None, sparse_fixed: bool | str = "auto",
-                   verbose: bool = False) -> tuple[Design, CrossProducts]:
+                   verbose: bool = False, offset: str | None = None
+                   ) -> tuple[Design, CrossProducts]:
     """The design (without rows) and the cross-products of data read in chunks.
 
     Parameters
@@ -419,13 +424,17 @@ def chunked_design(formula, source, weights: str | None = None, missing: str = "
         raise ValueError("missing must be 'raise' or 'drop'")
     if weights is not None and not isinstance(weights, str):
         raise DataError("a chunked fit takes prior weights as a column name")
+    if offset is not None and not isinstance(offset, str):
+        raise DataError("a chunked fit takes offset= as a column name")
     columns = _used_columns(parsed, source.columns)
     check_columns(columns + ([weights] if weights else []), source.columns)
     import formulaic
 
-    covariates = sorted(set().union(*[formulaic.Formula(spec).required_variables
+    covariates = sorted(set().union(*[spec_variables(spec, source.columns)
                                       for spec in [parsed.fixed] + [b.lhs for b in parsed.bars]]))
-    plan = _Plan(parsed, columns, [c for c in covariates if c in columns], weights, missing)
+    columns = columns + ([offset] if offset and offset not in columns else [])
+    plan = _Plan(parsed, columns, [c for c in covariates if c in columns], weights, missing,
+                 offset)
 
     scan = source.map_reduce(plan.read_columns(), plan.scan, ChunkScan.merge,
                              progress=_progress("scan", verbose))
@@ -443,10 +452,10 @@ def chunked_design(formula, source, weights: str | None = None, missing: str = "
             check_levels(bar, levels[-1])  # before the second pass over the data
     categories = scan.categories()
     if sparse_fixed == "auto":
-        fixed_vars = formulaic.Formula(parsed.fixed).required_variables
+        fixed_vars = spec_variables(parsed.fixed, source.columns)
         sparse_fixed = sum(len(v) for k, v in categories.items() if k in fixed_vars) \
             > SPARSE_FIXED_LEVELS
-    term_order = sorted(range(len(parsed.bars)), key=lambda b: -len(levels[b]))
+    term_order = lme4_term_order([len(lv) for lv in levels])
     known_bars = frozenset(b for b, bar in enumerate(parsed.bars) if bar.group in relationships)
     encoder = ChunkEncoder(plan, categories, levels, known_bars, term_order, bool(sparse_fixed))
     encoder.fixed_shift = _first_chunk_shift(source, plan, encoder)
@@ -479,7 +488,7 @@ def chunked_design(formula, source, weights: str | None = None, missing: str = "
     design = Design(formula=parsed, y=np.zeros(0), X=X, fixed_names=fixed_names,
                     terms=terms, weights=np.zeros(0), dropped_fixed=dropped,
                     response_name=parsed.response, fixed_spec=total.fixed_spec,
-                    n_rows=n, prior_weights=scan.weighted)
+                    n_rows=n, prior_weights=scan.weighted, offset_argument=offset)
     return design, xp
 
 
