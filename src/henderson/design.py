@@ -476,6 +476,28 @@ def _drop_aliased(X: np.ndarray, names: list[str], tol: float = 1e-7):
     return X[:, kept], [names[j] for j in kept], dropped
 
 
+def _drop_aliased_sparse(X: sp.csc_matrix, names: list[str], weights: np.ndarray):
+    """:func:`_drop_aliased` for a sparse X, from X'WX
+    (:func:`~henderson.mme.independent_columns`)."""
+    from .mme import independent_columns
+
+    if X.shape[1] == 0:
+        return X, names, []
+    keep = independent_columns((X.T @ sp.diags(weights) @ X).tocsc())
+    if len(keep) == X.shape[1]:
+        return X, names, []
+    dropped = [names[j] for j in range(X.shape[1]) if j not in set(keep)]
+    warn_dropped(dropped)
+    return X[:, keep], [names[j] for j in keep], dropped
+
+
+def warn_dropped(dropped: list[str]) -> None:
+    """lme4's warning for fixed-effect columns dropped as aliased."""
+    warnings.warn(
+        f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} "
+        f"column(s): {', '.join(dropped)}", RankDeficiencyWarning, stacklevel=4)
+
+
 def select_rows(data: pd.DataFrame, columns: list[str], weights, missing: str,
                 where: str = "", allow_empty: bool = False) -> tuple[pd.DataFrame, np.ndarray]:
     """The used columns of the rows a fit keeps, and their prior weights.
@@ -773,7 +795,7 @@ def build_design(
 
     if _wants_sparse_fixed(parsed, frame, sparse_fixed):
         X, fixed_names, fixed_spec = _model_matrix(parsed.fixed, frame, sparse=True)
-        dropped = []
+        X, fixed_names, dropped = _drop_aliased_sparse(X, fixed_names, weight_values)
     else:
         X, fixed_names, fixed_spec = _model_matrix(parsed.fixed, frame)
         X, fixed_names, dropped = _drop_aliased(X, fixed_names)

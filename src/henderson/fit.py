@@ -15,7 +15,7 @@ import pandas as pd
 from scipy.sparse import issparse as sp_issparse
 
 from .design import Design, build_design
-from .mme import MixedModelEquations
+from .mme import MixedModelEquations, check_residual_variation
 from .objective import Objective
 from .optimize import (SETTINGS, OptimizerResult, ScaledProblem, ensure_convergence,
                        optimize_bobyqa, optimize_lbfgs, optimize_scipy, theta_scale)
@@ -179,6 +179,7 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
     else:
         mme = MixedModelEquations(design, ordering=ordering, crossproducts=crossproducts)
     timings["mme_setup"] = time.perf_counter() - t0
+    least_squares_sd = check_residual_variation(mme.xp, design.fixed_names)
     objective = Objective(mme, reml=reml)
     if fixed_variances is not None:
         theta, sigma = theta_from_variances(design, fixed_variances)
@@ -254,6 +255,15 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
     t0 = time.perf_counter()
     model = LinearMixedModel(design, mme, objective, theta, result)
     timings["results"] = time.perf_counter() - t0
+    # the random effects fit y exactly: σ → 0 and θ → ∞, the objective unbounded below
+    if not np.isfinite(model.objective) or model.sigma < 1e-7 * least_squares_sd:
+        from .errors import DataError
+
+        raise DataError(
+            "the residual variance is estimated as 0 (σ = "
+            f"{model.sigma:.3g}, objective {model.objective:.6g}): the random effects fit "
+            "the response exactly, e.g. a response constant within the levels of "
+            f"{design.terms[0].group!r}; the likelihood has no maximum")
     model.timings.update(timings)
     return model
 

@@ -29,9 +29,14 @@ def anova(*models, refit: bool = True) -> pd.DataFrame:
     """
     if len(models) < 2:
         raise ValueError("anova needs at least two models")
+    for i, m in enumerate(models):
+        if not (hasattr(m, "design") and hasattr(m, "refit") and hasattr(m, "objective")):
+            raise TypeError(f"anova: argument {i + 1} is a {type(m).__name__}, not a model "
+                            "fitted by hd.lmm()")
     nobs = {m.nobs for m in models}
     if len(nobs) > 1:
         raise ValueError(f"models were fitted to different numbers of rows: {sorted(nobs)}")
+    _check_same_response(models)
     fitted = [m.refit(reml=False) if (refit and m.reml) else m for m in models]
     order = np.argsort([m.npar for m in fitted], kind="stable")
     fitted = [fitted[i] for i in order]
@@ -48,6 +53,21 @@ def anova(*models, refit: bool = True) -> pd.DataFrame:
                         "Pr(>Chisq)": float(stats.chi2.sf(chisq, df)) if df > 0 else np.nan})
         rows.append(row)
     return pd.DataFrame(rows, index=names)
+
+
+def _check_same_response(models) -> None:
+    """Likelihoods of different responses (or of the same name on other rows) are not
+    comparable: a ValueError instead of a χ² of 0."""
+    first = models[0]
+    for i, m in enumerate(models[1:], start=2):
+        if m.design.response_name != first.design.response_name:
+            raise ValueError(f"anova: model {i} has response {m.design.response_name!r}, "
+                             f"model 1 {first.design.response_name!r}; likelihoods of "
+                             "different responses cannot be compared")
+        if m.design.has_rows and first.design.has_rows and not np.array_equal(
+                m.response.to_numpy(), first.response.to_numpy()):
+            raise ValueError(f"anova: models 1 and {i} were fitted to different values of "
+                             f"{first.design.response_name!r} (other rows or data)")
 
 
 def _varpar_functions(model):

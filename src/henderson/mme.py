@@ -98,6 +98,8 @@ class CrossProducts:
     sum_log_weights: float
     x_nonzeros: np.ndarray
     fixed_shift: np.ndarray | None = None
+    #: max |y| of the (unshifted) response: the scale an exact fit is judged on
+    response_scale: float = np.nan
 
     @classmethod
     def from_design(cls, design: Design, fixed_shift: np.ndarray | None = None
@@ -115,6 +117,7 @@ class CrossProducts:
             fixed_shift = response_shift(X, design.y, w, design.fixed_names)
         fixed_shift = np.asarray(fixed_shift, dtype=np.float64)
         y = np.asarray(design.y, dtype=np.float64)
+        response_scale = float(np.max(np.abs(y))) if len(y) else 0.0
         if p and np.any(fixed_shift != 0):
             y = y - np.asarray(X @ fixed_shift).ravel()
         y = np.ascontiguousarray(y)
@@ -173,6 +176,7 @@ class CrossProducts:
             x_nonzeros=(np.diff(X.indptr) if sparse_x
                         else np.count_nonzero(X, axis=0)).astype(np.int64),
             fixed_shift=fixed_shift,
+            response_scale=response_scale,
         )
 
 
@@ -196,6 +200,7 @@ class CrossProducts:
         self.xy = self.xy + other.xy
         self.yy += other.yy
         self.n_obs += other.n_obs
+        self.response_scale = float(np.nanmax([self.response_scale, other.response_scale]))
         self.sum_log_weights += other.sum_log_weights
         self.x_nonzeros = self.x_nonzeros + other.x_nonzeros
         return self
@@ -231,6 +236,26 @@ class CrossProducts:
         xx = self.xx[keep][:, keep]
         return dataclasses.replace(self, zx=zx, xx=xx, xy=self.xy[keep],
                                    x_nonzeros=self.x_nonzeros[keep], fixed_shift=shift[keep])
+
+
+def check_residual_variation(xp: CrossProducts, fixed_names) -> float:
+    """A :class:`~henderson.errors.DataError` when the fixed effects fit the response
+    exactly (a constant response, or y a combination of the covariates): no variance
+    is left to estimate, and the objective would run to −inf. Returns the residual SD
+    of the least-squares fit of the fixed effects (NaN for a sparse X)."""
+    from .errors import DataError
+
+    if sp.issparse(xp.xx) or not np.isfinite(xp.response_scale):
+        return np.nan
+    xx = np.asarray(xp.xx)
+    beta = np.linalg.lstsq(xx, xp.xy, rcond=None)[0] if len(xx) else np.zeros(0)
+    rss = float(xp.yy - beta @ xp.xy)
+    if rss <= xp.n_obs * (1e-12 * xp.response_scale) ** 2:
+        what = "is constant" if len(fixed_names) <= 1 else \
+            f"is fitted exactly by the fixed effects ({', '.join(fixed_names)})"
+        raise DataError(f"the response {what}: there is no variation left for the "
+                        "random effects and the residual")
+    return float(np.sqrt(rss / max(xp.n_obs, 1)))
 
 
 def response_shift(X, y: np.ndarray, weights: np.ndarray, fixed_names=()) -> np.ndarray:
@@ -276,31 +301,81 @@ def response_shift(X, y: np.ndarray, weights: np.ndarray, fixed_names=()) -> np.
     return shift
 
 
-def independent_columns(gram: np.ndarray, tol: float = 1e-7) -> list[int]:
-    """Columns to keep of a Gram matrix X'WX: a column goes when its squared residual
-    on the kept earlier columns (a Schur complement of X'WX) is below ``tol²`` times
-    its squared norm, so that of two aliased columns the later goes, as R's ``qr()``.
+def independent_columns(gram, tol: float = 1e-7, block: int = 256) -> list[int]:
+    """Columns to keep of a Gram matrix X'WX (dense or sparse): a column goes when its
+    squared residual on the kept earlier columns (a Schur complement of X'WX) is below
+    ``tol²`` times its squared norm, so that of two aliased columns the later goes, as
+    R's ``qr()``.
 
-    A Cholesky factor of the kept block grows a row per kept column (O(p³) in all)."""
+    A sparse X'WX is first factored by CHOLMOD (fill-reducing order): with every pivot
+    healthy it has full rank and all columns are kept at once. Otherwise (and for a
+    dense one) a Cholesky factor of the kept columns grows block by block (BLAS-3 for
+    the blocks, the greedy choice inside each): O(p³/3) flops in all.
+    """
+    from .errors import DataError
+
+    if sp.issparse(gram):
+        gram = sp.csc_matrix(gram, dtype=np.float64)
+        if _full_rank_sparse(gram, tol):
+            return list(range(gram.shape[0]))
+        if gram.shape[0] > DENSE_ALIASING_LIMIT:
+            raise DataError(
+                f"the {gram.shape[0]} fixed-effect columns are linearly dependent "
+                "(aliased), too many to find which to drop; remove nested or redundant "
+                "fixed factors")
+        gram = gram.toarray()
+    import scipy.linalg
+
     gram = np.asarray(gram, dtype=np.float64)
     p = gram.shape[0]
     kept: list[int] = []
-    factor = np.zeros((p, p))  # rows/columns 0..len(kept)-1 hold the kept block's L
-    import scipy.linalg
-
-    for j in range(p):
-        norm2 = gram[j, j]
-        if not norm2 > 0:
-            continue
+    factor = np.zeros((p, p))  # the kept columns' lower Cholesky factor, grown in place
+    for start in range(0, p, block):
+        cols = np.arange(start, min(start + block, p))
         k = len(kept)
-        cross = scipy.linalg.solve_triangular(factor[:k, :k], gram[kept, j], lower=True) \
-            if k else np.zeros(0)
-        residual2 = norm2 - float(cross @ cross)
-        if residual2 > tol * tol * norm2:
-            factor[k, :k] = cross
-            factor[k, k] = np.sqrt(residual2)
-            kept.append(j)
+        cross = scipy.linalg.solve_triangular(factor[:k, :k], gram[np.ix_(kept, cols)],
+                                              lower=True) if k else np.zeros((0, len(cols)))
+        schur = gram[np.ix_(cols, cols)] - cross.T @ cross
+        local: list[int] = []
+        local_factor = np.zeros((len(cols), len(cols)))
+        for a, j in enumerate(cols):
+            norm2 = gram[j, j]
+            if not norm2 > 0:
+                continue
+            m = len(local)
+            row = scipy.linalg.solve_triangular(local_factor[:m, :m], schur[local, a],
+                                                lower=True) if m else np.zeros(0)
+            residual2 = schur[a, a] - float(row @ row)
+            if residual2 > tol * tol * norm2:
+                local_factor[m, :m] = row
+                local_factor[m, m] = np.sqrt(residual2)
+                local.append(a)
+        m = len(local)
+        factor[k:k + m, :k] = cross[:, local].T
+        factor[k:k + m, k:k + m] = local_factor[:m, :m]
+        kept.extend(int(c) for c in cols[local])
     return kept
+
+
+#: above this many fixed-effect columns aliasing is detected but not resolved (the
+#: search for the columns to drop is dense: 8 p² bytes)
+DENSE_ALIASING_LIMIT = 8000
+
+
+def _full_rank_sparse(gram: sp.csc_matrix, tol: float) -> bool:
+    """Whether CHOLMOD factors X'WX with every squared pivot above ``tol²`` times its
+    diagonal entry (full rank, whatever the order of the columns)."""
+    diagonal = gram.diagonal()
+    if np.any(diagonal <= 0):
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            factor = _cholmod().cholesky(gram, ordering_method="amd")
+            pivots = factor.L().diagonal() ** 2
+    except Exception:  # not positive definite
+        return False
+    return bool(np.all(pivots > tol * tol * diagonal[cholmod_permutation(factor)]))
 
 
 def _add_pair_blocks(into, other, n_cols: int):

@@ -132,7 +132,7 @@ class SavedModel:
     >>> _ = m.save(path)
     >>> saved = hd.load(path)
     >>> new = pd.DataFrame({"Days": [0, 10], "Subject": ["308", "999"]})
-    >>> saved.predict(new).round(2).tolist()
+    >>> saved.predict(new, allow_new_levels=True).round(2).tolist()
     [253.66, 356.08]
     """
 

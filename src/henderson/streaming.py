@@ -42,6 +42,7 @@ from .design import (
     levels_not_in_relationship,
     lme4_term_order,
     spec_variables,
+    warn_dropped,
     random_term,
     response_and_offset,
     select_rows,
@@ -466,15 +467,12 @@ def chunked_design(formula, source, weights: str | None = None, missing: str = "
     if xp is None:
         raise DataError("no rows left after dropping missing values")
     fixed_names, dropped = list(total.fixed_names), []
-    if not sparse_fixed:
-        keep = independent_columns(np.asarray(xp.xx))
-        if len(keep) < len(fixed_names):
-            dropped = [name for j, name in enumerate(fixed_names) if j not in keep]
-            warnings.warn(
-                f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} "
-                f"column(s): {', '.join(dropped)}", RankDeficiencyWarning, stacklevel=3)
-            xp = xp.drop_fixed(np.array(keep))
-            fixed_names = [fixed_names[j] for j in keep]
+    keep = independent_columns(xp.xx)
+    if len(keep) < len(fixed_names):
+        dropped = [name for j, name in enumerate(fixed_names) if j not in keep]
+        warn_dropped(dropped)
+        xp = xp.drop_fixed(np.array(keep))
+        fixed_names = [fixed_names[j] for j in keep]
     p = len(fixed_names)
     terms = []
     for b in term_order:
