@@ -1,4 +1,10 @@
 """Saved models: no pickle, the same estimates, predictions equal to the fitted model's."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import zipfile
 
 import numpy as np
@@ -7,6 +13,7 @@ import pytest
 
 import henderson as hd
 from henderson.errors import DataError
+from henderson.persist import write_atomically
 
 MODELS = [
     ("plants", "height ~ moisture + (1 | pot)"),
@@ -92,3 +99,96 @@ def test_chunked_fit_saves_and_loads(tmp_path):
     model = hd.lmm("Reaction ~ Days + (Days | Subject)", hd.chunked(data, chunk_rows=45))
     saved = hd.load(model.save(tmp_path / "m.npz"))
     np.testing.assert_array_equal(saved.predict(data), model.predict(data))
+
+
+# ---------------------------------------------------------------- atomic saves
+SAVER = r"""
+import json, os, sys
+import numpy as np, pandas as pd
+import henderson as hd
+
+path = sys.argv[1]
+rng = np.random.default_rng(0)
+g = rng.integers(0, 20_000, 40_000)
+data = pd.DataFrame({"y": rng.normal(size=20_000)[g] + rng.normal(size=len(g)),
+                     "g": g.astype(str)})
+models = [hd.lmm("y ~ 1 + (1 | g)", data, fixed_variances={"g": v, "residual": 1.0})
+          for v in (0.5, 2.0)]
+for m in models:           # the conditional SDs are computed here, once
+    m.save(path)
+print(json.dumps([m.objective for m in models]), flush=True)
+for _ in sys.stdin:
+    pid = os.fork()
+    if pid == 0:           # saves, alternately the two models, until it is killed
+        i = 0
+        while True:
+            models[i % 2].save(path)
+            i += 1
+    print(pid, flush=True)
+    os.waitpid(pid, 0)
+    print("reaped", flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork and SIGKILL")
+def test_a_save_killed_at_any_moment_leaves_the_old_or_the_new_model(tmp_path):
+    # One process fits the two models; each round forks a saver from it and kills it
+    # with SIGKILL after a random delay, then the file must load as one of the two.
+    path = tmp_path / "m.npz"
+    env = dict(os.environ, HENDERSON_NO_WARMUP="1")
+    server = subprocess.Popen([sys.executable, "-c", SAVER, str(path)], env=env, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        objectives = json.loads(server.stdout.readline())
+        assert objectives[0] != objectives[1]
+        delays = np.random.default_rng(1).uniform(0.0, 0.25, 15)
+        seen, killed_mid_write = set(), 0
+        for delay in delays:
+            server.stdin.write("\n")
+            server.stdin.flush()
+            pid = int(server.stdout.readline())
+            time.sleep(delay)
+            os.kill(pid, signal.SIGKILL)
+            assert server.stdout.readline().strip() == "reaped"
+            leftovers = list(tmp_path.glob(".m.npz.*.tmp"))
+            killed_mid_write += len(leftovers)
+            for leftover in leftovers:
+                leftover.unlink()
+            loaded = hd.load(path)
+            assert loaded.objective in objectives
+            seen.add(loaded.objective)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz"]
+    finally:
+        server.stdin.close()
+        server.kill()
+        server.wait()
+    # the rounds did interrupt writes (else the test proves nothing) and both
+    # models were the file's content at some kill
+    assert killed_mid_write >= 1
+    assert seen == set(objectives)
+
+
+def test_a_failed_save_leaves_the_old_file_and_no_temporary(tmp_path):
+    data = hd.datasets.load("sleepstudy")
+    path = hd.lmm("Reaction ~ Days + (Days | Subject)", data).save(tmp_path / "m.npz")
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="stateful transforms"):
+        hd.lmm("Reaction ~ center(Days) + (1 | Subject)", data).save(path)
+    assert path.read_bytes() == before
+    with pytest.raises(ZeroDivisionError):
+        write_atomically(path, lambda handle: (handle.write(b"half"), 1 / 0))
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.npz"]
+
+
+def test_save_keeps_the_mode_of_the_file_it_replaces(tmp_path):
+    model = hd.lmm("height ~ moisture + (1 | pot)", hd.datasets.load("plants"))
+    path = model.save(tmp_path / "m.npz")
+    path.chmod(0o640)
+    model.save(path)
+    assert path.stat().st_mode & 0o777 == 0o640
+    link = tmp_path / "link.npz"
+    link.symlink_to(path)
+    model.save(link)
+    assert link.is_symlink() and hd.load(link).objective == model.objective
+

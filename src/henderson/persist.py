@@ -5,10 +5,15 @@ read with ``allow_pickle=False``): the estimates, the BLUPs and conditional SDs 
 their level labels, and a JSON header with the formula, the names and the categories
 each categorical covariate was encoded with. That is all prediction needs, so a
 loaded model predicts for new rows exactly as the fitted one did.
+
+Saving is atomic (a temporary file in the same folder, synced, then renamed over the
+target), so a save that is killed leaves the previous file whole.
 """
 from __future__ import annotations
 
 import json
+import os
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +64,11 @@ def save_model(model, path, conditional_sd: bool = True) -> Path:
     Returns
     -------
     Path
+
+    Notes
+    -----
+    The file is replaced atomically (:func:`write_atomically`): a save that fails or
+    is killed leaves the previous file as it was.
     """
     from .results import _group_names
 
@@ -100,9 +110,71 @@ def save_model(model, path, conditional_sd: bool = True) -> Path:
                   fixef=model.fixef.to_numpy(dtype=float),
                   vcov=model.vcov.to_numpy(dtype=float))
     path = Path(path)
-    with open(path, "wb") as handle:
-        np.savez_compressed(handle, header=np.array(json.dumps(header)), **arrays)
+    write_atomically(path, lambda handle: np.savez_compressed(
+        handle, header=np.array(json.dumps(header)), **arrays))
     return path
+
+
+def write_atomically(path, write) -> Path:
+    """Write a file so that it is, at every moment, either its old or its new content.
+
+    ``write(handle)`` fills a temporary file in the same folder (opened ``"wb"``); the
+    file is flushed and synced to disk, then renamed over ``path`` and the folder
+    synced. A write that fails or is killed leaves ``path`` untouched (a killed one
+    may leave a hidden ``.<name>.<random>.tmp`` beside it).
+
+    Parameters
+    ----------
+    path : str or Path
+        The file to write; a symbolic link is followed, so its target is replaced.
+    write : callable
+        ``write(handle)`` writes the content to a binary file handle.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    path = Path(path)
+    target = path.resolve() if path.is_symlink() else path
+    folder = target.parent
+    while True:
+        temporary = folder / f".{target.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            # 0o666 under the umask: the permissions open(path, "w") would have given
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if target.exists():
+            # keep the mode the user gave the file they are replacing
+            os.chmod(temporary, target.stat().st_mode & 0o7777)
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _sync_folder(folder)
+    return path
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be
+    opened, as on Windows)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 class SavedModel:
