@@ -1,6 +1,7 @@
 """Saved models: no pickle, the same estimates, predictions equal to the fitted model's."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -192,3 +193,117 @@ def test_save_keeps_the_mode_of_the_file_it_replaces(tmp_path):
     model.save(link)
     assert link.is_symlink() and hd.load(link).objective == model.objective
 
+
+# ---------------------------------------------------------------- damaged or crafted files
+def _members(path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as archive:
+        return {key: archive[key] for key in archive.files}
+
+
+def _header(members) -> dict:
+    return json.loads(str(members["header"]))
+
+
+def _with_header(members, **changes) -> dict:
+    header = _header(members)
+    header.update(changes)
+    return {**members, "header": np.array(json.dumps(header))}
+
+
+def _with_term(members, **changes) -> dict:
+    header = _header(members)
+    header["terms"][0].update(changes)
+    return {**members, "header": np.array(json.dumps(header))}
+
+
+def _without(members, key) -> dict:
+    return {k: v for k, v in members.items() if k != key}
+
+
+CRAFTED = {
+    "header not JSON": (lambda m: {**m, "header": np.array("{format: henderson")},
+                        "not valid JSON"),
+    "header a number": (lambda m: {**m, "header": np.array(3.0)}, "header is not a string"),
+    "header a JSON list": (lambda m: {**m, "header": np.array("[1, 2]")}, "format"),
+    "other format": (lambda m: _with_header(m, format="other"), "format"),
+    "version a string": (lambda m: _with_header(m, version="1"), "format version"),
+    "no terms": (lambda m: {**m, "header": np.array(json.dumps(
+        {k: v for k, v in _header(m).items() if k != "terms"}))}, "lacks 'terms'"),
+    "fixed_names not strings": (lambda m: _with_header(m, fixed_names=[1, 2]),
+                                "'fixed_names'"),
+    "one fixed name too many": (lambda m: _with_header(
+        m, fixed_names=_header(m)["fixed_names"] + ["x"]), "'fixef'"),
+    "term without coef_names": (lambda m: _with_term(m, coef_names=None), "'coef_names'"),
+    "a coefficient too many": (lambda m: _with_term(
+        m, coef_names=_header(m)["terms"][0]["coef_names"] + ["x"]), "'ranef_0'"),
+    "factor not of its group": (lambda m: _with_term(m, factors=["other"]), "factors"),
+    "nobs a float": (lambda m: _with_header(m, nobs=180.0), "'nobs'"),
+    "no fixef": (lambda m: _without(m, "fixef"), "no 'fixef' array"),
+    "vcov integers": (lambda m: {**m, "vcov": m["vcov"].astype(int)}, "'vcov'"),
+    "levels numbers": (lambda m: {**m, "levels_0": np.arange(18.0)}, "'levels_0'"),
+    "a level too few": (lambda m: {**m, "levels_0": m["levels_0"][:-1]}, "'ranef_0'"),
+    "levels repeat": (lambda m: {**m, "levels_0": np.repeat(m["levels_0"][:9], 2)}, "repeat"),
+    "ranef transposed": (lambda m: {**m, "ranef_0": m["ranef_0"].T.copy()}, "'ranef_0'"),
+    "sd of a term missing": (lambda m: _without(m, "ranef_sd_0"), "some terms only"),
+    "extra array": (lambda m: {**m, "extra": np.zeros(2)}, "unexpected array"),
+    "code in a formula": (lambda m: _with_header(
+        m, fixed="Days + {__import__('os').system('touch PWNED')}"), "may not evaluate"),
+    "attribute in a formula": (lambda m: _with_term(
+        m, covariates="1 + np.log.__call__(Days)"), "may not evaluate"),
+    "a call not allowed": (lambda m: _with_header(m, fixed="Days + I(open('x'))"),
+                           "may not evaluate"),
+    "response in the fixed part": (lambda m: _with_header(m, fixed="y ~ Days"),
+                                   "right-hand side"),
+}
+
+
+@pytest.fixture(scope="module")
+def sleep_model():
+    data = hd.datasets.load("sleepstudy")
+    # two terms, so that one term's conditional SDs can go missing
+    return hd.lmm("Reaction ~ Days + (Days || Subject)", data), data
+
+
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_crafted_archives_are_refused_naming_the_file(tmp_path, sleep_model, case, monkeypatch):
+    model, _ = sleep_model
+    good = model.save(tmp_path / "good.npz")
+    craft, message = CRAFTED[case]
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **craft(_members(good)))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=re.escape(repr(str(bad)))) as info:
+        hd.load(bad)
+    assert message in str(info.value)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_expressions_a_saved_model_may_hold_still_load(tmp_path):
+    data = hd.datasets.load("sleepstudy").assign(w=lambda d: d["Days"] % 3 + 1.0)
+    model = hd.lmm("Reaction ~ np.log(Days + 1) + I(Days ** 2) + {Days * 2} + "
+                   "(log(w) | Subject)", data)
+    saved = hd.load(model.save(tmp_path / "m.npz"))
+    np.testing.assert_allclose(saved.predict(data), model.predict(data), rtol=1e-12)
+
+
+def test_truncated_archives_are_refused_naming_the_file(tmp_path, sleep_model):
+    model, data = sleep_model
+    content = model.save(tmp_path / "good.npz").read_bytes()
+    bad = tmp_path / "bad.npz"
+    for size in [0, 1, 30, *np.linspace(100, len(content) - 1, 12).astype(int)]:
+        bad.write_bytes(content[:size])
+        with pytest.raises(DataError, match=re.escape(repr(str(bad)))):
+            hd.load(bad)
+    flipped = bytearray(content)
+    flipped[len(content) // 2] ^= 0xFF          # a damaged byte inside a member
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(DataError, match="damaged"):
+        hd.load(bad)
+
+
+def test_a_folder_or_an_npy_file_is_not_a_model(tmp_path):
+    with pytest.raises(DataError, match="is a folder"):
+        hd.load(tmp_path)
+    np.save(tmp_path / "a.npy", np.arange(3))
+    with pytest.raises(DataError, match="not an .npz archive"):
+        hd.load(tmp_path / "a.npy")
