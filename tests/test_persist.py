@@ -91,7 +91,7 @@ def test_load_rejects_other_files(tmp_path):
 def test_stateful_transforms_are_refused_clearly(tmp_path):
     data = hd.datasets.load("sleepstudy")
     model = hd.lmm("Reaction ~ center(Days) + (1 | Subject)", data)
-    with pytest.raises(ValueError, match="stateful transforms"):
+    with pytest.raises(hd.FormulaError, match="stateful transforms"):
         model.save(tmp_path / "m.npz")
 
 

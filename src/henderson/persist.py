@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .design import lme4_column_name, with_categories
-from .errors import DataError
+from .errors import DataError, FormulaError
 
 FORMAT = "henderson-model"
 VERSION = 1
@@ -39,7 +39,7 @@ def _plain(value):
 def _spec_categories(spec) -> dict[str, list]:
     """Categories of the categorical variables a formulaic ModelSpec encoded."""
     if spec.transform_state:
-        raise ValueError(
+        raise FormulaError(
             "cannot save a model whose formula uses stateful transforms "
             f"({', '.join(spec.transform_state)}); compute those columns before fitting")
     out = {}
@@ -48,7 +48,7 @@ def _spec_categories(spec) -> dict[str, list]:
         if getattr(kind, "value", kind) != "categorical":
             continue
         if name not in columns:
-            raise ValueError(
+            raise FormulaError(
                 f"cannot save a model that encodes the expression {name!r} as a factor; "
                 "make it a categorical column of the data before fitting")
         out[name] = [_plain(c) for c in state["categories"]]
