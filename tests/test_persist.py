@@ -1,4 +1,11 @@
 """Saved models: no pickle, the same estimates, predictions equal to the fitted model's."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 import zipfile
 
 import numpy as np
@@ -7,6 +14,7 @@ import pytest
 
 import henderson as hd
 from henderson.errors import DataError
+from henderson.persist import write_atomically
 
 MODELS = [
     ("plants", "height ~ moisture + (1 | pot)"),
@@ -85,7 +93,7 @@ def test_load_rejects_other_files(tmp_path):
 def test_stateful_transforms_are_refused_clearly(tmp_path):
     data = hd.datasets.load("sleepstudy")
     model = hd.lmm("Reaction ~ center(Days) + (1 | Subject)", data)
-    with pytest.raises(ValueError, match="stateful transforms"):
+    with pytest.raises(hd.FormulaError, match="stateful transforms"):
         model.save(tmp_path / "m.npz")
 
 
@@ -94,3 +102,210 @@ def test_chunked_fit_saves_and_loads(tmp_path):
     model = hd.lmm("Reaction ~ Days + (Days | Subject)", hd.chunked(data, chunk_rows=45))
     saved = hd.load(model.save(tmp_path / "m.npz"))
     np.testing.assert_array_equal(saved.predict(data), model.predict(data))
+
+
+# ---------------------------------------------------------------- atomic saves
+SAVER = r"""
+import json, os, sys
+import numpy as np, pandas as pd
+import henderson as hd
+
+path = sys.argv[1]
+rng = np.random.default_rng(0)
+g = rng.integers(0, 20_000, 40_000)
+data = pd.DataFrame({"y": rng.normal(size=20_000)[g] + rng.normal(size=len(g)),
+                     "g": g.astype(str)})
+models = [hd.lmm("y ~ 1 + (1 | g)", data, fixed_variances={"g": v, "residual": 1.0})
+          for v in (0.5, 2.0)]
+for m in models:           # the conditional SDs are computed here, once
+    m.save(path)
+print(json.dumps([m.objective for m in models]), flush=True)
+for _ in sys.stdin:
+    pid = os.fork()
+    if pid == 0:           # saves, alternately the two models, until it is killed
+        i = 0
+        while True:
+            models[i % 2].save(path)
+            i += 1
+    print(pid, flush=True)
+    os.waitpid(pid, 0)
+    print("reaped", flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork and SIGKILL")
+def test_a_save_killed_at_any_moment_leaves_the_old_or_the_new_model(tmp_path):
+    # One process fits the two models; each round forks a saver from it and kills it
+    # with SIGKILL after a random delay, then the file must load as one of the two.
+    path = tmp_path / "m.npz"
+    env = dict(os.environ, HENDERSON_NO_WARMUP="1")
+    server = subprocess.Popen([sys.executable, "-c", SAVER, str(path)], env=env, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        objectives = json.loads(server.stdout.readline())
+        assert objectives[0] != objectives[1]
+        delays = np.random.default_rng(1).uniform(0.0, 0.25, 15)
+        seen, killed_mid_write = set(), 0
+        for delay in delays:
+            server.stdin.write("\n")
+            server.stdin.flush()
+            pid = int(server.stdout.readline())
+            time.sleep(delay)
+            os.kill(pid, signal.SIGKILL)
+            assert server.stdout.readline().strip() == "reaped"
+            leftovers = list(tmp_path.glob(".m.npz.*.tmp"))
+            killed_mid_write += len(leftovers)
+            for leftover in leftovers:
+                leftover.unlink()
+            loaded = hd.load(path)
+            assert loaded.objective in objectives
+            seen.add(loaded.objective)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz"]
+    finally:
+        server.stdin.close()
+        server.kill()
+        server.wait()
+    # the rounds did interrupt writes (else the test proves nothing) and both
+    # models were the file's content at some kill
+    assert killed_mid_write >= 1
+    assert seen == set(objectives)
+
+
+def test_a_failed_save_leaves_the_old_file_and_no_temporary(tmp_path):
+    data = hd.datasets.load("sleepstudy")
+    path = hd.lmm("Reaction ~ Days + (Days | Subject)", data).save(tmp_path / "m.npz")
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="stateful transforms"):
+        hd.lmm("Reaction ~ center(Days) + (1 | Subject)", data).save(path)
+    assert path.read_bytes() == before
+    with pytest.raises(ZeroDivisionError):
+        write_atomically(path, lambda handle: (handle.write(b"half"), 1 / 0))
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.npz"]
+
+
+def test_save_keeps_the_mode_of_the_file_it_replaces(tmp_path):
+    model = hd.lmm("height ~ moisture + (1 | pot)", hd.datasets.load("plants"))
+    path = model.save(tmp_path / "m.npz")
+    path.chmod(0o640)
+    model.save(path)
+    assert path.stat().st_mode & 0o777 == 0o640
+    link = tmp_path / "link.npz"
+    link.symlink_to(path)
+    model.save(link)
+    assert link.is_symlink() and hd.load(link).objective == model.objective
+
+
+# ---------------------------------------------------------------- damaged or crafted files
+def _members(path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as archive:
+        return {key: archive[key] for key in archive.files}
+
+
+def _header(members) -> dict:
+    return json.loads(str(members["header"]))
+
+
+def _with_header(members, **changes) -> dict:
+    header = _header(members)
+    header.update(changes)
+    return {**members, "header": np.array(json.dumps(header))}
+
+
+def _with_term(members, **changes) -> dict:
+    header = _header(members)
+    header["terms"][0].update(changes)
+    return {**members, "header": np.array(json.dumps(header))}
+
+
+def _without(members, key) -> dict:
+    return {k: v for k, v in members.items() if k != key}
+
+
+CRAFTED = {
+    "header not JSON": (lambda m: {**m, "header": np.array("{format: henderson")},
+                        "not valid JSON"),
+    "header a number": (lambda m: {**m, "header": np.array(3.0)}, "header is not a string"),
+    "header a JSON list": (lambda m: {**m, "header": np.array("[1, 2]")}, "format"),
+    "other format": (lambda m: _with_header(m, format="other"), "format"),
+    "version a string": (lambda m: _with_header(m, version="1"), "format version"),
+    "no terms": (lambda m: {**m, "header": np.array(json.dumps(
+        {k: v for k, v in _header(m).items() if k != "terms"}))}, "lacks 'terms'"),
+    "fixed_names not strings": (lambda m: _with_header(m, fixed_names=[1, 2]),
+                                "'fixed_names'"),
+    "one fixed name too many": (lambda m: _with_header(
+        m, fixed_names=_header(m)["fixed_names"] + ["x"]), "'fixef'"),
+    "term without coef_names": (lambda m: _with_term(m, coef_names=None), "'coef_names'"),
+    "a coefficient too many": (lambda m: _with_term(
+        m, coef_names=_header(m)["terms"][0]["coef_names"] + ["x"]), "'ranef_0'"),
+    "factor not of its group": (lambda m: _with_term(m, factors=["other"]), "factors"),
+    "nobs a float": (lambda m: _with_header(m, nobs=180.0), "'nobs'"),
+    "no fixef": (lambda m: _without(m, "fixef"), "no 'fixef' array"),
+    "vcov integers": (lambda m: {**m, "vcov": m["vcov"].astype(int)}, "'vcov'"),
+    "levels numbers": (lambda m: {**m, "levels_0": np.arange(18.0)}, "'levels_0'"),
+    "a level too few": (lambda m: {**m, "levels_0": m["levels_0"][:-1]}, "'ranef_0'"),
+    "levels repeat": (lambda m: {**m, "levels_0": np.repeat(m["levels_0"][:9], 2)}, "repeat"),
+    "ranef transposed": (lambda m: {**m, "ranef_0": m["ranef_0"].T.copy()}, "'ranef_0'"),
+    "sd of a term missing": (lambda m: _without(m, "ranef_sd_0"), "some terms only"),
+    "extra array": (lambda m: {**m, "extra": np.zeros(2)}, "unexpected array"),
+    "code in a formula": (lambda m: _with_header(
+        m, fixed="Days + {__import__('os').system('touch PWNED')}"), "may not evaluate"),
+    "attribute in a formula": (lambda m: _with_term(
+        m, covariates="1 + np.log.__call__(Days)"), "may not evaluate"),
+    "a call not allowed": (lambda m: _with_header(m, fixed="Days + I(open('x'))"),
+                           "may not evaluate"),
+    "response in the fixed part": (lambda m: _with_header(m, fixed="y ~ Days"),
+                                   "right-hand side"),
+}
+
+
+@pytest.fixture(scope="module")
+def sleep_model():
+    data = hd.datasets.load("sleepstudy")
+    # two terms, so that one term's conditional SDs can go missing
+    return hd.lmm("Reaction ~ Days + (Days || Subject)", data), data
+
+
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_crafted_archives_are_refused_naming_the_file(tmp_path, sleep_model, case, monkeypatch):
+    model, _ = sleep_model
+    good = model.save(tmp_path / "good.npz")
+    craft, message = CRAFTED[case]
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **craft(_members(good)))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=re.escape(repr(str(bad)))) as info:
+        hd.load(bad)
+    assert message in str(info.value)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_expressions_a_saved_model_may_hold_still_load(tmp_path):
+    data = hd.datasets.load("sleepstudy").assign(w=lambda d: d["Days"] % 3 + 1.0)
+    model = hd.lmm("Reaction ~ np.log(Days + 1) + I(Days ** 2) + {Days * 2} + "
+                   "(log(w) | Subject)", data)
+    saved = hd.load(model.save(tmp_path / "m.npz"))
+    np.testing.assert_allclose(saved.predict(data), model.predict(data), rtol=1e-12)
+
+
+def test_truncated_archives_are_refused_naming_the_file(tmp_path, sleep_model):
+    model, data = sleep_model
+    content = model.save(tmp_path / "good.npz").read_bytes()
+    bad = tmp_path / "bad.npz"
+    for size in [0, 1, 30, *np.linspace(100, len(content) - 1, 12).astype(int)]:
+        bad.write_bytes(content[:size])
+        with pytest.raises(DataError, match=re.escape(repr(str(bad)))):
+            hd.load(bad)
+    flipped = bytearray(content)
+    flipped[len(content) // 2] ^= 0xFF          # a damaged byte inside a member
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(DataError, match="damaged"):
+        hd.load(bad)
+
+
+def test_a_folder_or_an_npy_file_is_not_a_model(tmp_path):
+    with pytest.raises(DataError, match="is a folder"):
+        hd.load(tmp_path)
+    np.save(tmp_path / "a.npy", np.arange(3))
+    with pytest.raises(DataError, match="not an .npz archive"):
+        hd.load(tmp_path / "a.npy")

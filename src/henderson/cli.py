@@ -2,16 +2,31 @@
 
 ``henderson demo`` fits the bundled example data (the seed's plants in pots,
 sleepstudy, Penicillin's crossed design) and prints the summaries.
-``henderson fit "y ~ x + (1|g)" data.csv [--pedigree ped.csv] [--ml] [--out DIR]
-[--chunked] [--save model.npz]`` fits a model from a CSV or Parquet file (in memory,
-or streamed in chunks), prints the summary and writes the results as CSV plus a JSON
-summary; ``henderson predict model.npz new.csv`` predicts from a saved model. Errors
-are one line on stderr with exit code 2.
+``henderson fit FORMULA DATA [options]`` fits a model from a CSV or Parquet file (in
+memory, or streamed in chunks), prints the summary, writes the result tables and a JSON
+summary into ``--out DIR`` and the model into ``--save FILE``;
+``henderson predict MODEL DATA`` predicts from a saved model. Run ``henderson fit
+--help`` for the options.
+
+Rules the commands keep, for pipelines:
+
+* Grouping-factor columns (and pedigree and relationship-matrix labels) are read as
+  text: ``"001"`` stays ``"001"`` and matches the same animal in every file.
+* Every failure is one line on stderr, ``henderson: error: ...``, and exit code 2.
+* ``--out DIR`` holds the results of one run: henderson lists what it writes in
+  ``DIR/henderson-manifest.json`` and, on the next run into ``DIR``, removes what it
+  listed there before; it refuses a folder holding files it did not write.
+* Files are replaced whole (written beside the target, then renamed over it).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
+import warnings
+from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 
@@ -22,10 +37,14 @@ DEMO_MODELS = [
     ("pastes", "strength ~ 1 + (1 | batch/cask)", {}),
 ]
 
+#: the file in ``--out DIR`` that lists the files henderson wrote there
+MANIFEST = "henderson-manifest.json"
+#: prefix of the folder inside ``--out DIR`` where a run's files are staged
+STAGING_PREFIX = ".henderson-staging-"
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
 
 def demo(out=None) -> int:
-    import numpy as np
-
     import henderson as hd
 
     out = sys.stdout if out is None else out
@@ -43,162 +62,769 @@ def demo(out=None) -> int:
     return 0
 
 
-def _read_table(path: str):
-    import pandas as pd
-    from pathlib import Path
+# ---------------------------------------------------------------- reading files
+def one_line(exc: BaseException) -> str:
+    """An exception as one line of text."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
+
+def label_columns(formula: str) -> list[str]:
+    """The columns of ``formula`` that only name levels of grouping factors.
+
+    They are read as text so that identifiers are labels: ``"001"`` stays ``"001"``
+    (as it does in a pedigree file) instead of becoming the number 1. A grouping
+    column that the formula also uses as a covariate keeps the type read from the
+    file, so that the model is the one the formula says.
+
+    Parameters
+    ----------
+    formula : str
+        An lme4 formula.
+
+    Returns
+    -------
+    list of str
+    """
+    import formulaic
+
+    from .formula import parse_formula
+
+    parsed = parse_formula(formula)
+    used = {parsed.response}
+    for part in [parsed.fixed] + [bar.lhs for bar in parsed.bars]:
+        try:
+            used |= set(formulaic.Formula(part).required_variables)
+        except Exception:  # a bad fixed part is reported by the fit, with its context
+            pass
+    factors = dict.fromkeys(f for bar in parsed.bars for f in bar.factors)
+    return [f for f in factors if f not in used]
+
+
+def _existing_file(path: str, what: str) -> Path:
     from .errors import DataError
 
     file = Path(path)
     if not file.exists():
-        raise DataError(f"data file {path!r} not found")
-    if file.suffix.lower() in (".parquet", ".pq"):
-        try:
-            frame = pd.read_parquet(file)
-        except ImportError as exc:
-            raise DataError("reading Parquet needs pyarrow: pip install henderson[pipeline]") from exc
-    else:
-        frame = pd.read_csv(file)
+        raise DataError(f"{what} {path!r} not found")
+    if file.is_dir():
+        raise DataError(f"{what} {path!r} is a folder, not a file")
+    if file.stat().st_size == 0:
+        raise DataError(f"{what} {path!r} is empty")
+    return file
+
+
+def _starts_as_parquet(file: Path) -> bool:
+    with open(file, "rb") as handle:
+        return handle.read(4) == b"PAR1"
+
+
+def _csv_options(file: Path, path: str, what: str, text_columns) -> dict:
+    """``read_csv`` options reading ``text_columns`` as text; refuses files that are
+    not CSV text before pandas does it with a less telling message."""
+    from .errors import DataError
+
+    if _starts_as_parquet(file):
+        raise DataError(f"{what} {path!r} holds Parquet data; name it .parquet")
+    return {"dtype": {c: str for c in text_columns}} if text_columns else {}
+
+
+def _read_error(exc: Exception, path: str, what: str):
+    """The :class:`DataError` for a file pandas or pyarrow could not read."""
+    import pandas as pd
+
+    from .errors import DataError, HendersonError
+
+    if isinstance(exc, HendersonError):
+        return exc
+    if isinstance(exc, pd.errors.EmptyDataError):
+        return DataError(f"{what} {path!r} is empty")
+    if isinstance(exc, UnicodeDecodeError):
+        return DataError(f"{what} {path!r} is not a text (UTF-8) CSV file")
+    return DataError(f"cannot read {what} {path!r}: {one_line(exc)}")
+
+
+def read_table(path: str, text_columns=(), what: str = "data file"):
+    """A CSV or Parquet file as a DataFrame, ``text_columns`` read as text (CSV).
+
+    Parameters
+    ----------
+    path : str
+        ``.parquet``/``.pq`` is read as Parquet, anything else as CSV.
+    text_columns : sequence of str
+        Columns to read as strings from a CSV file (a Parquet file keeps its types).
+    what : str
+        What the file is, for messages.
+
+    Returns
+    -------
+    pandas.DataFrame
+
+    Raises
+    ------
+    DataError
+        The file is absent, a folder, empty, damaged or not of its kind; the message
+        names it.
+    """
+    import pandas as pd
+
+    from .errors import DataError
+
+    file = _existing_file(path, what)
+    try:
+        if file.suffix.lower() in PARQUET_SUFFIXES:
+            try:
+                frame = pd.read_parquet(file)
+            except ImportError as exc:
+                raise DataError("reading Parquet needs pyarrow: pip install "
+                                "henderson[pipeline]") from exc
+        else:
+            frame = pd.read_csv(file, **_csv_options(file, path, what, text_columns))
+    except Exception as exc:  # pandas, pyarrow, csv, the OS: all about this file
+        raise _read_error(exc, path, what) from exc
     if len(frame) == 0:
-        raise DataError(f"data file {path!r} has no rows")
+        raise DataError(f"{what} {path!r} has no rows")
     return frame
 
 
-def fit_command(args, out=None, err=None) -> int:
-    import json
-    from pathlib import Path
+def chunked_table(path: str, chunk_rows: int, text_columns=()):
+    """A CSV or Parquet file as :class:`~henderson.ChunkedData`, ``text_columns`` read
+    as text (CSV), errors in any chunk reported as :class:`DataError` naming the file."""
+    import pandas as pd
 
     import henderson as hd
+    from .streaming import ChunkedData
 
-    out = sys.stdout if out is None else out
-    err = sys.stderr if err is None else err
-    say = (lambda msg: None) if args.quiet else (lambda msg: print(f"[henderson] {msg}", file=err))
-    if args.chunked:
-        say(f"streaming {args.data} in chunks of {args.chunk_rows:,} rows (two passes)")
-        data = hd.chunked(args.data, chunk_rows=args.chunk_rows)
-        rows = "chunks"
-    else:
-        say(f"reading {args.data}")
-        data = _read_table(args.data)
-        rows = f"{len(data)} rows"
-    relationships = None
-    if args.pedigree:
-        say(f"reading pedigree {args.pedigree}")
-        pedigree = hd.Pedigree.read(args.pedigree, sep=None)
-        group = args.animal or "animal"
-        relationships = {group: pedigree}
-    say(f"fitting {args.formula} to {rows}")
-    model = hd.lmm(args.formula, data, reml=not args.ml, relationships=relationships,
-                   verbose=False if args.quiet else 25)
-    print(model.summary(), file=out)
-    if args.out:
-        folder = Path(args.out)
-        folder.mkdir(parents=True, exist_ok=True)
-        write = _table_writer(args.format)
-        fixed = model.fixef.to_frame()
-        fixed["std_error"] = np.sqrt(np.diag(model.vcov.to_numpy()))
-        write(fixed.rename_axis("term").reset_index(), folder / "fixef")
-        write(model.varcorr, folder / "varcorr")
-        for group, values in model.ranef.items():
-            table = values.join(model.ranef_sd[group].add_suffix("_cond_sd"))
-            term = next(t for t in model.design.terms if t.group == group)
-            if term.level_precision is not None and term.n_coefs == 1:
-                bv = model.breeding_values(group)
-                table = table.join(bv[["pev", "reliability"]])
-            write(table.reset_index(), folder / f"ranef_{group.replace(':', '_')}")
-        summary = {"formula": args.formula, "reml": not args.ml, "nobs": model.nobs,
-                   "objective": model.objective, "loglik": model.loglik, "aic": model.aic,
-                   "bic": model.bic, "sigma": model.sigma, "theta": model.theta.tolist(),
-                   "fixef": model.fixef.to_dict(), "converged": model.converged,
-                   "singular": model.singular, "evaluations": model.n_evaluations}
-        (folder / "summary.json").write_text(json.dumps(summary, indent=1))
-        say(f"results written to {folder}")
-    if args.save:
-        model.save(args.save)
-        say(f"model saved to {args.save}")
-    return 0
+    what = "data file"
+    file = _existing_file(path, what)
+    try:
+        if file.suffix.lower() in PARQUET_SUFFIXES:
+            source = hd.chunked(file, chunk_rows=chunk_rows)
+        else:
+            options = _csv_options(file, path, what, text_columns)
+            header = pd.read_csv(file, nrows=0)
+
+            def read_csv(columns):
+                dtype = {c: str for c in options.get("dtype", {}) if c in columns}
+                yield from pd.read_csv(file, usecols=columns, chunksize=chunk_rows,
+                                       dtype=dtype or None)
+
+            source = ChunkedData(read_csv, list(header.columns), f"CSV file {path!r}")
+    except Exception as exc:
+        raise _read_error(exc, path, what) from exc
+
+    def read(columns):
+        try:
+            yield from source.chunks(columns)
+        except Exception as exc:
+            raise _read_error(exc, path, what) from exc
+
+    return ChunkedData(read, source.columns, source.name)
+
+
+def read_relationship(path: str):
+    """A labelled covariance matrix (a GRM, say) from a CSV file.
+
+    The first row holds a corner cell (any text, or empty) and the labels; every other
+    row holds a label and that label's row of the matrix, the labels in the same
+    order as in the first row::
+
+        id,001,002,003
+        001,1.02,0.11,0.05
+        002,0.11,0.98,0.20
+        003,0.05,0.20,1.01
+
+    Labels are text (``"001"`` is not ``"1"``). The matrix must be numeric, finite,
+    symmetric and positive definite; it is inverted here, once.
+
+    Parameters
+    ----------
+    path : str
+
+    Returns
+    -------
+    RelationshipMatrix
+
+    Raises
+    ------
+    DataError
+        Naming the file and the row and column at fault.
+    """
+    import pandas as pd
+
+    from .errors import DataError, HendersonError
+    from .genomic import RelationshipMatrix
+
+    what = "relationship file"
+    file = _existing_file(path, what)
+    name = repr(path)
+    try:
+        header = pd.read_csv(file, nrows=0, **_csv_options(file, path, what, ()))
+        if header.shape[1] < 2:
+            raise DataError(f"relationship file {name} needs a label column and one "
+                            "column per label")
+        # empty or "NA" cells are errors, not missing values
+        frame = pd.read_csv(file, dtype={header.columns[0]: str}, keep_default_na=False,
+                            index_col=0)
+    except Exception as exc:
+        raise _read_error(exc, path, what) from exc
+    labels = [str(label).strip() for label in frame.index]
+    columns = [str(label).strip() for label in frame.columns]
+    if labels != columns:
+        if len(labels) != len(columns):
+            why = f"{len(labels)} rows but {len(columns)} labelled columns"
+        else:
+            at = next(i for i, (a, b) in enumerate(zip(labels, columns)) if a != b)
+            why = f"row {at + 1} is {labels[at]!r} but column {at + 1} is {columns[at]!r}"
+        raise DataError(f"relationship file {name}: the first column and the first row "
+                        f"must list the same labels in the same order ({why})")
+    if not labels:
+        raise DataError(f"relationship file {name} has no rows")
+    for column in frame.columns:
+        values = frame[column]
+        if not pd.api.types.is_numeric_dtype(values):
+            numbers = pd.to_numeric(values, errors="coerce")
+            row = labels[int(np.flatnonzero(numbers.isna().to_numpy())[0])]
+            value = values.iloc[labels.index(row)]
+            raise DataError(f"relationship file {name}: entry ({row!r}, {str(column)!r}) "
+                            f"is {value!r}, not a number")
+    matrix = frame.to_numpy(dtype=float)
+    if not np.isfinite(matrix).all():
+        i, j = np.argwhere(~np.isfinite(matrix))[0]
+        raise DataError(f"relationship file {name}: entry ({labels[i]!r}, {labels[j]!r}) "
+                        "is not finite")
+    asymmetry = np.abs(matrix - matrix.T)
+    if asymmetry.max() > 1e-8 * max(np.abs(matrix).max(), 1.0):
+        i, j = np.unravel_index(np.argmax(asymmetry), matrix.shape)
+        raise DataError(f"relationship file {name} is not symmetric: entry "
+                        f"({labels[i]!r}, {labels[j]!r}) is {matrix[i, j]} but "
+                        f"({labels[j]!r}, {labels[i]!r}) is {matrix[j, i]}")
+    try:
+        relationship = RelationshipMatrix(matrix, labels, kind="covariance")
+        relationship.precision()  # cached, so the fit does not factor it again
+    except HendersonError as exc:
+        raise DataError(f"relationship file {name}: {one_line(exc)}") from exc
+    return relationship
+
+
+def parse_fixed_variances(text: str) -> dict:
+    """``--fixed-variances``: ``"animal=27,residual=66"`` or a JSON file.
+
+    Parameters
+    ----------
+    text : str
+        Comma-separated ``NAME=NUMBER`` pairs (NAME a grouping factor, a VarCorr name
+        such as ``Subject.1``, or ``residual``), or the path of a JSON object mapping
+        names to a variance or, for a term with k coefficients, a k x k covariance.
+
+    Returns
+    -------
+    dict
+
+    Raises
+    ------
+    DataError
+        A pair that is not ``NAME=NUMBER``, a repeated name, a non-finite number, or a
+        JSON file that cannot be read or is not such an object.
+    """
+    from .errors import DataError
+
+    option = "--fixed-variances"
+    if text.lower().endswith(".json") or Path(text).is_file():
+        file = _existing_file(text, f"{option} file")
+        try:
+            variances = json.loads(file.read_text())
+        except (ValueError, OSError) as exc:
+            raise DataError(f"{option} file {text!r} is not readable JSON: "
+                            f"{one_line(exc)}") from exc
+        if not isinstance(variances, dict) or not variances:
+            raise DataError(f"{option} file {text!r} must hold a JSON object of "
+                            "name: variance pairs")
+        for name, value in variances.items():
+            try:
+                array = np.asarray(value, dtype=float)
+            except (TypeError, ValueError):
+                array = np.array(np.nan)
+            if array.ndim > 2 or not np.isfinite(array).all():
+                raise DataError(f"{option} file {text!r}: the variance of {name!r} is "
+                                f"{value!r}, not a number or a matrix of numbers")
+        return variances
+    variances: dict[str, float] = {}
+    for pair in text.split(","):
+        name, equals, value = pair.partition("=")
+        name = name.strip()
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not equals or not name or number is None:
+            raise DataError(f"{option}: {pair.strip()!r} is not NAME=NUMBER "
+                            "(e.g. animal=27,residual=66) or a .json file")
+        if not np.isfinite(number):
+            raise DataError(f"{option}: the variance of {name!r} is not finite")
+        if name in variances:
+            raise DataError(f"{option}: {name!r} is given twice")
+        variances[name] = number
+    return variances
+
+
+def parse_relationship_option(text: str) -> tuple[str, str]:
+    """``--relationship GROUP=FILE`` as ``(group, file)``."""
+    from .errors import DataError
+
+    group, equals, file = text.partition("=")
+    if not equals or not group.strip() or not file.strip():
+        raise DataError(f"--relationship: {text!r} is not GROUP=FILE")
+    return group.strip(), file.strip()
+
+
+def check_output_file(path: str, option: str, folder_made: bool = False) -> None:
+    """A :class:`DataError` naming ``option`` if ``path`` cannot be written as a file:
+    it is a folder, or its folder does not exist (unless ``folder_made``)."""
+    from .errors import DataError
+
+    file = Path(path)
+    if file.is_dir():
+        raise DataError(f"{option} {path!r} is a folder, not a file")
+    if not folder_made and not file.resolve().parent.is_dir():
+        raise DataError(f"{option} {path!r}: its folder does not exist")
+
+
+# ---------------------------------------------------------------- the results folder
+def result_file_stem(kind: str, group: str) -> str:
+    """``ranef_<group>`` with the group percent-encoded (RFC 3986): unique per group
+    (``a_b`` and ``a:b`` give ``ranef_a_b`` and ``ranef_a%3Ab``), safe on every file
+    system, and decoded by ``urllib.parse.unquote``."""
+    return f"{kind}_{quote(group, safe='')}"
+
+
+def check_results_folder(path: str) -> dict:
+    """Check ``--out DIR`` before the fit: absent, empty, or holding only what an
+    earlier ``henderson fit`` wrote there (its manifest and the files it lists).
+
+    Returns
+    -------
+    dict
+        The earlier manifest (``{"files": [...]}``), empty when there is none.
+
+    Raises
+    ------
+    DataError
+        DIR is a file, or holds other files; henderson never deletes those.
+    """
+    from .errors import DataError
+
+    folder = Path(path)
+    if not folder.exists():
+        return {}
+    if not folder.is_dir():
+        raise DataError(f"--out {path!r} is a file, not a folder")
+    manifest = {}
+    if (folder / MANIFEST).exists():
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+            if not (isinstance(manifest.get("files"), list)
+                    and all(isinstance(f, str) and "/" not in f and f not in ("", ".", "..")
+                            for f in manifest["files"])):
+                raise ValueError("no list of files")
+        except (ValueError, OSError, AttributeError) as exc:
+            raise DataError(f"--out {path!r}: {MANIFEST} is not henderson's "
+                            f"({one_line(exc)}); give another folder") from exc
+    owned = {MANIFEST, *manifest.get("files", [])}
+    foreign = sorted(entry.name for entry in folder.iterdir()
+                     if entry.name not in owned and not entry.name.startswith(STAGING_PREFIX))
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5
+                                           else "")
+        raise DataError(f"--out {path!r} holds files that henderson did not write there "
+                        f"({listed}); henderson replaces only its own results, so give a "
+                        "new or empty folder")
+    return manifest
+
+
+class ResultsFolder:
+    """The files of one run, staged inside ``--out DIR`` and then put in place.
+
+    :meth:`stage` writes a file into a hidden staging folder; :meth:`commit` lists the
+    old and the new files in the manifest (so that a run killed from here on leaves
+    every henderson file listed), moves the new files in (each replaces its namesake
+    whole), deletes the old files the new run did not write, and lists only the new
+    files. :meth:`discard` removes the staging folder and leaves DIR as it was.
+    """
+
+    def __init__(self, path: str, previous: dict):
+        import tempfile
+
+        self.folder = Path(path)
+        self.created = not self.folder.exists()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for entry in self.folder.iterdir():  # staging left by a run that was killed
+            if entry.name.startswith(STAGING_PREFIX):
+                shutil.rmtree(entry, ignore_errors=True)
+        self.previous = list(previous.get("files", []))
+        self.staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.folder))
+        self.files: list[str] = []
+        self.staged: list[str] = []
+
+    def stage(self, name: str, write) -> None:
+        """``write(path)`` writes the file ``name`` into the staging folder."""
+        from .errors import DataError
+
+        path = self.staging / name
+        if path.exists():  # the names differ only in case, on a file system that ignores it
+            raise DataError(f"two result files would be named {name!r} on this file "
+                            "system; rename a grouping column")
+        write(path)
+        self.files.append(name)
+        self.staged.append(name)
+
+    def adopt(self, name: str) -> None:
+        """List ``name``, written into the folder by other means, among the run's files."""
+        if name not in self.files:
+            self.files.append(name)
+
+    def commit(self) -> None:
+        from .persist import write_atomically
+
+        def manifest(files):
+            write_atomically(self.folder / MANIFEST, lambda handle: handle.write(
+                json.dumps({"written_by": "henderson fit", "files": files},
+                           indent=1).encode()))
+
+        manifest(sorted(set(self.previous) | set(self.files)))
+        for name in self.staged:
+            (self.staging / name).replace(self.folder / name)
+        for name in set(self.previous) - set(self.files):
+            (self.folder / name).unlink(missing_ok=True)
+        manifest(self.files)
+        self.staging.rmdir()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+        if self.created:
+            try:
+                self.folder.rmdir()
+            except OSError:
+                pass
 
 
 def _table_writer(kind: str):
-    """Write a DataFrame as ``path.csv`` or ``path.parquet``."""
+    """Write a DataFrame as CSV or Parquet to a path."""
     def write(frame, path):
         frame = frame.copy()
         frame.columns = [str(c) for c in frame.columns]
         if kind == "parquet":
-            frame.to_parquet(path.with_suffix(".parquet"), index=False)
+            frame.to_parquet(path, index=False)
         else:
-            frame.to_csv(path.with_suffix(".csv"), index=False)
+            frame.to_csv(path, index=False)
     return write
 
 
-def predict_command(args, out=None, err=None) -> int:
+def stage_results(model, args, results: ResultsFolder) -> None:
+    """The result tables and ``summary.json`` of a fit, into ``results``."""
+    suffix = "." + args.format
+    write = _table_writer(args.format)
+    fixed = model.fixef.to_frame()
+    fixed["std_error"] = np.sqrt(np.diag(model.vcov.to_numpy()))
+    results.stage("fixef" + suffix,
+                  lambda path: write(fixed.rename_axis("term").reset_index(), path))
+    results.stage("varcorr" + suffix, lambda path: write(model.varcorr, path))
+    ranef_files = {}
+    for group, values in model.ranef.items():
+        table = values.join(model.ranef_sd[group].add_suffix("_cond_sd"))
+        term = next(t for t in model.design.terms if t.group == group)
+        if term.level_precision is not None and term.n_coefs == 1:
+            bv = model.breeding_values(group)
+            table = table.join(bv[["pev", "reliability"]])
+        name = result_file_stem("ranef", group) + suffix
+        results.stage(name, lambda path, table=table: write(table.reset_index(), path))
+        ranef_files[group] = name
+    from . import __version__
+
+    summary = {"formula": args.formula, "data": args.data, "reml": args.reml,
+               "nobs": model.nobs, "objective": model.objective, "loglik": model.loglik,
+               "aic": model.aic, "bic": model.bic, "sigma": model.sigma,
+               "theta": model.theta.tolist(), "fixef": model.fixef.to_dict(),
+               "converged": model.converged, "singular": model.singular,
+               "evaluations": model.n_evaluations, "ranef_files": ranef_files,
+               "henderson_version": __version__}
+    results.stage("summary.json", lambda path: path.write_text(json.dumps(summary, indent=1)))
+
+
+# ---------------------------------------------------------------- commands
+def fit_command(args, out=None, err=None) -> int:
+    """``henderson fit``: check the inputs and outputs, read, fit, print the summary,
+    stage the results, save the model, put the results in place.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        From :func:`build_parser`.
+    out, err : file, optional
+        Where the summary and the progress go (stdout and stderr).
+
+    Returns
+    -------
+    int
+        0; failures raise (:func:`main` turns them into one line and exit code 2).
+    """
     import henderson as hd
+    from .errors import DataError
 
     out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    say = (lambda msg: None) if args.quiet else (lambda msg: print(f"[henderson] {msg}", file=err))
+    # everything that can be checked before the fit is checked before the fit
+    text_columns = label_columns(args.formula)
+    previous = check_results_folder(args.out) if args.out else {}
+    # a model saved into the results folder is one of the run's files
+    save_in_out = bool(args.save and args.out and
+                       Path(args.save).resolve().parent == Path(args.out).resolve())
+    if args.save:
+        check_output_file(args.save, "--save", folder_made=save_in_out)
+    fixed_variances = (parse_fixed_variances(args.fixed_variances)
+                       if args.fixed_variances else None)
+    relationships = {}
+    for option in args.relationship:
+        group, path = parse_relationship_option(option)
+        if group in relationships:
+            raise DataError(f"--relationship: {group!r} is given twice")
+        say(f"reading relationship matrix {path} for {group}")
+        relationships[group] = read_relationship(path)
+    if args.pedigree:
+        group = args.animal or "animal"
+        if group in relationships:
+            raise DataError(f"--pedigree and --relationship both give {group!r} a "
+                            "relationship; give one")
+        say(f"reading pedigree {args.pedigree}")
+        try:
+            relationships[group] = hd.Pedigree.read(
+                _existing_file(args.pedigree, "pedigree file"), sep=None)
+        except Exception as exc:
+            raise _read_error(exc, args.pedigree, "pedigree file") from exc
+    elif args.animal:
+        raise DataError("--animal names the pedigree's grouping factor; give --pedigree too")
+    if args.chunked:
+        say(f"streaming {args.data} in chunks of {args.chunk_rows:,} rows (two passes)")
+        data = chunked_table(args.data, args.chunk_rows, text_columns)
+        rows = "chunks"
+    else:
+        say(f"reading {args.data}")
+        data = read_table(args.data, text_columns)
+        rows = f"{len(data)} rows"
+    say(f"fitting {args.formula} to {rows}")
+    model = hd.lmm(args.formula, data, reml=args.reml, weights=args.weights,
+                   missing=args.missing, optimizer=args.optimizer, ordering=args.ordering,
+                   strategy=args.strategy, relationships=relationships or None,
+                   fixed_variances=fixed_variances, verbose=False if args.quiet else 25)
+    print(model.summary(), file=out)
+    # stage the results, then save the model, then put the results in place: a save
+    # that fails (a formula that cannot be saved, a full disk) leaves --out as it was
+    results = ResultsFolder(args.out, previous) if args.out else None
+    try:
+        if results is not None:
+            stage_results(model, args, results)
+        if args.save:
+            model.save(args.save)
+            say(f"model saved to {args.save}")
+            if save_in_out:
+                results.adopt(Path(args.save).name)
+        if results is not None:
+            results.commit()
+            say(f"results written to {results.folder}")
+    except BaseException:
+        if results is not None:
+            results.discard()
+        raise
+    return 0
+
+
+def predict_command(args, out=None, err=None) -> int:
+    """``henderson predict``: the rows of ``args.data`` with a ``prediction`` column,
+    to ``args.out`` (replaced whole) or ``out`` (stdout).
+
+    Returns
+    -------
+    int
+        0; failures raise (:func:`main` turns them into one line and exit code 2).
+    """
+    import henderson as hd
+    from .persist import write_atomically
+
+    out = sys.stdout if out is None else out
+    if args.out:
+        check_output_file(args.out, "--out")
     model = hd.load(args.model)
-    data = _read_table(args.data)
+    data = read_table(args.data, label_columns(model.formula))
     prediction = model.predict(data, re=not args.population)
     frame = data.assign(prediction=prediction)
     if args.out:
-        frame.to_csv(args.out, index=False)
+        write_atomically(args.out, lambda handle: frame.to_csv(handle, index=False))
     else:
         frame.to_csv(out, index=False)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="henderson",
-                                     description="Linear mixed models on sparse MME.")
+# ---------------------------------------------------------------- the parser
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"henderson: error: {one_line(message)} (see `{self.prog} --help`)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text.replace("_", "").replace(",", ""))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
+FIT_EPILOG = """\
+files:
+  DATA      CSV (comma-separated, header row) or Parquet (.parquet/.pq). Grouping
+            columns of the formula are read from CSV as text ("001" stays "001").
+  --pedigree FILE
+            animal, sire, dam (the first three columns; CSV or whitespace-separated,
+            header detected); unknown parents 0, NA, "." or empty.
+  --relationship GROUP=FILE
+            a labelled covariance matrix (GRM) as CSV: a first row of a corner cell
+            and the labels, then one row per label (the label, then its row of the
+            matrix), labels in the same order down and across.
+  --fixed-variances SPEC
+            animal=27,residual=66 (grouping factor or VarCorr name, and residual), or
+            a .json file {"animal": 27, "Subject": [[600, 10], [10, 35]], "residual": 66}.
+
+results (--out DIR):
+  fixef, varcorr and ranef_<group> tables (CSV or Parquet; <group> percent-encoded,
+  so (1 | a:b) writes ranef_a%3Ab.csv), summary.json (estimates, fit statistics,
+  ranef_files: group -> file) and henderson-manifest.json (the files of the run).
+  A second run into DIR replaces the files of the first and deletes those it does
+  not write again; a DIR holding other files is refused.
+
+Every failure is one line on stderr, "henderson: error: ...", and exit code 2.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``henderson`` argument parser (``demo``, ``fit``, ``predict``)."""
+    from . import __version__
+
+    parser = _Parser(prog="henderson", description="Linear mixed models on sparse MME.")
+    parser.add_argument("--version", action="version", version=f"henderson {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="fit the bundled example data and print the summaries")
-    fit = sub.add_parser("fit", help="fit a model to a CSV or Parquet file")
+    fit = sub.add_parser("fit", help="fit a model to a CSV or Parquet file",
+                         description="Fit a linear mixed model to a CSV or Parquet file, "
+                                     "print its summary and write the results.",
+                         epilog=FIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     fit.add_argument("formula", help='lme4 formula, e.g. "y ~ x + (1 | g)"')
-    fit.add_argument("data", help="CSV or Parquet file")
-    fit.add_argument("--pedigree", help="pedigree file (animal, sire, dam) for an animal term")
-    fit.add_argument("--animal", help="grouping factor that the pedigree belongs to "
-                                       "(default: animal)")
-    fit.add_argument("--ml", action="store_true", help="maximum likelihood instead of REML")
-    fit.add_argument("--out", help="folder for the results (fixef, varcorr, ranef_<group>) "
-                                   "and summary.json")
-    fit.add_argument("--format", choices=["csv", "parquet"], default="csv",
-                     help="file format of the result tables (default csv)")
-    fit.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    fit.add_argument("--chunked", action="store_true",
-                     help="stream the file in chunks (out of core: memory bounded by the "
-                          "MME, not the rows; no fitted values or residuals)")
-    fit.add_argument("--chunk-rows", type=int, default=1_000_000,
-                     help="rows per chunk with --chunked (default 1,000,000)")
-    fit.add_argument("--save", help="write the fitted model to this file (.npz, no pickle) "
-                                    "for `henderson predict`")
-    fit.add_argument("--traceback", action="store_true", help="show tracebacks of errors")
-    predict = sub.add_parser("predict", help="predict new rows from a saved model")
+    fit.add_argument("data", help="CSV or Parquet file of the rows")
+    model = fit.add_argument_group("model")
+    method = model.add_mutually_exclusive_group()
+    method.add_argument("--reml", dest="reml", action="store_true", default=True,
+                        help="restricted maximum likelihood (the default)")
+    method.add_argument("--ml", dest="reml", action="store_false",
+                        help="maximum likelihood instead of REML")
+    model.add_argument("--weights", metavar="COL",
+                       help="column of prior weights (residual variance sigma^2 / w)")
+    model.add_argument("--missing", choices=["raise", "drop"], default="raise",
+                       help="rows with a missing value in a used column: an error "
+                            "(default) or dropped")
+    model.add_argument("--pedigree", metavar="FILE",
+                       help="pedigree file (animal, sire, dam) for an animal term")
+    model.add_argument("--animal", metavar="GROUP",
+                       help="grouping factor that the pedigree belongs to (default: animal)")
+    model.add_argument("--relationship", metavar="GROUP=FILE", action="append", default=[],
+                       help="known covariance (e.g. a GRM) of GROUP's levels from a CSV "
+                            "file; repeat for several groups")
+    model.add_argument("--fixed-variances", metavar="SPEC",
+                       help="known variances, no estimation: animal=27,residual=66 or a "
+                            ".json file")
+    fitting = fit.add_argument_group("fitting")
+    fitting.add_argument("--optimizer", default="auto", metavar="NAME",
+                         help="auto (default), ai, bobyqa, lbfgs, or a scipy method: "
+                              "Powell, Nelder-Mead, L-BFGS-B")
+    fitting.add_argument("--ordering", choices=["auto", "natural", "amd", "metis"],
+                         default="auto", help="fill-reducing ordering of CHOLMOD "
+                                              "(default auto: measured)")
+    fitting.add_argument("--strategy", choices=["auto", "schur", "cholmod"], default="auto",
+                         help="how the equations are factored (default auto)")
+    fitting.add_argument("--chunked", action="store_true",
+                         help="stream the file in chunks (out of core: memory bounded by "
+                              "the MME, not the rows; no fitted values or residuals)")
+    fitting.add_argument("--chunk-rows", type=_positive_int, default=1_000_000, metavar="N",
+                         help="rows per chunk with --chunked (default 1,000,000)")
+    output = fit.add_argument_group("output")
+    output.add_argument("--out", metavar="DIR",
+                        help="folder for the result tables, summary.json and the manifest "
+                             "(see below)")
+    output.add_argument("--format", choices=["csv", "parquet"], default="csv",
+                        help="file format of the result tables (default csv)")
+    output.add_argument("--save", metavar="FILE",
+                        help="write the fitted model to this file (.npz, no pickle) for "
+                             "`henderson predict`")
+    output.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    output.add_argument("--traceback", action="store_true",
+                        help="show the traceback of an error (for bug reports)")
+    predict = sub.add_parser("predict", help="predict new rows from a saved model",
+                             description="Predict new rows from a model saved by "
+                                         "`henderson fit --save`.")
     predict.add_argument("model", help="file written by `henderson fit --save`")
     predict.add_argument("data", help="CSV or Parquet file of new rows")
-    predict.add_argument("--out", help="CSV file for the rows with a prediction column "
-                                       "(default: stdout)")
+    predict.add_argument("--out", metavar="FILE",
+                         help="CSV file for the rows with a prediction column "
+                              "(default: stdout)")
     predict.add_argument("--population", action="store_true",
                          help="fixed effects only (no BLUPs)")
-    predict.add_argument("--traceback", action="store_true", help="show tracebacks of errors")
-    args = parser.parse_args(argv)
+    predict.add_argument("--traceback", action="store_true",
+                         help="show the traceback of an error (for bug reports)")
+    return parser
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for an error: a ``ValueError`` (henderson's own among them) by its
+    message, others with their type, which is part of what went wrong
+    (``KeyError: 'x'``)."""
+    if isinstance(exc, ValueError) and str(exc).strip():
+        return one_line(exc)
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.strerror or one_line(exc)}: {exc.filename!r}"
+    return f"{type(exc).__name__}: {one_line(exc)}"
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"henderson: warning: {one_line(message)}", file=sys.stderr if file is None else file)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``henderson`` command line; returns the exit code."""
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "demo":
             return demo()
-        if args.command in ("fit", "predict"):
-            from .errors import HendersonError
-
+        command = fit_command if args.command == "fit" else predict_command
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning  # one line per warning, as errors
             try:
-                return (fit_command if args.command == "fit" else predict_command)(args)
-            except (HendersonError, OSError) as exc:
+                return command(args)
+            except (BrokenPipeError, KeyboardInterrupt):
+                raise
+            except Exception as exc:
                 if args.traceback:
                     raise
-                print(f"henderson: error: {exc}", file=sys.stderr)
+                print(f"henderson: error: {describe_error(exc)}", file=sys.stderr)
                 return 2
     except BrokenPipeError:  # `henderson demo | head`: the reader left, not an error
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    return 2
+    except KeyboardInterrupt:
+        print("henderson: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -5,17 +5,27 @@ read with ``allow_pickle=False``): the estimates, the BLUPs and conditional SDs 
 their level labels, and a JSON header with the formula, the names and the categories
 each categorical covariate was encoded with. That is all prediction needs, so a
 loaded model predicts for new rows exactly as the fitted one did.
+
+Saving is atomic (a temporary file in the same folder, synced, then renamed over the
+target), so a save that is killed leaves the previous file whole. Loading treats the
+file as untrusted data: every key, shape and dtype is checked against the header, and
+the formula expressions (which formulaic evaluates as Python) must be column names,
+numbers, arithmetic and a short list of numeric functions.
 """
 from __future__ import annotations
 
+import ast
 import json
+import os
+import secrets
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .design import lme4_column_name, with_categories
-from .errors import DataError
+from .errors import DataError, FormulaError
 
 FORMAT = "henderson-model"
 VERSION = 1
@@ -29,7 +39,7 @@ def _plain(value):
 def _spec_categories(spec) -> dict[str, list]:
     """Categories of the categorical variables a formulaic ModelSpec encoded."""
     if spec.transform_state:
-        raise ValueError(
+        raise FormulaError(
             "cannot save a model whose formula uses stateful transforms "
             f"({', '.join(spec.transform_state)}); compute those columns before fitting")
     out = {}
@@ -38,7 +48,7 @@ def _spec_categories(spec) -> dict[str, list]:
         if getattr(kind, "value", kind) != "categorical":
             continue
         if name not in columns:
-            raise ValueError(
+            raise FormulaError(
                 f"cannot save a model that encodes the expression {name!r} as a factor; "
                 "make it a categorical column of the data before fitting")
         out[name] = [_plain(c) for c in state["categories"]]
@@ -59,6 +69,11 @@ def save_model(model, path, conditional_sd: bool = True) -> Path:
     Returns
     -------
     Path
+
+    Notes
+    -----
+    The file is replaced atomically (:func:`write_atomically`): a save that fails or
+    is killed leaves the previous file as it was.
     """
     from .results import _group_names
 
@@ -101,9 +116,71 @@ def save_model(model, path, conditional_sd: bool = True) -> Path:
                   fixef=model.fixef.to_numpy(dtype=float),
                   vcov=model.vcov.to_numpy(dtype=float))
     path = Path(path)
-    with open(path, "wb") as handle:
-        np.savez_compressed(handle, header=np.array(json.dumps(header)), **arrays)
+    write_atomically(path, lambda handle: np.savez_compressed(
+        handle, header=np.array(json.dumps(header)), **arrays))
     return path
+
+
+def write_atomically(path, write) -> Path:
+    """Write a file so that it is, at every moment, either its old or its new content.
+
+    ``write(handle)`` fills a temporary file in the same folder (opened ``"wb"``); the
+    file is flushed and synced to disk, then renamed over ``path`` and the folder
+    synced. A write that fails or is killed leaves ``path`` untouched (a killed one
+    may leave a hidden ``.<name>.<random>.tmp`` beside it).
+
+    Parameters
+    ----------
+    path : str or Path
+        The file to write; a symbolic link is followed, so its target is replaced.
+    write : callable
+        ``write(handle)`` writes the content to a binary file handle.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    path = Path(path)
+    target = path.resolve() if path.is_symlink() else path
+    folder = target.parent
+    while True:
+        temporary = folder / f".{target.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            # 0o666 under the umask: the permissions open(path, "w") would have given
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if target.exists():
+            # keep the mode the user gave the file they are replacing
+            os.chmod(temporary, target.stat().st_mode & 0o7777)
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _sync_folder(folder)
+    return path
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be
+    opened, as on Windows)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 class SavedModel:
@@ -186,7 +263,7 @@ class SavedModel:
                 needed |= set(term["factors"])
         check_newdata(newdata, needed)
         frame = with_categories(newdata.reset_index(drop=True), header["categories"])
-        prediction = _model_matrix(header["fixed"], frame)[self.fixef.index].to_numpy() \
+        prediction = _model_matrix(header["fixed"], frame, list(self.fixef.index)) \
             @ self.fixef.to_numpy()
         prediction += predicted_offset(tuple(header.get("offsets", ())),
                                        header.get("offset_argument"), frame, offset)
@@ -195,7 +272,7 @@ class SavedModel:
         for term, levels, b in zip(self._terms, self._levels, self._b):
             if not allow_new_levels:
                 check_new_levels(newdata, term["factors"], levels)
-            z = _model_matrix(term["covariates"], frame)[term["coef_names"]].to_numpy()
+            z = _model_matrix(term["covariates"], frame, term["coef_names"])
             prediction += blup_contribution(newdata, term["factors"], levels, z, b)
         return prediction
 
@@ -225,7 +302,8 @@ class SavedModel:
         return self.summary()
 
 
-def _model_matrix(spec: str, frame: pd.DataFrame) -> pd.DataFrame:
+def _model_matrix(spec: str, frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
+    """The columns ``columns`` of the model matrix of ``spec`` for ``frame``."""
     import formulaic
 
     from .design import _r_numbers
@@ -238,11 +316,21 @@ def _model_matrix(spec: str, frame: pd.DataFrame) -> pd.DataFrame:
         raise DataError(f"cannot build {spec!r} for newdata: {exc}") from exc
     matrix = pd.DataFrame(np.asarray(matrix, dtype=float),
                           columns=[lme4_column_name(c) for c in matrix.columns])
-    return matrix
+    absent = [c for c in columns if c not in matrix.columns]
+    if absent:
+        raise DataError(f"the saved model's columns {', '.join(map(repr, absent))} are not "
+                        f"among those {spec!r} builds for newdata")
+    return matrix[columns].to_numpy()
 
 
 def load(path) -> SavedModel:
     """Read a model written by ``m.save(path)``.
+
+    The file is checked before anything is built from it: a truncated or damaged
+    archive, a header that is not the JSON ``save`` writes, an array whose shape or
+    dtype disagrees with the header, or a formula expression outside what a saved
+    model can hold (column names, numbers, arithmetic, ``I()`` and numeric functions
+    such as ``log``) raises a :class:`DataError` naming the file.
 
     Parameters
     ----------
@@ -251,21 +339,206 @@ def load(path) -> SavedModel:
     Returns
     -------
     SavedModel
+
+    Raises
+    ------
+    DataError
+        The file is absent, or is not a whole, well-formed saved henderson model.
     """
     path = Path(path)
+    name = repr(str(path))
     if not path.exists():
-        raise DataError(f"model file {str(path)!r} not found")
+        raise DataError(f"model file {name} not found")
+    if path.is_dir():
+        raise DataError(f"model file {name} is a folder")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{name} is not a saved henderson model (not an .npz archive)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
-    except Exception as exc:
-        raise DataError(f"{str(path)!r} is not a saved henderson model: {exc}") from exc
+    except Exception as exc:  # zip, zlib and .npy errors of a damaged file alike
+        raise DataError(f"{name} is not a saved henderson model (damaged or truncated: "
+                        f"{type(exc).__name__}: {exc})") from exc
     if "header" not in arrays:
-        raise DataError(f"{str(path)!r} is not a saved henderson model (no header)")
-    header = json.loads(str(arrays.pop("header")))
-    if header.get("format") != FORMAT:
-        raise DataError(f"{str(path)!r} is not a saved henderson model")
-    if header.get("version", 0) > VERSION:
-        raise DataError(f"{str(path)!r} was written by a newer henderson "
-                        f"(format version {header['version']})")
+        raise DataError(f"{name} is not a saved henderson model (no header)")
+    header = _read_header(arrays.pop("header"), name)
+    _check_arrays(header, arrays, name)
     return SavedModel(header, arrays)
+
+
+#: header entries and their JSON types (``"number"``: int or float, not bool)
+_HEADER_FIELDS = {
+    "formula": "str", "fixed": "str", "response": "str", "reml": "bool",
+    "objective": "number", "sigma": "number", "loglik": "number", "aic": "number",
+    "bic": "number", "nobs": "int", "npar": "int", "fixed_names": "str list",
+    "dropped_fixed": "str list", "categories": "dict", "terms": "list",
+    "known_variances": "bool",
+}
+_TERM_FIELDS = {
+    "name": "str", "group": "str", "factors": "str list", "covariates": "str",
+    "coef_names": "str list", "known_covariance": "bool",
+}
+#: the functions a saved formula may call (formulaic evaluates expressions as
+#: Python, so a model file from elsewhere must not be able to name anything else)
+SAFE_FUNCTIONS = frozenset({
+    "I", "log", "log2", "log10", "log1p", "exp", "expm1", "sqrt", "abs", "floor",
+    "ceil", "sin", "cos", "tan", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh",
+})
+_SAFE_NODES = (ast.Expression, ast.Name, ast.Load, ast.Constant, ast.BinOp, ast.UnaryOp,
+               ast.BoolOp, ast.Compare, ast.IfExp, ast.Call, ast.keyword, ast.operator,
+               ast.unaryop, ast.boolop, ast.cmpop)
+
+
+def _is_type(value, kind: str) -> bool:
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "str list":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, {"dict": dict, "list": list}[kind])
+
+
+def _read_header(array: np.ndarray, name: str) -> dict:
+    """The JSON header, with every field ``save_model`` writes, of the right type."""
+    def bad(why: str) -> DataError:
+        return DataError(f"{name} is not a saved henderson model ({why})")
+
+    if array.dtype.kind != "U" or array.shape != ():
+        raise bad("its header is not a string")
+    try:
+        header = json.loads(str(array))
+    except ValueError as exc:
+        raise bad(f"its header is not valid JSON: {exc}") from exc
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise bad(f"its header does not say format {FORMAT!r}")
+    version = header.get("version")
+    if not _is_type(version, "int") or version < 1:
+        raise bad(f"format version {version!r}")
+    if version > VERSION:
+        raise DataError(f"{name} was written by a newer henderson (format version {version})")
+    for field, kind in _HEADER_FIELDS.items():
+        if field not in header:
+            raise bad(f"its header lacks {field!r}")
+        if not _is_type(header[field], kind):
+            raise bad(f"header field {field!r} is not a {kind}")
+    for variable, categories in header["categories"].items():
+        if not isinstance(categories, list) or not all(
+                isinstance(c, (str, int, float, bool)) for c in categories):
+            raise bad(f"the categories of {variable!r} are not a list of values")
+    for t, term in enumerate(header["terms"]):
+        if not isinstance(term, dict):
+            raise bad(f"term {t} of its header is not an object")
+        for field, kind in _TERM_FIELDS.items():
+            if not _is_type(term.get(field), kind):
+                raise bad(f"term {t} of its header lacks a {kind} {field!r}")
+        if not term["factors"] or not term["coef_names"]:
+            raise bad(f"term {t} of its header has no factors or no coefficients")
+        if not set(term["factors"]) <= set(term["group"].split(":")):
+            raise bad(f"term {t}'s factors are not those of its group {term['group']!r}")
+    for spec in [header["fixed"]] + [term["covariates"] for term in header["terms"]]:
+        _check_expressions(spec, name)
+    offsets = header.setdefault("offsets", [])  # absent from files before offsets
+    if not _is_type(offsets, "str list"):
+        raise bad("header field 'offsets' is not a str list")
+    argument = header.setdefault("offset_argument", None)
+    if argument is not None and not isinstance(argument, str):
+        raise bad("header field 'offset_argument' is not a string")
+    from .formula import python_expression
+
+    for text in offsets:  # evaluated as I(...) on newdata
+        _check_expressions(python_expression(f"I({text})"), name)
+    return header
+
+
+def _check_expressions(spec: str, name: str) -> None:
+    """A :class:`DataError` unless every expression of the formula ``spec`` is a
+    column, a number, arithmetic or a call of :data:`SAFE_FUNCTIONS`."""
+    import formulaic
+    from formulaic.formula import SimpleFormula
+
+    try:
+        formula = formulaic.Formula(spec)
+    except Exception as exc:
+        raise DataError(f"{name} holds a formula that does not parse: {spec!r}") from exc
+    if not isinstance(formula, SimpleFormula):
+        raise DataError(f"{name} holds {spec!r} where a right-hand side belongs")
+    for term in formula:
+        for factor in term.factors:
+            if getattr(factor.eval_method, "value", factor.eval_method) != "python":
+                continue
+            try:
+                tree = ast.parse(factor.expr, mode="eval")
+            except SyntaxError as exc:
+                raise DataError(f"{name} holds an expression that does not parse: "
+                                f"{factor.expr!r}") from exc
+            for node in ast.walk(tree):
+                if not _safe_node(node):
+                    raise DataError(
+                        f"{name} holds the expression {factor.expr!r}, which a saved model "
+                        "may not evaluate (allowed: columns, numbers, arithmetic and "
+                        f"{', '.join(sorted(SAFE_FUNCTIONS))})")
+
+
+def _safe_node(node: ast.AST) -> bool:
+    if isinstance(node, ast.Attribute):
+        # np.log / numpy.log, and only as the function of a call (checked there)
+        return (isinstance(node.value, ast.Name) and node.value.id in ("np", "numpy")
+                and node.attr in SAFE_FUNCTIONS)
+    if isinstance(node, ast.Name):
+        return not node.id.startswith("_")
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, (int, float, complex, str, bool, type(None)))
+    if isinstance(node, ast.Call):
+        func = node.func
+        return ((isinstance(func, ast.Name) and func.id in SAFE_FUNCTIONS)
+                or isinstance(func, ast.Attribute))
+    return isinstance(node, _SAFE_NODES)
+
+
+def _check_arrays(header: dict, arrays: dict[str, np.ndarray], name: str) -> None:
+    """A :class:`DataError` unless the arrays are exactly those the header implies,
+    with its shapes and dtypes."""
+    def expect(key: str, kind: str, shape: tuple) -> None:
+        if key not in arrays:
+            raise DataError(f"{name} is not a saved henderson model (no {key!r} array)")
+        array = arrays[key]
+        if array.dtype.kind != kind or array.ndim != len(shape) or any(
+                want is not None and got != want for got, want in zip(array.shape, shape)):
+            dims = " x ".join("n" if s is None else str(s) for s in shape) or "scalar"
+            raise DataError(f"{name} is not a saved henderson model (array {key!r} is "
+                            f"{array.dtype} {array.shape}, expected "
+                            f"{'strings' if kind == 'U' else 'floats'} of shape {dims})")
+
+    p = len(header["fixed_names"])
+    expect("theta", "f", (None,))
+    expect("fixef", "f", (p,))
+    expect("vcov", "f", (p, p))
+    expected = {"theta", "fixef", "vcov"}
+    with_sd = [f"ranef_sd_{t}" in arrays for t in range(len(header["terms"]))]
+    if any(with_sd) and not all(with_sd):
+        raise DataError(f"{name} is not a saved henderson model (conditional SDs for "
+                        "some terms only)")
+    for t, term in enumerate(header["terms"]):
+        k = len(term["coef_names"])
+        expect(f"levels_{t}", "U", (None,))
+        levels = arrays[f"levels_{t}"]
+        if len(set(levels.tolist())) != len(levels):
+            raise DataError(f"{name} is not a saved henderson model (the levels of "
+                            f"{term['group']!r} repeat)")
+        m = len(levels)
+        expect(f"ranef_{t}", "f", (m, k))
+        expect(f"covariance_{t}", "f", (k, k))
+        keys = [f"levels_{t}", f"ranef_{t}", f"covariance_{t}"]
+        if with_sd[t]:
+            expect(f"ranef_sd_{t}", "f", (m, k))
+            keys.append(f"ranef_sd_{t}")
+        expected.update(keys)
+    unexpected = sorted(set(arrays) - expected)
+    if unexpected:
+        raise DataError(f"{name} is not a saved henderson model (unexpected array(s) "
+                        f"{', '.join(map(repr, unexpected))})")
