@@ -547,7 +547,24 @@ def stage_results(model, args, results: ResultsFolder) -> None:
                "converged": model.converged, "singular": model.singular,
                "evaluations": model.n_evaluations, "ranef_files": ranef_files,
                "henderson_version": __version__}
-    results.stage("summary.json", lambda path: path.write_text(json.dumps(summary, indent=1)))
+    results.stage("summary.json", lambda path: path.write_text(
+        json.dumps(_strict_json(summary), indent=1, allow_nan=False)))
+
+
+def _strict_json(value):
+    """JSON without NaN/Infinity (which JSON does not have; many readers refuse them):
+    non-finite numbers become null."""
+    if isinstance(value, dict):
+        return {str(k): _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
 
 
 # ---------------------------------------------------------------- commands
