@@ -102,3 +102,86 @@ def test_read_file_and_missing_columns(tmp_path):
         Pedigree.read(tmp_path / "nope.csv")
     with pytest.raises(PedigreeError, match="'mother'"):
         Pedigree.from_dataframe(pd.DataFrame({"animal": [1], "sire": [0]}), dam="mother")
+
+
+# ------------------------------------------------------------ unknown parents
+def _mrode_with_unknown(code):
+    """Mrode's Table 2.1 pedigree with its unknown parents written ``code``."""
+    ref = load_json("animal", "mrode.json")["table_2_1"]["pedigree"]
+    swap = lambda values: [code if str(v) == "0" else v for v in values]
+    return Pedigree(ref["animal"], swap(ref["sire"]), swap(ref["dam"]))
+
+
+@pytest.mark.parametrize("code", ["0", "00", "000", "0.0", "-1", "*", "-", "?", ".", "NA",
+                                  "n/a", "NaN", "None", "NULL", "null", "", " 0 ", None,
+                                  np.nan, pd.NA, 0, 0.0, -1])
+def test_unknown_parent_codes_give_the_same_pedigree_as_zero(code):
+    expected = _mrode_with_unknown("0")
+    ped = _mrode_with_unknown(code)
+    assert list(ped.ids) == list(expected.ids)
+    assert ped.n_added_founders == 0
+    assert np.array_equal(ped.sire, expected.sire) and np.array_equal(ped.dam, expected.dam)
+    assert np.array_equal(ped.inbreeding, expected.inbreeding)
+    assert (ped.inverse() != expected.inverse()).nnz == 0
+
+
+def test_star_is_not_a_common_founder_of_the_base_animals():
+    """Written "*", unknown parents used to be one founder animal "*": every base animal
+    its offspring, so that the base animals were half sibs and their progeny inbred."""
+    ped = Pedigree(["a", "b", "c"], ["*", "*", "a"], ["*", "*", "b"])
+    assert list(ped.ids) == ["a", "b", "c"]
+    assert ped.inbreeding.tolist() == [0.0, 0.0, 0.0]
+    # a and b unrelated, c their offspring: A⁻¹ = [[1.5, .5, -1], [.5, 1.5, -1], [-1, -1, 2]]
+    assert np.allclose(ped.inverse().toarray(),
+                       [[1.5, 0.5, -1.0], [0.5, 1.5, -1.0], [-1.0, -1.0, 2.0]], atol=1e-15)
+
+
+def test_unknown_codes_can_be_overridden():
+    # with unknown={"*"}, "0" is an animal (a founder added) and NA still means unknown
+    ped = Pedigree(["1", "2"], ["0", "*"], ["*", None], unknown={"*"})
+    assert list(ped.ids) == ["0", "2", "1"] and ped.n_added_founders == 1
+    assert ped.sire.tolist() == [-1, -1, 0] and ped.dam.tolist() == [-1, -1, -1]
+    # a single code and numbers are accepted
+    ped = Pedigree([0, 1, 2], [-9, 0, 0], [-9, -9, 1], unknown=-9)
+    assert list(ped.ids) == ["0", "1", "2"] and ped.inbreeding[2] == 0.25  # 0 × daughter
+    assert ped.dam.tolist() == [-1, -1, 1]
+    frame = pd.DataFrame({"animal": ["x", "y"], "sire": ["UNK", "x"], "dam": ["0", "UNK"]})
+    assert Pedigree.from_dataframe(frame, unknown=["UNK", "0"]).n_added_founders == 0
+    assert Pedigree.from_dataframe(frame).n_added_founders == 1  # "UNK" is an animal
+
+
+def test_animal_id_that_is_an_unknown_code_is_refused_with_its_position():
+    with pytest.raises(PedigreeError, match=r"no animal id.*position\(s\) 1 \('\*'\), 2 \(missing\)"):
+        Pedigree(["a", "*", None], ["0", "0", "0"], ["0", "0", "0"])
+
+
+def test_float_parent_columns_name_the_integer_animals():
+    """A parent column read as float because of a missing value holds 1.0 for animal 1;
+    it used to be a founder "1.0" added beside animal "1"."""
+    frame = pd.DataFrame({"animal": [1, 2, 3, 4], "sire": [np.nan, np.nan, 1.0, 1.0],
+                          "dam": [np.nan, np.nan, 2.0, 3.0]})
+    ped = Pedigree.from_dataframe(frame)
+    assert list(ped.ids) == ["1", "2", "3", "4"] and ped.n_added_founders == 0
+    assert ped.inbreeding[3] == 0.25  # sire × daughter
+
+
+def test_empty_pedigree_is_refused():
+    with pytest.raises(PedigreeError, match="no animals"):
+        Pedigree([], [], [])
+    with pytest.raises(PedigreeError, match="no animals"):
+        Pedigree.from_dataframe(pd.DataFrame({"animal": [], "sire": [], "dam": []}))
+
+
+def test_repr():
+    ped = Pedigree(["3", "4", "5"], ["1", "1", "4"], ["2", "0", "3"])
+    assert repr(ped) == "Pedigree(5 animals, 2 founders added, max inbreeding 0.1250)"
+
+
+def test_lengths_and_dimensions_are_checked():
+    with pytest.raises(PedigreeError, match="same length, not 2, 1 and 2"):
+        Pedigree(["a", "b"], ["0"], ["0", "0"])
+    with pytest.raises(PedigreeError, match="sire must be one-dimensional"):
+        Pedigree(["a"], [["0"]], ["0"])
+    with pytest.raises(TypeError, match="DataFrame"):
+        Pedigree.from_dataframe({"animal": ["a"], "sire": ["0"], "dam": ["0"]})
+

@@ -17,9 +17,6 @@ import scipy.sparse as sp
 
 from .errors import PedigreeError
 
-UNKNOWN_PARENT = {"0", "", ".", "NA", "nan", "NaN", "None", "<NA>"}
-
-
 @numba.njit(cache=True)
 def _topological_order(sire, dam):
     """Order with parents before offspring (Kahn); returns -1 entries on a cycle."""
@@ -183,8 +180,53 @@ def _ainverse_triplets(sire, dam, d):
     return rows[:k], cols[:k], vals[:k]
 
 
-def _is_unknown(values: pd.Series) -> np.ndarray:
-    return values.isna().to_numpy() | values.astype(str).str.strip().isin(UNKNOWN_PARENT).to_numpy()
+# What means "unknown parent" unless the caller says otherwise: these texts (in any
+# case) and any text that reads as the number 0 or -1 ("00", "000", "0.0", "-1").
+UNKNOWN_PARENT_CODES = frozenset({"", ".", "*", "-", "?", "na", "n/a", "nan", "none",
+                                  "null", "<na>"})
+_ZERO_OR_MINUS_ONE = r"[+-]?(?:0+(?:\.0*)?|\.0+)(?:[eE][+-]?\d+)?|-0*1(?:\.0*)?"
+
+
+def _id_text(values, name: str) -> tuple[pd.Series, np.ndarray]:
+    """Identifiers as stripped text, and which of them are missing (None, NaN, pd.NA).
+
+    A float that is a whole number is written as an integer: a parent column that
+    pandas reads as float because of one missing value holds 12.0 for animal 12.
+    """
+    if np.ndim(values) != 1:
+        raise PedigreeError(f"{name} must be one-dimensional (one id per animal), "
+                            f"got {np.ndim(values)} dimensions")
+    series = (values.reset_index(drop=True) if isinstance(values, pd.Series)
+              else pd.Series(values))
+    missing = series.isna().to_numpy()
+    kind = series.dtype.kind
+    if kind == "f" or (kind == "O" and pd.api.types.infer_dtype(series, skipna=True)
+                       in ("floating", "mixed-integer-float", "mixed", "decimal")):
+        text = series.map(_one_id_text, na_action="ignore")
+    else:
+        text = series.astype(str)
+    text = text.astype(str).str.strip()
+    text[missing] = ""
+    return text, missing
+
+
+def _one_id_text(value) -> str:
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _unknown_labels(labels: pd.Series, unknown) -> np.ndarray:
+    """Which of the (distinct, stripped) labels mean "unknown parent"."""
+    if unknown is None:
+        found = (labels.str.lower().isin(UNKNOWN_PARENT_CODES)
+                 | labels.str.fullmatch(_ZERO_OR_MINUS_ONE))
+    else:
+        if isinstance(unknown, (str, int, float)):
+            unknown = [unknown]
+        codes, _ = _id_text(list(unknown), "unknown")
+        found = labels.isin(set(codes)) | (labels == "")
+    return found.to_numpy(dtype=bool)
 
 
 class Pedigree:
@@ -193,8 +235,15 @@ class Pedigree:
     Parameters
     ----------
     animal, sire, dam : array-like
-        Identifiers; an unknown parent is 0, NA, ".", "" or missing. Parents without a
-        row of their own are added as founders.
+        Identifiers, compared as stripped text (a whole-number float as an integer:
+        12.0 is animal "12"). Parents without a row of their own are added as founders.
+    unknown : collection of str, optional
+        The codes that mean "unknown parent" (each compared with the stripped text of
+        an id). By default ``0`` and any other text that reads as the number 0 or −1
+        (``00``, ``000``, ``0.0``, ``-1``), ``NA``, ``N/A``, ``NaN``, ``None``,
+        ``NULL``, ``<NA>``, ``.``, ``*``, ``-`` and ``?``, in any case. Missing values
+        (None, NaN, pd.NA) and empty text always mean unknown. An animal id that is
+        one of these codes is refused.
 
     Attributes
     ----------
@@ -203,29 +252,46 @@ class Pedigree:
     sire, dam : ndarray of int64
         Parent positions in that order, -1 when unknown.
 
+    Raises
+    ------
+    PedigreeError
+        No animals; lengths differ; an animal id missing, duplicated, its own parent or
+        ancestor; the same animal as sire and dam.
+
     Examples
     --------
-    >>> ped = Pedigree(["3", "4", "5"], ["1", "1", "4"], ["2", "0", "3"])
+    >>> ped = Pedigree(["3", "4", "5"], ["1", "1", "4"], ["2", "*", "3"])
     >>> list(ped.ids)
     ['1', '2', '3', '4', '5']
     >>> ped.inbreeding.round(3).tolist()
     [0.0, 0.0, 0.0, 0.0, 0.125]
+    >>> Pedigree(["b"], ["a"], ["*"], unknown={"*"}).n_added_founders
+    1
     """
 
-    def __init__(self, animal, sire, dam):
-        raw = [pd.Series(np.asarray(v)) for v in (animal, sire, dam)]
-        n = len(raw[0])
-        if not len(raw[1]) == len(raw[2]) == n:
-            raise PedigreeError("animal, sire and dam must have the same length")
-        if _is_unknown(raw[0]).any():
-            raise PedigreeError("pedigree has rows with a missing animal id")
-        unknown = [_is_unknown(r) for r in raw[1:]]
-        text = pd.concat(raw, ignore_index=True).astype(str).str.strip()
+    def __init__(self, animal, sire, dam, unknown=None):
+        columns = [_id_text(v, name) for v, name in ((animal, "animal"), (sire, "sire"),
+                                                     (dam, "dam"))]
+        n = len(columns[0][0])
+        if not len(columns[1][0]) == len(columns[2][0]) == n:
+            raise PedigreeError(f"animal, sire and dam must have the same length, not "
+                                f"{n}, {len(columns[1][0])} and {len(columns[2][0])}")
+        if n == 0:
+            raise PedigreeError("pedigree has no animals")
+        text = pd.concat([c[0] for c in columns], ignore_index=True)
         codes, labels = pd.factorize(text)
+        is_unknown = (_unknown_labels(pd.Series(labels, dtype=str), unknown)[codes]
+                      | np.concatenate([c[1] for c in columns]))
+        if is_unknown[:n].any():
+            rows = np.flatnonzero(is_unknown[:n])
+            shown = ", ".join(f"{r} ({'missing' if columns[0][1][r] else repr(text[r])})"
+                              for r in rows[:10])
+            raise PedigreeError(f"{len(rows)} pedigree row(s) have no animal id (missing or "
+                                f"an unknown-parent code), at position(s) {shown}")
         labels = np.asarray(labels, dtype=object)
         animal_code = codes[:n].astype(np.int64)
-        sire_code = np.where(unknown[0], -1, codes[n:2 * n]).astype(np.int64)
-        dam_code = np.where(unknown[1], -1, codes[2 * n:]).astype(np.int64)
+        sire_code = np.where(is_unknown[n:2 * n], -1, codes[n:2 * n]).astype(np.int64)
+        dam_code = np.where(is_unknown[2 * n:], -1, codes[2 * n:]).astype(np.int64)
         counts = np.bincount(animal_code, minlength=len(labels))
         if np.any(counts > 1):
             raise PedigreeError("duplicated animal id(s) in pedigree: "
@@ -273,13 +339,32 @@ class Pedigree:
     # ------------------------------------------------------------ constructors
     @classmethod
     def from_dataframe(cls, frame: pd.DataFrame, animal: str = "animal", sire: str = "sire",
-                       dam: str = "dam") -> "Pedigree":
-        """Read the animal, sire and dam columns of a DataFrame."""
+                       dam: str = "dam", unknown=None) -> "Pedigree":
+        """Read the animal, sire and dam columns of a DataFrame.
+
+        Parameters
+        ----------
+        frame : pandas.DataFrame
+        animal, sire, dam : str
+            Column names.
+        unknown : collection of str, optional
+            The codes that mean "unknown parent"; the default is described in
+            :class:`Pedigree`.
+
+        Examples
+        --------
+        >>> frame = pd.DataFrame({"animal": ["c", "d"], "sire": ["a", "NULL"],
+        ...                       "dam": ["b", "-"]})
+        >>> Pedigree.from_dataframe(frame).n_added_founders
+        2
+        """
+        if not isinstance(frame, pd.DataFrame):
+            raise TypeError(f"frame must be a pandas DataFrame, not {type(frame).__name__}")
         missing = [c for c in (animal, sire, dam) if c not in frame.columns]
         if missing:
             raise PedigreeError(f"pedigree column(s) {', '.join(map(repr, missing))} not found "
                                 f"(available: {', '.join(map(str, frame.columns))})")
-        return cls(frame[animal].to_numpy(), frame[sire].to_numpy(), frame[dam].to_numpy())
+        return cls(frame[animal], frame[sire], frame[dam], unknown=unknown)
 
     @classmethod
     def read(cls, path: str | Path, animal: str | int = 0, sire: str | int = 1,
