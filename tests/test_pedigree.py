@@ -185,3 +185,62 @@ def test_lengths_and_dimensions_are_checked():
     with pytest.raises(TypeError, match="DataFrame"):
         Pedigree.from_dataframe({"animal": ["a"], "sire": ["0"], "dam": ["0"]})
 
+
+# ------------------------------------------------------------ reading files
+def test_read_headerless_file_keeps_its_first_animal(tmp_path):
+    """The first line was always taken as a header: animal 3 and its parents were lost."""
+    path = tmp_path / "ped.txt"
+    path.write_text("3 1 2\n4   1 0\n\n5 4 3\n")
+    ped = Pedigree.read(path)
+    assert sorted(ped.ids) == ["1", "2", "3", "4", "5"]
+    assert ped.inbreeding[list(ped.ids).index("5")] == 0.125
+
+
+@pytest.mark.parametrize("text,kwargs", [
+    ("id,sire_id,dam_id\n3,1,2\n4,1,0\n5,4,3\n", {}),
+    ("calf\tfather\tmother\n3\t1\t2\n4\t1\tNA\n5\t4\t3\n", {}),
+    ("x;y;z\n3;1;2\n4;1;;\n5;4;3\n".replace(";;", ";"), {"header": True}),
+    ("year,animal,dam,sire\n1,3,2,1\n1,4,*,1\n2,5,3,4\n",
+     {"animal": "animal", "sire": "sire", "dam": "dam"}),
+    ("3 1 2 2001\n4 1 . 2002\n5 4 3 2003\n", {}),
+])
+def test_read_separators_headers_and_named_columns(tmp_path, text, kwargs):
+    path = tmp_path / "ped.txt"
+    path.write_text(text)
+    ped = Pedigree.read(path, **kwargs)
+    assert sorted(ped.ids) == ["1", "2", "3", "4", "5"]
+    assert ped.inbreeding[list(ped.ids).index("5")] == 0.125
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "is a directory"),
+    ("", "is empty"),
+    ("\n  \n", "is empty"),
+    ("3 1\n4 1\n", "has 2 column"),
+    ("3 1 2\n4 1 0 7\n5 4 3\n", "lines of different lengths.*line 2"),
+    ("3,1,2\n\n4,1\n5,4,3\n", "lines of different lengths: line 3 has 2 field.*first line 3"),
+    ("3 1 2\n4 1\n", "lines of different lengths: line 2 has 2 field"),
+    ("animal sire dam\n", "header but no animals"),
+    ("3 1 2\n3 1 0\n", "ped.txt.*duplicated animal id.*3"),
+])
+def test_read_bad_files_name_the_path_and_the_problem(tmp_path, content, message):
+    path = tmp_path / "ped.txt"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_text(content)
+    with pytest.raises(PedigreeError, match=message) as error:
+        Pedigree.read(path)
+    assert "ped.txt" in str(error.value)
+
+
+def test_read_columns_that_do_not_exist(tmp_path):
+    path = tmp_path / "ped.csv"
+    path.write_text("animal,sire,dam\n3,1,2\n")
+    with pytest.raises(PedigreeError, match="no column 'mother' for dam.*animal, sire, dam"):
+        Pedigree.read(path, dam="mother")
+    with pytest.raises(PedigreeError, match="3 columns; there is no column 5 for sire"):
+        Pedigree.read(path, sire=5)
+    with pytest.raises(PedigreeError, match="three different columns"):
+        Pedigree.read(path, sire=0)
+

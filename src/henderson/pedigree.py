@@ -8,6 +8,8 @@ variances ``d_i``.
 """
 from __future__ import annotations
 
+import csv
+import re
 from pathlib import Path
 
 import numba
@@ -185,6 +187,10 @@ def _ainverse_triplets(sire, dam, d):
 UNKNOWN_PARENT_CODES = frozenset({"", ".", "*", "-", "?", "na", "n/a", "nan", "none",
                                   "null", "<na>"})
 _ZERO_OR_MINUS_ONE = r"[+-]?(?:0+(?:\.0*)?|\.0+)(?:[eE][+-]?\d+)?|-0*1(?:\.0*)?"
+# A first line is a header when a field, in lower case, without "_id"/"id" and other
+# than letters, is one of these.
+_COLUMN_NAMES = frozenset({"animal", "id", "ident", "individual", "sire", "dam", "father",
+                           "mother", "calf", "progeny", "offspring"})
 
 
 def _id_text(values, name: str) -> tuple[pd.Series, np.ndarray]:
@@ -368,14 +374,91 @@ class Pedigree:
 
     @classmethod
     def read(cls, path: str | Path, animal: str | int = 0, sire: str | int = 1,
-             dam: str | int = 2, sep: str | None = None) -> "Pedigree":
-        """Read a pedigree file (CSV or whitespace separated; header detected)."""
+             dam: str | int = 2, sep: str | None = None, header: bool | None = None,
+             unknown=None) -> "Pedigree":
+        """Read a pedigree file: one line per animal, with animal, sire and dam fields.
+
+        Parameters
+        ----------
+        path : str or Path
+        animal, sire, dam : int or str
+            Column positions (from 0) or, with a header, column names.
+        sep : str, optional
+            The field separator. By default a comma, tab or semicolon when the first
+            line has one, else runs of whitespace.
+        header : bool, optional
+            Whether the first line names the columns. By default it does when a column
+            is asked for by name, or when one of its fields is a usual column name
+            (animal, id, sire, dam, father, mother, ...; ``sire_id`` counts).
+        unknown : collection of str, optional
+            The codes that mean "unknown parent"; the default is described in
+            :class:`Pedigree`.
+
+        Raises
+        ------
+        PedigreeError
+            Naming the file: it does not exist, is a directory, is empty, has fewer
+            than three columns, has a line with more or fewer fields than the first,
+            lacks a named column; or the pedigree itself is wrong (see
+            :class:`Pedigree`).
+        """
         path = Path(path)
+        where = f"pedigree file {str(path)!r}"
         if not path.exists():
-            raise PedigreeError(f"pedigree file {str(path)!r} not found")
-        frame = pd.read_csv(path, sep=sep, engine="python", dtype=str, keep_default_na=False)
-        cols = [c if isinstance(c, str) else frame.columns[c] for c in (animal, sire, dam)]
-        return cls.from_dataframe(frame, *cols)
+            raise PedigreeError(f"{where} not found")
+        if path.is_dir():
+            raise PedigreeError(f"{where} is a directory, not a file")
+        try:
+            with path.open(encoding="utf-8", errors="replace") as handle:
+                first = next((line for line in handle if line.strip()), None)
+        except OSError as exc:
+            raise PedigreeError(f"{where} cannot be read: {exc}") from exc
+        if first is None:
+            raise PedigreeError(f"{where} is empty")
+        if sep is None:
+            sep = next((c for c in (",", "\t", ";") if c in first), r"\s+")
+        try:
+            frame = pd.read_csv(path, sep=sep, header=None, dtype=str, keep_default_na=False,
+                                engine="c" if len(sep) == 1 or sep == r"\s+" else "python")
+        except pd.errors.ParserError as exc:  # a line longer than the first
+            raise PedigreeError(f"{where} has lines of different lengths: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise PedigreeError(f"{where} is not text (UTF-8): {exc}") from exc
+        short = _short_line(path, frame, sep)
+        if short is not None:
+            raise PedigreeError(f"{where} has lines of different lengths: line {short[0]} "
+                                f"has {short[1]} field(s), the first line {frame.shape[1]}")
+        if frame.shape[1] < 3:
+            raise PedigreeError(f"{where} has {frame.shape[1]} column(s) (separator "
+                                f"{sep!r}); a pedigree needs three: animal, sire and dam")
+        first_row = [str(v).strip() for v in frame.iloc[0]]
+        if header is None:
+            header = (any(isinstance(c, str) for c in (animal, sire, dam))
+                      or any(_is_column_name(v) for v in first_row))
+        names = first_row if header else list(range(frame.shape[1]))
+        if header:
+            frame = frame.iloc[1:]
+        positions = []
+        for role, column in (("animal", animal), ("sire", sire), ("dam", dam)):
+            if isinstance(column, str):
+                if column not in names:
+                    raise PedigreeError(f"{where} has no column {column!r} for {role} "
+                                        f"(header: {', '.join(map(str, names))})")
+                positions.append(names.index(column))
+            elif not 0 <= column < frame.shape[1]:
+                raise PedigreeError(f"{where} has {frame.shape[1]} columns; there is no "
+                                    f"column {column} for {role}")
+            else:
+                positions.append(int(column))
+        if len(set(positions)) < 3:
+            raise PedigreeError(f"{where}: animal, sire and dam must be three different "
+                                f"columns, not {positions}")
+        if frame.empty:
+            raise PedigreeError(f"{where} has a header but no animals")
+        try:
+            return cls(*(frame.iloc[:, p] for p in positions), unknown=unknown)
+        except PedigreeError as exc:
+            raise PedigreeError(f"{where}: {exc}") from exc
 
     # ------------------------------------------------------------ properties
     def __len__(self) -> int:
@@ -416,6 +499,45 @@ class Pedigree:
     def __repr__(self) -> str:
         return (f"Pedigree({len(self)} animals, {self.n_added_founders} founders added, "
                 f"max inbreeding {self.inbreeding.max():.4f})")
+
+
+def _is_column_name(field: str) -> bool:
+    word = re.sub(r"[^a-z]", "", field.lower())
+    return word in _COLUMN_NAMES or re.sub(r"^id|id$", "", word) in _COLUMN_NAMES
+
+
+def _short_line(path: Path, frame: pd.DataFrame, sep: str) -> tuple[int, int] | None:
+    """The first line (number from 1, number of fields) with fewer fields than the
+    first, or None.
+
+    pandas fills the missing fields of a short line with empty text, as it reads an
+    empty field: with whitespace between fields, an empty field is a short line;
+    otherwise the lines that end in an empty field are split again to tell them apart.
+    """
+    empty = (frame == "").to_numpy()
+    rows = np.flatnonzero(empty.any(axis=1) if sep == r"\s+" else empty[:, -1])
+    if not len(rows):
+        return None
+    candidates = set(rows.tolist())
+    with path.open(encoding="utf-8", errors="replace", newline="") as handle:
+        row = -1
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            row += 1
+            if row not in candidates:
+                continue
+            if sep == r"\s+":
+                n_fields = len(line.split())
+            elif len(sep) == 1:
+                n_fields = len(next(csv.reader([line], delimiter=sep)))
+            else:
+                n_fields = len(re.split(sep, line.rstrip("\r\n")))
+            if n_fields < frame.shape[1]:
+                return number, n_fields
+            if row == rows[-1]:
+                break
+    return None
 
 
 def relationship_matrix_tabular(pedigree: Pedigree) -> np.ndarray:
