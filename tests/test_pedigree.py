@@ -244,3 +244,57 @@ def test_read_columns_that_do_not_exist(tmp_path):
     with pytest.raises(PedigreeError, match="three different columns"):
         Pedigree.read(path, sire=0)
 
+
+# ------------------------------------------------------------ inbreeding algorithms
+def _parent_offspring_line(n_generations):
+    """x2 = (x1, x0), x3 = (x2, x1), ...: each sire is the previous offspring, each dam
+    its mother; inbreeding goes to 1 and 1 − F falls by ~0.81 a generation."""
+    names = [f"x{i}" for i in range(n_generations + 2)]
+    return Pedigree(names[2:], names[1:-1], names[:-2])
+
+
+def test_repeated_parent_offspring_mating_stays_finite():
+    """Inbreeding approaches 1 and d = 1/2 − (F_s + F_d)/4 reaches 0 around generation
+    175: A⁻¹ used to raise ZeroDivisionError and log|A| was −inf."""
+    ped = _parent_offspring_line(250)
+    F, d = ped.inbreeding, ped.mendelian_variances
+    A = relationship_matrix_tabular(ped)
+    assert np.abs(F - (np.diag(A) - 1.0)).max() < 1e-12
+    assert np.all(np.diff(F[2:]) > -1e-15) and 1.0 - 1e-15 < F.max() <= 1.0 and F[12] < 0.9
+    assert d.min() < 1e-15 and np.all(d >= 0)
+    with pytest.warns(UserWarning, match=r"165 animal\(s\).*below 1e-08 \(first 'x87'"):
+        ainv = ped.inverse()
+    floor = np.maximum(d, 1e-8)
+    assert np.sum(d < 1e-8) == 250 + 2 - 87
+    # A⁻¹ = T' D⁻¹ T with T = I − P (P: 1/2 at the known parents) and the raised d
+    n = len(ped)
+    T = np.eye(n)
+    for i in range(n):
+        for p in (ped.sire[i], ped.dam[i]):
+            if p >= 0:
+                T[i, p] = -0.5
+    expected = T.T @ np.diag(1.0 / floor) @ T
+    assert np.abs(ainv.toarray() - expected).max() <= 1e-15 * np.abs(expected).max()
+    assert ped.logdet() == pytest.approx(np.sum(np.log(floor)), rel=1e-14)
+    assert np.isfinite(ped.logdet())
+
+
+def test_full_sib_mating_for_many_generations():
+    n_generations = 400
+    animal, sire, dam = ["m0", "f0"], ["0", "0"], ["0", "0"]
+    for g in range(1, n_generations):
+        for sex in "mf":
+            animal.append(f"{sex}{g}")
+            sire.append(f"m{g - 1}")
+            dam.append(f"f{g - 1}")
+    ped = Pedigree(animal, sire, dam)
+    F = pd.Series(ped.inbreeding, index=ped.ids)
+    # Wright: F_t = (1 + 2 F_{t-1} + F_{t-2}) / 4
+    expected = [0.0, 0.0]
+    for _ in range(2, n_generations + 1):
+        expected.append((1 + 2 * expected[-1] + expected[-2]) / 4)
+    got = [F[f"m{g}"] for g in range(n_generations)]
+    assert np.abs(np.array(got) - expected[:n_generations]).max() < 1e-12
+    assert 1.0 - 1e-15 < F.max() <= 1.0
+    with pytest.warns(UserWarning, match="below 1e-08"):
+        assert np.isfinite(ped.logdet())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import re
+import warnings
 from pathlib import Path
 
 import numba
@@ -144,7 +145,8 @@ def inbreeding_meuwissen_luo(sire, dam):
                         else:
                             break
                     heap[pos] = parent
-        F[i] = total - 1.0
+        # F <= 1 exactly; rounding may step over it when F_s, F_d -> 1 (then d < 0)
+        F[i] = min(total - 1.0, 1.0)
     return F, d
 
 
@@ -187,6 +189,11 @@ def _ainverse_triplets(sire, dam, d):
 UNKNOWN_PARENT_CODES = frozenset({"", ".", "*", "-", "?", "na", "n/a", "nan", "none",
                                   "null", "<na>"})
 _ZERO_OR_MINUS_ONE = r"[+-]?(?:0+(?:\.0*)?|\.0+)(?:[eE][+-]?\d+)?|-0*1(?:\.0*)?"
+# A Mendelian-sampling variance below this is raised to it in A⁻¹ and log|A| (see
+# Pedigree.inverse): it keeps the entries of A⁻¹ below 1e8, and d = 1/2 − (F_s + F_d)/4
+# has an absolute rounding error near 1e-16 per ancestor, so a d near 1e-14 has no
+# correct digit.
+MIN_MENDELIAN_VARIANCE = 1e-8
 # A first line is a header when a field, in lower case, without "_id"/"id" and other
 # than letters, is one of these.
 _COLUMN_NAMES = frozenset({"animal", "id", "ident", "individual", "sire", "dam", "father",
@@ -341,6 +348,7 @@ class Pedigree:
         self.dam = np.where(dam_idx[order] >= 0, position[np.maximum(dam_idx[order], 0)], -1)
         self.n_added_founders = len(founders)
         self._inbreeding = None
+        self._inverse_d = None
 
     # ------------------------------------------------------------ constructors
     @classmethod
@@ -476,16 +484,49 @@ class Pedigree:
 
     @property
     def mendelian_variances(self) -> np.ndarray:
-        """``d_i``: the Mendelian-sampling variance of each animal (relative to σ²_a)."""
+        """``d_i = 1/2 − (F_s + F_d)/4``: the Mendelian-sampling variance of each animal
+        (relative to σ²_a; 0 for an animal whose parents are fully inbred, and related
+        as an animal and itself). :meth:`inverse` and :meth:`logdet` use at least
+        ``MIN_MENDELIAN_VARIANCE``."""
         return self._compute()[1]
 
+    def _inverse_variances(self) -> np.ndarray:
+        """The ``d_i`` of A⁻¹ and log|A|: at least ``MIN_MENDELIAN_VARIANCE``."""
+        if self._inverse_d is None:
+            d = self.mendelian_variances
+            low = np.flatnonzero(d < MIN_MENDELIAN_VARIANCE)
+            if len(low):
+                i = low[0]
+                F = self.inbreeding
+                parents = ", ".join(f"{F[p]:.10f}" for p in (self.sire[i], self.dam[i]))
+                warnings.warn(
+                    f"{len(low)} animal(s) have a Mendelian-sampling variance d = 1/2 − "
+                    f"(F_sire + F_dam)/4 below {MIN_MENDELIAN_VARIANCE:g} (first "
+                    f"{self.ids[i]!r}: d = {d[i]:.3g}, parents' inbreeding {parents}): "
+                    "A is numerically singular. A⁻¹ and log|A| use "
+                    f"d = {MIN_MENDELIAN_VARIANCE:g} for them, the A of a population in "
+                    "which these animals deviate from their parents' mean by that much "
+                    "more; the inbreeding coefficients are those of the pedigree",
+                    UserWarning, stacklevel=3)
+                d = np.maximum(d, MIN_MENDELIAN_VARIANCE)
+            self._inverse_d = d
+        return self._inverse_d
+
     def logdet(self) -> float:
-        """``log|A| = Σ log d_i``."""
-        return float(np.sum(np.log(self.mendelian_variances)))
+        """``log|A| = Σ log d_i`` (with ``d_i`` at least ``MIN_MENDELIAN_VARIANCE``)."""
+        return float(np.sum(np.log(self._inverse_variances())))
 
     def inverse(self) -> sp.csc_matrix:
-        """A⁻¹ (full symmetric, CSC) in the order of ``ids``."""
-        rows, cols, vals = _ainverse_triplets(self.sire, self.dam, self.mendelian_variances)
+        """A⁻¹ (full symmetric, CSC) in the order of ``ids``.
+
+        Henderson's rules with inbreeding. A Mendelian-sampling variance ``d_i`` below
+        ``MIN_MENDELIAN_VARIANCE`` (1e-8) is raised to it, with a warning: it arises
+        when both parents are inbred beyond ``F = 1 − 2·10⁻⁸`` and related as closely
+        (over 80 generations of parent-offspring or full-sib mating). The exact ``d_i``
+        is then a difference of numbers near 1/2 with few or no correct digits, and
+        ``1/d_i`` would dominate A⁻¹ and the mixed-model equations.
+        """
+        rows, cols, vals = _ainverse_triplets(self.sire, self.dam, self._inverse_variances())
         n = len(self)
         lower = sp.csc_matrix((vals, (rows, cols)), shape=(n, n))
         return (lower + sp.tril(lower, -1).T).tocsc()
