@@ -1,6 +1,8 @@
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from henderson import PedigreeError
 from henderson.pedigree import Pedigree, relationship_matrix_tabular
@@ -246,6 +248,113 @@ def test_read_columns_that_do_not_exist(tmp_path):
 
 
 # ------------------------------------------------------------ inbreeding algorithms
+def _random_parents(rng, n, p_known=0.8, window=None, p_full_sib=0.2):
+    """Parent positions (-1 unknown) with parents before offspring; ``window`` limits a
+    parent to the ``window`` animals before (deep, narrow pedigrees); some animals
+    repeat the parents of the one before (the full-sib shortcut)."""
+    sire = np.full(n, -1, dtype=np.int64)
+    dam = np.full(n, -1, dtype=np.int64)
+    for i in range(1, n):
+        if rng.random() < p_full_sib and sire[i - 1] >= 0 and dam[i - 1] >= 0:
+            sire[i], dam[i] = sire[i - 1], dam[i - 1]
+            continue
+        low = 0 if window is None else max(0, i - window)
+        s, d = (rng.integers(low, i) if rng.random() < p_known else -1 for _ in range(2))
+        sire[i], dam[i] = s, (d if d != s else -1)
+    return sire, dam
+
+
+def _tabular(sire, dam):
+    n = len(sire)
+    A = np.zeros((n, n))
+    for i in range(n):
+        s, d = sire[i], dam[i]
+        for j in range(i):
+            A[i, j] = A[j, i] = 0.5 * ((A[j, s] if s >= 0 else 0.0) + (A[j, d] if d >= 0 else 0.0))
+        A[i, i] = 1.0 + (0.5 * A[s, d] if s >= 0 and d >= 0 else 0.0)
+    return A
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_both_inbreeding_algorithms_equal_the_tabular_method(seed):
+    from henderson.pedigree import (_active_parent_schedule, inbreeding,
+                                    inbreeding_active_parents, inbreeding_meuwissen_luo)
+
+    rng = np.random.default_rng(seed)
+    n = 150
+    window = [None, 6, 20][seed % 3]
+    sire, dam = _random_parents(rng, n, window=window)
+    A = _tabular(sire, dam)
+    F = np.diag(A) - 1.0
+    fs = np.where(sire >= 0, F[np.maximum(sire, 0)], -1.0)
+    fd = np.where(dam >= 0, F[np.maximum(dam, 0)], -1.0)
+    expected_d = 0.5 - 0.25 * (fs + fd)
+    assert F.max() > 0.1
+    schedule = _active_parent_schedule(sire, dam, n)
+    for F_got, d_got in (inbreeding_meuwissen_luo(sire, dam),
+                         inbreeding_active_parents(sire, dam, *schedule[:3]),
+                         inbreeding(sire, dam)):
+        assert np.abs(F_got - F).max() < 1e-12
+        assert np.abs(d_got - expected_d).max() < 1e-12
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_inbreeding_algorithms_agree_on_any_small_pedigree(data):
+    """Any parents-first pedigree up to 25 animals: one or two parents, founders used
+    late, repeated matings."""
+    from henderson.pedigree import (_active_parent_schedule, inbreeding_active_parents,
+                                    inbreeding_meuwissen_luo)
+
+    n = data.draw(st.integers(0, 25))
+    sire = np.array([data.draw(st.integers(-1, i - 1)) for i in range(n)], dtype=np.int64)
+    dam = np.array([data.draw(st.integers(-1, i - 1)) for i in range(n)], dtype=np.int64)
+    dam[dam == sire] = -1
+    F = np.diag(_tabular(sire, dam)) - 1.0
+    F_ml, d_ml = inbreeding_meuwissen_luo(sire, dam)
+    F_ap, d_ap = inbreeding_active_parents(sire, dam, *_active_parent_schedule(sire, dam, n)[:3])
+    assert np.abs(F_ml - F).max(initial=0) < 1e-12 and np.abs(F_ap - F).max(initial=0) < 1e-12
+    assert np.abs(d_ml - d_ap).max(initial=0) < 1e-12
+
+
+def test_active_parents_schedule_holds_a_chain_in_few_slots():
+    """A chain with a new founder dam each generation: the founder enters just before
+    its offspring, so three slots suffice however long the chain."""
+    from henderson.pedigree import _active_parent_schedule
+
+    n = 1000
+    founders = np.arange(n)              # positions 0..n-1: the dams (founders)
+    chain = n + np.arange(n)             # positions n..2n-1: the chain
+    sire = np.concatenate([np.full(n, -1), np.r_[-1, chain[:-1]]])
+    dam = np.concatenate([np.full(n, -1), founders])
+    order, slot, n_slots, work = _active_parent_schedule(sire, dam, 2 * n)
+    assert n_slots == 3 and sorted(order) == list(range(2 * n))
+    position = np.empty(2 * n, dtype=np.int64)
+    position[order] = np.arange(2 * n)
+    assert np.all(position[founders] == position[chain] - 1)
+
+
+def test_deep_chain_uses_the_active_parents_and_wide_pedigree_the_ancestors(monkeypatch):
+    import henderson.pedigree as pedigree
+
+    def refuse(*args):
+        raise AssertionError("the other algorithm should have been chosen")
+
+    n = 3000
+    animal = [f"c{i}" for i in range(n)]
+    chain = Pedigree(animal, ["0"] + animal[:-1], [f"m{i}" for i in range(n)])
+    wide = Pedigree.from_dataframe(
+        __import__("henderson.simulate", fromlist=["x"]).animal_population(20_000, 4)[0])
+    with monkeypatch.context() as patch:
+        patch.setattr(pedigree, "inbreeding_meuwissen_luo", refuse)
+        F, d = pedigree.inbreeding(chain.sire, chain.dam)
+        assert F.tolist() == [0.0] * len(chain) and d.max() == 1.0 and d.min() == 0.5
+    with monkeypatch.context() as patch:
+        patch.setattr(pedigree, "inbreeding_active_parents", refuse)
+        F, _ = pedigree.inbreeding(wide.sire, wide.dam)
+        assert F.max() > 0
+
+
 def _parent_offspring_line(n_generations):
     """x2 = (x1, x0), x3 = (x2, x1), ...: each sire is the previous offspring, each dam
     its mother; inbreeding goes to 1 and 1 − F falls by ~0.81 a generation."""

@@ -82,6 +82,10 @@ def inbreeding_meuwissen_luo(sire, dam):
     ``sire``, ``dam``: parent indices (-1 unknown), parents before offspring.
     Returns ``(F, d)`` with ``d_i = 1/2 − (F_s + F_d)/4`` (an unknown parent counts
     F = −1, so ``d = 1`` for founders, ``3/4 − F_p/4`` with one known parent).
+
+    Each animal's ancestors are visited once, so the time grows with the number of
+    ancestors per animal: quadratically with the depth of a pedigree (see
+    :func:`inbreeding_active_parents` for deep ones).
     """
     n = len(sire)
     F = np.zeros(n)
@@ -148,6 +152,178 @@ def inbreeding_meuwissen_luo(sire, dam):
         # F <= 1 exactly; rounding may step over it when F_s, F_d -> 1 (then d < 0)
         F[i] = min(total - 1.0, 1.0)
     return F, d
+
+
+@numba.njit(cache=True)
+def _active_parent_schedule(sire, dam, max_slots):
+    """The order and the matrix slots of :func:`inbreeding_active_parents`.
+
+    Animals are taken in the given order, except that a founder is taken just before
+    its first offspring (it has no ancestors, so nothing needs it earlier, and a
+    founder parent of an animal deep in the pedigree would otherwise hold a slot from
+    the start). An animal with offspring holds a slot from its own turn until its last
+    offspring's; an animal without offspring holds none. Returns the order, the slot
+    of each animal (-1 for none), the number of slots and the work (the slots in use,
+    summed over the animals that take one); stops when more than ``max_slots`` are
+    needed.
+    """
+    n = len(sire)
+    offspring_to_come = np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        if sire[i] >= 0:
+            offspring_to_come[sire[i]] += 1
+        if dam[i] >= 0:
+            offspring_to_come[dam[i]] += 1
+    order = np.empty(n, dtype=np.int64)
+    slot = np.full(n, -1, dtype=np.int64)
+    free = np.empty(n, dtype=np.int64)
+    n_free = 0
+    n_slots = 0
+    work = 0
+    taken = np.zeros(n, dtype=np.bool_)
+    k = 0
+    for i in range(n):
+        if sire[i] < 0 and dam[i] < 0 and offspring_to_come[i] > 0:
+            continue  # a founder with offspring: taken with its first offspring
+        for j in (sire[i], dam[i], i):
+            if j < 0 or taken[j]:
+                continue
+            taken[j] = True
+            order[k] = j
+            k += 1
+            if offspring_to_come[j] > 0:
+                if n_free > 0:
+                    n_free -= 1
+                    slot[j] = free[n_free]
+                else:
+                    slot[j] = n_slots
+                    n_slots += 1
+                    if n_slots > max_slots:
+                        return order, slot, n_slots, work
+                work += n_slots
+        for p in (sire[i], dam[i]):
+            if p >= 0:
+                offspring_to_come[p] -= 1
+                if offspring_to_come[p] == 0:
+                    free[n_free] = slot[p]
+                    n_free += 1
+    return order, slot, n_slots, work
+
+
+@numba.njit(cache=True)
+def inbreeding_active_parents(sire, dam, order, slot, n_slots):
+    """Inbreeding coefficients and Mendelian-sampling variances from the relationships
+    among the active parents only.
+
+    The tabular method (A row by row) restricted to the animals that still have
+    offspring to come: an animal's relationships with them are the mean of its
+    parents', ``a_ix = (a_sx + a_dx)/2``, and ``a_ii = (a_ss + a_dd)/4 + a_sd/2 + d_i``,
+    so ``F_i = a_ii − 1``. ``order``, ``slot`` and ``n_slots`` come from
+    :func:`_active_parent_schedule`; the relationships live in an ``n_slots²`` matrix.
+    Time is the number of animals times the number of active parents, so linear in
+    the depth of a pedigree, however deep, as long as it is narrow. Same ``(F, d)`` as
+    :func:`inbreeding_meuwissen_luo`.
+    """
+    n = len(sire)
+    F = np.zeros(n)
+    d = np.zeros(n)
+    related = np.zeros((n_slots, n_slots))
+    in_use = 0  # slots below this have held an animal; the others are still zero
+    for i in order:
+        s, m = sire[i], dam[i]
+        fs = F[s] if s >= 0 else -1.0
+        fm = F[m] if m >= 0 else -1.0
+        d[i] = 0.5 - 0.25 * (fs + fm)
+        a_ii = d[i]
+        if s >= 0:
+            a_ii += 0.25 * (1.0 + fs)
+        if m >= 0:
+            a_ii += 0.25 * (1.0 + fm)
+        if s >= 0 and m >= 0:
+            a_ii += 0.5 * related[slot[s], slot[m]]
+        # F <= 1 exactly; rounding may step over it when F_s, F_d -> 1 (then d < 0)
+        F[i] = min(a_ii - 1.0, 1.0)
+        q = slot[i]
+        if q < 0:
+            continue
+        in_use = max(in_use, q + 1)
+        # a slot freed by an animal without offspring to come holds stale values:
+        # the whole row and column are rewritten
+        if s >= 0 and m >= 0:
+            qs, qm = slot[s], slot[m]
+            for x in range(in_use):
+                value = 0.5 * (related[qs, x] + related[qm, x])
+                related[q, x] = value
+                related[x, q] = value
+        elif s >= 0 or m >= 0:
+            qp = slot[s] if s >= 0 else slot[m]
+            for x in range(in_use):
+                value = 0.5 * related[qp, x]
+                related[q, x] = value
+                related[x, q] = value
+        else:
+            for x in range(in_use):
+                related[q, x] = 0.0
+                related[x, q] = 0.0
+        related[q, q] = 1.0 + F[i]
+    return F, d
+
+
+@numba.njit(cache=True)
+def _ancestor_work_bound(sire, dam):
+    """An upper bound on the ancestors :func:`inbreeding_meuwissen_luo` visits: for
+    each animal with both parents known (not a full sib of the one before), at most
+    every earlier animal and at most ``2^(g+1) − 2`` in generation ``g``."""
+    n = len(sire)
+    generation = np.zeros(n, dtype=np.int64)
+    work = 0
+    for i in range(n):
+        s, m = sire[i], dam[i]
+        g = 0
+        if s >= 0:
+            g = generation[s] + 1
+        if m >= 0 and generation[m] + 1 > g:
+            g = generation[m] + 1
+        generation[i] = g
+        if s < 0 or m < 0 or (i > 0 and s == sire[i - 1] and m == dam[i - 1]):
+            continue
+        work += min(i, (1 << min(g + 1, 62)) - 2)
+    return work
+
+
+# relationships among at most this many active parents are held (8 * 4096² = 134 MB)
+MAX_ACTIVE_PARENTS = 4096
+# A visited ancestor (heap, scattered reads) took 26-50 ns, a slot of a relationship row
+# 3-10 ns (more with more slots: the column is written too); the bound on the
+# ancestors may exceed the ancestors visited, so the active parents must win by 2x.
+ANCESTOR_COST_IN_SLOTS = 2
+
+
+def inbreeding(sire: np.ndarray, dam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inbreeding coefficients ``F`` and Mendelian-sampling variances ``d``.
+
+    Picks the faster of two exact methods from an O(n) look at the pedigree:
+    :func:`inbreeding_meuwissen_luo` (time grows with the ancestors of each animal:
+    wide, shallow pedigrees) or :func:`inbreeding_active_parents` (time grows with
+    the animals that still have offspring to come: deep, narrow pedigrees).
+
+    Parameters
+    ----------
+    sire, dam : ndarray of int64
+        Parent positions (-1 unknown), parents before offspring.
+
+    Returns
+    -------
+    F, d : ndarray
+        ``d_i = 1/2 − (F_s + F_d)/4``, an unknown parent counting ``F = −1``.
+    """
+    sire = np.ascontiguousarray(sire, dtype=np.int64)
+    dam = np.ascontiguousarray(dam, dtype=np.int64)
+    order, slot, n_slots, work = _active_parent_schedule(sire, dam, MAX_ACTIVE_PARENTS)
+    if (n_slots <= MAX_ACTIVE_PARENTS
+            and work < ANCESTOR_COST_IN_SLOTS * _ancestor_work_bound(sire, dam)):
+        return inbreeding_active_parents(sire, dam, order, slot, n_slots)
+    return inbreeding_meuwissen_luo(sire, dam)
 
 
 @numba.njit(cache=True)
@@ -474,7 +650,7 @@ class Pedigree:
 
     def _compute(self):
         if self._inbreeding is None:
-            self._inbreeding = inbreeding_meuwissen_luo(self.sire, self.dam)
+            self._inbreeding = inbreeding(self.sire, self.dam)
         return self._inbreeding
 
     @property
