@@ -2,7 +2,9 @@
 
 A :class:`Pedigree` holds animals in an order where parents precede offspring, with
 parents as integer indices (-1 = unknown). Inbreeding coefficients come from
-Meuwissen & Luo (1992); ``A⁻¹`` from Henderson's rules with inbreeding (Quaas 1976),
+Meuwissen & Luo (1992) or, for deep and narrow pedigrees, from the relationships among
+the animals that still have offspring to come (:func:`inbreeding` picks the cheaper);
+``A⁻¹`` from Henderson's rules with inbreeding (Quaas 1976),
 assembled directly as sparse CSC; ``log|A| = Σ log d_i`` from the Mendelian-sampling
 variances ``d_i``.
 """
@@ -698,9 +700,10 @@ class Pedigree:
         Henderson's rules with inbreeding. A Mendelian-sampling variance ``d_i`` below
         ``MIN_MENDELIAN_VARIANCE`` (1e-8) is raised to it, with a warning: it arises
         when both parents are inbred beyond ``F = 1 − 2·10⁻⁸`` and related as closely
-        (over 80 generations of parent-offspring or full-sib mating). The exact ``d_i``
-        is then a difference of numbers near 1/2 with few or no correct digits, and
-        ``1/d_i`` would dominate A⁻¹ and the mixed-model equations.
+        (over 80 generations of parent-offspring or full-sib mating). ``d_i`` is a
+        difference of numbers near 1/2 that loses a digit each time it falls tenfold
+        (none is left near 1e-16), and ``1/d_i`` would dominate A⁻¹ and the
+        mixed-model equations.
         """
         rows, cols, vals = _ainverse_triplets(self.sire, self.dam, self._inverse_variances())
         n = len(self)
