@@ -7,12 +7,60 @@ for a genomic matrix) and ``log|K|``, which :class:`RelationshipMatrix` supplies
 """
 from __future__ import annotations
 
+import numbers
+import warnings
+
 import numpy as np
 import pandas as pd
 import scipy.linalg
 import scipy.sparse as sp
 
 from .errors import DataError
+
+# |K − K'| up to this times max |K| is rounding (K is then made exactly symmetric);
+# more is an error
+SYMMETRY_TOLERANCE = 1e-8
+
+
+def _name(labels: pd.Index, i: int, j: int) -> str:
+    return f"[{labels[i]!r}, {labels[j]!r}]"
+
+
+def _checked_symmetric(matrix, labels: pd.Index, what: str):
+    """``matrix`` made exactly symmetric, or a :class:`DataError` naming the entry that
+    is not finite or whose transpose differs by more than rounding."""
+    if sp.issparse(matrix):
+        matrix = sp.csc_matrix(matrix, dtype=float)
+        coo = matrix.tocoo()
+        bad = ~np.isfinite(coo.data)
+        if bad.any():
+            k = np.flatnonzero(bad)[0]
+            raise DataError(f"{what} has a missing or infinite value at "
+                            f"{_name(labels, coo.row[k], coo.col[k])}")
+        difference = (matrix - matrix.T).tocoo()
+        values, rows, cols = difference.data, difference.row, difference.col
+        scale = np.abs(coo.data).max(initial=0.0)
+    else:
+        bad = ~np.isfinite(matrix)
+        if bad.any():
+            i, j = np.argwhere(bad)[0]
+            raise DataError(f"{what} has a missing or infinite value at {_name(labels, i, j)}")
+        # the largest |K_ij − K_ji|, a block of rows at a time (no second m x m array)
+        values, rows, cols = np.zeros(1), np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
+        for start in range(0, len(matrix), 1024):
+            block = np.abs(matrix[start:start + 1024] - matrix[:, start:start + 1024].T)
+            if block.size and block.max() > abs(values[0]):
+                i, j = np.unravel_index(np.argmax(block), block.shape)
+                values[0], rows[0], cols[0] = block[i, j], start + i, j
+        scale = np.abs(matrix).max(initial=0.0)
+    if not len(values) or not np.any(values):
+        return matrix
+    k = int(np.argmax(np.abs(values)))
+    if abs(values[k]) > SYMMETRY_TOLERANCE * scale:
+        i, j = sorted((rows[k], cols[k]))
+        raise DataError(f"{what} is not symmetric: {_name(labels, i, j)} = {matrix[i, j]:.6g} "
+                        f"but {_name(labels, j, i)} = {matrix[j, i]:.6g}")
+    return (matrix + matrix.T) / 2.0
 
 
 class RelationshipMatrix:
@@ -25,6 +73,19 @@ class RelationshipMatrix:
     kind : {"covariance", "precision"}
     logdet_covariance : float, optional
         ``log|K|`` when already known (else computed).
+    diagonal : array, optional
+        ``diag(K)`` when known (a precision's is not computed).
+    check : bool, default True
+        Refuse a matrix with a missing or infinite value, or one that is not
+        symmetric (up to rounding: it is then made exactly symmetric). Positive
+        definiteness is checked when ``K⁻¹`` or ``log|K|`` is first computed.
+
+    Raises
+    ------
+    DataError
+        A non-numeric, non-square, missing, infinite or asymmetric matrix; labels not
+        matching its size or not unique; (later) a matrix that is not positive
+        definite.
 
     Examples
     --------
@@ -36,22 +97,32 @@ class RelationshipMatrix:
     """
 
     def __init__(self, matrix, labels, kind: str = "covariance",
-                 logdet_covariance: float | None = None, diagonal=None):
+                 logdet_covariance: float | None = None, diagonal=None, check: bool = True):
         if kind not in ("covariance", "precision"):
-            raise ValueError("kind must be 'covariance' or 'precision'")
-        self.matrix = matrix
+            raise ValueError(f"kind must be 'covariance' or 'precision', not {kind!r}")
+        if not sp.issparse(matrix):
+            try:
+                matrix = np.asarray(matrix, dtype=float)
+            except (TypeError, ValueError) as exc:
+                raise DataError(f"relationship {kind} matrix must be numeric: {exc}") from exc
         self.labels = pd.Index(pd.Index(labels).astype(str))
-        if matrix.shape != (len(self.labels), len(self.labels)):
-            raise DataError(f"relationship matrix is {matrix.shape} but has "
+        if matrix.ndim != 2 or matrix.shape != (len(self.labels), len(self.labels)):
+            raise DataError(f"relationship {kind} matrix is {matrix.shape} but has "
                             f"{len(self.labels)} labels")
         if self.labels.has_duplicates:
-            raise DataError("relationship matrix labels are not unique")
+            repeated = self.labels[self.labels.duplicated()].unique()
+            raise DataError("relationship matrix labels are not unique: "
+                            + ", ".join(map(repr, repeated[:10])))
+        self.matrix = (_checked_symmetric(matrix, self.labels, f"relationship {kind} matrix")
+                       if check else matrix)
         self.kind = kind
         self._diagonal = None if diagonal is None else np.asarray(diagonal, dtype=float)
         self._logdet = logdet_covariance
         self._precision = None
 
     def precision(self) -> sp.csc_matrix:
+        """``K⁻¹`` as a sparse matrix (a dense covariance is inverted through its
+        Cholesky factor, which also gives ``log|K|``)."""
         if self._precision is None:
             if self.kind == "precision":
                 self._precision = sp.csc_matrix(self.matrix)
@@ -59,7 +130,7 @@ class RelationshipMatrix:
                 dense = self.matrix.toarray() if sp.issparse(self.matrix) else np.asarray(self.matrix)
                 try:
                     factor = scipy.linalg.cho_factor(dense, lower=True)
-                except np.linalg.LinAlgError as exc:
+                except (np.linalg.LinAlgError, ValueError) as exc:
                     raise DataError("relationship matrix is not positive definite; blend "
                                     "it (e.g. hd.grm(..., blend=0.05))") from exc
                 self._logdet = 2.0 * float(np.sum(np.log(np.diag(factor[0]))))
@@ -74,37 +145,135 @@ class RelationshipMatrix:
         return self._diagonal
 
     def logdet(self) -> float:
-        """``log|K|`` of the covariance."""
+        """``log|K|`` of the covariance.
+
+        Raises
+        ------
+        DataError
+            The matrix is not positive definite.
+        """
         if self._logdet is None:
             if self.kind == "covariance":
                 self.precision()
             else:
+                from sksparse.cholmod import CholmodError
+
                 from .mme import cholmod_analyze, cholmod_refactor
 
                 lower = sp.tril(self.precision()).tocsc()
-                factor = cholmod_analyze(lower, ordering="amd")
-                cholmod_refactor(factor, lower)
-                self._logdet = -float(factor.logdet())
+                try:
+                    factor = cholmod_analyze(lower, ordering="amd")
+                    cholmod_refactor(factor, lower)
+                    pivots = factor.D()
+                except CholmodError as exc:
+                    raise DataError("relationship precision matrix is not positive "
+                                    f"definite ({exc})") from exc
+                # a simplicial LDL' factor of an indefinite matrix has pivots <= 0
+                # instead of an error
+                if not np.all(pivots > 0):
+                    raise DataError("relationship precision matrix is not positive definite "
+                                    f"({int(np.sum(~(pivots > 0)))} pivot(s) <= 0)")
+                self._logdet = -float(np.sum(np.log(pivots)))
         return self._logdet
 
 
 def as_relationship(known) -> RelationshipMatrix:
     """A :class:`RelationshipMatrix` from a Pedigree, a RelationshipMatrix or a
-    labelled covariance DataFrame."""
+    labelled covariance DataFrame (the same labels on rows and columns, in any order;
+    compared as text, so that an integer index matches the text header of a CSV)."""
     from .pedigree import Pedigree
 
     if isinstance(known, RelationshipMatrix):
         return known
     if isinstance(known, Pedigree):
+        # A⁻¹ is symmetric and finite by construction: no check of its millions of entries
         return RelationshipMatrix(known.inverse(), known.ids, kind="precision",
                                   logdet_covariance=known.logdet(),
-                                  diagonal=1.0 + known.inbreeding)
+                                  diagonal=1.0 + known.inbreeding, check=False)
     if isinstance(known, pd.DataFrame):
-        if not known.index.equals(known.columns):
-            raise DataError("a covariance DataFrame needs the same labels on rows and columns")
-        return RelationshipMatrix(known.to_numpy(dtype=float), known.index, kind="covariance")
+        rows = pd.Index(known.index.astype(str))
+        columns = pd.Index(known.columns.astype(str))
+        for axis, labels in (("rows", rows), ("columns", columns)):
+            if labels.has_duplicates:
+                raise DataError(f"a covariance DataFrame has repeated labels on its {axis}: "
+                                + ", ".join(map(repr, labels[labels.duplicated()][:10])))
+        if not rows.equals(columns):
+            only_rows, only_columns = rows.difference(columns), columns.difference(rows)
+            if len(only_rows) or len(only_columns):
+                raise DataError(
+                    "a covariance DataFrame needs the same labels on rows and columns: "
+                    f"{len(only_rows)} only on rows ({', '.join(map(repr, only_rows[:5]))}), "
+                    f"{len(only_columns)} only on columns "
+                    f"({', '.join(map(repr, only_columns[:5]))})")
+        frame = known.set_axis(rows, axis=0).set_axis(columns, axis=1)[rows]
+        try:
+            values = frame.mask(frame.isna(), np.nan).to_numpy(dtype=float)
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"a covariance DataFrame must be numeric: {exc}") from exc
+        return RelationshipMatrix(values, rows, kind="covariance")
     raise TypeError("relationships values must be a Pedigree, a RelationshipMatrix or a "
                     f"labelled covariance DataFrame, not {type(known).__name__}")
+
+
+def _genotype_matrix(genotypes) -> tuple[np.ndarray, pd.Index, pd.Index]:
+    """Genotypes as a float (animals × markers) array of 0/1/2, with the animal and
+    marker labels; a :class:`DataError` naming the first cell that is missing or not
+    an allele count."""
+    if np.ndim(genotypes) != 2:
+        raise DataError(f"genotypes must be a table of animals (rows) by markers (columns), "
+                        f"not {np.ndim(genotypes)}-dimensional with shape "
+                        f"{np.shape(genotypes)}; one marker is a column: reshape(-1, 1)")
+    frame = genotypes if isinstance(genotypes, pd.DataFrame) else pd.DataFrame(genotypes)
+    if frame.shape[0] == 0 or frame.shape[1] == 0:
+        raise DataError(f"genotypes have {frame.shape[0]} animal(s) and {frame.shape[1]} "
+                        "marker(s)")
+    animals, markers = frame.index, frame.columns
+    where = lambda i, j: f"animal {animals[i]!r}, marker {markers[j]!r}"
+    missing = frame.isna().to_numpy()
+    if missing.any():
+        i, j = np.argwhere(missing)[0]
+        raise DataError(f"genotypes have {int(missing.sum())} missing value(s) (first: "
+                        f"{where(i, j)}); impute them first")
+    try:
+        values = frame.to_numpy(dtype=np.float64)
+    except (TypeError, ValueError):
+        numeric = frame.apply(pd.to_numeric, errors="coerce").isna().to_numpy()
+        i, j = np.argwhere(numeric)[0]
+        raise DataError(f"genotypes must be allele counts 0, 1 or 2, not "
+                        f"{frame.iat[i, j]!r} ({where(i, j)}); recode letter genotypes "
+                        "(AA/AB/BB) as counts of one allele") from None
+    wrong = ~np.isin(values, (0.0, 1.0, 2.0))
+    if wrong.any():
+        i, j = np.argwhere(wrong)[0]
+        raise DataError(f"genotypes must be allele counts 0, 1 or 2, not {values[i, j]:g} "
+                        f"({where(i, j)})")
+    return values, animals, markers
+
+
+def _aligned_relationship(relationship, labels: pd.Index) -> np.ndarray:
+    """``relationship`` as a dense array in the order of the genotyped ``labels``."""
+    if isinstance(relationship, RelationshipMatrix):
+        if relationship.kind != "covariance":
+            raise DataError("relationship must be a covariance (e.g. A), not a precision")
+        matrix = relationship.matrix
+        relationship = pd.DataFrame(matrix.toarray() if sp.issparse(matrix) else matrix,
+                                    index=relationship.labels, columns=relationship.labels)
+    if isinstance(relationship, pd.DataFrame):
+        frame = as_relationship(relationship)
+        position = frame.labels.get_indexer(labels.astype(str))
+        if (position < 0).any():
+            absent = labels[position < 0]
+            raise DataError(f"relationship lacks {len(absent)} genotyped animal(s): "
+                            + ", ".join(map(repr, absent[:10])))
+        return np.asarray(frame.matrix)[np.ix_(position, position)]
+    try:
+        matrix = np.asarray(relationship, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"relationship must be numeric: {exc}") from exc
+    if matrix.shape != (len(labels), len(labels)):
+        raise DataError(f"relationship must be {len(labels)} x {len(labels)} (one row and "
+                        f"column per genotyped animal, in their order), not {matrix.shape}")
+    return _checked_symmetric(matrix, labels, "relationship")
 
 
 def grm(genotypes, blend: float = 0.01, relationship=None) -> RelationshipMatrix:
@@ -112,36 +281,62 @@ def grm(genotypes, blend: float = 0.01, relationship=None) -> RelationshipMatrix
 
     ``G = M M' / (2 Σ p_j (1 − p_j))`` with ``M`` the 0/1/2 genotypes centred by twice
     the allele frequencies, then ``(1 − blend) G + blend K`` with ``K`` the identity or
-    the pedigree relationship matrix given as ``relationship`` (dense, same order).
+    the pedigree relationship matrix given as ``relationship``.
+
+    Markers with the same genotype in every animal (monomorphic, or heterozygous in
+    all) say nothing about relationships; they are dropped with a warning (an
+    all-heterozygous marker would otherwise add ``1/2`` to the denominator and shrink
+    G).
 
     Parameters
     ----------
-    genotypes : DataFrame (animals x markers, index = animal ids) or array
-    blend : float
-    relationship : array, optional
+    genotypes : DataFrame (animals x markers, index = animal ids) or 2-D array
+        Allele counts 0, 1, 2; no missing values.
+    blend : float in [0, 1]
+    relationship : array, DataFrame or RelationshipMatrix, optional
+        A covariance over the genotyped animals: an array in their order, or labelled
+        (a DataFrame or a :class:`RelationshipMatrix`, e.g. A of more animals), taken
+        in their order.
 
     Returns
     -------
     RelationshipMatrix (a covariance)
 
+    Raises
+    ------
+    DataError
+        Genotypes not 2-D, missing, or not 0/1/2; no marker that varies; a
+        ``relationship`` of the wrong shape or labels, asymmetric or not finite.
+    ValueError
+        ``blend`` outside [0, 1].
+
     Examples
     --------
     >>> import numpy as np
-    >>> G = grm(np.array([[0, 1, 2], [1, 1, 0], [2, 1, 1]]), blend=0.0)
-    >>> np.allclose(G.matrix, G.matrix.T)
-    True
+    >>> G = grm(np.array([[0, 1, 2], [1, 0, 0], [2, 1, 1]]), blend=0.0)
+    >>> G.matrix.round(3)
+    array([[ 1.462, -0.846, -0.615],
+           [-0.846,  1.   , -0.154],
+           [-0.615, -0.154,  0.769]])
     """
-    labels = genotypes.index if isinstance(genotypes, pd.DataFrame) else np.arange(len(genotypes))
-    M = np.asarray(genotypes, dtype=np.float64)
-    if np.isnan(M).any():
-        raise DataError("genotypes contain missing values; impute them first")
-    if not np.isin(M, (0.0, 1.0, 2.0)).all():
-        raise DataError("genotypes must be coded 0, 1, 2")
+    if (isinstance(blend, bool) or not isinstance(blend, numbers.Real)
+            or not 0.0 <= blend <= 1.0):
+        raise ValueError(f"blend must be a number in [0, 1], not {blend!r}")
+    M, labels, markers = _genotype_matrix(genotypes)
+    constant = M.min(axis=0) == M.max(axis=0)
+    if constant.all():
+        raise DataError(f"none of the {len(markers)} markers varies across the "
+                        f"{len(labels)} animals: a GRM needs markers whose genotypes differ")
+    if constant.any():
+        warnings.warn(f"{int(constant.sum())} of {len(markers)} markers have the same "
+                      "genotype in every animal and are left out of the GRM: "
+                      + ", ".join(map(repr, markers[constant][:5]))
+                      + (" ..." if constant.sum() > 5 else ""), UserWarning, stacklevel=2)
+        M = M[:, ~constant]
     freq = M.mean(axis=0) / 2.0
     centred = M - 2.0 * freq
     scale = 2.0 * np.sum(freq * (1.0 - freq))
-    if scale <= 0:
-        raise DataError("no polymorphic markers")
     G = centred @ centred.T / scale
-    other = np.eye(len(G)) if relationship is None else np.asarray(relationship)
+    other = (np.eye(len(G)) if relationship is None
+             else _aligned_relationship(relationship, pd.Index(labels)))
     return RelationshipMatrix((1.0 - blend) * G + blend * other, labels, kind="covariance")
