@@ -147,11 +147,14 @@ def test_label_columns_are_the_grouping_factors_not_used_as_covariates():
 
 
 def _padded_animal_files(tmp_path):
-    """The animal model's files with ids "00060" instead of "A00060" (unknown parent 0)."""
-    pedigree = hd.datasets.load("animal_pedigree")
-    pedigree = pedigree.apply(lambda c: c.str.replace("A", "", regex=False))
+    """The animal model's files with ids "00061" instead of "A00060" (one more: "00000"
+    would read as the unknown-parent code 0)."""
+    def padded(ids: pd.Series) -> pd.Series:
+        return ids.map(lambda v: f"{int(v[1:]) + 1:05d}" if v.startswith("A") else v)
+
+    pedigree = hd.datasets.load("animal_pedigree").apply(padded)
     records = hd.datasets.load("animal_records")
-    records["animal"] = records["animal"].str.replace("A", "", regex=False)
+    records["animal"] = padded(records["animal"])
     pedigree.to_csv(tmp_path / "ped.csv", index=False)
     records.to_csv(tmp_path / "rec.csv", index=False)
     assert records["animal"].str.startswith("0").all()
