@@ -517,3 +517,13 @@ def test_a_model_saved_into_the_results_folder_is_one_of_its_files(tmp_path, cap
         assert "model.npz" in json.loads((out / MANIFEST).read_text())["files"]
     files = _fit_into(out, "Reaction ~ Days + (1 | Subject)", tmp_path / "d.csv", capsys)
     assert "model.npz" not in files  # a run without --save leaves no stale model
+
+
+def test_constant_response_is_an_error_not_minus_infinity(tmp_path, capsys):
+    """The CLI exited 0 and wrote -Infinity into summary.json for a constant y."""
+    data = hd.datasets.load("sleepstudy").assign(Reaction=250.0)
+    data.to_csv(tmp_path / "d.csv", index=False)
+    code, _, err = run(["fit", "Reaction ~ Days + (1 | Subject)", str(tmp_path / "d.csv"),
+                        "--out", str(tmp_path / "o"), "--quiet"], capsys)
+    assert code == 2 and len(err) == 1 and "constant" in err[0]
+    assert not (tmp_path / "o" / "summary.json").exists()

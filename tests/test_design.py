@@ -1,4 +1,6 @@
 import numpy as np
+import pandas as pd
+import scipy.sparse as sp
 import pytest
 
 import henderson as hd
@@ -114,3 +116,64 @@ def test_theta_bounds_and_relative_factor(sleepstudy):
     assert np.array_equal(term.theta_lower_bounds(), [0, -np.inf, 0])
     lam = term.relative_factor(np.array([1.0, 2.0, 3.0]))
     assert np.array_equal(lam, [[1, 0], [2, 3]])
+
+
+def test_interaction_of_many_columns_does_not_overflow():
+    """(1 | a:b:c:d:e) coded levels as a product of category counts, which wrapped past
+    2⁶³ (9000⁵ here) and gave wrong level labels."""
+    rng = np.random.default_rng(0)
+    n = 3000
+    frame = pd.DataFrame({c: rng.integers(0, 9000, n) for c in "abcde"})
+    frame["y"] = rng.normal(size=n)
+    from henderson.design import _grouping_factor
+    from henderson.formula import RandomBar
+
+    codes, levels = _grouping_factor(frame, RandomBar("1", "a:b:c:d:e", tuple("abcde")))
+    labels = frame[list("abcde")].astype(str).agg(":".join, axis=1).to_numpy()
+    np.testing.assert_array_equal(levels.to_numpy()[codes], labels)
+    # levels are in R's order: the first factor varies slowest, each by value
+    order = frame[list("abcde")].drop_duplicates().sort_values(list("abcde"))
+    assert list(levels) == order.astype(str).agg(":".join, axis=1).tolist()
+
+
+def test_levels_are_r_labels_so_equal_labels_are_one_level():
+    """An object column holding 5 and "5" made two levels labelled "5"; 2.0 and 2
+    likewise. R's factor levels are strings: one level each."""
+    frame = pd.DataFrame({"g": pd.Series([5, "5", 2.0, 2, "x", "x"], dtype=object),
+                          "y": [1.0, 2.0, 3.0, 4.5, 5.0, 6.5]})
+    from henderson.design import _grouping_factor
+    from henderson.formula import RandomBar
+
+    codes, levels = _grouping_factor(frame, RandomBar("1", "g", ("g",)))
+    assert list(levels) == ["2", "5", "x"]
+    np.testing.assert_array_equal(codes, [1, 1, 0, 0, 2, 2])
+
+
+def test_aliased_columns_of_a_sparse_x_are_dropped_as_in_a_dense_one():
+    """A sparse X (a fixed factor with >100 levels) was never checked for aliasing: a
+    factor nested in another gave a raw CHOLMOD error."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    herd = rng.integers(0, 150, n)
+    frame = pd.DataFrame({"herd": herd.astype(str), "hys": (herd * 2 + rng.integers(0, 2, n)).astype(str),
+                          "g": rng.integers(0, 50, n).astype(str), "y": rng.normal(size=n)})
+    with pytest.warns(RankDeficiencyWarning, match="dropping 149 column"):
+        both = hd.lmm("y ~ herd + hys + (1 | g)", frame)
+    assert sp.issparse(both.design.X)
+    alone = hd.lmm("y ~ hys + (1 | g)", frame)
+    assert both.objective == pytest.approx(alone.objective, rel=1e-10)
+    dense = hd.lmm("y ~ herd + hys + (1 | g)", frame.iloc[:400], sparse_fixed=False)
+    sparse = hd.lmm("y ~ herd + hys + (1 | g)", frame.iloc[:400], sparse_fixed=True)
+    assert sparse.design.dropped_fixed == dense.design.dropped_fixed
+    assert sparse.objective == pytest.approx(dense.objective, rel=1e-9)
+
+
+@pytest.mark.parametrize("response", ["constant", "linear", "group constant"])
+def test_a_response_without_residual_variation_is_an_error(response):
+    """A constant y gave objective −inf, converged=True (and the CLI wrote -Infinity
+    into JSON with exit code 0); y fitted exactly by the random effects ran θ to 5e6."""
+    d = hd.datasets.load("sleepstudy")
+    y = {"constant": np.full(len(d), 3.0), "linear": 2 * d.Days + 1,
+         "group constant": d.Subject.astype(float)}[response]
+    with pytest.raises(hd.DataError, match="response|residual variance"):
+        hd.lmm("y ~ Days + (1 | Subject)", d.assign(y=y))

@@ -128,3 +128,17 @@ def test_summary_prints_satterthwaite_or_kenward_roger(sleepstudy):
     assert "Satterthwaite" in m.summary() and "Pr(>|t|)" in m.summary()
     kr = m.summary(ddf="Kenward-Roger")
     assert "Kenward-Roger" in kr and "17" in kr
+
+
+def test_anova_refuses_models_of_different_responses(sleepstudy):
+    """It compared them: χ² 0, p 1."""
+    m0 = hd.lmm("Reaction ~ Days + (1 | Subject)", sleepstudy)
+    m1 = hd.lmm("log(Reaction) ~ Days + (Days | Subject)", sleepstudy)
+    with pytest.raises(ValueError, match="different responses"):
+        hd.anova(m0, m1)
+    other = sleepstudy.assign(Reaction=sleepstudy.Reaction[::-1].to_numpy())
+    m2 = hd.lmm("Reaction ~ Days + (Days | Subject)", other)
+    with pytest.raises(ValueError, match="different values"):
+        hd.anova(m0, m2)
+    with pytest.raises(TypeError, match="argument 2"):
+        hd.anova(m0, "x")

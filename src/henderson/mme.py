@@ -250,9 +250,15 @@ def check_residual_variation(xp: CrossProducts, fixed_names) -> float:
     xx = np.asarray(xp.xx)
     beta = np.linalg.lstsq(xx, xp.xy, rcond=None)[0] if len(xx) else np.zeros(0)
     rss = float(xp.yy - beta @ xp.xy)
-    if rss <= xp.n_obs * (1e-12 * xp.response_scale) ** 2:
-        what = "is constant" if len(fixed_names) <= 1 else \
-            f"is fitted exactly by the fixed effects ({', '.join(fixed_names)})"
+    floor = xp.n_obs * (1e-12 * xp.response_scale) ** 2
+    if rss <= floor:
+        names = list(fixed_names)
+        constant = len(names) <= 1
+        if "(Intercept)" in names:  # the intercept alone fits it: y is constant
+            i = names.index("(Intercept)")
+            constant = xp.yy - xp.xy[i] ** 2 / xx[i, i] <= floor
+        what = "is constant" if constant else \
+            f"is fitted exactly by the fixed effects ({', '.join(names)})"
         raise DataError(f"the response {what}: there is no variation left for the "
                         "random effects and the residual")
     return float(np.sqrt(rss / max(xp.n_obs, 1)))
