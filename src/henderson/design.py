@@ -31,6 +31,7 @@ def lme4_column_name(name: str) -> str:
     """
     if name == "Intercept":
         return "(Intercept)"
+    name = name.replace("`", "")  # quote_columns' quoting of names such as x.1
     # R's operators, as R deparses them, for what formula.python_expression rewrote
     for python_op, r_op in ((" ** ", "^"), (" // ", "%/%"), (" % ", "%%"), (" / ", "/")):
         name = name.replace(python_op, r_op)
@@ -218,9 +219,10 @@ class Design:
 def factor_codes(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Integer codes (−1 for missing) and R labels of one grouping column.
 
-    Levels follow a categorical's category order, numbers sorted by value, anything
-    else sorted by label; values with the same label (5 and "5", 308 and 308.0) are one
-    level, as in R, where a factor's levels are character strings.
+    Levels follow a categorical's category order, numbers sorted by value (also when
+    they come as text written as R writes numbers, e.g. ids read from a CSV as labels),
+    anything else sorted by label; values with the same label (5 and "5", 308 and
+    308.0) are one level, as in R, where a factor's levels are character strings.
     """
     if isinstance(column.dtype, pd.CategoricalDtype):
         codes = column.cat.codes.to_numpy().astype(np.int64)
@@ -230,8 +232,14 @@ def factor_codes(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
         codes = codes.astype(np.int64)
         values = np.asarray(uniques)
         labels = r_labels(values)
-        order = np.argsort(values, kind="stable") if values.dtype.kind in "iuf" \
-            else np.argsort(labels.astype(str), kind="stable")
+        if values.dtype.kind in "iuf":
+            order = np.argsort(values, kind="stable")
+        elif len(labels) and all(_CANONICAL_NUMBER.fullmatch(v) for v in labels):
+            # numbers read as text (ids from a CSV read as labels) keep the order their
+            # values would have, whichever way the file was read
+            order = np.argsort(labels.astype(float), kind="stable")
+        else:
+            order = np.argsort(labels.astype(str), kind="stable")
         rank = np.empty(len(order), dtype=np.int64)
         rank[order] = np.arange(len(order))
         codes = np.where(codes >= 0, rank[np.maximum(codes, 0)], -1)
@@ -243,6 +251,10 @@ def factor_codes(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
         codes = np.where(codes >= 0, merged[np.maximum(codes, 0)], -1)
         labels = labels[keep]
     return codes, labels.astype(object)
+
+
+#: how R writes a number (no leading zeros, no '+'): labels that are numbers as text
+_CANONICAL_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]*[1-9])?(e[-+]?[0-9]+)?")
 
 
 def row_labels(column: pd.Series) -> np.ndarray:
@@ -270,7 +282,13 @@ def _grouping_factor(data: pd.DataFrame, bar: RandomBar) -> tuple[np.ndarray, pd
         labels.append(col_labels)
     pieces = [lab[part].astype(str) for lab, part in zip(labels, parts)]
     names = pieces[0] if len(pieces) == 1 else [":".join(p) for p in zip(*pieces)]
-    return codes.astype(np.int64).ravel(), pd.Index(list(names), name=bar.group)
+    index = pd.Index(list(names), name=bar.group)
+    if index.has_duplicates:  # values holding ':' join to the same label
+        clash = index[index.duplicated()][0]
+        raise DataError(f"levels of {bar.group!r} collide: different combinations of "
+                        f"{', '.join(map(repr, bar.factors))} are all labelled {clash!r} "
+                        "(the values hold ':'); recode them")
+    return codes.astype(np.int64).ravel(), index
 
 
 def _r_numbers(spec: str, data: pd.DataFrame) -> pd.DataFrame:
@@ -305,6 +323,7 @@ def materialize(model_spec, data: pd.DataFrame, what: str = "newdata"):
 
 
 def _model_matrix(spec: str, data: pd.DataFrame, sparse: bool = False):
+    spec = quote_columns(spec, data.columns)
     data = _r_numbers(spec, data)
     try:
         matrix = formulaic.model_matrix(spec, data, na_action="raise", context=R_FUNCTIONS,
@@ -322,7 +341,7 @@ def _model_matrix(spec: str, data: pd.DataFrame, sparse: bool = False):
 def expression_values(expression: str, data: pd.DataFrame, what: str) -> np.ndarray:
     """An R expression of the columns (a response such as ``log(y)``, an offset),
     evaluated as formulaic evaluates ``I(...)``; one number per row."""
-    spec = python_expression(f"I({expression})")
+    spec = quote_columns(python_expression(f"I({expression})"), data.columns)
     data = _r_numbers(spec, data)
     try:
         matrix = formulaic.model_matrix(f"0 + {spec}", data, na_action="ignore",
@@ -392,39 +411,22 @@ def predicted_offset(offsets, argument: str | None, frame: pd.DataFrame,
     return np.zeros(len(frame)) if values is None else values
 
 
-def _required_columns(formula: ParsedFormula) -> list[str]:
-    columns: list[str] = []
-    expressions = [python_expression(f"I({e})") for e in
-                   ([] if formula.response_is_column else [formula.response])
-                   + list(formula.offsets)]
-    try:
-        for spec in [formula.fixed] + [b.lhs for b in formula.bars] + expressions:
-            columns.extend(sorted(formulaic.Formula(spec).required_variables))
-    except Exception as exc:
-        raise FormulaError(f"cannot parse formula {formula.text!r}: {exc}") from exc
-    for bar in formula.bars:
-        columns.extend(bar.factors)
-    head = [formula.response] if formula.response_is_column else []
-    return list(dict.fromkeys(head + columns))
-
-
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 
 
 def _used_columns(formula: ParsedFormula, available) -> list[str]:
-    """The columns a model reads: formulaic's required variables, plus names that only
-    appear inside stateful transforms (formulaic 1.2 leaves ``Days`` out of
-    ``center(Days)``'s required variables)."""
-    available = set(map(str, available))
-    # formulaic takes a function it does not know (R's factor) for a variable
-    columns = [c for c in _required_columns(formula)
-               if c in available or c not in R_FUNCTIONS]
-    for spec in [formula.fixed] + [b.lhs for b in formula.bars] + list(formula.offsets) + \
-            [formula.response]:
-        for name in _IDENTIFIER.findall(spec):
-            if name in available and name not in columns:
-                columns.append(name)
-    return columns
+    """The columns a model reads, in order: the response, the fixed part, the random
+    terms' covariates and grouping factors, the offsets (:func:`spec_variables` of
+    each; a name that is not a column stays, to be reported missing)."""
+    expressions = [python_expression(f"I({e})") for e in
+                   ([] if formula.response_is_column else [formula.response])
+                   + list(formula.offsets)]
+    columns = [formula.response] if formula.response_is_column else []
+    for spec in [formula.fixed] + [b.lhs for b in formula.bars] + expressions:
+        columns.extend(spec_variables(spec, available, missing=True))
+    for bar in formula.bars:
+        columns.extend(bar.factors)
+    return list(dict.fromkeys(columns))
 
 
 def _drop_aliased(X: np.ndarray, names: list[str], tol: float = 1e-7):
@@ -498,6 +500,55 @@ def warn_dropped(dropped: list[str]) -> None:
         f"column(s): {', '.join(dropped)}", RankDeficiencyWarning, stacklevel=4)
 
 
+#: largest ratio of prior weights the equations can carry (X'WX of double precision)
+MAX_WEIGHT_RATIO = 1e12
+
+
+def check_data(data: pd.DataFrame, formula: ParsedFormula, columns: list[str]) -> None:
+    """Named errors for data a model cannot read: duplicated column names, a column
+    named ``Intercept`` used in the model (formulaic names the intercept so), and
+    covariates of types with no numeric meaning here (dates, durations, lists)."""
+    if not isinstance(data, pd.DataFrame):
+        raise DataError(f"data must be a pandas DataFrame, got {type(data).__name__}")
+    duplicated = data.columns[data.columns.duplicated()].unique()
+    if len(duplicated):
+        raise DataError(f"data has duplicated column names: "
+                        f"{', '.join(map(repr, map(str, duplicated)))}")
+    if "Intercept" in columns:
+        raise FormulaError("a column named 'Intercept' clashes with the intercept's name in "
+                           "formulaic; rename the column")
+    groups = {f for bar in formula.bars for f in bar.factors}
+    for name in columns:
+        if name not in data.columns:
+            continue
+        column = data[name]
+        kind = column.dtype.kind
+        if name not in groups and (kind in "mMc" or isinstance(column.dtype, pd.PeriodDtype)):
+            what = {"m": "durations (timedelta)", "M": "dates/times",
+                    "c": "complex numbers"}.get(kind, "periods")
+            raise DataError(f"column {name!r} holds {what}, which have no single numeric "
+                            "meaning in a model: convert it (e.g. to days as numbers) or "
+                            "make it a factor")
+        if pd.api.types.is_object_dtype(column.dtype):
+            sample = column.dropna().iloc[:1000]
+            bad = sample.map(lambda v: isinstance(v, (list, tuple, dict, set, np.ndarray)))
+            if bad.any():
+                raise DataError(f"column {name!r} holds {type(sample[bad].iloc[0]).__name__}s; "
+                                "a model column holds numbers or labels")
+
+
+def r_factor_columns(frame: pd.DataFrame, columns) -> pd.DataFrame:
+    """Object columns as categoricals of R labels (levels ordered as R's ``factor``
+    orders them): 5 and "5" are one level, as in R, not two columns both named
+    ``x5``."""
+    cast = {}
+    for name in columns:
+        if name in frame.columns and pd.api.types.is_object_dtype(frame[name].dtype):
+            codes, labels = factor_codes(frame[name])
+            cast[name] = pd.Categorical.from_codes(codes, categories=list(labels))
+    return frame.assign(**cast) if cast else frame
+
+
 def select_rows(data: pd.DataFrame, columns: list[str], weights, missing: str,
                 where: str = "", allow_empty: bool = False) -> tuple[pd.DataFrame, np.ndarray]:
     """The used columns of the rows a fit keeps, and their prior weights.
@@ -510,9 +561,15 @@ def select_rows(data: pd.DataFrame, columns: list[str], weights, missing: str,
     if isinstance(weights, str):
         if weights not in data.columns:
             raise FormulaError(f"weights column {weights!r} not found in data")
-        weight_values = data[weights].to_numpy(dtype=np.float64)
+        column = data[weights]
+        if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+            raise DataError(f"weights column {weights!r} must be numeric, not {column.dtype}")
+        weight_values = column.to_numpy(dtype=np.float64, na_value=np.nan)
     elif weights is not None:
-        weight_values = np.asarray(weights, dtype=np.float64)
+        try:
+            weight_values = np.asarray(weights, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"weights must be numbers: {exc}") from None
         if weight_values.shape != (len(data),):
             raise DataError(f"weights must have length {len(data)}, got {weight_values.shape}")
 
@@ -543,6 +600,11 @@ def select_rows(data: pd.DataFrame, columns: list[str], weights, missing: str,
         weight_values = np.ones(len(frame))
     elif np.any(weight_values <= 0):
         raise DataError("prior weights must be positive")
+    elif len(weight_values) and weight_values.max() > MAX_WEIGHT_RATIO * weight_values.min():
+        raise DataError(
+            f"prior weights range from {weight_values.min():.3g} to {weight_values.max():.3g}: "
+            f"a ratio above {MAX_WEIGHT_RATIO:.0e} leaves no digits in the equations; drop "
+            "or rescale the extreme rows")
 
     return frame, weight_values
 
@@ -589,15 +651,43 @@ SPARSE_FIXED_LEVELS = 100
 _FACTOR_CALL = re.compile(r"(?:factor|as\.factor|as_factor|C)\(\s*([A-Za-z_.][A-Za-z0-9_.]*)")
 
 
-def spec_variables(spec: str, available) -> list[str]:
-    """The data columns a formulaic spec reads (formulaic takes functions it does not
-    know, such as R's ``factor``, for variables; those are left out)."""
+_BACKTICKED = re.compile(r"`([^`]+)`")
+
+
+def spec_variables(spec: str, available, missing: bool = False) -> list[str]:
+    """The data columns a formulaic spec reads.
+
+    Names are found in the spec itself as well as by formulaic, which takes functions
+    it does not know (R's ``factor``) for variables, leaves names inside stateful
+    transforms out (``center(Days)``) and reads ``x.1`` as ``x``; those are corrected
+    against the columns ``available``. With ``missing=True`` names that are no column
+    are kept (for the caller to report).
+    """
     available = set(map(str, available))
     try:
-        names = formulaic.Formula(spec).required_variables
+        names = set(formulaic.Formula(spec).required_variables)
     except Exception as exc:
         raise FormulaError(f"cannot parse {spec!r}: {exc}") from exc
-    return sorted(n for n in names if n in available or n not in R_FUNCTIONS)
+    found = {n for n in _IDENTIFIER.findall(spec) + _BACKTICKED.findall(spec)
+             if n in available}
+    out = found | (names & available)
+    if missing:
+        out |= {n for n in names - available if n not in R_FUNCTIONS
+                and not any(c.startswith(n + ".") for c in found)}
+    return sorted(out)
+
+
+def quote_columns(spec: str, columns) -> str:
+    """The spec with the columns whose names formulaic would misread (``x.1``, read as
+    an attribute) in backticks, as R would take them."""
+    dotted = sorted((c for c in map(str, columns) if "." in c and _NAME_RE.fullmatch(c)),
+                    key=len, reverse=True)
+    for name in dotted:
+        spec = re.sub(rf"(?<![\w.`]){re.escape(name)}(?![\w.`(])", f"`{name}`", spec)
+    return spec
+
+
+_NAME_RE = re.compile(r"[A-Za-z_.][A-Za-z0-9_.]*")
 
 
 def factor_variables(spec: str, frame: pd.DataFrame) -> list[str]:
@@ -707,6 +797,16 @@ def random_term(bar: RandomBar, level_codes: np.ndarray, levels: pd.Index, z: np
     return term
 
 
+def as_parsed_formula(formula) -> ParsedFormula:
+    """A :class:`ParsedFormula` from a formula string (or one already parsed)."""
+    if isinstance(formula, ParsedFormula):
+        return formula
+    if not isinstance(formula, str):
+        raise FormulaError(f"formula must be a string such as 'y ~ x + (1 | g)', got "
+                           f"{type(formula).__name__}")
+    return parse_formula(formula)
+
+
 def lme4_term_order(n_levels: list[int]) -> list[int]:
     """The order of the random terms in lme4 (``mkReTrms``): unchanged unless some term
     has more levels than the one before it, then ``rev(order(nl))`` — by decreasing
@@ -769,24 +869,30 @@ def build_design(
     >>> d.X.shape, d.Z.shape, [t.group for t in d.terms]
     ((180, 2), (180, 36), ['Subject'])
     """
-    parsed = parse_formula(formula) if isinstance(formula, str) else formula
+    parsed = as_parsed_formula(formula)
     if not isinstance(data, pd.DataFrame):
         raise DataError(f"data must be a pandas DataFrame, got {type(data).__name__}")
     if len(data) == 0:
         raise DataError("data has no rows")
     if missing not in ("raise", "drop"):
-        raise ValueError("missing must be 'raise' or 'drop'")
+        raise ValueError(f"missing must be 'raise' or 'drop', got {missing!r}")
     offset_argument = offset if isinstance(offset, str) or offset is None else "array"
     if offset is not None and not isinstance(offset, str):
-        values = np.asarray(offset, dtype=np.float64).ravel()
+        try:
+            values = np.asarray(offset, dtype=np.float64).ravel()
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"offset must be a column name or numbers: {exc}") from None
         if values.shape != (len(data),):
             raise DataError(f"offset must have one value per row ({len(data)}), "
                             f"got shape {values.shape}")
         offset = "(offset)"  # a column, so that rows dropped for missing values go too
         data = data.assign(**{offset: values})
     columns = _used_columns(parsed, data.columns) + ([offset] if offset else [])
+    check_data(data, parsed, columns)
     check_columns(columns, data.columns)
     frame, weight_values = select_rows(data, columns, weights, missing)
+    frame = r_factor_columns(frame, [c for c in columns if c not in
+                                     {f for bar in parsed.bars for f in bar.factors}])
 
     y, offset_values = response_and_offset(parsed, frame, offset)
     if offset_values is not None:

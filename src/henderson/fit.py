@@ -117,10 +117,19 @@ def theta_from_variances(design: Design, variances: dict) -> tuple[np.ndarray, f
     """θ and σ for known variances: ``Λ_t = chol(Σ_t / σ²_e)``."""
     from .results import _group_names
 
+    if not isinstance(variances, dict):
+        raise TypeError("fixed_variances must be a dict of variances by term, with "
+                        f"'residual', got {type(variances).__name__}")
     given = dict(variances)
     residual = given.pop("residual", given.pop("Residual", None))
-    if residual is None or residual <= 0:
-        raise ValueError("fixed_variances needs a positive 'residual' variance")
+    try:
+        residual = float(residual) if residual is not None else None
+    except (TypeError, ValueError):
+        raise ValueError(f"fixed_variances['residual'] must be a number, got {residual!r}") \
+            from None
+    if residual is None or not np.isfinite(residual) or residual <= 0:
+        raise ValueError("fixed_variances needs a positive, finite 'residual' variance, "
+                         f"got {residual!r}")
     names = _group_names(design)
     theta = []
     for name, term in zip(names, design.terms):
@@ -129,12 +138,20 @@ def theta_from_variances(design: Design, variances: dict) -> tuple[np.ndarray, f
             value = given.pop(term.group, None) if names.count(term.group) <= 1 else None
         if value is None:
             raise ValueError(f"fixed_variances has no variance for term {name!r}")
-        cov = np.atleast_2d(np.asarray(value, dtype=float))
+        try:
+            cov = np.atleast_2d(np.asarray(value, dtype=float))
+        except (TypeError, ValueError):
+            raise ValueError(f"fixed_variances[{name!r}] must be a number or a "
+                             f"{term.n_coefs} x {term.n_coefs} matrix, got {value!r}") from None
         if cov.shape != (term.n_coefs, term.n_coefs):
-            raise ValueError(f"variance of {name!r} must be {term.n_coefs} x {term.n_coefs}")
+            raise ValueError(f"fixed_variances[{name!r}] must be {term.n_coefs} x "
+                             f"{term.n_coefs}, got shape {cov.shape}")
+        if not np.all(np.isfinite(cov)) or not np.allclose(cov, cov.T, rtol=1e-10, atol=0):
+            raise ValueError(f"fixed_variances[{name!r}] must be finite and symmetric")
         eigen = np.linalg.eigvalsh(cov)
-        if eigen.min() < 0:
-            raise ValueError(f"variance of {name!r} is not positive semi-definite")
+        if eigen.min() < -1e-12 * max(1.0, float(np.abs(eigen).max())):
+            raise ValueError(f"fixed_variances[{name!r}] is not positive semi-definite "
+                             "(a negative variance?)")
         lam = np.linalg.cholesky(cov / residual + 1e-300 * np.eye(term.n_coefs)) \
             if eigen.min() > 0 else np.sqrt(np.maximum(cov / residual, 0))
         rows, cols = np.tril_indices(term.n_coefs)
@@ -143,6 +160,36 @@ def theta_from_variances(design: Design, variances: dict) -> tuple[np.ndarray, f
     if given:
         raise ValueError(f"fixed_variances names unknown terms: {', '.join(map(str, given))}")
     return np.array(theta), float(np.sqrt(residual))
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, "
+                         f"got {value!r}")
+
+
+#: the values of lmm()'s options
+OPTIMIZERS = ("auto", "ai", "bobyqa", "lbfgs", "Powell", "Nelder-Mead", "L-BFGS-B")
+
+
+def check_options(reml=True, optimizer="auto", ordering="auto", method="mme",
+                  strategy="auto", verbose=False, missing="raise",
+                  sparse_fixed="auto") -> None:
+    """A ValueError or TypeError naming the option, before any work is done."""
+    if not isinstance(reml, (bool, np.bool_)):
+        raise TypeError(f"reml must be True or False, got {reml!r}")
+    _check_choice("optimizer", optimizer, OPTIMIZERS)
+    _check_choice("ordering", ordering, ("auto", "natural", "amd", "metis"))
+    _check_choice("method", method, ("mme", "blockdiag"))
+    _check_choice("strategy", strategy, ("auto", "schur", "cholmod"))
+    _check_choice("missing", missing, ("raise", "drop"))
+    if not (isinstance(sparse_fixed, (bool, np.bool_)) or sparse_fixed == "auto"):
+        raise ValueError(f"sparse_fixed must be True, False or 'auto', got {sparse_fixed!r}")
+    if isinstance(verbose, (bool, np.bool_)):
+        return
+    if not isinstance(verbose, (int, np.integer)) or verbose < 0:
+        raise TypeError(f"verbose must be True/False or a number of evaluations, got "
+                        f"{verbose!r}")
 
 
 def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
@@ -172,8 +219,8 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
     t0 = time.perf_counter()
     from .schur import BlockEliminationEquations, schur_applies
 
-    if strategy not in ("auto", "schur", "cholmod"):
-        raise ValueError("strategy must be 'auto', 'schur' or 'cholmod'")
+    check_options(reml=reml, optimizer=optimizer, ordering=ordering, method=method,
+                  strategy=strategy, verbose=verbose)
     if strategy == "schur" or (strategy == "auto" and schur_applies(design)):
         mme = BlockEliminationEquations(design, crossproducts=crossproducts)
     else:
@@ -209,10 +256,6 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
             optimizer = "lbfgs"
         else:
             optimizer = "bobyqa"
-    known = ("ai", "bobyqa", "lbfgs", "Powell", "Nelder-Mead", "L-BFGS-B")
-    if optimizer not in known:
-        raise ValueError(f"unknown optimizer {optimizer!r}; use 'auto', "
-                         + ", ".join(repr(k) for k in known))
     if optimizer == "lbfgs" and method != "mme":
         raise ValueError("optimizer='lbfgs' needs method='mme'")
     problem = ScaledProblem(objective, theta_scale(design, mme.xp), search)
@@ -343,6 +386,8 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
     """
     from .streaming import as_chunk_source, chunked_design
 
+    check_options(reml=reml, optimizer=optimizer, ordering=ordering, method=method,
+                  strategy=strategy, verbose=verbose, missing=missing, sparse_fixed=sparse_fixed)
     t0 = time.perf_counter()
     source = as_chunk_source(data)
     if source is None:

@@ -220,19 +220,42 @@ def _strip_outer_parens(term: str) -> str | None:
     return term[1:-1].strip()
 
 
+def _split_names(text: str, sep: str) -> list[str]:
+    """Split at ``sep`` outside backticks (R quotes names such as `my subj` so)."""
+    pieces, current, quoted = [], [], False
+    for char in text:
+        if char == "`":
+            quoted = not quoted
+        if char == sep and not quoted:
+            pieces.append("".join(current).strip())
+            current = []
+        else:
+            current.append(char)
+    if quoted:
+        raise FormulaError(f"unbalanced backtick in {text!r}")
+    pieces.append("".join(current).strip())
+    return pieces
+
+
+def _column_name(factor: str, group: str) -> str:
+    """A grouping column named in a bar: a plain name or a backticked one."""
+    if len(factor) > 2 and factor.startswith("`") and factor.endswith("`"):
+        return factor[1:-1]
+    if not _NAME.match(factor):
+        raise FormulaError(f"grouping factor {factor!r} in '| {group}' must be a column "
+                           "name (in backticks if it has spaces or symbols)")
+    return factor
+
+
 def _expand_group(group: str) -> list[tuple[str, tuple[str, ...]]]:
-    """``a/b/c`` -> ``[a, b:a, c:b:a]`` (lme4's names); ``a:b`` -> ``[a:b]``."""
-    nested = [g.strip() for g in group.split("/")]
+    """``a/b/c`` -> ``[a, b:a, c:b:a]`` (lme4's names); ``a:b`` -> ``[a:b]``;
+    backticked names are columns whatever they hold."""
+    nested = _split_names(group, "/")
     out = []
     for depth in range(1, len(nested) + 1):
         factors: list[str] = []
         for piece in reversed(nested[:depth]):
-            factors.extend(f.strip() for f in piece.split(":"))
-        for factor in factors:
-            if not _NAME.match(factor):
-                raise FormulaError(
-                    f"grouping factor {factor!r} in '| {group}' must be a column name"
-                )
+            factors.extend(_column_name(f, group) for f in _split_names(piece, ":"))
         out.append((":".join(factors), tuple(factors)))
     return out
 

@@ -168,6 +168,32 @@ def _f_denominator_df(nu: np.ndarray, tol: float = 1e-8) -> float:
     return 2 * E / (E - len(nu))
 
 
+def _contrast_matrix(contrasts, fixed_names) -> np.ndarray:
+    """L as a finite (rows x fixed effects) array; a DataFrame is aligned by its column
+    names."""
+    p = len(fixed_names)
+    if isinstance(contrasts, pd.DataFrame):
+        absent = [c for c in fixed_names if c not in contrasts.columns]
+        extra = [c for c in contrasts.columns if c not in fixed_names]
+        if extra:
+            raise ValueError(f"contrasts name columns that are not fixed effects: {extra}")
+        contrasts = contrasts.reindex(columns=fixed_names, fill_value=0.0)
+        del absent
+    try:
+        L = np.atleast_2d(np.asarray(contrasts, dtype=float))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"contrasts L must be numbers, one column per fixed effect: {exc}") \
+            from None
+    if L.ndim != 2 or L.shape[1] != p or L.shape[0] == 0:
+        raise ValueError(f"contrasts L must have {p} columns (the fixed effects "
+                         f"{', '.join(fixed_names)}), got shape {L.shape}")
+    if not np.all(np.isfinite(L)):
+        raise ValueError("contrasts L hold NaN or infinite values")
+    if not np.any(L):
+        raise ValueError("contrasts L are all 0: nothing to test")
+    return L
+
+
 def f_test(model, contrasts) -> pd.Series:
     """F test of ``L β = 0`` with Satterthwaite denominator df (lmerTest's ``contestMD``).
 
@@ -178,8 +204,8 @@ def f_test(model, contrasts) -> pd.Series:
     -------
     Series with ``Sum Sq, Mean Sq, NumDF, DenDF, F value, Pr(>F)``.
     """
+    L = _contrast_matrix(contrasts, model.design.fixed_names)
     V, jacobian, A = _satterthwaite_pieces(model)
-    L = np.atleast_2d(np.asarray(contrasts, dtype=float))
     beta = model.fixef.to_numpy()
     eigenvalues, vectors = np.linalg.eigh(L @ V @ L.T)
     keep = eigenvalues > 1e-8 * max(eigenvalues.max(), 1e-300)

@@ -256,10 +256,11 @@ class SavedModel:
         from .results import blup_contribution, check_newdata
 
         header = self._header
-        needed = set(spec_variables(header["fixed"], newdata.columns))
+        needed = set(spec_variables(header["fixed"], newdata.columns, missing=True))
         if re:
             for term in self._terms:
-                needed |= set(spec_variables(term["covariates"], newdata.columns))
+                needed |= set(spec_variables(term["covariates"], newdata.columns,
+                                             missing=True))
                 needed |= set(term["factors"])
         check_newdata(newdata, needed)
         frame = with_categories(newdata.reset_index(drop=True), header["categories"])

@@ -602,6 +602,14 @@ class LinearMixedModel:
 
         from .bootstrap import bootstrap, parameter_vector
 
+        if method not in ("wald", "bootstrap", "profile"):
+            raise ValueError(f"method must be 'wald', 'bootstrap' or 'profile', got {method!r}")
+        if isinstance(level, bool) or not isinstance(level, (int, float, np.floating)) \
+                or not 0 < level < 1:
+            raise ValueError(f"level must be a number between 0 and 1, got {level!r}")
+        if method == "bootstrap" and (isinstance(n_boot, bool) or not isinstance(
+                n_boot, (int, np.integer)) or n_boot < 2):
+            raise ValueError(f"n_boot must be an integer of at least 2, got {n_boot!r}")
         if method != "wald":
             self.design.require_rows(f"confint(method={method!r})")
         estimates = parameter_vector(self)

@@ -34,6 +34,7 @@ from .design import (
     _grouping_factor,
     _model_matrix,
     _used_columns,
+    as_parsed_formula,
     check_columns,
     check_levels,
     is_categorical,
@@ -45,6 +46,8 @@ from .design import (
     warn_dropped,
     random_term,
     response_and_offset,
+    row_labels,
+    check_data,
     select_rows,
     with_categories,
 )
@@ -73,16 +76,27 @@ class ChunkedData:
     """
 
     def __init__(self, read: Callable[[list[str]], Iterator[pd.DataFrame]],
-                 columns: list[str], name: str = "chunks"):
+                 columns: list[str], name: str = "chunks", text_reader=None):
         self._read = read
         self.columns = list(columns)
         self.name = name
+        self._text_reader = text_reader
+        self.text_columns: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"ChunkedData({self.name})"
 
+    def reading_as_text(self, columns) -> ChunkedData:
+        """This source with ``columns`` read as text where the format has no types (CSV):
+        ids are labels, and "001" read as the number 1 matched no pedigree id."""
+        out = copy.copy(self)
+        out.text_columns = tuple(columns)
+        return out
+
     def chunks(self, columns: list[str]) -> Iterator[pd.DataFrame]:
         """The chunks, holding ``columns``."""
+        if self._text_reader is not None and self.text_columns:
+            return self._text_reader(columns, [c for c in self.text_columns if c in columns])
         return self._read(columns)
 
     def first_chunks(self, columns: list[str]) -> Iterator[pd.DataFrame]:
@@ -175,8 +189,9 @@ def chunked(source, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> ChunkedData:
     """
     if isinstance(source, ChunkedData):
         return source
-    if chunk_rows < 1:
-        raise ValueError("chunk_rows must be positive")
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) \
+            or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.exists():
@@ -230,12 +245,25 @@ def _parquet_chunks(path: Path, chunk_rows: int) -> ChunkedData:
 
 
 def _csv_chunks(path: Path, chunk_rows: int) -> ChunkedData:
-    header = pd.read_csv(path, nrows=0)
+    name = f"CSV file {str(path)!r}"
+    if path.is_dir():
+        raise DataError(f"{name} is a folder")
+    try:
+        header = pd.read_csv(path, nrows=0)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{name} is empty (no header line)") from None
+    except (UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise DataError(f"{name} is not a readable CSV file (Parquet bytes under a .csv "
+                        f"name?): {exc}") from None
 
-    def read(columns):
-        yield from pd.read_csv(path, usecols=columns, chunksize=chunk_rows)
+    def read(columns, text=()):
+        try:
+            yield from pd.read_csv(path, usecols=columns, chunksize=chunk_rows,
+                                   dtype={c: str for c in text})
+        except (UnicodeDecodeError, pd.errors.ParserError) as exc:
+            raise DataError(f"{name} cannot be read: {exc}") from None
 
-    return ChunkedData(read, list(header.columns), f"CSV file {str(path)!r}")
+    return ChunkedData(read, list(header.columns), name, text_reader=read)
 
 
 # ---------------------------------------------------------------- pass 1: the scan
@@ -285,8 +313,13 @@ class _Plan:
                                self.weights not in self.columns else [])
 
     def rows(self, chunk: pd.DataFrame, where: str):
-        return select_rows(chunk, self.columns, self.weights, self.missing, where=where,
-                           allow_empty=True)
+        check_data(chunk, self.formula, self.columns)
+        frame, weights = select_rows(chunk, self.columns, self.weights, self.missing,
+                                     where=where, allow_empty=True)
+        # object covariates as R labels (5 and "5" one category), as in memory
+        labels = {name: row_labels(frame[name]) for name in self.covariates
+                  if pd.api.types.is_object_dtype(frame[name].dtype)}
+        return (frame.assign(**labels) if labels else frame), weights
 
     def scan(self, chunk: pd.DataFrame, where: str = "") -> ChunkScan:
         frame, weights = self.rows(chunk, where)
@@ -420,7 +453,7 @@ def chunked_design(formula, source, weights: str | None = None, missing: str = "
         With ``n_rows`` set and no row arrays.
     crossproducts : CrossProducts
     """
-    parsed = parse_formula(formula) if isinstance(formula, str) else formula
+    parsed = as_parsed_formula(formula)
     if missing not in ("raise", "drop"):
         raise ValueError("missing must be 'raise' or 'drop'")
     if weights is not None and not isinstance(weights, str):
@@ -437,6 +470,9 @@ def chunked_design(formula, source, weights: str | None = None, missing: str = "
     plan = _Plan(parsed, columns, [c for c in covariates if c in columns], weights, missing,
                  offset)
 
+    if isinstance(source, ChunkedData):  # grouping columns are labels
+        source = source.reading_as_text(sorted({f for bar in parsed.bars for f in bar.factors}
+                                               - set(plan.covariates)))
     scan = source.map_reduce(plan.read_columns(), plan.scan, ChunkScan.merge,
                              progress=_progress("scan", verbose))
     n = scan.n_rows
