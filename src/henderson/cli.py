@@ -672,7 +672,8 @@ def predict_command(args, out=None, err=None) -> int:
         check_output_file(args.out, "--out")
     model = hd.load(args.model)
     data = read_table(args.data, label_columns(model.formula))
-    prediction = model.predict(data, re=not args.population)
+    prediction = model.predict(data, re=not args.population,
+                               allow_new_levels=args.allow_new_levels)
     frame = data.assign(prediction=prediction)
     if args.out:
         write_atomically(args.out, lambda handle: frame.to_csv(handle, index=False))
@@ -796,6 +797,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "(default: stdout)")
     predict.add_argument("--population", action="store_true",
                          help="fixed effects only (no BLUPs)")
+    predict.add_argument("--allow-new-levels", action="store_true",
+                         help="a level of a grouping factor not in the fit gets the "
+                              "population prediction (default: an error, as lme4)")
     predict.add_argument("--traceback", action="store_true",
                          help="show the traceback of an error (for bug reports)")
     return parser

@@ -333,9 +333,13 @@ def _model_matrix(spec: str, data: pd.DataFrame, sparse: bool = False):
     except Exception as exc:  # formulaic raises many types; give one of ours
         raise FormulaError(f"cannot build model matrix for {spec!r}: {exc}") from exc
     names = [lme4_column_name(c) for c in matrix.model_spec.column_names]
-    if sparse:
-        return sp.csc_matrix(matrix, dtype=np.float64), names, matrix.model_spec
-    return np.asarray(matrix, dtype=np.float64), names, matrix.model_spec
+    values = sp.csc_matrix(matrix, dtype=np.float64) if sparse else \
+        np.asarray(matrix, dtype=np.float64)
+    data_values = values.data if sparse else values
+    if data_values.size and not np.max(np.abs(data_values)) <= MAX_ABS_VALUE:
+        raise DataError(f"the model matrix of {spec!r} has values beyond {MAX_ABS_VALUE:.0e} "
+                        "(or not finite): their squares overflow; rescale the covariates")
+    return values, names, matrix.model_spec
 
 
 def expression_values(expression: str, data: pd.DataFrame, what: str) -> np.ndarray:
@@ -366,6 +370,9 @@ def response_and_offset(formula: ParsedFormula, frame: pd.DataFrame,
         y = column.to_numpy(dtype=np.float64)
     else:
         y = expression_values(formula.response, frame, "response")
+    if len(y) and np.max(np.abs(y)) > MAX_ABS_VALUE:
+        raise DataError(f"response {formula.response!r} reaches {np.max(np.abs(y)):.3g}: "
+                        "its squares overflow; rescale it")
     if not np.all(np.isfinite(y)):
         bad = np.flatnonzero(~np.isfinite(y))
         raise DataError(f"response {formula.response!r} is missing or not finite in "
@@ -381,7 +388,10 @@ def offset_values(offsets, frame: pd.DataFrame, offset=None) -> np.ndarray | Non
         if isinstance(offset, str):
             if offset not in frame.columns:
                 raise FormulaError(f"offset column {offset!r} not found in data")
-            parts.append(frame[offset].to_numpy(dtype=np.float64))
+            column = frame[offset]
+            if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+                raise DataError(f"offset column {offset!r} must be numeric, not {column.dtype}")
+            parts.append(column.to_numpy(dtype=np.float64))
         else:
             values = np.asarray(offset, dtype=np.float64).ravel()
             if values.shape != (len(frame),):
@@ -502,6 +512,8 @@ def warn_dropped(dropped: list[str]) -> None:
 
 #: largest ratio of prior weights the equations can carry (X'WX of double precision)
 MAX_WEIGHT_RATIO = 1e12
+#: largest magnitude of a response or covariate value: cross-products square it
+MAX_ABS_VALUE = 1e150
 
 
 def check_data(data: pd.DataFrame, formula: ParsedFormula, columns: list[str]) -> None:
@@ -518,14 +530,19 @@ def check_data(data: pd.DataFrame, formula: ParsedFormula, columns: list[str]) -
         raise FormulaError("a column named 'Intercept' clashes with the intercept's name in "
                            "formulaic; rename the column")
     groups = {f for bar in formula.bars for f in bar.factors}
+    if formula.response_is_column and formula.response in set(
+            spec_variables(formula.fixed, data.columns)):
+        raise FormulaError(f"the response {formula.response!r} is also on the right of '~'")
     for name in columns:
         if name not in data.columns:
             continue
         column = data[name]
         kind = column.dtype.kind
         if name not in groups and (kind in "mMc" or isinstance(column.dtype, pd.PeriodDtype)):
-            what = {"m": "durations (timedelta)", "M": "dates/times",
-                    "c": "complex numbers"}.get(kind, "periods")
+            if kind == "c":
+                raise DataError(f"column {name!r} holds complex numbers; a model needs "
+                                "real ones")
+            what = {"m": "durations (timedelta)", "M": "dates/times"}.get(kind, "periods")
             raise DataError(f"column {name!r} holds {what}, which have no single numeric "
                             "meaning in a model: convert it (e.g. to days as numbers) or "
                             "make it a factor")
@@ -538,12 +555,17 @@ def check_data(data: pd.DataFrame, formula: ParsedFormula, columns: list[str]) -
 
 
 def r_factor_columns(frame: pd.DataFrame, columns) -> pd.DataFrame:
-    """Object columns as categoricals of R labels (levels ordered as R's ``factor``
-    orders them): 5 and "5" are one level, as in R, not two columns both named
-    ``x5``."""
+    """Object and text columns as categoricals of R labels (levels ordered as R's
+    ``factor`` orders them): 5 and "5" are one level, as in R, not two columns both
+    named ``x5``; a text column that held pd.NA (rows dropped) encodes as text."""
     cast = {}
     for name in columns:
-        if name in frame.columns and pd.api.types.is_object_dtype(frame[name].dtype):
+        if name not in frame.columns:
+            continue
+        dtype = frame[name].dtype
+        if pd.api.types.is_object_dtype(dtype) or (
+                pd.api.types.is_string_dtype(dtype)
+                and not isinstance(dtype, pd.CategoricalDtype)):
             codes, labels = factor_codes(frame[name])
             cast[name] = pd.Categorical.from_codes(codes, categories=list(labels))
     return frame.assign(**cast) if cast else frame
@@ -589,7 +611,7 @@ def select_rows(data: pd.DataFrame, columns: list[str], weights, missing: str,
             raise DataError(
                 f"{int(bad_rows.sum())} row(s) have missing or infinite values in "
                 f"{', '.join(map(repr, cols))} (first at row {int(np.argmax(bad_rows))}{where}); "
-                "clean them or pass missing='drop'"
+                "clean them or pass missing='drop' (--missing drop on the command line)"
             )
         frame = frame.loc[~bad_rows]
         if weight_values is not None:
@@ -664,6 +686,7 @@ def spec_variables(spec: str, available, missing: bool = False) -> list[str]:
     are kept (for the caller to report).
     """
     available = set(map(str, available))
+    spec = quote_columns(spec, available)
     try:
         names = set(formulaic.Formula(spec).required_variables)
     except Exception as exc:
@@ -730,7 +753,7 @@ def check_new_levels(frame: pd.DataFrame, factors, levels: pd.Index) -> None:
         examples = pd.unique(labels[unseen].astype(str))[:5]
         raise DataError(f"newdata has {len(pd.unique(labels[unseen]))} level(s) of "
                         f"{':'.join(factors)!r} not in the fit ({', '.join(examples)}); "
-                        "pass allow_new_levels=True for the population prediction there")
+                        "pass allow_new_levels=True (--allow-new-levels on the command line) for the population prediction there")
 
 
 def check_columns(columns: list[str], available) -> None:
@@ -749,6 +772,9 @@ def known_relationships(formula: ParsedFormula, relationships: dict | None) -> d
     formula's random terms."""
     from .genomic import as_relationship
 
+    if relationships is not None and not isinstance(relationships, dict):
+        raise TypeError("relationships must be a dict: grouping factor -> pedigree or "
+                        f"relationship matrix, got {type(relationships).__name__}")
     relationships = dict(relationships or {})
     unknown = [g for g in relationships if g not in {b.group for b in formula.bars}]
     if unknown:
@@ -887,7 +913,7 @@ def build_design(
                             f"got shape {values.shape}")
         offset = "(offset)"  # a column, so that rows dropped for missing values go too
         data = data.assign(**{offset: values})
-    columns = _used_columns(parsed, data.columns) + ([offset] if offset else [])
+    columns = list(dict.fromkeys(_used_columns(parsed, data.columns) + ([offset] if offset else [])))
     check_data(data, parsed, columns)
     check_columns(columns, data.columns)
     frame, weight_values = select_rows(data, columns, weights, missing)

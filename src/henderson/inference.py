@@ -29,6 +29,8 @@ def anova(*models, refit: bool = True) -> pd.DataFrame:
     """
     if len(models) < 2:
         raise ValueError("anova needs at least two models")
+    if not isinstance(refit, (bool, np.bool_)):
+        raise TypeError(f"refit must be True or False, got {refit!r}")
     for i, m in enumerate(models):
         if not (hasattr(m, "design") and hasattr(m, "refit") and hasattr(m, "objective")):
             raise TypeError(f"anova: argument {i + 1} is a {type(m).__name__}, not a model "
@@ -140,15 +142,21 @@ def satterthwaite(model, contrasts: np.ndarray | None = None) -> pd.DataFrame:
     Returns
     -------
     DataFrame with ``Estimate, Std. Error, df, t value, Pr(>|t|)`` per row of the
-    contrasts (default: each fixed effect).
+    contrasts (default: each fixed effect). With known variances (``fixed_variances``)
+    nothing in vcov(β̂) is estimated: df is ∞ (z tests).
     """
-    V, jacobian, A = _satterthwaite_pieces(model)
     p = model.design.n_fixed
-    L = np.eye(p) if contrasts is None else np.atleast_2d(np.asarray(contrasts, dtype=float))
+    L = np.eye(p) if contrasts is None else _contrast_matrix(contrasts, model.design.fixed_names)
     estimates = L @ model.fixef.to_numpy()
-    variances = np.einsum("ij,jk,ik->i", L, V, L)
-    gradients = np.array([np.einsum("ij,jk,ik->i", L, J, L) for J in jacobian]).T
-    df = 2.0 * variances ** 2 / np.einsum("ij,jk,ik->i", gradients, A, gradients)
+    if model.known_variances:  # nothing estimated in V: z tests, df = ∞
+        V = model.vcov.to_numpy()
+        variances = np.einsum("ij,jk,ik->i", L, V, L)
+        df = np.full(len(L), np.inf)
+    else:
+        V, jacobian, A = _satterthwaite_pieces(model)
+        variances = np.einsum("ij,jk,ik->i", L, V, L)
+        gradients = np.array([np.einsum("ij,jk,ik->i", L, J, L) for J in jacobian]).T
+        df = 2.0 * variances ** 2 / np.einsum("ij,jk,ik->i", gradients, A, gradients)
     se = np.sqrt(variances)
     t = estimates / se
     index = model.design.fixed_names if contrasts is None else [f"L{i}" for i in range(len(L))]
@@ -202,11 +210,23 @@ def f_test(model, contrasts) -> pd.Series:
 
     Returns
     -------
-    Series with ``Sum Sq, Mean Sq, NumDF, DenDF, F value, Pr(>F)``.
+    Series with ``Sum Sq, Mean Sq, NumDF, DenDF, F value, Pr(>F)``; with known
+    variances DenDF is ∞ (a Wald χ² test).
     """
     L = _contrast_matrix(contrasts, model.design.fixed_names)
-    V, jacobian, A = _satterthwaite_pieces(model)
     beta = model.fixef.to_numpy()
+    if model.known_variances:  # Wald χ²: nothing in vcov(β̂) is estimated
+        V = model.vcov.to_numpy()
+        estimate = L @ beta
+        covariance = L @ V @ L.T
+        q = int(np.linalg.matrix_rank(covariance))
+        chisq = float(estimate @ np.linalg.pinv(covariance) @ estimate)
+        F = chisq / q
+        sigma2 = model.sigma ** 2
+        return pd.Series({"Sum Sq": F * q * sigma2, "Mean Sq": F * sigma2, "NumDF": q,
+                          "DenDF": np.inf, "F value": F,
+                          "Pr(>F)": float(stats.chi2.sf(chisq, q))})
+    V, jacobian, A = _satterthwaite_pieces(model)
     eigenvalues, vectors = np.linalg.eigh(L @ V @ L.T)
     keep = eigenvalues > 1e-8 * max(eigenvalues.max(), 1e-300)
     d, P = eigenvalues[keep][::-1], vectors[:, keep][:, ::-1]

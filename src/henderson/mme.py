@@ -117,7 +117,8 @@ class CrossProducts:
             fixed_shift = response_shift(X, design.y, w, design.fixed_names)
         fixed_shift = np.asarray(fixed_shift, dtype=np.float64)
         y = np.asarray(design.y, dtype=np.float64)
-        response_scale = float(np.max(np.abs(y))) if len(y) else 0.0
+        # the weighted scale: uniform weights of 1e-100 only rescale σ
+        response_scale = float(np.sqrt(np.max(w * y * y))) if len(y) else 0.0
         if p and np.any(fixed_shift != 0):
             y = y - np.asarray(X @ fixed_shift).ravel()
         y = np.ascontiguousarray(y)

@@ -77,6 +77,8 @@ def save_model(model, path, conditional_sd: bool = True) -> Path:
     """
     from .results import _group_names
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file name, got {type(path).__name__}")
     design = model.design
     categories = _spec_categories(design.fixed_spec)
     for term in design.terms:
@@ -141,9 +143,15 @@ def write_atomically(path, write) -> Path:
     Path
         ``path``.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file name, got {type(path).__name__}")
     path = Path(path)
     target = path.resolve() if path.is_symlink() else path
     folder = target.parent
+    if target.is_dir():
+        raise DataError(f"{str(path)!r} is a folder; give a file name")
+    if not folder.is_dir():
+        raise DataError(f"the folder of {str(path)!r} does not exist")
     while True:
         temporary = folder / f".{target.name}.{secrets.token_hex(6)}.tmp"
         try:
@@ -255,6 +263,10 @@ class SavedModel:
         from .design import check_new_levels, predicted_offset, spec_variables
         from .results import blup_contribution, check_newdata
 
+        if not isinstance(newdata, pd.DataFrame):
+            raise TypeError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
+        if not isinstance(re, (bool, np.bool_)):
+            raise TypeError(f"re must be True or False, got {re!r}")
         header = self._header
         needed = set(spec_variables(header["fixed"], newdata.columns, missing=True))
         if re:
@@ -346,6 +358,8 @@ def load(path) -> SavedModel:
     DataError
         The file is absent, or is not a whole, well-formed saved henderson model.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file name, got {type(path).__name__}")
     path = Path(path)
     name = repr(str(path))
     if not path.exists():

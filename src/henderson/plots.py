@@ -42,6 +42,9 @@ def plot_ranef(model, group: str | None = None, level: float = 0.95, path=None):
     """Caterpillar plot: BLUPs sorted, with ``±z`` conditional-SD intervals."""
     plt = _pyplot()
     group = group or next(iter(model.ranef))
+    if group not in model.ranef:
+        raise ValueError(f"plot_ranef: {group!r} is not a grouping factor of the model; "
+                         f"choose from {', '.join(map(repr, model.ranef))}")
     values, sds = model.ranef[group], model.ranef_sd[group]
     z = stats.norm.ppf(0.5 + level / 2)
     k = values.shape[1]

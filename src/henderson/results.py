@@ -268,7 +268,10 @@ class LinearMixedModel:
             group = (known or terms)[0].group
         index = [i for i, t in enumerate(terms) if t.group == group and t.n_coefs == 1]
         if not index:
-            raise KeyError(f"no one-coefficient random term for {group!r}")
+            choices = sorted({t.group for t in terms if t.n_coefs == 1})
+            raise ValueError(f"breeding_values: {group!r} is not the grouping factor of a "
+                             "one-coefficient random term; choose from "
+                             f"{', '.join(map(repr, choices)) or 'none'}")
         t = index[0]
         term = terms[t]
         variance = self.sigma ** 2 * self.theta[self.design.theta_slices()[t]][0] ** 2
@@ -330,6 +333,10 @@ class LinearMixedModel:
             known = [t.group for t in self.design.terms if t.level_precision is not None]
             group = (known or [self.design.terms[0].group])[0]
         values = vc["variance"].to_numpy()
+        groups = [name for name in vc.index if name != "Residual"]
+        if group not in groups:
+            raise ValueError(f"heritability: {group!r} is not a random term; choose from "
+                             f"{', '.join(map(repr, groups))}")
         i = list(vc.index).index(group)
         total = values.sum()
         h2 = values[i] / total
@@ -458,6 +465,10 @@ class LinearMixedModel:
         """
         from .design import check_new_levels, materialize, predicted_offset
 
+        if not isinstance(re, (bool, np.bool_)):
+            raise TypeError(f"re must be True or False, got {re!r}")
+        if not isinstance(allow_new_levels, (bool, np.bool_)):
+            raise TypeError(f"allow_new_levels must be True or False, got {allow_new_levels!r}")
         if newdata is None:
             return (self.fitted if re else self.population_fitted).to_numpy()
         if not isinstance(newdata, pd.DataFrame):
@@ -547,11 +558,10 @@ class LinearMixedModel:
     # ------------------------------------------------------------ printing
     @property
     def coef_table(self) -> pd.DataFrame:
-        """Fixed effects with Satterthwaite df and p-values, as lmerTest's summary."""
+        """Fixed effects with Satterthwaite df and p-values, as lmerTest's summary (z
+        tests, df = ∞, with known variances)."""
         from .inference import satterthwaite
 
-        if self.known_variances:
-            raise ValueError("no degrees of freedom with known variances")
         return satterthwaite(self)
 
     def coefficients(self, ddf: str = "Satterthwaite") -> pd.DataFrame:
@@ -583,6 +593,8 @@ class LinearMixedModel:
 
     def simulate(self, n: int = 1, seed=None) -> np.ndarray:
         """Responses simulated from the fitted model, shape (n_obs, n)."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"simulate: n must be a positive integer, got {n!r}")
         from .bootstrap import simulate
 
         self.design.require_rows("simulate()")
@@ -611,6 +623,10 @@ class LinearMixedModel:
                 n_boot, (int, np.integer)) or n_boot < 2):
             raise ValueError(f"n_boot must be an integer of at least 2, got {n_boot!r}")
         if method != "wald":
+            if self.known_variances:
+                raise ValueError(f"confint(method={method!r}) estimates the variances, "
+                                 "which this model was given (fixed_variances): use "
+                                 "method='wald'")
             self.design.require_rows(f"confint(method={method!r})")
         estimates = parameter_vector(self)
         alpha = (1 - level) / 2
@@ -668,6 +684,8 @@ class LinearMixedModel:
             models up to 50 fixed effects and 100,000 random effects; Kenward-Roger on
             request, dense, up to 5,000 rows).
         """
+        if ddf not in ("Satterthwaite", "Kenward-Roger", "KR"):
+            raise ValueError(f"ddf must be 'Satterthwaite' or 'Kenward-Roger', got {ddf!r}")
         lines = [
             f"Linear mixed model fit by {'REML' if self.reml else 'maximum likelihood'} "
             "['henderson']",

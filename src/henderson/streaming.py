@@ -214,15 +214,23 @@ def chunked(source, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> ChunkedData:
 
         def read_callable(columns):
             for chunk in source():
-                yield chunk[columns]
+                yield _select(chunk, columns)
 
         return ChunkedData(read_callable, list(first.columns), "chunks")
-    frames = list(source)
+    try:
+        frames = list(source)
+    except TypeError:
+        frames = []
     if not frames or not all(isinstance(f, pd.DataFrame) for f in frames):
         raise DataError("chunked() needs a file path, a DataFrame, a list of DataFrames "
                         "or a callable returning DataFrames")
-    return ChunkedData(lambda columns: (f[columns] for f in frames),
+    return ChunkedData(lambda columns: (_select(f, columns) for f in frames),
                        list(frames[0].columns), f"{len(frames)} DataFrames")
+
+
+def _select(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """The columns a chunk has of those asked for (the fit names the missing ones)."""
+    return frame[[c for c in columns if c in frame.columns]]
 
 
 def _parquet_chunks(path: Path, chunk_rows: int) -> ChunkedData:
@@ -313,6 +321,9 @@ class _Plan:
                                self.weights not in self.columns else [])
 
     def rows(self, chunk: pd.DataFrame, where: str):
+        absent = [c for c in self.read_columns() if c not in chunk.columns]
+        if absent:
+            raise DataError(f"column(s) {', '.join(map(repr, absent))} missing{where}")
         check_data(chunk, self.formula, self.columns)
         frame, weights = select_rows(chunk, self.columns, self.weights, self.missing,
                                      where=where, allow_empty=True)
