@@ -179,3 +179,11 @@ def test_a_response_without_residual_variation_is_an_error(response):
          "group constant": d.Subject.astype(float)}[response]
     with pytest.raises(hd.DataError, match="response|residual variance"):
         hd.lmm("y ~ Days + (1 | Subject)", d.assign(y=y))
+
+
+def test_text_ids_written_as_floats_are_read_as_r_writes_them():
+    from henderson.design import text_labels
+
+    frame = pd.DataFrame({"g": ["12.0", "001", "1.5", "-3.00", None, "1.05", "12.0x"]})
+    assert text_labels(frame, ["g"]).g.tolist()[:4] == ["12", "001", "1.5", "-3"]
+    assert text_labels(frame, ["g"]).g.tolist()[5:] == ["1.05", "12.0x"]

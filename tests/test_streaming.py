@@ -248,3 +248,28 @@ def test_chunked_fit_reproduces_lme4_reference(name):
     ref_theta = np.array(case["theta"])
     assert np.all(np.abs(m.theta - ref_theta) < 5e-3 * np.maximum(1, np.abs(ref_theta)))
     assert_sigma_and_fixed_effects(m, case)
+
+
+@pytest.mark.parametrize("with_pedigree", [False, True])
+def test_late_chunk_with_missing_group_reads_as_the_same_levels(tmp_path, with_pedigree):
+    """A CSV chunk whose grouping column has a NaN is read by pandas as floats (12.0),
+    while earlier chunks read integers (12): with missing="drop" the fit failed with a
+    message about a relationship matrix the model did not have. Grouping columns are
+    now read as text, and levels match as R labels them."""
+    rng = np.random.default_rng(4)
+    n = 400
+    frame = pd.DataFrame({"g": rng.integers(1, 41, n).astype(float), "x": rng.normal(size=n)})
+    frame["y"] = frame.x + rng.normal(size=41)[frame.g.astype(int)] + rng.normal(size=n)
+    frame.loc[350, "g"] = np.nan
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    options = {}
+    if with_pedigree:
+        ids = [str(i) for i in range(1, 41)]
+        options["relationships"] = {"g": hd.Pedigree.from_dataframe(pd.DataFrame(
+            {"animal": ids, "sire": "0", "dam": "0"}))}
+    memory = hd.lmm("y ~ x + (1 | g)", frame, missing="drop", **options)
+    chunked = hd.lmm("y ~ x + (1 | g)", hd.chunked(tmp_path / "d.csv", chunk_rows=100),
+                     missing="drop", **options)
+    assert chunked.nobs == memory.nobs == n - 1
+    assert chunked.objective == pytest.approx(memory.objective, rel=1e-10)
+    assert list(chunked.ranef["g"].index) == list(memory.ranef["g"].index)

@@ -167,6 +167,7 @@ def read_table(path: str, text_columns=(), what: str = "data file"):
     """
     import pandas as pd
 
+    from .design import text_labels
     from .errors import DataError
 
     file = _existing_file(path, what)
@@ -179,6 +180,7 @@ def read_table(path: str, text_columns=(), what: str = "data file"):
                                 "henderson[pipeline]") from exc
         else:
             frame = pd.read_csv(file, **_csv_options(file, path, what, text_columns))
+            frame = text_labels(frame, text_columns)
     except Exception as exc:  # pandas, pyarrow, csv, the OS: all about this file
         raise _read_error(exc, path, what) from exc
     if len(frame) == 0:
@@ -187,38 +189,16 @@ def read_table(path: str, text_columns=(), what: str = "data file"):
 
 
 def chunked_table(path: str, chunk_rows: int, text_columns=()):
-    """A CSV or Parquet file as :class:`~henderson.ChunkedData`, ``text_columns`` read
-    as text (CSV), errors in any chunk reported as :class:`DataError` naming the file."""
-    import pandas as pd
-
+    """A CSV or Parquet file as :class:`~henderson.ChunkedData` (errors in any chunk are
+    :class:`DataError` naming the file; the fit reads the grouping columns of a CSV
+    file as text itself, so ``text_columns`` is not needed here)."""
     import henderson as hd
-    from .streaming import ChunkedData
 
-    what = "data file"
-    file = _existing_file(path, what)
+    file = _existing_file(path, "data file")
     try:
-        if file.suffix.lower() in PARQUET_SUFFIXES:
-            source = hd.chunked(file, chunk_rows=chunk_rows)
-        else:
-            options = _csv_options(file, path, what, text_columns)
-            header = pd.read_csv(file, nrows=0)
-
-            def read_csv(columns):
-                dtype = {c: str for c in options.get("dtype", {}) if c in columns}
-                yield from pd.read_csv(file, usecols=columns, chunksize=chunk_rows,
-                                       dtype=dtype or None)
-
-            source = ChunkedData(read_csv, list(header.columns), f"CSV file {path!r}")
+        return hd.chunked(file, chunk_rows=chunk_rows)
     except Exception as exc:
-        raise _read_error(exc, path, what) from exc
-
-    def read(columns):
-        try:
-            yield from source.chunks(columns)
-        except Exception as exc:
-            raise _read_error(exc, path, what) from exc
-
-    return ChunkedData(read, source.columns, source.name)
+        raise _read_error(exc, path, "data file") from exc
 
 
 def read_relationship(path: str):

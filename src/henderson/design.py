@@ -257,6 +257,22 @@ def factor_codes(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 _CANONICAL_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]*[1-9])?(e[-+]?[0-9]+)?")
 
 
+_INTEGRAL_TEXT = re.compile(r"^(-?[0-9]+)\.0+$")
+
+
+def text_labels(frame: pd.DataFrame, columns) -> pd.DataFrame:
+    """Id columns read from a file as text, with integers that the file wrote as floats
+    ("12.0", as pandas writes a column that had a missing value) written as R writes
+    them ("12"); other text, zero-padded ids ("001") among it, is kept as it is."""
+    columns = [c for c in columns if c in frame.columns]
+    if not columns:
+        return frame
+    fixed = {c: frame[c].str.replace(_INTEGRAL_TEXT, r"\1", regex=True)
+             for c in columns if pd.api.types.is_string_dtype(frame[c].dtype)
+             or pd.api.types.is_object_dtype(frame[c].dtype)}
+    return frame.assign(**fixed)
+
+
 def row_labels(column: pd.Series) -> np.ndarray:
     """The R label of every value of a column (None where missing)."""
     codes, uniques = pd.factorize(column, sort=False)

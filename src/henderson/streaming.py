@@ -48,6 +48,7 @@ from .design import (
     response_and_offset,
     row_labels,
     check_data,
+    text_labels,
     select_rows,
     with_categories,
 )
@@ -245,9 +246,12 @@ def _parquet_chunks(path: Path, chunk_rows: int) -> ChunkedData:
         raise DataError(f"cannot read Parquet file {str(path)!r}: {exc}") from exc
 
     def read(columns):
-        file = pq.ParquetFile(path)
-        for batch in file.iter_batches(batch_size=chunk_rows, columns=columns):
-            yield batch.to_pandas()
+        try:
+            file = pq.ParquetFile(path)
+            for batch in file.iter_batches(batch_size=chunk_rows, columns=columns):
+                yield batch.to_pandas()
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"cannot read Parquet file {str(path)!r}: {exc}") from None
 
     return ChunkedData(read, list(schema.names), f"Parquet file {str(path)!r}")
 
@@ -266,8 +270,9 @@ def _csv_chunks(path: Path, chunk_rows: int) -> ChunkedData:
 
     def read(columns, text=()):
         try:
-            yield from pd.read_csv(path, usecols=columns, chunksize=chunk_rows,
-                                   dtype={c: str for c in text})
+            for chunk in pd.read_csv(path, usecols=columns, chunksize=chunk_rows,
+                                     dtype={c: str for c in text}):
+                yield text_labels(chunk, text)
         except (UnicodeDecodeError, pd.errors.ParserError) as exc:
             raise DataError(f"{name} cannot be read: {exc}") from None
 
