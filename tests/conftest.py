@@ -28,6 +28,26 @@ def assert_sigma_and_fixed_effects(model, case: dict) -> None:
     assert np.all(np.abs(se - fixef["std_error"]) / np.array(fixef["std_error"]) < 2e-3)
 
 
+def covariance_from_parameters(name: str, k: int, params: dict) -> np.ndarray:
+    """Σ written out from the definitions (glmmTMB 1.1), not from the module's Λ."""
+    sd = np.atleast_1d(np.asarray(params["sd"], dtype=float))
+    sd = np.full(k, sd[0]) if len(sd) == 1 else sd
+    lag = np.abs(np.subtract.outer(np.arange(k), np.arange(k)))
+    if name == "us":
+        corr = np.asarray(params["corr"])
+    elif name == "diag":
+        corr = np.eye(k)
+    elif name == "cs":
+        rho = params["rho"] if k > 1 else 0.0
+        corr = np.where(lag == 0, 1.0, rho)
+    elif name == "ar1":
+        rho = params["rho"] if k > 1 else 0.0
+        corr = rho ** lag
+    else:
+        corr = np.concatenate([[1.0], params["rho"]])[lag]
+    return np.nan_to_num(np.outer(sd, sd) * corr)  # a correlation with a zero SD: no term
+
+
 def load_json(*parts: str) -> dict:
     return json.loads(DATA.joinpath(*parts).read_text())
 

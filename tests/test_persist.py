@@ -296,8 +296,12 @@ def test_truncated_archives_are_refused_naming_the_file(tmp_path, sleep_model):
         bad.write_bytes(content[:size])
         with pytest.raises(DataError, match=re.escape(repr(str(bad)))):
             hd.load(bad)
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "good.npz") as archive:  # the largest member's data
+        member = max(archive.infolist(), key=lambda info: info.compress_size)
+    local_header = 30 + len(member.filename.encode()) + len(member.extra)
     flipped = bytearray(content)
-    flipped[len(content) // 2] ^= 0xFF          # a damaged byte inside a member
+    flipped[member.header_offset + local_header + member.compress_size // 2] ^= 0xFF
     bad.write_bytes(bytes(flipped))
     with pytest.raises(DataError, match="damaged"):
         hd.load(bad)

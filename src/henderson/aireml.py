@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .objective import Objective
+from .optimize import SETTINGS, ConvergenceCheck, OptimizerResult
 
 
 @dataclass
@@ -146,8 +147,6 @@ def ai_convergence_check(objective: Objective, theta: np.ndarray, result=None,
 
     Returns a :class:`~henderson.optimize.ConvergenceCheck`.
     """
-    from .optimize import SETTINGS, ConvergenceCheck
-
     tolerance = SETTINGS.check_gradient if tolerance is None else tolerance
     state = AverageInformation(objective).at(np.asarray(theta, dtype=float))
     if result is not None:
@@ -164,17 +163,14 @@ def ai_convergence_check(objective: Objective, theta: np.ndarray, result=None,
     passed = bool(scaled[worst] <= tolerance)
     message = "" if passed else (f"max|scaled gradient| {scaled[worst]:.3g} > {tolerance:g} "
                                  f"(variance {worst})")
-    return ConvergenceCheck(passed, message, state.objective, gradient, scaled, np.nan,
-                            [] if passed else [])
+    return ConvergenceCheck(passed, message, state.objective, gradient, scaled, np.nan, [])
 
 
 def optimize_ai_reml(objective: Objective, start: np.ndarray, verbose: bool | int = False,
                      max_iterations: int = 60, tolerance: float = 1e-9,
                      final_gain: float = 0.1, final_mismatch: float | None = None,
                      probe_boundary: bool = True):
-    """AI-REML from θ ``start``; returns an :class:`~henderson.fit.OptimizerResult`."""
-    from .optimize import OptimizerResult
-
+    """AI-REML from θ ``start``; returns an :class:`~henderson.optimize.OptimizerResult`."""
     info = AverageInformation(objective)
     theta = np.maximum(np.asarray(start, dtype=float), 0.0)
     history = []

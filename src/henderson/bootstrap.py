@@ -14,6 +14,9 @@ import numpy as np
 import pandas as pd
 
 from . import kernels
+from .objective import Objective
+from .optimize import ScaledProblem, optimize_bobyqa, theta_scale
+from .report import group_names
 
 
 def simulate(model, n: int = 1, seed=None) -> np.ndarray:
@@ -32,6 +35,8 @@ def simulate(model, n: int = 1, seed=None) -> np.ndarray:
         raise ValueError("simulate() supports terms with identity level covariance")
     rng = np.random.default_rng(seed)
     mean = np.asarray(design.X @ model.fixef.to_numpy()).ravel()
+    if design.offset is not None:  # the response the formula names: offset included
+        mean = mean + design.offset
     out = np.empty((design.n_obs, n))
     for r in range(n):
         y = mean + model.sigma * rng.normal(size=design.n_obs) / np.sqrt(design.weights)
@@ -47,6 +52,8 @@ def _with_response(mme, y: np.ndarray, private: bool = False):
     symbolic factorisation are shared; with ``private=True`` the numeric workspace
     (C's values and the numeric factor) is the copy's own, so that copies can be
     refitted in parallel threads."""
+    if mme.design.offset is not None:  # simulate() gives the response with its offset
+        y = y - mme.design.offset
     design = dataclasses.replace(mme.design, y=y)
     w = design.weights
     y = y - np.asarray(design.X @ mme.xp.shift).ravel()  # the fit's shifted response
@@ -61,29 +68,25 @@ def _with_response(mme, y: np.ndarray, private: bool = False):
 
 
 def parameter_vector(model) -> pd.Series:
-    """lme4's ``confint`` parameters: SDs and correlations of each term, σ, then β."""
-    values, names = [], []
-    for name, term, lam in zip(_names(model), model.design.terms, model._relative_factors):
-        cov = model.sigma ** 2 * lam @ lam.T
-        sd = np.sqrt(np.diag(cov))
-        k = term.n_coefs
-        for a in range(k):
-            names.append(f"sd_{term.coef_names[a]}|{name}")
-            values.append(sd[a])
-            for b in range(a + 1, k):
-                names.append(f"cor_{term.coef_names[b]}.{term.coef_names[a]}|{name}")
-                values.append(cov[b, a] / (sd[a] * sd[b]) if sd[a] * sd[b] > 0 else np.nan)
-    names.append("sigma")
-    values.append(model.sigma)
-    names.extend(model.design.fixed_names)
-    values.extend(model.fixef.to_numpy())
-    return pd.Series(values, index=names)
+    """lme4's ``confint`` parameters: each term's structure's parameters (SDs and
+    correlations, lme4's names for ``us``), σ, then β."""
+    return _parameters(model.design, model.theta, model.sigma, model.fixef.to_numpy())
 
 
-def _names(model):
-    from .results import _group_names
+def variance_parameters(design, theta: np.ndarray, sigma: float):
+    """(name, kind, value) of every variance parameter (``flat_parameters`` of each
+    term's structure, named ``<parameter>|<term>``), then σ."""
+    out = []
+    for name, term, sl in zip(group_names(design), design.terms, design.theta_slices()):
+        out += [(f"{label}|{name}", kind, value)
+                for label, kind, value in term.structure.flat_parameters(theta[sl], sigma)]
+    return out + [("sigma", "sd", float(sigma))]
 
-    return _group_names(model.design)
+
+def _parameters(design, theta, sigma, beta) -> pd.Series:
+    rows = variance_parameters(design, theta, sigma)
+    return pd.Series([v for _, _, v in rows] + list(beta),
+                     index=[n for n, _, _ in rows] + list(design.fixed_names))
 
 
 def bootstrap(model, n: int = 200, seed=None, n_jobs: int = 1) -> pd.DataFrame:
@@ -101,12 +104,12 @@ def bootstrap(model, n: int = 200, seed=None, n_jobs: int = 1) -> pd.DataFrame:
     import os
     from concurrent.futures import ThreadPoolExecutor
 
-    from .optimize import optimize_bobyqa
-    from .objective import Objective
-    from .results import LinearMixedModel
-
+    if model.design.residual_model is not None:
+        raise ValueError("the parametric bootstrap of a dispformula model is not "
+                         "available; use confint(method='wald')")
     responses = simulate(model, n, seed)
     lower = model.design.theta_lower_bounds()
+    scale = theta_scale(model.design, model.mme.xp)
     n_jobs = max(1, min(n, n_jobs or os.cpu_count() or 1))  # n_jobs=None: all cores
 
     def refit(columns):
@@ -114,10 +117,13 @@ def bootstrap(model, n: int = 200, seed=None, n_jobs: int = 1) -> pd.DataFrame:
         for r in columns:
             mme = _with_response(model.mme, responses[:, r], private=True)
             objective = Objective(mme, reml=model.reml)
-            result = optimize_bobyqa(objective, model.theta, lower, tolerance=1e-8)
-            fitted = LinearMixedModel(mme.design, mme, objective,
-                                      np.maximum(result.theta, lower), result)
-            rows.append((r, parameter_vector(fitted)))
+            problem = ScaledProblem(objective, scale)
+            result = optimize_bobyqa(problem.value, problem.to_scaled(model.theta), lower,
+                                     tolerance=1e-8)
+            theta = np.maximum(problem.to_theta(result.theta), lower)
+            evaluation = objective.evaluate(theta, fixed_inverse=False)
+            beta = evaluation.solution[mme.n_random:] + mme.xp.shift
+            rows.append((r, _parameters(mme.design, theta, objective.sigma(evaluation), beta)))
         return rows
 
     chunks = [list(range(j, n, n_jobs)) for j in range(n_jobs)]

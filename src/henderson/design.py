@@ -17,11 +17,23 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .covariance import CovarianceStructure, ResidualModel
+from .covariance import structure as covariance_structure
 from .errors import DataError, FormulaError, RankDeficiencyWarning
+from .linalg import independent_columns
 from .formula import (R_FUNCTIONS, ParsedFormula, RandomBar, parse_formula,
                       python_expression, r_labels)
 
 _CATEGORY_COLUMN = re.compile(r"^(?P<var>.+?)\[(?:T\.)?(?P<level>.*)\]$")
+
+
+def _r_operators(text: str) -> str:
+    """A term as R deparses it: the operators :func:`~henderson.formula.python_expression`
+    rewrote for Python back in R's spelling, names without quote_columns' backticks."""
+    text = text.replace("`", "")
+    for python_op, r_op in ((" ** ", "^"), (" // ", "%/%"), (" % ", "%%"), (" / ", "/")):
+        text = text.replace(python_op, r_op)
+    return text
 
 
 def lme4_column_name(name: str) -> str:
@@ -31,14 +43,13 @@ def lme4_column_name(name: str) -> str:
     """
     if name == "Intercept":
         return "(Intercept)"
-    name = name.replace("`", "")  # quote_columns' quoting of names such as x.1
-    # R's operators, as R deparses them, for what formula.python_expression rewrote
-    for python_op, r_op in ((" ** ", "^"), (" // ", "%/%"), (" % ", "%%"), (" / ", "/")):
-        name = name.replace(python_op, r_op)
     pieces = []
     for piece in name.split(":"):
         match = _CATEGORY_COLUMN.match(piece)
-        pieces.append(match["var"] + match["level"] if match else piece)
+        if match:
+            pieces.append(_r_operators(match["var"]) + match["level"])
+        else:
+            pieces.append(_r_operators(piece))
     return ":".join(pieces)
 
 
@@ -74,6 +85,18 @@ class RandomTerm:
     level_variance: np.ndarray | None = None  # diag(K) when known (1 + F for a pedigree)
     z_spec: object = None                      # formulaic ModelSpec of the term's covariates
     factors: tuple = ()                        # data columns forming the grouping factor
+    #: the covariance structure of the k coefficients (:mod:`henderson.covariance`);
+    #: lme4's unstructured one unless the formula names another
+    structure: CovarianceStructure | None = None
+    #: the term as the formula wrote it (``"ar1(0 + timef | subj)"``)
+    label: str = ""
+    #: the formulaic spec of the covariates (``"0 + Machine"``: formulaic's own
+    #: ``str(z_spec.formula)`` drops the ``0 +``)
+    covariates: str = ""
+
+    def __post_init__(self):
+        if self.structure is None:
+            self.structure = covariance_structure("us", self.z.shape[1], self.coef_names)
 
     @property
     def n_levels(self) -> int:
@@ -85,8 +108,7 @@ class RandomTerm:
 
     @property
     def n_theta(self) -> int:
-        k = self.n_coefs
-        return k * (k + 1) // 2
+        return self.structure.n_theta
 
     @property
     def n_columns(self) -> int:
@@ -94,23 +116,15 @@ class RandomTerm:
         return self.n_levels * self.n_coefs
 
     def theta_lower_bounds(self) -> np.ndarray:
-        """0 for diagonal elements of Λ_t, -inf for the off-diagonal ones."""
-        k = self.n_coefs
-        rows, cols = np.tril_indices(k)
-        order = np.lexsort((rows, cols))  # column by column, as lme4
-        return np.where(rows[order] == cols[order], 0.0, -np.inf)
+        """The structure's bounds: 0 for standard deviations (Λ's diagonal), −∞ else."""
+        return self.structure.lower_bounds()
 
     def theta_start(self) -> np.ndarray:
-        return np.where(np.isfinite(self.theta_lower_bounds()), 1.0, 0.0)
+        return self.structure.start()
 
     def relative_factor(self, theta_t: np.ndarray) -> np.ndarray:
         """The k x k lower-triangular Λ_t from this term's slice of θ."""
-        k = self.n_coefs
-        rows, cols = np.tril_indices(k)
-        order = np.lexsort((rows, cols))
-        lam = np.zeros((k, k))
-        lam[rows[order], cols[order]] = theta_t
-        return lam
+        return self.structure.relative_factor(np.asarray(theta_t, dtype=float))
 
     def level_block_indices(self, offset: int) -> tuple[np.ndarray, np.ndarray]:
         """Row and column indices in C of every level's k x k diagonal block, each of
@@ -158,6 +172,8 @@ class Design:
     offset: np.ndarray | None = None
     #: the ``offset=`` argument: a column name, "array" for values given per row, or None
     offset_argument: str | None = None
+    #: heterogeneous residual variances (``dispformula``), None for R = σ² W⁻¹
+    residual_model: ResidualModel | None = None
 
     @property
     def n_obs(self) -> int:
@@ -211,18 +227,35 @@ class Design:
         return np.concatenate([t.theta_start() for t in self.terms])
 
     @property
+    def n_dispersion(self) -> int:
+        """Parameters of the residual model (0 without a ``dispformula``)."""
+        return 0 if self.residual_model is None else self.residual_model.n_params
+
+    def parameter_lower_bounds(self) -> np.ndarray:
+        """Bounds of everything the optimisers estimate: θ, then γ."""
+        extra = self.residual_model.lower_bounds() if self.residual_model else np.zeros(0)
+        return np.concatenate([self.theta_lower_bounds(), extra])
+
+    def parameter_start(self) -> np.ndarray:
+        extra = self.residual_model.start() if self.residual_model else np.zeros(0)
+        return np.concatenate([self.theta_start(), extra])
+
+    @property
     def Z(self) -> sp.csc_matrix:
         """The random-effects model matrix, n x q, CSC."""
         return sp.hstack([t.z_matrix() for t in self.terms], format="csc")
 
 
-def factor_codes(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+def factor_codes(column: pd.Series, numbers_as_text: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """Integer codes (−1 for missing) and R labels of one grouping column.
 
-    Levels follow a categorical's category order, numbers sorted by value (also when
-    they come as text written as R writes numbers, e.g. ids read from a CSV as labels),
-    anything else sorted by label; values with the same label (5 and "5", 308 and
-    308.0) are one level, as in R, where a factor's levels are character strings.
+    Levels follow a categorical's category order, numbers sorted by value, anything
+    else sorted by label (R's order of character levels); values with the same label
+    (5 and "5", 308 and 308.0) are one level, as in R, where a factor's levels are
+    character strings. ``numbers_as_text`` (grouping factors) sorts text written as R
+    writes numbers by value too: ids read from a file as labels keep the order they
+    have as numbers (a choice of presentation; R would sort them as text).
     """
     if isinstance(column.dtype, pd.CategoricalDtype):
         codes = column.cat.codes.to_numpy().astype(np.int64)
@@ -234,7 +267,8 @@ def factor_codes(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
         labels = r_labels(values)
         if values.dtype.kind in "iuf":
             order = np.argsort(values, kind="stable")
-        elif len(labels) and all(_CANONICAL_NUMBER.fullmatch(v) for v in labels):
+        elif numbers_as_text and len(labels) and all(_CANONICAL_NUMBER.fullmatch(v)
+                                                     for v in labels):
             # numbers read as text (ids from a CSV read as labels) keep the order their
             # values would have, whichever way the file was read
             order = np.argsort(labels.astype(float), kind="stable")
@@ -292,7 +326,7 @@ def _grouping_factor(data: pd.DataFrame, bar: RandomBar) -> tuple[np.ndarray, pd
     parts: list[np.ndarray] = []      # per column, its code of every current level
     labels: list[np.ndarray] = []
     for name in bar.factors:
-        col_codes, col_labels = factor_codes(data[name])
+        col_codes, col_labels = factor_codes(data[name], numbers_as_text=True)
         used, codes = np.unique(codes * len(col_labels) + col_codes, return_inverse=True)
         parts = [part[used // len(col_labels)] for part in parts] + [used % len(col_labels)]
         labels.append(col_labels)
@@ -495,19 +529,13 @@ def _drop_aliased(X: np.ndarray, names: list[str], tol: float = 1e-7):
     if len(kept) == X.shape[1]:
         return X, names, []
     dropped = [names[j] for j in range(X.shape[1]) if j not in kept]
-    warnings.warn(
-        f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} "
-        f"column(s): {', '.join(dropped)}",
-        RankDeficiencyWarning,
-        stacklevel=3,
-    )
+    warn_dropped(dropped)
     return X[:, kept], [names[j] for j in kept], dropped
 
 
 def _drop_aliased_sparse(X: sp.csc_matrix, names: list[str], weights: np.ndarray):
     """:func:`_drop_aliased` for a sparse X, from X'WX
-    (:func:`~henderson.mme.independent_columns`)."""
-    from .mme import independent_columns
+    (:func:`~henderson.linalg.independent_columns`)."""
 
     if X.shape[1] == 0:
         return X, names, []
@@ -821,19 +849,27 @@ def random_term(bar: RandomBar, level_codes: np.ndarray, levels: pd.Index, z: np
     after the checks every design makes: columns, two levels, fewer random effects
     than observations."""
     if not coef_names:
-        raise FormulaError(f"random term ({bar.lhs} | {bar.group}) has no columns")
+        raise FormulaError(f"random term {bar.text} has no columns")
+    if bar.structure in ("ar1", "toep") and "(Intercept)" in coef_names:
+        raise FormulaError(f"{bar.text}: an {bar.structure} term runs over the columns of a "
+                           "factor; write it without an intercept, e.g. "
+                           f"{bar.structure}(0 + f | {bar.group})")
     term = RandomTerm(bar.group, level_codes, levels, z, coef_names, z_spec=z_spec,
-                      factors=bar.factors)
+                      factors=bar.factors, label=bar.text, covariates=bar.lhs,
+                      structure=covariance_structure(bar.structure, len(coef_names),
+                                                     coef_names))
     if known is not None:
         term.level_precision = known.precision()
         term.logdet_level_covariance = known.logdet()
         term.level_variance = known.diagonal()
         return term
     check_levels(bar, levels)
-    if term.n_columns >= n_obs:
+    # a structure with a few parameters (cs, ar1, toep) is identifiable even with one
+    # record per random effect; lme4's refusal is for free variances per coefficient
+    if bar.structure in ("us", "diag") and term.n_columns >= n_obs:
         raise DataError(
             f"number of observations (={n_obs}) <= number of random effects "
-            f"(={term.n_columns}) for term ({bar.lhs} | {bar.group}); the "
+            f"(={term.n_columns}) for term {bar.text}; the "
             "random-effects parameters and the residual variance are unidentifiable"
         )
     return term
@@ -847,6 +883,38 @@ def as_parsed_formula(formula) -> ParsedFormula:
         raise FormulaError(f"formula must be a string such as 'y ~ x + (1 | g)', got "
                            f"{type(formula).__name__}")
     return parse_formula(formula)
+
+
+def _dispersion_spec(dispformula) -> str | None:
+    """The right-hand side of a ``dispformula`` ("~ Sex" -> "Sex"); None for none."""
+    if dispformula is None:
+        return None
+    if not isinstance(dispformula, str) or "~" not in dispformula:
+        raise FormulaError(f"dispformula must be a one-sided formula such as '~ Sex', got "
+                           f"{dispformula!r}")
+    left, _, right = dispformula.partition("~")
+    if left.strip() or not right.strip():
+        raise FormulaError(f"dispformula must be a one-sided formula such as '~ Sex', got "
+                           f"{dispformula!r}")
+    spec = python_expression(right.strip())
+    return None if spec.strip() == "1" else spec
+
+
+def residual_model(spec: str, frame: pd.DataFrame, dispformula: str) -> ResidualModel:
+    """The residual model of a ``dispformula``: its model matrix on the rows (with an
+    intercept) and a label for each group of rows that share a residual variance."""
+    matrix, names, model_spec = _model_matrix(spec, r_factor_columns(
+        frame, spec_variables(spec, frame.columns)))
+    try:
+        model = ResidualModel(matrix, names, dispformula, model_spec)
+    except ValueError as exc:
+        raise FormulaError(str(exc)) from None
+    if model.patterns is not None:
+        variables = spec_variables(spec, frame.columns)
+        first = [int(np.flatnonzero(model.group_codes == g)[0])
+                 for g in range(len(model.patterns))]
+        model.labels = [":".join(str(frame[v].iloc[i]) for v in variables) for i in first]
+    return model
 
 
 def lme4_term_order(n_levels: list[int]) -> list[int]:
@@ -875,6 +943,7 @@ def build_design(
     relationships: dict | None = None,
     sparse_fixed: bool | str = "auto",
     offset: str | np.ndarray | None = None,
+    dispformula: str | None = None,
 ) -> Design:
     """Build the arrays of a linear mixed model from a formula and a DataFrame.
 
@@ -899,6 +968,9 @@ def build_design(
     offset : str or array, optional
         A known term of the mean, added to the formula's ``offset(...)`` terms: a
         column name or one value per row. ``y`` holds the response less the offset.
+    dispformula : str, optional
+        Heterogeneous residual variances, as glmmTMB's: ``"~ Sex"`` gives
+        ``log σ²_i = γ₀ + γ_Female [Sex = Female]`` (:class:`~henderson.covariance.ResidualModel`).
 
     Returns
     -------
@@ -929,7 +1001,11 @@ def build_design(
                             f"got shape {values.shape}")
         offset = "(offset)"  # a column, so that rows dropped for missing values go too
         data = data.assign(**{offset: values})
-    columns = list(dict.fromkeys(_used_columns(parsed, data.columns) + ([offset] if offset else [])))
+    dispersion_spec = _dispersion_spec(dispformula)
+    dispersion_columns = spec_variables(dispersion_spec, data.columns, missing=True) \
+        if dispersion_spec else []
+    columns = list(dict.fromkeys(_used_columns(parsed, data.columns) + ([offset] if offset else [])
+                                 + dispersion_columns))
     check_data(data, parsed, columns)
     check_columns(columns, data.columns)
     frame, weight_values = select_rows(data, columns, weights, missing)
@@ -980,4 +1056,6 @@ def build_design(
         fixed_spec=fixed_spec,
         offset=offset_values,
         offset_argument=offset_argument,
+        residual_model=residual_model(dispersion_spec, frame, dispformula)
+        if dispersion_spec else None,
     )

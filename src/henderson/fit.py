@@ -15,13 +15,17 @@ import pandas as pd
 from scipy.sparse import issparse as sp_issparse
 
 from .design import Design, build_design
+from .aireml import ai_convergence_check, optimize_ai_reml
+from .blockdiag import BlockDiagonalObjective
+from .errors import DataError
 from .mme import MixedModelEquations, check_residual_variation
-from .objective import Objective
-from .optimize import (SETTINGS, OptimizerResult, ScaledProblem, ensure_convergence,
+from .objective import Objective, scalar_terms
+from .report import group_names
+from .results import LinearMixedModel
+from .schur import BlockEliminationEquations, schur_applies
+from .streaming import as_chunk_source, chunked_design
+from .optimize import (SETTINGS, OptimizerSettings, ScaledProblem, ensure_convergence,
                        optimize_bobyqa, optimize_lbfgs, optimize_scipy, theta_scale)
-
-#: from this many rows ``optimizer="auto"`` takes the quasi-Newton optimiser
-LBFGS_MIN_ROWS = SETTINGS.lbfgs_min_rows
 
 
 def load_compiled_kernels() -> None:
@@ -69,8 +73,6 @@ def moment_start(design: Design, xp) -> np.ndarray | None:
     (0.276, 0.435), where lme4 starts from (1, 1)), and it saves the Newton-type
     optimisers half their iterations.
     """
-    from .objective import scalar_terms
-
     if not scalar_terms(design) or design.n_fixed == 0 or sp_issparse(xp.xx):
         return None
     n = float(np.sum(xp.diagonal[0][:, 0, 0]))
@@ -115,8 +117,6 @@ def moment_start(design: Design, xp) -> np.ndarray | None:
 
 def theta_from_variances(design: Design, variances: dict) -> tuple[np.ndarray, float]:
     """θ and σ for known variances: ``Λ_t = chol(Σ_t / σ²_e)``."""
-    from .results import _group_names
-
     if not isinstance(variances, dict):
         raise TypeError("fixed_variances must be a dict of variances by term, with "
                         f"'residual', got {type(variances).__name__}")
@@ -130,7 +130,7 @@ def theta_from_variances(design: Design, variances: dict) -> tuple[np.ndarray, f
     if residual is None or not np.isfinite(residual) or residual <= 0:
         raise ValueError("fixed_variances needs a positive, finite 'residual' variance, "
                          f"got {residual!r}")
-    names = _group_names(design)
+    names = group_names(design)
     theta = []
     for name, term in zip(names, design.terms):
         value = given.pop(name, None)
@@ -152,11 +152,10 @@ def theta_from_variances(design: Design, variances: dict) -> tuple[np.ndarray, f
         if eigen.min() < -1e-12 * max(1.0, float(np.abs(eigen).max())):
             raise ValueError(f"fixed_variances[{name!r}] is not positive semi-definite "
                              "(a negative variance?)")
-        lam = np.linalg.cholesky(cov / residual + 1e-300 * np.eye(term.n_coefs)) \
-            if eigen.min() > 0 else np.sqrt(np.maximum(cov / residual, 0))
-        rows, cols = np.tril_indices(term.n_coefs)
-        order = np.lexsort((rows, cols))
-        theta.extend(lam[rows[order], cols[order]])
+        try:
+            theta.extend(term.structure.theta_from_covariance(cov / residual))
+        except ValueError as exc:
+            raise ValueError(f"fixed_variances[{name!r}]: {exc}") from None
     if given:
         raise ValueError(f"fixed_variances names unknown terms: {', '.join(map(str, given))}")
     return np.array(theta), float(np.sqrt(residual))
@@ -196,11 +195,12 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
                ordering: str = "auto", start: np.ndarray | None = None,
                verbose: bool | int = False, method: str = "mme",
                fixed_variances: dict | None = None, strategy: str = "auto",
-               crossproducts=None):
+               crossproducts=None, settings: OptimizerSettings = SETTINGS):
     """Fit a model whose :class:`Design` is already built (lme4's modular route).
 
     ``crossproducts`` (:class:`~henderson.mme.CrossProducts`) are given for a design
-    without rows (chunked and Dask fits).
+    without rows (chunked and Dask fits). ``settings`` are the optimisers' tolerances
+    (:class:`~henderson.optimize.OptimizerSettings`; profiles refit without exploring).
 
     ``fixed_variances`` (grouping factor or VarCorr name -> variance, or k x k
     covariance; plus ``"residual"``) skips estimation: the MME are solved once at the
@@ -213,12 +213,8 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
     -------
     LinearMixedModel
     """
-    from .results import LinearMixedModel
-
     timings = {}
     t0 = time.perf_counter()
-    from .schur import BlockEliminationEquations, schur_applies
-
     check_options(reml=reml, optimizer=optimizer, ordering=ordering, method=method,
                   strategy=strategy, verbose=verbose)
     if strategy == "schur" or (strategy == "auto" and schur_applies(design)):
@@ -228,6 +224,11 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
     timings["mme_setup"] = time.perf_counter() - t0
     least_squares_sd = check_residual_variation(mme.xp, design.fixed_names)
     objective = Objective(mme, reml=reml)
+    if design.residual_model is not None and (fixed_variances is not None
+                                              or method != "mme" or optimizer == "ai"):
+        raise ValueError("a dispformula model is fitted with method='mme' by BOBYQA or "
+                         "L-BFGS-B, its variances estimated (not fixed_variances, "
+                         "not AI-REML)")
     if fixed_variances is not None:
         theta, sigma = theta_from_variances(design, fixed_variances)
         t0 = time.perf_counter()
@@ -237,20 +238,17 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
         return model
     if method == "blockdiag":
         design.require_rows("method='blockdiag'")
-        from .blockdiag import BlockDiagonalObjective
-
         search = BlockDiagonalObjective(design, reml=reml)
-    elif method == "mme":
-        search = objective
     else:
-        raise ValueError(f"unknown method {method!r}; use 'mme' or 'blockdiag'")
-    lower = design.theta_lower_bounds()
+        search = objective
+    lower = design.parameter_lower_bounds()
     t0 = time.perf_counter()
     if optimizer == "auto":
         has_known = any(t.level_precision is not None for t in design.terms)
         one_coef = all(t.n_coefs == 1 for t in design.terms)
-        large = design.n_obs >= LBFGS_MIN_ROWS
-        if (has_known or large) and one_coef and reml and method == "mme":
+        large = design.n_obs >= settings.lbfgs_min_rows
+        if (has_known or large) and one_coef and reml and method == "mme" \
+                and design.residual_model is None:
             optimizer = "ai"
         elif method == "mme" and large:
             optimizer = "lbfgs"
@@ -258,26 +256,29 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
             optimizer = "bobyqa"
     if optimizer == "lbfgs" and method != "mme":
         raise ValueError("optimizer='lbfgs' needs method='mme'")
-    problem = ScaledProblem(objective, theta_scale(design, mme.xp), search)
+    n_params = design.n_theta + design.n_dispersion
+    problem = ScaledProblem(objective, np.concatenate(
+        [theta_scale(design, mme.xp), np.ones(design.n_dispersion)]), search)
     if start is not None:
         start = np.asarray(start, dtype=float).ravel()
-        if start.shape != (design.n_theta,) or not np.all(np.isfinite(start)):
-            raise ValueError(f"start must be {design.n_theta} finite values of θ, got {start}")
-    elif optimizer in ("ai", "lbfgs") and method == "mme":
+        if start.shape != (n_params,) or not np.all(np.isfinite(start)):
+            raise ValueError(f"start must be {n_params} finite values of θ (and γ), got "
+                             f"{start}")
+    elif optimizer in ("ai", "lbfgs") and method == "mme" and design.residual_model is None:
         # the Newton-type optimisers gain most from a start near the optimum
         start = moment_start(design, mme.xp)
     # lme4 starts at Λ_t = I; here Λ̃_t = I, the same for intercepts and, for slopes,
     # a start on the scale of the covariate
-    scaled_start = problem.to_scaled(start) if start is not None else design.theta_start()
+    scaled_start = problem.to_scaled(start) if start is not None else design.parameter_start()
     if optimizer == "ai":
-        from .aireml import optimize_ai_reml
-
         result = optimize_ai_reml(objective, problem.to_theta(scaled_start), verbose=verbose)
     else:
         if optimizer == "bobyqa":
-            result = optimize_bobyqa(problem.value, scaled_start, lower, verbose=verbose)
+            result = optimize_bobyqa(problem.value, scaled_start, lower, verbose=verbose,
+                                     settings=settings)
         elif optimizer == "lbfgs":
-            result = optimize_lbfgs(problem, scaled_start, lower, verbose=verbose)
+            result = optimize_lbfgs(problem, scaled_start, lower, verbose=verbose,
+                                    settings=settings)
         else:
             result = optimize_scipy(problem.value, scaled_start, lower, method=optimizer,
                                     verbose=verbose)
@@ -287,12 +288,11 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
     t0 = time.perf_counter()
     first_check = None
     if optimizer == "ai":
-        from .aireml import ai_convergence_check
-
         ai_result = result
         first_check = lambda scaled: ai_convergence_check(  # noqa: E731
             objective, problem.to_theta(scaled), ai_result)
-    result = ensure_convergence(problem, result, lower, first_check=first_check)
+    result = ensure_convergence(problem, result, lower, settings, first_check=first_check,
+                                tried_starts=[scaled_start])
     timings["convergence_check"] = time.perf_counter() - t0
     theta = np.maximum(result.theta, lower)
     t0 = time.perf_counter()
@@ -300,8 +300,6 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
     timings["results"] = time.perf_counter() - t0
     # the random effects fit y exactly: σ → 0 and θ → ∞, the objective unbounded below
     if not np.isfinite(model.objective) or model.sigma < 1e-7 * least_squares_sd:
-        from .errors import DataError
-
         raise DataError(
             "the residual variance is estimated as 0 (σ = "
             f"{model.sigma:.3g}, objective {model.objective:.6g}): the random effects fit "
@@ -317,7 +315,7 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
         verbose: bool | int = False, method: str = "mme",
         relationships: dict | None = None, sparse_fixed: bool | str = "auto",
         fixed_variances: dict | None = None, strategy: str = "auto",
-        offset: str | np.ndarray | None = None):
+        offset: str | np.ndarray | None = None, dispformula: str | None = None):
     """Fit a linear mixed model with lme4's formula syntax.
 
     Parameters
@@ -364,6 +362,11 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
         A known term of the mean, as lme4's ``offset=``: a column name or one value
         per row (chunked fits: a column name); added to the formula's ``offset(...)``
         terms.
+    dispformula : str, optional
+        Heterogeneous residual variances, as glmmTMB's ``dispformula``: ``"~ Sex"``
+        gives each sex its own residual variance (``log σ²`` linear in the formula's
+        columns; ``m.dispersion`` and ``m.residual_variances`` report them). In memory
+        only; BOBYQA or L-BFGS-B.
     strategy : {"auto", "schur", "cholmod"}
         How C is factored: ``"schur"`` eliminates the largest grouping factor's
         block-diagonal part and factors the small dense rest (crossed designs);
@@ -384,8 +387,6 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
     >>> m.fixef.round(3).to_dict()
     {'(Intercept)': 251.405, 'Days': 10.467}
     """
-    from .streaming import as_chunk_source, chunked_design
-
     check_options(reml=reml, optimizer=optimizer, ordering=ordering, method=method,
                   strategy=strategy, verbose=verbose, missing=missing, sparse_fixed=sparse_fixed)
     t0 = time.perf_counter()
@@ -393,9 +394,12 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
     if source is None:
         design = build_design(formula, data, weights=weights, missing=missing,
                               relationships=relationships, sparse_fixed=sparse_fixed,
-                              offset=offset)
+                              offset=offset, dispformula=dispformula)
         crossproducts = None
     else:
+        if dispformula is not None:
+                raise DataError("a dispformula model is fitted in memory (its weights change "
+                            "the cross-products with the parameters); pass a DataFrame")
         design, crossproducts = chunked_design(
             formula, source, weights=weights, missing=missing, relationships=relationships,
             sparse_fixed=sparse_fixed, verbose=bool(verbose), offset=offset)
@@ -409,5 +413,6 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
                       missing=missing, optimizer=optimizer, ordering=ordering,
                       method=method, relationships=relationships,
                       sparse_fixed=sparse_fixed, fixed_variances=fixed_variances,
-                      strategy=strategy, offset=offset)
+                      strategy=strategy, offset=offset, dispformula=dispformula)
+    model.fit_function = lmm
     return model

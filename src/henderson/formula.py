@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from .covariance import STRUCTURES
 from .errors import FormulaError
 
 _NAME = re.compile(r"^[A-Za-z_.][A-Za-z0-9_.]*$")
@@ -37,11 +38,21 @@ class RandomBar:
         The grouping expression as written, e.g. ``"Subject"`` or ``"batch:cask"``.
     factors : tuple of str
         The data columns whose interaction forms the grouping factor.
+    structure : str
+        The covariance structure of the term's coefficients: ``"us"`` for lme4's
+        ``(lhs | group)``, or glmmTMB's ``us``/``diag``/``cs``/``ar1``/``toep`` written
+        around the bar (``ar1(0 + f | g)``); see :mod:`henderson.covariance`.
     """
 
     lhs: str
     group: str
     factors: tuple[str, ...]
+    structure: str = "us"
+
+    @property
+    def text(self) -> str:
+        bar = f"({self.lhs} | {self.group})"
+        return bar if self.structure == "us" else f"{self.structure}{bar}"
 
 
 @dataclass(frozen=True)
@@ -64,7 +75,7 @@ class ParsedFormula:
         if self.source:
             return self.source
         parts = [self.fixed] + [f"offset({o})" for o in self.offsets] \
-            + [f"({b.lhs} | {b.group})" for b in self.bars]
+            + [b.text for b in self.bars]
         return f"{self.response} ~ " + " + ".join(parts)
 
     @property
@@ -74,8 +85,14 @@ class ParsedFormula:
 
 
 # ---------------------------------------------------------------- R expressions
+#: a term written as a call around a bar: glmmTMB's covariance structures (and others,
+#: refused by name)
+_STRUCTURE_CALL = re.compile(r"([A-Za-z][A-Za-z0-9_.]*)\s*\((.*)\)", flags=re.S)
+
 _R_OPERATORS = (("%/%", "//"), ("%%", "%"), ("^", "**"))
-_R_CONSTANTS = {"TRUE": "True", "FALSE": "False", "T": "True", "F": "False"}
+#: R's logical constants (not T and F, which R lets a data column mask: a column named
+#: T is read as the column, as R reads it)
+_R_CONSTANTS = {"TRUE": "True", "FALSE": "False"}
 _WORD = re.compile(r"[A-Za-z_.][A-Za-z0-9_.]*")
 
 
@@ -308,7 +325,20 @@ def parse_formula(formula: str) -> ParsedFormula:
         if term == "." or re.search(r"(^|[\s+*:(])\.($|[\s+*:)-])", term):
             raise FormulaError("'.' (all other columns) is not supported in formulas; "
                                "name the columns")
-        inside = _strip_outer_parens(term)
+        structure = "us"
+        call = _STRUCTURE_CALL.fullmatch(term)
+        if call and "|" in call.group(2) and _strip_outer_parens(term[len(call.group(1)):]):
+            structure = call.group(1)
+            if structure not in STRUCTURES:
+                raise FormulaError(
+                    f"covariance structure {structure!r} in {term!r} is not one henderson "
+                    f"fits; it has {', '.join(STRUCTURES)}")
+            inside = call.group(2).strip()
+            if "||" in inside:
+                raise FormulaError(f"{term!r}: '||' inside a structure; write "
+                                   f"diag(...) for independent coefficients")
+        else:
+            inside = _strip_outer_parens(term)
         if inside is None or "|" not in inside:
             if "|" in term:
                 raise FormulaError(f"random term {term!r} must be wrapped in parentheses")
@@ -322,7 +352,7 @@ def parse_formula(formula: str) -> ParsedFormula:
         lhs_terms = _split_top_level(lhs, "+")
         for gname, factors in _expand_group(group):
             if not double:
-                bars.append(RandomBar(lhs, gname, factors))
+                bars.append(RandomBar(lhs, gname, factors, structure))
                 continue
             covariates = [t for t in lhs_terms if t not in ("0", "1", "-1")]
             if _lhs_has_intercept(lhs_terms):

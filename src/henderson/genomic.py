@@ -158,7 +158,7 @@ class RelationshipMatrix:
             else:
                 from sksparse.cholmod import CholmodError
 
-                from .mme import cholmod_analyze, cholmod_refactor
+                from .linalg import cholmod_analyze, cholmod_refactor
 
                 lower = sp.tril(self.precision()).tocsc()
                 try:

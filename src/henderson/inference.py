@@ -6,6 +6,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .design import _model_matrix, r_factor_columns, spec_variables
+
 
 def anova(*models, refit: bool = True) -> pd.DataFrame:
     """Likelihood-ratio tests between nested models, as lme4's ``anova(m0, m1, ...)``.
@@ -181,12 +183,10 @@ def _contrast_matrix(contrasts, fixed_names) -> np.ndarray:
     names."""
     p = len(fixed_names)
     if isinstance(contrasts, pd.DataFrame):
-        absent = [c for c in fixed_names if c not in contrasts.columns]
         extra = [c for c in contrasts.columns if c not in fixed_names]
         if extra:
             raise ValueError(f"contrasts name columns that are not fixed effects: {extra}")
         contrasts = contrasts.reindex(columns=fixed_names, fill_value=0.0)
-        del absent
     try:
         L = np.atleast_2d(np.asarray(contrasts, dtype=float))
     except (TypeError, ValueError) as exc:
@@ -256,7 +256,6 @@ def type3_anova(model) -> pd.DataFrame:
     """
     import re
 
-    import formulaic
     import scipy.sparse as sp
 
     call = getattr(model, "call", None)
@@ -267,24 +266,26 @@ def type3_anova(model) -> pd.DataFrame:
         raise ValueError("type III tests need a dense, full-rank X")
     frame = call["data"].loc[design.row_index]
     spec = design.formula.fixed
-    for name in sorted(formulaic.Formula(spec).required_variables, key=len, reverse=True):
-        column = frame[name]
-        if (isinstance(column.dtype, pd.CategoricalDtype) or column.dtype == object
-                or pd.api.types.is_string_dtype(column)):
-            spec = re.sub(rf"(?<![\w.]){re.escape(name)}(?![\w.(])",
+    variables = spec_variables(spec, frame.columns)
+    frame = r_factor_columns(frame, variables)  # R's factor levels, as the fit had them
+    # sum-to-zero coding of every factor: categorical columns and factor(...) calls
+    spec = re.sub(r"(?<![\w.])((?:factor|as\.factor|as_factor)\([^()]*\))",
+                  r"C(\1, contr.sum)", spec)
+    for name in sorted(variables, key=len, reverse=True):
+        if isinstance(frame[name].dtype, pd.CategoricalDtype):
+            spec = re.sub(rf"(?<![\w.(]){re.escape(name)}(?![\w.(])",
                           f"C({name}, contr.sum)", spec)
-    summed = formulaic.model_matrix(spec, frame, na_action="raise")
-    X_sum = np.asarray(summed, dtype=float)
+    X_sum, _, summed_spec = _model_matrix(spec, frame)
     if X_sum.shape[1] != design.n_fixed:
         raise ValueError("sum-to-zero and fitted codings span different spaces")
     M = np.linalg.lstsq(design.X, X_sum, rcond=None)[0]
     M_inverse = np.linalg.inv(M)
     rows = {}
-    for term, columns in summed.model_spec.term_indices.items():
+    for term, columns in summed_spec.term_indices.items():
         label = str(term)
         if label == "1":
             continue
-        label = re.sub(r"C\((\w[\w.]*), contr\.sum\)", r"\1", label)
+        label = re.sub(r"C\((.+?), contr\.sum\)", r"\1", label).replace("`", "")
         rows[label] = f_test(model, M_inverse[columns])
     return pd.DataFrame(rows).T
 
@@ -347,7 +348,7 @@ def kenward_roger(model, contrasts=None) -> pd.DataFrame:
             Lambda += W[i, j] * Phi @ (Q[i, j] - P[i] @ Phi @ P[j]) @ Phi
     Phi_A = Phi + 2 * Lambda
     p = design.n_fixed
-    L = np.eye(p) if contrasts is None else np.atleast_2d(np.asarray(contrasts, dtype=float))
+    L = np.eye(p) if contrasts is None else _contrast_matrix(contrasts, design.fixed_names)
     beta = model.fixef.to_numpy()
     rows = []
     for row in L:

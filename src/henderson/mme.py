@@ -8,8 +8,8 @@ the fixed sparsity pattern of
 
 (lower triangle, CSC, rows and columns already in the fill-reducing order, fixed
 effects last), the map from every cross-product entry to its slot in ``C.data``, and
-the CHOLMOD factor: ``analyze`` once, ``cholesky_inplace`` for every θ. Every call
-into scikit-sparse lives in this module.
+the CHOLMOD factor: ``analyze`` once, ``cholesky_inplace`` for every θ (through
+``linalg.py``, the one caller of scikit-sparse).
 """
 from __future__ import annotations
 
@@ -24,44 +24,9 @@ import scipy.sparse as sp
 
 from . import kernels
 from .design import Design
-
-
-# ---------------------------------------------------------------- CHOLMOD access
-def _cholmod():
-    from sksparse import cholmod
-
-    return cholmod
-
-
-def cholmod_analyze(matrix: sp.csc_matrix, ordering: str = "natural", mode: str = "auto"):
-    """Symbolic analysis of a symmetric matrix given by its lower triangle."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return _cholmod().analyze(matrix, mode=mode, ordering_method=ordering)
-
-
-def cholmod_refactor(factor, matrix: sp.csc_matrix) -> None:
-    """Numeric factorisation into an existing symbolic factor (same pattern)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        factor.cholesky_inplace(matrix)
-
-
-def cholmod_lower_factor(factor) -> sp.csc_matrix:
-    """``L`` with ``L L' = P C P'`` as CSC (from a copy: converting a supernodal
-    factor in place would make later refactorisations simplicial)."""
-    lower = factor.copy().L().tocsc()
-    if not lower.has_sorted_indices:
-        lower.sort_indices()
-    return lower
-
-
-def cholmod_permutation(factor) -> np.ndarray:
-    return np.asarray(factor.P(), dtype=np.int64)
-
-
-class NotPositiveDefiniteError(np.linalg.LinAlgError):
-    pass
+from .errors import DataError
+from .linalg import (NotPositiveDefiniteError, cholmod_analyze, cholmod_lower_factor,
+                     cholmod_permutation, cholmod_refactor, independent_columns)
 
 
 _ONE = np.ones((1, 1))
@@ -98,8 +63,10 @@ class CrossProducts:
     sum_log_weights: float
     x_nonzeros: np.ndarray
     fixed_shift: np.ndarray | None = None
-    #: max |y| of the (unshifted) response: the scale an exact fit is judged on
+    #: max |y|·√w of the (unshifted) response: the scale an exact fit is judged on
     response_scale: float = np.nan
+    #: the smallest and largest response (a constant one has them equal)
+    response_range: tuple = (np.nan, np.nan)
 
     @classmethod
     def from_design(cls, design: Design, fixed_shift: np.ndarray | None = None
@@ -119,6 +86,7 @@ class CrossProducts:
         y = np.asarray(design.y, dtype=np.float64)
         # the weighted scale: uniform weights of 1e-100 only rescale σ
         response_scale = float(np.sqrt(np.max(w * y * y))) if len(y) else 0.0
+        response_range = (float(y.min()), float(y.max())) if len(y) else (np.nan, np.nan)
         if p and np.any(fixed_shift != 0):
             y = y - np.asarray(X @ fixed_shift).ravel()
         y = np.ascontiguousarray(y)
@@ -178,6 +146,7 @@ class CrossProducts:
                         else np.count_nonzero(X, axis=0)).astype(np.int64),
             fixed_shift=fixed_shift,
             response_scale=response_scale,
+            response_range=response_range,
         )
 
 
@@ -202,6 +171,8 @@ class CrossProducts:
         self.yy += other.yy
         self.n_obs += other.n_obs
         self.response_scale = float(np.nanmax([self.response_scale, other.response_scale]))
+        self.response_range = (float(np.nanmin([self.response_range[0], other.response_range[0]])),
+                               float(np.nanmax([self.response_range[1], other.response_range[1]])))
         self.sum_log_weights += other.sum_log_weights
         self.x_nonzeros = self.x_nonzeros + other.x_nonzeros
         return self
@@ -239,13 +210,101 @@ class CrossProducts:
                                    x_nonzeros=self.x_nonzeros[keep], fixed_shift=shift[keep])
 
 
+class DispersionCrossProducts:
+    """Cross-products as functions of a residual model's γ (``W = w exp(−Dγ)``): rows
+    with the same dispersion pattern share their weight's factor, so the cross-products
+    of each group are computed once and combined per γ; without groups (a continuous
+    dispersion covariate) they are recomputed from the rows. The shift β₀ of the
+    response is that of the prior weights' fit, the same for every γ."""
+
+    def __init__(self, design: Design, residual, base: CrossProducts):
+        self.design, self.residual, self.base = design, residual, base
+        self.prior = np.asarray(design.weights, dtype=np.float64)
+        self.groups = None
+        if residual.patterns is not None:
+            self.groups = []
+            for g in range(len(residual.patterns)):
+                rows = np.flatnonzero(residual.group_codes == g)
+                part = CrossProducts.from_design(_rows_of(design, rows), base.fixed_shift)
+                self.groups.append(_aligned(part, base))
+        self.gamma = None
+
+    def at(self, gamma: np.ndarray) -> CrossProducts:
+        gamma = np.asarray(gamma, dtype=np.float64)
+        if self.groups is None:
+            weights = self.residual.weights(self.prior, gamma)
+            return CrossProducts.from_design(dataclasses.replace(self.design, weights=weights),
+                                             self.base.fixed_shift)
+        factors = np.exp(-self.residual.patterns @ gamma)
+        parts = self.groups
+        total = copy.deepcopy(parts[0])
+        _scale_into(total, parts[0], factors[0], first=True)
+        for part, factor in zip(parts[1:], factors[1:]):
+            _scale_into(total, part, factor)
+        total.sum_log_weights = float(sum(p.sum_log_weights + p.n_obs * np.log(f)
+                                          for p, f in zip(parts, factors)))
+        total.n_obs = self.base.n_obs
+        total.response_scale = self.base.response_scale
+        total.response_range = self.base.response_range
+        return total
+
+
+def _rows_of(design: Design, rows: np.ndarray) -> Design:
+    """The design restricted to some rows (every level kept)."""
+    terms = [dataclasses.replace(t, level_codes=t.level_codes[rows], z=t.z[rows])
+             for t in design.terms]
+    X = design.X[rows] if not sp.issparse(design.X) else design.X.tocsr()[rows].tocsc()
+    return dataclasses.replace(design, y=design.y[rows], X=X, weights=design.weights[rows],
+                               terms=terms, row_index=None)
+
+
+def _aligned(part: CrossProducts, total: CrossProducts) -> CrossProducts:
+    """A part's cross-products on the total's (level, level) and (level, column) pairs
+    (zeros where the part has none), so that parts combine by adding arrays."""
+    def align(pairs_blocks, total_pairs_blocks, n_cols):
+        pairs, blocks = pairs_blocks
+        total_pairs, total_blocks = total_pairs_blocks
+        out = np.zeros_like(total_blocks)
+        keys = total_pairs[:, 0].astype(np.int64) * n_cols + total_pairs[:, 1]
+        position = np.searchsorted(keys, pairs[:, 0].astype(np.int64) * n_cols + pairs[:, 1])
+        out[position] = blocks
+        return total_pairs, out
+
+    n_fixed = total.xy.shape[0]
+    zx = [align(p, t, n_fixed) for p, t in zip(part.zx, total.zx)]
+    crossed = {key: align(part.crossed[key], value, total.diagonal[key[1]].shape[0])
+               for key, value in total.crossed.items()}
+    return dataclasses.replace(part, zx=zx, crossed=crossed)
+
+
+def _scale_into(total: CrossProducts, part: CrossProducts, factor: float,
+                first: bool = False) -> None:
+    """total (+)= factor · part, array by array (pairs already aligned)."""
+    def update(target, source):
+        if first:
+            target[...] = factor * source
+        else:
+            target += factor * source
+
+    for t in range(len(total.diagonal)):
+        update(total.diagonal[t], part.diagonal[t])
+        update(total.zy[t], part.zy[t])
+        update(total.zx[t][1], part.zx[t][1])
+    for key in total.crossed:
+        update(total.crossed[key][1], part.crossed[key][1])
+    if sp.issparse(total.xx):
+        total.xx = factor * part.xx if first else total.xx + factor * part.xx
+    else:
+        update(total.xx, part.xx)
+    update(total.xy, part.xy)
+    total.yy = factor * part.yy if first else total.yy + factor * part.yy
+
+
 def check_residual_variation(xp: CrossProducts, fixed_names) -> float:
     """A :class:`~henderson.errors.DataError` when the fixed effects fit the response
     exactly (a constant response, or y a combination of the covariates): no variance
     is left to estimate, and the objective would run to −inf. Returns the residual SD
     of the least-squares fit of the fixed effects (NaN for a sparse X)."""
-    from .errors import DataError
-
     if sp.issparse(xp.xx) or not np.isfinite(xp.response_scale):
         return np.nan
     xx = np.asarray(xp.xx)
@@ -254,11 +313,8 @@ def check_residual_variation(xp: CrossProducts, fixed_names) -> float:
     floor = xp.n_obs * (1e-12 * xp.response_scale) ** 2
     if rss <= floor:
         names = list(fixed_names)
-        constant = len(names) <= 1
-        if "(Intercept)" in names:  # the intercept alone fits it: y is constant
-            i = names.index("(Intercept)")
-            constant = xp.yy - xp.xy[i] ** 2 / xx[i, i] <= floor
-        what = "is constant" if constant else \
+        low, high = xp.response_range
+        what = "is constant" if low == high else \
             f"is fitted exactly by the fixed effects ({', '.join(names)})"
         raise DataError(f"the response {what}: there is no variation left for the "
                         "random effects and the residual")
@@ -306,83 +362,6 @@ def response_shift(X, y: np.ndarray, weights: np.ndarray, fixed_names=()) -> np.
         shift[keep] += step
         residual = y - X @ shift
     return shift
-
-
-def independent_columns(gram, tol: float = 1e-7, block: int = 256) -> list[int]:
-    """Columns to keep of a Gram matrix X'WX (dense or sparse): a column goes when its
-    squared residual on the kept earlier columns (a Schur complement of X'WX) is below
-    ``tol²`` times its squared norm, so that of two aliased columns the later goes, as
-    R's ``qr()``.
-
-    A sparse X'WX is first factored by CHOLMOD (fill-reducing order): with every pivot
-    healthy it has full rank and all columns are kept at once. Otherwise (and for a
-    dense one) a Cholesky factor of the kept columns grows block by block (BLAS-3 for
-    the blocks, the greedy choice inside each): O(p³/3) flops in all.
-    """
-    from .errors import DataError
-
-    if sp.issparse(gram):
-        gram = sp.csc_matrix(gram, dtype=np.float64)
-        if _full_rank_sparse(gram, tol):
-            return list(range(gram.shape[0]))
-        if gram.shape[0] > DENSE_ALIASING_LIMIT:
-            raise DataError(
-                f"the {gram.shape[0]} fixed-effect columns are linearly dependent "
-                "(aliased), too many to find which to drop; remove nested or redundant "
-                "fixed factors")
-        gram = gram.toarray()
-    import scipy.linalg
-
-    gram = np.asarray(gram, dtype=np.float64)
-    p = gram.shape[0]
-    kept: list[int] = []
-    factor = np.zeros((p, p))  # the kept columns' lower Cholesky factor, grown in place
-    for start in range(0, p, block):
-        cols = np.arange(start, min(start + block, p))
-        k = len(kept)
-        cross = scipy.linalg.solve_triangular(factor[:k, :k], gram[np.ix_(kept, cols)],
-                                              lower=True) if k else np.zeros((0, len(cols)))
-        schur = gram[np.ix_(cols, cols)] - cross.T @ cross
-        local: list[int] = []
-        local_factor = np.zeros((len(cols), len(cols)))
-        for a, j in enumerate(cols):
-            norm2 = gram[j, j]
-            if not norm2 > 0:
-                continue
-            m = len(local)
-            row = scipy.linalg.solve_triangular(local_factor[:m, :m], schur[local, a],
-                                                lower=True) if m else np.zeros(0)
-            residual2 = schur[a, a] - float(row @ row)
-            if residual2 > tol * tol * norm2:
-                local_factor[m, :m] = row
-                local_factor[m, m] = np.sqrt(residual2)
-                local.append(a)
-        m = len(local)
-        factor[k:k + m, :k] = cross[:, local].T
-        factor[k:k + m, k:k + m] = local_factor[:m, :m]
-        kept.extend(int(c) for c in cols[local])
-    return kept
-
-
-#: above this many fixed-effect columns aliasing is detected but not resolved (the
-#: search for the columns to drop is dense: 8 p² bytes)
-DENSE_ALIASING_LIMIT = 8000
-
-
-def _full_rank_sparse(gram: sp.csc_matrix, tol: float) -> bool:
-    """Whether CHOLMOD factors X'WX with every squared pivot above ``tol²`` times its
-    diagonal entry (full rank, whatever the order of the columns)."""
-    diagonal = gram.diagonal()
-    if np.any(diagonal <= 0):
-        return False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            factor = _cholmod().cholesky(gram, ordering_method="amd")
-            pivots = factor.L().diagonal() ** 2
-    except Exception:  # not positive definite
-        return False
-    return bool(np.all(pivots > tol * tol * diagonal[cholmod_permutation(factor)]))
 
 
 def _add_pair_blocks(into, other, n_cols: int):
@@ -714,10 +693,12 @@ class MixedModelEquations:
         xx_id = builder.add(q + xr, q + xc)
         self.indptr, self.indices, slots = builder.build(self.inverse_perm, self.size)
         nnz = len(self.indices)
-        self.constant_data = np.zeros(nnz)
+        self._precision_data = np.zeros(nnz)
         for ident, vals in prec_ids:
-            np.add.at(self.constant_data, slots[ident], vals)
-        np.add.at(self.constant_data, slots[xx_id], xx_values)
+            np.add.at(self._precision_data, slots[ident], vals)
+        self._xx_slots, self._xx_index = slots[xx_id], (xr, xc)
+        self.constant_data = self._precision_data.copy()
+        np.add.at(self.constant_data, self._xx_slots, xx_values)
         self.diag_positions = []
         for t, term in enumerate(design.terms):
             k = term.n_coefs
@@ -775,6 +756,17 @@ class MixedModelEquations:
             clone.factor = self.factor.copy()
         clone._random_factor = None
         return clone
+
+    def set_crossproducts(self, crossproducts: CrossProducts) -> None:
+        """Cross-products of the same rows and pattern with other weights (a residual
+        model's W(γ)); the factor is refreshed at the next :meth:`factorize`."""
+        self.xp = crossproducts
+        rows, cols = self._xx_index
+        xx = crossproducts.xx
+        values = np.asarray(xx.tocsr()[rows, cols]).ravel() if sp.issparse(xx) else xx[rows, cols]
+        self.constant_data = self._precision_data.copy()
+        np.add.at(self.constant_data, self._xx_slots, values)
+        self.theta = None
 
     # -- values
     def relative_factors(self, theta: np.ndarray) -> list[np.ndarray]:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import kernels
-from .mme import MixedModelEquations, NotPositiveDefiniteError
+from .linalg import NotPositiveDefiniteError
+from .mme import DispersionCrossProducts, MixedModelEquations
 
 
 @dataclass
@@ -32,6 +33,10 @@ class Evaluation:
 class Objective:
     """θ → −2 log (restricted) likelihood, σ² profiled out.
 
+    The parameters are θ (the random terms' covariance structures) followed, for a
+    model with a residual model (``dispformula``), by its log-ratios γ: W(γ) changes
+    the cross-products, which are then swapped into the equations (``set_dispersion``).
+
     Parameters
     ----------
     mme : MixedModelEquations
@@ -44,20 +49,50 @@ class Objective:
         design = mme.design
         self.n_obs = design.n_obs
         self.dof = design.n_obs - design.n_fixed if reml else design.n_obs
-        self.constant = (
-            sum(t.n_coefs * t.logdet_level_covariance for t in design.terms)
-            - mme.xp.sum_log_weights
-        )
+        self.n_theta = design.n_theta
+        self.residual = getattr(design, "residual_model", None)
+        self._level_constant = sum(t.n_coefs * t.logdet_level_covariance
+                                   for t in design.terms)
+        self._dispersion = None
+        self.gamma = np.zeros(0)
+        if self.residual is not None:
+            self._dispersion = DispersionCrossProducts(design, self.residual, mme.xp)
+            self.gamma = self.residual.start()
         self.n_evaluations = 0
         self.history: list[tuple[np.ndarray, float]] = []
 
-    def evaluate(self, theta: np.ndarray, fixed_inverse: bool = True) -> Evaluation:
-        """Factor C(θ) and compute the objective.
+    @property
+    def constant(self) -> float:
+        """``Σ k_t log|K_t| − log|W|`` at the current weights."""
+        return self._level_constant - self.mme.xp.sum_log_weights
+
+    @property
+    def n_parameters(self) -> int:
+        return self.n_theta + len(self.gamma)
+
+    def set_dispersion(self, gamma: np.ndarray) -> None:
+        """Move the residual model to γ (cross-products of W(γ) into the equations)."""
+        gamma = np.asarray(gamma, dtype=np.float64)
+        if not np.array_equal(gamma, self.gamma):
+            self.mme.set_crossproducts(self._dispersion.at(gamma))
+            self.gamma = gamma.copy()
+
+    def _theta(self, params: np.ndarray) -> np.ndarray:
+        """θ of a parameter vector, setting γ when the vector carries it."""
+        params = np.asarray(params, dtype=np.float64)
+        if self._dispersion is not None and len(params) > self.n_theta:
+            self.set_dispersion(params[self.n_theta:])
+        return params[:self.n_theta]
+
+    def evaluate(self, params: np.ndarray, fixed_inverse: bool = True) -> Evaluation:
+        """Factor C(θ) and compute the objective (θ, then γ when there is a residual
+        model; θ alone keeps the current γ).
 
         ``fixed_inverse=False`` skips ``(C⁻¹)_ββ``, which the objective itself never
         needs (ML takes ``log|C_zz|`` from a factor).
         """
         mme = self.mme
+        theta = self._theta(params)
         mme.factorize(theta)
         rhs = mme.rhs(theta)
         solution = mme.solve(rhs)
@@ -72,13 +107,13 @@ class Objective:
             value = (logdet + self.constant
                      + self.dof * (1.0 + np.log(2.0 * np.pi * prss / self.dof)))
         self.n_evaluations += 1
-        return Evaluation(np.array(theta, dtype=float), float(value), solution, prss,
+        return Evaluation(np.concatenate([theta, self.gamma]), float(value), solution, prss,
                           logdet_C, logdet_Czz, fixed_inverse)
 
     def __call__(self, theta: np.ndarray) -> float:
         try:
             value = self.evaluate(theta, fixed_inverse=False).objective
-        except NotPositiveDefiniteError:
+        except np.linalg.LinAlgError:  # C not positive definite, or Λ(θ) undefined there
             value = np.inf
         self.history.append((np.array(theta, dtype=float), value))
         return value
@@ -125,12 +160,39 @@ def _scalar_gradient(objective: Objective, theta: np.ndarray) -> tuple[float, np
 PAIR_SLICE = 1 << 16
 
 
-def objective_gradient(objective: Objective, theta: np.ndarray) -> tuple[float, np.ndarray]:
+#: step of the central differences in γ (log-ratios of residual variances)
+DISPERSION_STEP = 1e-5
+
+
+def objective_gradient(objective: Objective, params: np.ndarray) -> tuple[float, np.ndarray]:
+    """The objective and its gradient in (θ, γ): analytic in θ
+    (:func:`covariance_gradient`), central differences in a residual model's γ."""
+    params = np.asarray(params, dtype=float)
+    theta = objective._theta(params)
+    if objective.residual is None:
+        return covariance_gradient(objective, theta)
+    gamma = objective.gamma.copy()
+    dispersion = np.empty(len(gamma))
+    for j in range(len(gamma)):
+        step = np.zeros(len(gamma))
+        step[j] = DISPERSION_STEP
+        objective.set_dispersion(gamma + step)
+        up = objective.evaluate(theta, fixed_inverse=False).objective
+        objective.set_dispersion(gamma - step)
+        down = objective.evaluate(theta, fixed_inverse=False).objective
+        dispersion[j] = (up - down) / (2 * DISPERSION_STEP)
+    objective.set_dispersion(gamma)
+    value, gradient = covariance_gradient(objective, theta)
+    return value, np.concatenate([gradient, dispersion])
+
+
+def covariance_gradient(objective: Objective, theta: np.ndarray) -> tuple[float, np.ndarray]:
     """The objective and its analytic gradient in θ (DESIGN.md section 4).
 
     With ``C = Λ̃'MΛ̃ + P̃`` (``M`` the cross-products, ``Λ̃ = diag(Λ, I)``),
-    ``∂ log|C| / ∂θ_i = 2 tr(C⁻¹ E_i' M Λ̃)`` needs ``C⁻¹`` only on the pattern of C
-    (the selected inverse), and ``∂r²/∂θ_i = 2 ũ' E_i' (M[b; β] − m)``. ML uses
+    ``∂ log|C| / ∂Λ_t = 2 tr(C⁻¹ E' M Λ̃)`` needs ``C⁻¹`` only on the pattern of C
+    (the selected inverse), and ``∂r²/∂Λ_t = 2 ũ' E' (M[b; β] − m)``; the chain rule
+    through each structure's ``∂Λ_t/∂θ_t`` gives the gradient in θ. ML uses
     ``C_zz⁻¹`` and ``log|C_zz|``.
     """
     mme = objective.mme
@@ -189,10 +251,9 @@ def objective_gradient(objective: Objective, theta: np.ndarray) -> tuple[float, 
                 traces[t] += np.einsum("pa,pb->ab", blocks[:, :, 0], inverse)
     gradient = []
     prss = evaluation.penalized_rss
-    for t, term in enumerate(design.terms):
+    for t, (term, sl) in enumerate(zip(design.terms, design.theta_slices())):
         residual_part = 2.0 * np.einsum("la,lb->ab", v[t] - xp.zy[t], spherical[t])
-        full = 2.0 * traces[t] + objective.dof * residual_part / prss
-        rows, cols = np.tril_indices(term.n_coefs)
-        order = np.lexsort((rows, cols))
-        gradient.append(full[rows[order], cols[order]])
+        by_factor = 2.0 * traces[t] + objective.dof * residual_part / prss  # ∂f/∂Λ_t
+        jacobian = term.structure.factor_jacobian(theta[sl])              # ∂Λ_t/∂θ_t
+        gradient.append(np.einsum("jab,ab->j", jacobian, by_factor))
     return evaluation.objective, np.concatenate(gradient)

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .errors import ConvergenceWarning
+from .objective import objective_gradient
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,10 @@ class OptimizerSettings:
         Gradient tolerance of the exploring runs (only a lower minimum is then polished
         to the usual tolerance): sleepstudy's fit took 21 ms of exploring at the full
         tolerance.
+    correlation_threshold, correlation_limit : float
+        A structure's unconstrained correlation parameter beyond the threshold (ar1:
+        |ρ| > 0.95) is tried at the limit (|ρ| = 1 − 5e-9) and kept there when the
+        objective is no higher (:func:`_snap_to_boundary`).
     """
 
     bobyqa_tolerance: float = 1e-10
@@ -110,6 +115,8 @@ class OptimizerSettings:
     explore_rows: int = 50_000
     explore_gain: float = 1e-9
     explore_gradient: float = 1e-2
+    correlation_threshold: float = 3.0
+    correlation_limit: float = 1e4
 
 
 #: the settings every fit uses
@@ -118,8 +125,11 @@ SETTINGS = OptimizerSettings()
 
 @dataclass
 class OptimizerResult:
-    """Where an optimiser stopped, in θ (not θ̃), and whether the point passed the
-    convergence check."""
+    """Where an optimiser stopped and whether the point passed the convergence check.
+
+    The optimisers return ``theta`` in the coordinates of the function they were given
+    (θ̃ for a :class:`ScaledProblem`); :func:`~henderson.fit.fit_design` turns it into
+    θ before :func:`ensure_convergence`, whose result is in θ."""
 
     theta: np.ndarray
     objective: float
@@ -320,21 +330,21 @@ def optimize_lbfgs(problem: "ScaledProblem", start: np.ndarray, lower: np.ndarra
 
 # ---------------------------------------------------------------- coordinates
 def theta_scale(design, crossproducts) -> np.ndarray:
-    """``d`` of ``θ̃ = d ∘ θ``: per entry of θ, a power of two near the root mean square
-    of the covariate of its row of Λ_t (from ``diag(Z_t'WZ_t)``; 1 for an intercept)."""
+    """``d`` of ``θ̃ = d ∘ θ``: per parameter, a power of two near the root mean square
+    of the covariate whose scale it carries (its structure's ``scale_rows``: the row
+    of Λ_t for ``us``, the coefficient of an SD); 1 for an intercept and for
+    correlations."""
     n = max(float(crossproducts.n_obs), 1.0)
     scales = []
     for t, term in enumerate(design.terms):
-        k = term.n_coefs
         second_moment = np.einsum("laa->a", crossproducts.diagonal[t]) / n
         if term.level_variance is not None:  # a known K: levels without records count 0
             second_moment = second_moment * term.n_levels / max(
                 np.count_nonzero(crossproducts.diagonal[t][:, 0, 0]), 1)
         rms = np.sqrt(np.maximum(second_moment, 0.0))
         row_scale = np.where(rms > 0, 2.0 ** np.round(np.log2(np.where(rms > 0, rms, 1.0))), 1.0)
-        rows, cols = np.tril_indices(k)
-        order = np.lexsort((rows, cols))  # θ runs column by column, as lme4's
-        scales.append(row_scale[rows[order]])
+        rows = term.structure.scale_rows()
+        scales.append(np.where(rows >= 0, row_scale[np.maximum(rows, 0)], 1.0))
     return np.concatenate(scales) if scales else np.zeros(0)
 
 
@@ -376,8 +386,6 @@ class ScaledProblem:
     __call__ = value
 
     def value_and_gradient(self, scaled: np.ndarray) -> tuple[float, np.ndarray]:
-        from .objective import objective_gradient
-
         value, gradient = objective_gradient(self.objective, self.to_theta(scaled))
         self.objective.history.append((self.to_theta(scaled), value))
         return value, gradient / self.scale
@@ -414,20 +422,14 @@ class ConvergenceCheck:
 
 
 def _zero_diagonals(design, scaled: np.ndarray, lower: np.ndarray):
-    """(index of the diagonal, indices of the column below it) of every diagonal
-    element of a Λ_t at its bound, in θ order."""
-    out, start = [], 0
-    for term in design.terms:
-        k = term.n_coefs
-        rows, cols = np.tril_indices(k)
-        order = np.lexsort((rows, cols))
-        rows, cols = rows[order], cols[order]
-        for j in range(k):
-            diagonal = start + int(np.flatnonzero((rows == j) & (cols == j))[0])
-            if scaled[diagonal] <= lower[diagonal]:
-                below = start + np.flatnonzero((cols == j) & (rows > j))
-                out.append((diagonal, below))
-        start += len(rows)
+    """(index, flips) of every parameter at a bound of 0 (a zero diagonal of Λ_t, a zero
+    SD), with the parameters whose sign can flip there without changing Σ_t (the
+    column of Λ_t below a zero diagonal, for ``us``), in θ order."""
+    out = []
+    for term, sl in zip(design.terms, design.theta_slices()):
+        for index, flips in term.structure.boundary_parameters():
+            if scaled[sl.start + index] <= lower[sl.start + index]:
+                out.append((sl.start + index, sl.start + np.asarray(flips, dtype=np.int64)))
     return out
 
 
@@ -517,7 +519,7 @@ def check_convergence(problem: ScaledProblem, scaled: np.ndarray, lower: np.ndar
 
 def ensure_convergence(problem: ScaledProblem, result: OptimizerResult, lower: np.ndarray,
                        settings: OptimizerSettings = SETTINGS, warn: bool = True,
-                       first_check=None) -> OptimizerResult:
+                       first_check=None, tried_starts=()) -> OptimizerResult:
     """Check the optimiser's point; where the check fails, restart (L-BFGS-B from the
     point and from the flipped or probed ones it suggests, then BOBYQA with a small
     first step from the best), keep the lowest, and check again. Diagonal elements of
@@ -526,11 +528,12 @@ def ensure_convergence(problem: ScaledProblem, result: OptimizerResult, lower: n
 
     ``result.theta`` is in θ; the check runs in θ̃. ``first_check(θ̃)``, when given,
     makes the first check instead of :func:`check_convergence` (AI-REML's, from its
-    score and average information, with no finite differences).
+    score and average information, with no finite differences). ``tried_starts`` (θ̃)
+    are not explored again.
     """
     scaled = problem.to_scaled(result.theta)
     value = result.objective
-    if not np.isfinite(value) or not np.isfinite(problem.value(scaled)):
+    if not np.isfinite(value):
         # an optimiser that ran off to where C is numerically singular: go back to the
         # lowest point it evaluated
         finite = [(v, t) for t, v in problem.objective.history if np.isfinite(v)]
@@ -565,7 +568,7 @@ def ensure_convergence(problem: ScaledProblem, result: OptimizerResult, lower: n
         if not check.passed or problem.n_obs >= settings.explore_rows \
                 or round_ == settings.max_recoveries:
             break
-        better = _explore_boundaries(problem, scaled, value, lower, settings)
+        better = _explore_boundaries(problem, scaled, value, lower, settings, tried_starts)
         if better is None:
             break
         scaled, value = _snap_to_boundary(problem, *better, lower, settings)
@@ -588,25 +591,35 @@ def ensure_convergence(problem: ScaledProblem, result: OptimizerResult, lower: n
 
 
 def _explore_boundaries(problem: ScaledProblem, scaled: np.ndarray, value: float,
-                        lower: np.ndarray, settings: OptimizerSettings):
-    """L-BFGS-B from lme4's start (Λ̃ = I) and from the point with each diagonal
-    element of Λ moved across its bound's side (a nonzero one to 0, a zero one to 1):
+                        lower: np.ndarray, settings: OptimizerSettings, tried_starts=()):
+    """L-BFGS-B from lme4's start (Λ̃ = I), from the point with each diagonal element
+    of Λ moved across its bound's side (a nonzero one to 0, a zero one to 1), and with
+    each structure's correlation parameter at 0 and at its opposite:
     the profiled objective of small data often has a minimum on the boundary and
     another inside, and which one an optimiser finds depends on where it starts
     (BOBYQA from lme4's start and L-BFGS-B from the moment start ended in different
     ones). Returns the lowest (θ̃, value) found when it is lower than ``value``, else
     None."""
-    starts = [problem.objective.mme.design.theta_start()]
+    design = problem.objective.mme.design
+    starts = [design.parameter_start()]
     for i in np.flatnonzero(np.isfinite(lower)):
         start = np.array(scaled, dtype=float)
         start[i] = lower[i] if start[i] > lower[i] else 1.0
         starts.append(start)
+    # a correlation run to one end of its range (ρ → ±1) may have its minimum at the
+    # other: start again from no correlation and from a moderate one of the opposite
+    # sign (not far out: the objective is flat there, and a loose run stops at once)
+    for i in _correlation_parameters(design):
+        for moved in (0.0, -np.sign(scaled[i]) if scaled[i] != 0 else 1.0):
+            start = np.array(scaled, dtype=float)
+            start[i] = moved
+            starts.append(start)
     # a loose run tells which basin a start leads to; only a lower one is polished
     loose = replace(settings, lbfgs_gradient_floor=settings.explore_gradient,
                     lbfgs_gradient_per_row=0.0)
     best = None
     for start in starts:
-        if np.array_equal(start, scaled):
+        if np.array_equal(start, scaled) or any(np.array_equal(start, t) for t in tried_starts):
             continue
         trial = optimize_lbfgs(problem, start, lower, settings=loose)
         target = value if best is None else best[1]
@@ -617,10 +630,22 @@ def _explore_boundaries(problem: ScaledProblem, scaled: np.ndarray, value: float
     return best
 
 
+def _correlation_parameters(design) -> np.ndarray:
+    """Indices in θ of the structures' correlation parameters (those of no covariate's
+    scale)."""
+    out = [sl.start + np.flatnonzero(term.structure.scale_rows() < 0)
+           for term, sl in zip(design.terms, design.theta_slices())]
+    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, dtype=np.int64)
+
+
 def _snap_to_boundary(problem: ScaledProblem, scaled: np.ndarray, value: float,
                       lower: np.ndarray, settings: OptimizerSettings):
     """Diagonal elements of Λ near 0 set to exactly 0 when the objective allows
-    (rises by less than ``boundary_gain``), one at a time, smallest first."""
+    (rises by less than ``boundary_gain``), one at a time, smallest first; a
+    structure's correlation far out (|φ| above ``correlation_threshold``) taken to the
+    end of its range (``correlation_limit``) when that is no higher: the objective
+    approaches a ρ = ±1 optimum only as φ → ±∞, where each optimiser stops somewhere
+    on the flat way (7.5e-5 apart on an ar1 fit)."""
     scaled = np.array(scaled, dtype=float)
     near = np.flatnonzero(np.isfinite(lower) & (scaled > lower)
                           & (scaled < settings.boundary_threshold))
@@ -630,4 +655,11 @@ def _snap_to_boundary(problem: ScaledProblem, scaled: np.ndarray, value: float,
         trial_value = problem.value(trial)
         if trial_value <= value + settings.boundary_gain:
             scaled, value = trial, trial_value
+    for i in _correlation_parameters(problem.objective.mme.design):
+        if abs(scaled[i]) > settings.correlation_threshold:
+            trial = scaled.copy()
+            trial[i] = np.sign(scaled[i]) * settings.correlation_limit
+            trial_value = problem.value(trial)
+            if trial_value <= value:
+                scaled, value = trial, trial_value
     return scaled, value

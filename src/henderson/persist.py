@@ -24,8 +24,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .design import lme4_column_name, with_categories
+from .design import (_r_numbers, check_new_levels, lme4_column_name, predicted_offset,
+                     spec_variables, with_categories)
 from .errors import DataError, FormulaError
+from .formula import R_FUNCTIONS, python_expression
+from .report import (blup_contribution, check_newdata, group_names, random_effects_lines,
+                     varcorr_table)
 
 FORMAT = "henderson-model"
 VERSION = 1
@@ -75,15 +79,13 @@ def save_model(model, path, conditional_sd: bool = True) -> Path:
     The file is replaced atomically (:func:`write_atomically`): a save that fails or
     is killed leaves the previous file as it was.
     """
-    from .results import _group_names
-
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a file name, got {type(path).__name__}")
     design = model.design
     categories = _spec_categories(design.fixed_spec)
     for term in design.terms:
         categories.update(_spec_categories(term.z_spec))
-    names = _group_names(design)
+    names = group_names(design)
     offsets = design.column_offsets()
     sds = None
     if conditional_sd:
@@ -92,7 +94,8 @@ def save_model(model, path, conditional_sd: bool = True) -> Path:
     for t, term in enumerate(design.terms):
         terms.append({
             "name": names[t], "group": term.group, "factors": list(term.factors),
-            "covariates": str(term.z_spec.formula), "coef_names": list(term.coef_names),
+            "covariates": term.covariates or str(term.z_spec.formula),
+            "structure": term.structure.name, "coef_names": list(term.coef_names),
             "known_covariance": term.level_precision is not None,
         })
         arrays[f"levels_{t}"] = np.asarray(term.levels.astype(str), dtype=str)
@@ -249,8 +252,6 @@ class SavedModel:
         return {g: f[0] if len(f) == 1 else pd.concat(f, axis=1) for g, f in frames.items()}
 
     def _varcorr(self) -> pd.DataFrame:
-        from .results import varcorr_table
-
         return varcorr_table([t["name"] for t in self._terms],
                              [t["coef_names"] for t in self._terms],
                              self._covariances, self.sigma)
@@ -260,8 +261,6 @@ class SavedModel:
         """Predictions ``X β̂ (+ Z b̂) (+ offset)`` for new rows, as the fitted model's
         :meth:`~henderson.results.LinearMixedModel.predict` (a level not seen in the
         fit is an error unless ``allow_new_levels``, then it contributes 0)."""
-        from .design import check_new_levels, predicted_offset, spec_variables
-        from .results import blup_contribution, check_newdata
 
         if not isinstance(newdata, pd.DataFrame):
             raise TypeError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
@@ -291,8 +290,6 @@ class SavedModel:
 
     def summary(self) -> str:
         """The estimates as ``summary()`` printed them (Wald t values)."""
-        from .results import random_effects_lines
-
         method = "REML" if self.reml else "maximum likelihood"
         lines = [f"Linear mixed model fit by {method} ['henderson'], loaded from file",
                  f"Formula: {self.formula}", "",
@@ -318,9 +315,6 @@ class SavedModel:
 def _model_matrix(spec: str, frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
     """The columns ``columns`` of the model matrix of ``spec`` for ``frame``."""
     import formulaic
-
-    from .design import _r_numbers
-    from .formula import R_FUNCTIONS
 
     try:
         matrix = formulaic.model_matrix(spec, _r_numbers(spec, frame), na_action="raise",
@@ -463,8 +457,6 @@ def _read_header(array: np.ndarray, name: str) -> dict:
     argument = header.setdefault("offset_argument", None)
     if argument is not None and not isinstance(argument, str):
         raise bad("header field 'offset_argument' is not a string")
-    from .formula import python_expression
-
     for text in offsets:  # evaluated as I(...) on newdata
         _check_expressions(python_expression(f"I({text})"), name)
     return header

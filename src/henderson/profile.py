@@ -15,74 +15,52 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
-from .bootstrap import parameter_vector
+from .bootstrap import parameter_vector, variance_parameters
+from .mme import MixedModelEquations
+from .objective import Objective
+from .optimize import ScaledProblem, optimize_bobyqa, theta_scale
 
 
-def _variance_layout(model):
-    """(term index, kind, a, b) for each SD / correlation in lme4's order."""
-    layout = []
-    for t, term in enumerate(model.design.terms):
-        for a in range(term.n_coefs):
-            layout.append((t, "sd", a, a))
-            for b in range(a + 1, term.n_coefs):
-                layout.append((t, "cor", b, a))
-    return layout
-
-
-def _theta_from_sdcor(model, values, sigma):
-    """θ (lme4's order) from SDs and correlations; None outside the parameter space."""
-    theta = []
-    position = 0
-    for term in model.design.terms:
-        k = term.n_coefs
-        sd = np.zeros(k)
-        corr = np.eye(k)
-        for a in range(k):
-            sd[a] = values[position]
-            position += 1
-            for b in range(a + 1, k):
-                corr[b, a] = corr[a, b] = values[position]
-                position += 1
-        if np.any(sd < 0) or np.any(np.abs(corr[np.tril_indices(k, -1)]) >= 1):
+def _theta_from_flat(design, values, sigma):
+    """θ from the variance parameters of :func:`~henderson.bootstrap.variance_parameters`
+    (without σ); None outside the parameter space."""
+    theta, position = [], 0
+    for term in design.terms:
+        count = len(term.structure.flat_parameters(term.structure.start(), 1.0))
+        part = term.structure.theta_from_flat(values[position:position + count], sigma)
+        if part is None:
             return None
-        cov = np.outer(sd, sd) * corr / sigma ** 2
-        try:
-            lam = np.linalg.cholesky(cov + 1e-300 * np.eye(k)) if np.all(sd > 0) else \
-                np.diag(sd / sigma)
-        except np.linalg.LinAlgError:
-            return None
-        rows, cols = np.tril_indices(k)
-        order = np.lexsort((rows, cols))
-        theta.extend(lam[rows[order], cols[order]])
-    return np.array(theta)
+        theta.append(part)
+        position += count
+    return np.concatenate(theta)
 
 
 def profile_confint(model, level: float = 0.95) -> pd.DataFrame:
-    """Profile-likelihood intervals for lme4's parameters (SDs, correlations, σ, β)."""
-    from .fit import fit_design
-    from .optimize import optimize_bobyqa
-    from .objective import Objective
-
+    """Profile-likelihood intervals for lme4's parameters (the terms' SDs and
+    correlations, σ, β)."""
+    if model.design.residual_model is not None:
+        raise ValueError("profile intervals of a dispformula model are not available; "
+                         "use confint(method='wald')")
     ml = model.refit(reml=False) if model.reml else model
     objective = Objective(ml.mme, reml=False)
     estimates = parameter_vector(ml)
-    layout = _variance_layout(ml)
-    n_var = len(layout)
+    layout = variance_parameters(ml.design, ml.theta, ml.sigma)  # ..., σ last
+    n_var = len(layout) - 1
     base = ml.objective
     z = stats.norm.ppf(0.5 + level / 2)
 
-    def deviance_var(params):  # params: SDs/cors then σ
+    def deviance_var(params):  # params: the terms' parameters, then σ
         sigma = params[-1]
         if sigma <= 0:
             return np.inf
-        theta = _theta_from_sdcor(ml, params[:-1], sigma)
+        theta = _theta_from_flat(ml.design, params[:-1], sigma)
         if theta is None:
             return np.inf
         evaluation = objective.evaluate(theta, fixed_inverse=False)
         return objective.at_sigma(evaluation, sigma ** 2)
 
     start_var = estimates.to_numpy()[:n_var + 1]
-    lower_var = np.array([0.0 if kind == "sd" else -1.0 for _, kind, _, _ in layout] + [0.0])
+    lower_var = np.array([0.0 if kind == "sd" else -1.0 for _, kind, _ in layout])
 
     def zeta_var(w, x):
         free = [i for i in range(n_var + 1) if i != w]
@@ -102,14 +80,17 @@ def profile_confint(model, level: float = 0.95) -> pd.DataFrame:
 
     design = ml.design
     y = design.y
+    scale = theta_scale(design, ml.mme.xp)
+    lower = design.theta_lower_bounds()
 
     def zeta_fixed(j, x):
+        # the model with X_j β_j = X_j x as an offset, θ (and so σ, β) refitted by ML
         keep = [c for c in range(design.n_fixed) if c != j]
         reduced = dataclasses.replace(design, X=design.X[:, keep], y=y - design.X[:, j] * x,
                                       fixed_names=[design.fixed_names[c] for c in keep])
-        fit = fit_design(reduced, reml=False, optimizer="bobyqa", start=ml.theta,
-                         strategy="cholmod")
-        return np.sign(x - ml.fixef.iloc[j]) * np.sqrt(max(fit.objective - base, 0.0))
+        problem = ScaledProblem(Objective(MixedModelEquations(reduced), reml=False), scale)
+        result = optimize_bobyqa(problem.value, problem.to_scaled(ml.theta), lower)
+        return np.sign(x - ml.fixef.iloc[j]) * np.sqrt(max(result.objective - base, 0.0))
 
     def interval(zeta, estimate, scale, low_bound=-np.inf, high_bound=np.inf):
         ends = []
@@ -131,11 +112,10 @@ def profile_confint(model, level: float = 0.95) -> pd.DataFrame:
 
     rows = {}
     se = np.sqrt(np.diag(ml.vcov.to_numpy()))
-    for w, name in enumerate(estimates.index[:n_var + 1]):
-        kind = "cor" if name.startswith("cor_") else "sd"
+    for w, (name, kind, value) in enumerate(layout):
         bounds = (-1.0 + 1e-9, 1.0 - 1e-9) if kind == "cor" else (0.0, np.inf)
-        scale = 0.1 if kind == "cor" else max(0.1 * estimates.iloc[w], 1e-3)
-        rows[name] = interval(lambda x, w=w: zeta_var(w, x), estimates.iloc[w], scale, *bounds)
+        step = 0.1 if kind == "cor" else max(0.1 * value, 1e-3)
+        rows[name] = interval(lambda x, w=w: zeta_var(w, x), value, step, *bounds)
     for j, name in enumerate(design.fixed_names):
         rows[name] = interval(lambda x, j=j: zeta_fixed(j, x), ml.fixef.iloc[j], se[j])
     alpha = (1 - level) / 2

@@ -7,87 +7,29 @@ values and residuals, a printed summary, and the matrices of the model ``X``, ``
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .design import Design, lme4_column_name
+from scipy import stats
+
+from . import plots
+from .aireml import AverageInformation
+from .blockdiag import outermost_grouping
+from .bootstrap import bootstrap, parameter_vector, simulate
+from .design import (Design, check_new_levels, lme4_column_name, materialize, predicted_offset,
+                     spec_variables)
+from .inference import f_test, kenward_roger, satterthwaite, type3_anova
 from .mme import MixedModelEquations
 from .objective import Objective
+from .persist import save_model
+from .profile import profile_confint
+from .report import (TermTable, _normal_term, blup_contribution, check_newdata, group_names,
+                     random_effects_lines, varcorr_table)
 
 SINGULAR_TOLERANCE = 1e-4
-
-
-def _group_names(design: Design) -> list[str]:
-    """lme4's names for terms in VarCorr: a repeated group gets ``.1``, ``.2``..."""
-    seen: dict[str, int] = {}
-    names = []
-    for term in design.terms:
-        count = seen.get(term.group, 0)
-        names.append(term.group if count == 0 else f"{term.group}.{count}")
-        seen[term.group] = count + 1
-    return names
-
-
-def check_newdata(newdata: pd.DataFrame, needed) -> None:
-    """A :class:`FormulaError` naming the columns prediction needs and newdata lacks."""
-    from .errors import FormulaError
-
-    absent = sorted(c for c in needed if c not in newdata.columns)
-    if absent:
-        raise FormulaError(f"newdata lacks column(s) {', '.join(map(repr, absent))}")
-
-
-def blup_contribution(newdata: pd.DataFrame, factors, levels: pd.Index, z: np.ndarray,
-                      b: np.ndarray) -> np.ndarray:
-    """``z_i · b[level_i]`` for every row of newdata; 0 for a level not seen in the
-    fit (the population prediction, as lme4's ``allow.new.levels=TRUE``)."""
-    from .design import level_labels
-
-    codes = pd.Index(levels.astype(str)).get_indexer(level_labels(newdata, factors))
-    out = np.zeros(len(newdata))
-    seen = codes >= 0
-    out[seen] = np.einsum("ik,ik->i", z[seen], b[codes[seen]])
-    return out
-
-
-def varcorr_table(names: list[str], coef_names: list[list[str]],
-                  covariances: list[np.ndarray], sigma: float) -> pd.DataFrame:
-    """lme4's ``as.data.frame(VarCorr(m))``: variances and SDs, then covariances and
-    correlations, term by term, and the residual."""
-    rows = []
-    for name, coefs, cov in zip(names, coef_names, covariances):
-        sd = np.sqrt(np.diag(cov))
-        rows += [(name, coef, None, cov[a, a], sd[a]) for a, coef in enumerate(coefs)]
-        for a in range(len(coefs)):
-            for b in range(a + 1, len(coefs)):
-                denom = sd[a] * sd[b]
-                corr = cov[b, a] / denom if denom > 0 else np.nan
-                rows.append((name, coefs[a], coefs[b], cov[b, a], corr))
-    rows.append(("Residual", None, None, sigma ** 2, sigma))
-    return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
-
-
-def random_effects_lines(names: list[str], coef_names: list[list[str]],
-                         covariances: list[np.ndarray], sigma: float) -> list[str]:
-    """The "Random effects:" table of ``summary()``, as lme4 prints it."""
-    lines = ["Random effects:"]
-    header = f" {'Groups':<12} {'Name':<14} {'Variance':>10} {'Std.Dev.':>10}"
-    if any(len(c) > 1 for c in coef_names):
-        header += " Corr"
-    lines.append(header)
-    for name, coefs, cov in zip(names, coef_names, covariances):
-        sd = np.sqrt(np.diag(cov))
-        for a, coef in enumerate(coefs):
-            group = name if a == 0 else ""
-            line = f" {group:<12} {coef:<14} {cov[a, a]:10.4g} {sd[a]:10.4g}"
-            if a > 0:
-                corr = [cov[a, b] / (sd[a] * sd[b]) if sd[a] * sd[b] > 0 else np.nan
-                        for b in range(a)]
-                line += " " + " ".join(f"{c:5.2f}" for c in corr)
-            lines.append(line)
-    lines.append(f" {'Residual':<12} {'':<14} {sigma ** 2:10.4g} {sigma:10.4g}")
-    return lines
 
 
 class LinearMixedModel:
@@ -131,14 +73,23 @@ class LinearMixedModel:
 
     def __init__(self, design: Design, mme: MixedModelEquations, objective: Objective,
                  theta: np.ndarray, optimizer_result=None, fixed_sigma: float | None = None):
-        self.design = design
         self.mme = mme
         self.reml = objective.reml
         self.optimizer_result = optimizer_result
         self.timings = dict(mme.timings)
         full_vcov = design.n_fixed <= self.FULL_VCOV_LIMIT
-        evaluation = objective.evaluate(theta, fixed_inverse=full_vcov)
-        self.theta = np.asarray(theta, dtype=float)
+        params = np.asarray(theta, dtype=float)
+        evaluation = objective.evaluate(params, fixed_inverse=full_vcov)
+        self.theta = params[:design.n_theta]
+        #: γ of the residual model (log-ratios of residual variances); empty without one
+        self.dispersion_parameters = params[design.n_theta:]
+        if design.residual_model is not None and design.has_rows:
+            # R, Σ, fitted values, Kenward-Roger, simulation: the estimated weights
+            design = dataclasses.replace(
+                design, prior_weights=design.weighted,
+                weights=design.residual_model.weights(design.weights,
+                                                      self.dispersion_parameters))
+        self.design = design
         self.known_variances = fixed_sigma is not None
         if self.known_variances:
             self.sigma = float(fixed_sigma)
@@ -182,7 +133,7 @@ class LinearMixedModel:
         """Number of parameters: fixed effects, θ and σ (none of θ, σ when known)."""
         if self.known_variances:
             return self.design.n_fixed
-        return self.design.n_fixed + self.design.n_theta + 1
+        return self.design.n_fixed + self.design.n_theta + self.design.n_dispersion + 1
 
     @property
     def loglik(self) -> float:
@@ -202,10 +153,24 @@ class LinearMixedModel:
 
     @property
     def singular(self) -> bool:
-        """True when a variance (a diagonal element of some Λ_t) is estimated ~0."""
-        lower = self.design.theta_lower_bounds()
-        on_diagonal = np.isfinite(lower)
-        return bool(np.any(self.theta[on_diagonal] < SINGULAR_TOLERANCE))
+        """True when a variance (a diagonal element of some Λ_t, an SD of a structure)
+        is estimated ~0 (lme4's ``isSingular``)."""
+        on_bound = np.isfinite(self.design.theta_lower_bounds())
+        return bool(np.any(self.theta[on_bound] < SINGULAR_TOLERANCE))
+
+    @property
+    def covariance_parameters(self) -> dict[str, dict]:
+        """Each term's covariance structure and its own parameters, by VarCorr name:
+        ``{"structure": "ar1", "sd": ..., "rho": ...}`` (``us``: ``sd`` and the
+        ``corr`` matrix; ``diag``: ``sd``; ``cs``: ``sd`` per coefficient and ``rho``;
+        ``toep``: ``sd`` per coefficient and ``rho`` by lag)."""
+        out = TermTable()
+        for name, term, sl in zip(group_names(self.design), self.design.terms,
+                                  self.design.theta_slices()):
+            out[name] = {"structure": term.structure.name,
+                         **term.structure.parameters(self.theta[sl], self.sigma)}
+            out.aliases[_normal_term(term.label)] = name
+        return out
 
     @property
     def converged(self) -> bool:
@@ -289,7 +254,7 @@ class LinearMixedModel:
     def variance_components(self) -> pd.DataFrame:
         """Variances with standard errors from the average-information matrix (AI-REML
         fits of one-coefficient terms); NaN SEs otherwise."""
-        names = [n for n in _group_names(self.design)] + ["Residual"]
+        names = [n for n in group_names(self.design)] + ["Residual"]
         values = np.append([self.sigma ** 2 * lam[0, 0] ** 2 for lam in self._relative_factors]
                            if all(t.n_coefs == 1 for t in self.design.terms) else
                            [np.nan] * len(self.design.terms), self.sigma ** 2)
@@ -320,8 +285,6 @@ class LinearMixedModel:
             state = None
             if (self.reml and self.optimizer_result is not None
                     and all(t.n_coefs == 1 for t in self.design.terms)):
-                from .aireml import AverageInformation
-
                 state = AverageInformation(self._objective_stage).at(self.theta)
             self.__dict__["_ai_state"] = state
         return self.__dict__["_ai_state"]
@@ -371,8 +334,6 @@ class LinearMixedModel:
             Store the BLUPs' conditional SDs too (one selected inverse, if not yet
             computed).
         """
-        from .persist import save_model
-
         return save_model(self, path, conditional_sd=conditional_sd)
 
     def _tables(self, per_term: list[np.ndarray]) -> dict[str, pd.DataFrame]:
@@ -385,14 +346,45 @@ class LinearMixedModel:
 
     # ------------------------------------------------------------ variance components
     def _varcorr_table(self) -> pd.DataFrame:
-        return varcorr_table(_group_names(self.design),
+        return varcorr_table(group_names(self.design),
                              [t.coef_names for t in self.design.terms],
-                             list(self.covariance_matrices().values()), self.sigma)
+                             list(self.covariance_matrices().values()), self.sigma,
+                             self._residual_rows())
+
+    def _residual_rows(self) -> dict | None:
+        """Residual variance by group of the residual model (None without one, or for
+        a continuous dispformula, whose variances differ by row)."""
+        model = self.design.residual_model
+        if model is None or model.labels is None:
+            return None
+        variances = self.sigma ** 2 * np.exp(model.patterns @ self.dispersion_parameters)
+        return dict(zip(model.labels, variances))
+
+    @property
+    def dispersion(self) -> pd.Series | None:
+        """Coefficients of ``log σ²`` in the ``dispformula`` (glmmTMB's dispersion
+        coefficients: the reference's log variance, then log-ratios); None without."""
+        model = self.design.residual_model
+        if model is None:
+            return None
+        return pd.Series(model.coefficients(self.dispersion_parameters, self.sigma),
+                         index=model.names, name="log variance")
+
+    @property
+    def residual_variances(self) -> pd.Series:
+        """Residual variance by group of the ``dispformula`` (one, σ², without)."""
+        rows = self._residual_rows()
+        if rows is None:
+            if self.design.residual_model is not None:
+                raise ValueError("a continuous dispformula gives each row its own "
+                                 "residual variance: see m.R")
+            return pd.Series({"Residual": self.sigma ** 2}, name="variance")
+        return pd.Series(rows, name="variance")
 
     def covariance_matrices(self) -> dict[str, np.ndarray]:
         """The k x k covariance matrix σ² Λ_t Λ_t' of every term, by VarCorr name."""
         return {name: self.sigma ** 2 * lam @ lam.T
-                for name, lam in zip(_group_names(self.design), self._relative_factors)}
+                for name, lam in zip(group_names(self.design), self._relative_factors)}
 
     # ------------------------------------------------------------ predictions
     @property
@@ -425,13 +417,12 @@ class LinearMixedModel:
 
     def refit(self, **changes) -> "LinearMixedModel":
         """Fit the same model again with some arguments of :func:`henderson.lmm`
-        changed, e.g. ``m.refit(reml=False)``."""
-        from .fit import lmm
-
-        call = getattr(self, "call", None)
-        if call is None:
+        changed, e.g. ``m.refit(reml=False)`` (``hd.lmm`` leaves its call and itself on
+        the model: this module does not import the fitting stage back)."""
+        call, fit = getattr(self, "call", None), getattr(self, "fit_function", None)
+        if call is None or fit is None:
             raise ValueError("this model was not fitted by hd.lmm(); refit needs its call")
-        return lmm(**{**call, **changes})
+        return fit(**{**call, **changes})
 
     def predict(self, newdata: pd.DataFrame | None = None, re: bool = True,
                 allow_new_levels: bool = False, offset=None) -> np.ndarray:
@@ -463,8 +454,6 @@ class LinearMixedModel:
         >>> m.predict(new, allow_new_levels=True).round(2).tolist()
         [253.66, 356.08]
         """
-        from .design import check_new_levels, materialize, predicted_offset
-
         if not isinstance(re, (bool, np.bool_)):
             raise TypeError(f"re must be True or False, got {re!r}")
         if not isinstance(allow_new_levels, (bool, np.bool_)):
@@ -474,10 +463,11 @@ class LinearMixedModel:
         if not isinstance(newdata, pd.DataFrame):
             raise TypeError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
         design = self.design
-        needed = set(design.fixed_spec.required_variables)
+        needed = set(spec_variables(design.formula.fixed, newdata.columns, missing=True))
         if re:
             for term in design.terms:
-                needed |= set(term.z_spec.required_variables) | set(term.factors)
+                needed |= set(spec_variables(term.covariates, newdata.columns, missing=True))
+                needed |= set(term.factors)
         check_newdata(newdata, needed)
         X = materialize(design.fixed_spec, newdata)
         names = [lme4_column_name(c) for c in X.columns] if hasattr(X, "columns") else None
@@ -544,8 +534,6 @@ class LinearMixedModel:
         >>> [b.shape for b in m.sigma_blocks().values()]
         [(3, 3), (2, 2), (3, 3), (2, 2)]
         """
-        from .blockdiag import outermost_grouping
-
         self.design.require_rows("sigma_blocks()")
         outer = self.design.terms[outermost_grouping(self.design)]
         sigma = self.Sigma.tocsr()
@@ -560,16 +548,12 @@ class LinearMixedModel:
     def coef_table(self) -> pd.DataFrame:
         """Fixed effects with Satterthwaite df and p-values, as lmerTest's summary (z
         tests, df = ∞, with known variances)."""
-        from .inference import satterthwaite
-
         return satterthwaite(self)
 
     def coefficients(self, ddf: str = "Satterthwaite") -> pd.DataFrame:
         """Fixed effects with df and p-values: ``ddf="Satterthwaite"`` (lmerTest,
         ``coef_table``) or ``"Kenward-Roger"`` (pbkrtest; adjusted SEs; dense, REML
         fits up to 5,000 rows)."""
-        from .inference import kenward_roger
-
         if ddf == "Satterthwaite":
             return self.coef_table
         if ddf in ("Kenward-Roger", "KR"):
@@ -579,15 +563,11 @@ class LinearMixedModel:
 
     def plot_residuals(self, path=None):
         """Residuals vs fitted and a normal QQ plot (matplotlib)."""
-        from .plots import plot_residuals
-
-        return plot_residuals(self, path)
+        return plots.plot_residuals(self, path)
 
     def plot_ranef(self, group: str | None = None, path=None):
         """Caterpillar plot of a grouping factor's BLUPs with conditional-SD bars."""
-        from .plots import plot_ranef
-
-        return plot_ranef(self, group, path=path)
+        return plots.plot_ranef(self, group, path=path)
 
     plot = plot_residuals
 
@@ -595,8 +575,6 @@ class LinearMixedModel:
         """Responses simulated from the fitted model, shape (n_obs, n)."""
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"simulate: n must be a positive integer, got {n!r}")
-        from .bootstrap import simulate
-
         self.design.require_rows("simulate()")
         return simulate(self, n, seed)
 
@@ -610,10 +588,6 @@ class LinearMixedModel:
         ``"bootstrap"``: percentile intervals from a parametric bootstrap that reuses
         the symbolic factorisation.
         """
-        from scipy import stats
-
-        from .bootstrap import bootstrap, parameter_vector
-
         if method not in ("wald", "bootstrap", "profile"):
             raise ValueError(f"method must be 'wald', 'bootstrap' or 'profile', got {method!r}")
         if isinstance(level, bool) or not isinstance(level, (int, float, np.floating)) \
@@ -643,8 +617,6 @@ class LinearMixedModel:
             lower = replicates.quantile(alpha)
             upper = replicates.quantile(1 - alpha)
         elif method == "profile":
-            from .profile import profile_confint
-
             return profile_confint(self, level)
         else:
             raise ValueError("method must be 'wald', 'bootstrap' or 'profile'")
@@ -654,16 +626,12 @@ class LinearMixedModel:
     def anova(self) -> pd.DataFrame:
         """Type III F tests of the fixed-effect terms, Satterthwaite denominators
         (lmerTest's ``anova()``)."""
-        from .inference import type3_anova
-
         self.design.require_rows("anova()")
         return type3_anova(self)
 
     def test(self, contrasts) -> pd.Series:
         """F test of ``L β = 0`` with Satterthwaite denominator df, as lmerTest's
         ``contest()``; ``contrasts`` is L (rows over the fixed effects)."""
-        from .inference import f_test
-
         return f_test(self, contrasts)
 
     def coefficient_table(self) -> pd.DataFrame:
@@ -699,8 +667,21 @@ class LinearMixedModel:
         lines.append(f"{self.aic:10.1f} {self.bic:10.1f} {self.loglik:10.1f} {self.objective:10.1f}")
         lines.append("")
         lines.extend(random_effects_lines(
-            _group_names(self.design), [t.coef_names for t in self.design.terms],
-            list(self.covariance_matrices().values()), self.sigma))
+            group_names(self.design), [t.coef_names for t in self.design.terms],
+            list(self.covariance_matrices().values()), self.sigma, self._residual_rows()))
+        structured = [(name, p) for name, p in self.covariance_parameters.items()
+                      if p["structure"] != "us"]
+        for name, p in structured:
+            rho = p.get("rho")
+            rho_text = "" if rho is None else (
+                f", rho {rho:.4g}" if np.isscalar(rho) else
+                ", rho by lag " + " ".join(f"{r:.3g}" for r in rho))
+            lines.append(f" {name}: {p['structure']}, sd "
+                         + " ".join(f"{v:.4g}" for v in np.atleast_1d(p["sd"])) + rho_text)
+        if self.design.residual_model is not None:
+            lines.append(f" Dispersion model {self.design.residual_model.formula}: "
+                         + ", ".join(f"{k} {v:.4g}" for k, v in self.dispersion.items())
+                         + " (log variance)")
         groups = dict.fromkeys((t.group, t.n_levels) for t in self.design.terms)
         lines.append(f"Number of obs: {self.nobs}, groups:  "
                      + "; ".join(f"{g}, {n}" for g, n in groups))

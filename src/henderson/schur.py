@@ -24,7 +24,8 @@ import scipy.linalg
 import scipy.sparse as sp
 
 from .kernels import _find_row
-from .mme import MixedModelEquations, NotPositiveDefiniteError
+from .linalg import NotPositiveDefiniteError
+from .mme import MixedModelEquations
 
 #: the trailing dense block may have at most this many rows (8·m² bytes, m³/3 flops)
 SCHUR_LIMIT = 3000

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import sys
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from .design import (
     is_categorical,
     known_relationships,
     level_labels,
+    lme4_column_name,
     levels_not_in_relationship,
     lme4_term_order,
     spec_variables,
@@ -52,9 +52,10 @@ from .design import (
     select_rows,
     with_categories,
 )
-from .errors import DataError, FormulaError, RankDeficiencyWarning
-from .formula import ParsedFormula, parse_formula
-from .mme import CrossProducts, independent_columns, response_shift
+from .errors import DataError, FormulaError
+from .formula import ParsedFormula, r_labels
+from .linalg import independent_columns
+from .mme import CrossProducts, response_shift
 
 #: rows per chunk when a file or DataFrame is cut into chunks
 DEFAULT_CHUNK_ROWS = 1_000_000
@@ -439,7 +440,8 @@ def _level_codes(frame: pd.DataFrame, factors, levels: pd.Index) -> np.ndarray:
     column = frame[factors[0]]
     if len(factors) == 1 and isinstance(column.dtype, pd.CategoricalDtype):
         # one lookup per category instead of one per row
-        per_category = levels.get_indexer(column.cat.categories.astype(str))
+        per_category = levels.get_indexer(r_labels(np.asarray(column.cat.categories))
+                                          .astype(str))
         codes = column.cat.codes.to_numpy()
         return np.where(codes >= 0, per_category[codes], -1).astype(np.int64)
     return levels.get_indexer(level_labels(frame, factors)).astype(np.int64)
@@ -478,8 +480,6 @@ def chunked_design(formula, source, weights: str | None = None, missing: str = "
         raise DataError("a chunked fit takes offset= as a column name")
     columns = _used_columns(parsed, source.columns)
     check_columns(columns + ([weights] if weights else []), source.columns)
-    import formulaic
-
     covariates = sorted(set().union(*[spec_variables(spec, source.columns)
                                       for spec in [parsed.fixed] + [b.lhs for b in parsed.bars]]))
     columns = columns + ([offset] if offset and offset not in columns else [])
@@ -554,8 +554,6 @@ def _first_chunk_shift(source, plan: _Plan, encoder: ChunkEncoder) -> np.ndarray
 
 
 def _coef_names(spec) -> list[str]:
-    from .design import lme4_column_name
-
     return [lme4_column_name(c) for c in spec.column_names]
 
 

@@ -1,0 +1,133 @@
+"""glmmTMB's covariance structures (us, diag, cs, ar1, toep) and dispformula against
+glmmTMB 1.1.5's fits (tests/data/covstruct, copied from shared/reference/covstruct; its
+README says what every field means): objective within 1e-6 relative (lower is fine:
+glmmTMB optimises less tightly), fixed effects within 1e-3, covariance matrices within
+1e-2, the structures' own parameters, and the residual model's variances."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import DATA
+
+import henderson as hd
+
+FOLDER = DATA / "covstruct"
+CASES = sorted(p.stem for p in (FOLDER / "cases").glob("*.json"))
+
+
+def load_data(name: str) -> pd.DataFrame:
+    """A case's data with R's level order (which ar1/toep run over)."""
+    schema = json.loads((FOLDER / "data" / f"{name}.schema.json").read_text())
+    categorical = schema.get("categorical", {})
+    frame = pd.read_csv(FOLDER / "data" / f"{name}.csv", dtype={c: str for c in categorical})
+    for column, levels in categorical.items():
+        frame[column] = pd.Categorical(frame[column], categories=levels)
+    return frame
+
+
+def fit(case: dict, **options):
+    return hd.lmm(case["formula"], load_data(case["data"]), reml=case["REML"],
+                  dispformula=case["dispformula"], **options)
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("optimizer", ["auto", "lbfgs"])
+def test_structure_matches_glmmtmb(name, optimizer):
+    case = json.loads((FOLDER / "cases" / f"{name}.json").read_text())
+    m = fit(case, optimizer=optimizer)
+    assert m.converged
+    scale = abs(case["objective"])
+    assert m.objective <= case["objective"] + 1e-6 * scale
+    assert m.objective == pytest.approx(case["objective"], rel=1e-6)
+    assert list(m.fixef.index) == case["fixef"]["names"]
+    np.testing.assert_allclose(m.fixef, case["fixef"]["estimate"], rtol=1e-3, atol=1e-6)
+    # glmmTMB's SEs come from TMB's joint Hessian, ours are lme4's σ²(X'V⁻¹X)⁻¹ at
+    # the estimates: equal for the lme4-shaped cases, 0.13% apart for ar1
+    np.testing.assert_allclose(np.sqrt(np.diag(m.vcov)), case["fixef"]["std_error"], rtol=5e-3)
+    covariances = list(m.covariance_matrices().values())
+    for term, cov in zip(case["terms"], covariances):
+        np.testing.assert_allclose(cov, term["cov"], rtol=1e-2, atol=1e-2 * np.max(term["cov"]))
+        params = m.covariance_parameters[term["term"]]
+        assert params["structure"] == term["structure"]
+        expected = case["covariance_parameters"][term["term"]]
+        np.testing.assert_allclose(np.atleast_1d(params["sd"]), expected["sd"], rtol=1e-2)
+        if "rho" in expected:
+            np.testing.assert_allclose(params["rho"], expected["rho"], atol=1e-2)
+    residual = case["residual"]
+    if case["dispformula"] is None:
+        assert m.sigma == pytest.approx(residual["sigma"], rel=1e-3)
+    else:
+        variances = m.residual_variances
+        for level, variance in residual["variance_by_level"].items():
+            assert variances[level] == pytest.approx(variance, rel=1e-3)
+        np.testing.assert_allclose(m.dispersion, residual["dispersion_coef"]["estimate"],
+                                   rtol=1e-3)
+    assert m.npar == case["df"]
+
+
+def test_structured_term_with_one_record_per_random_effect_is_fitted():
+    """lme4 refuses as many random effects as rows; an ar1 term with one record per
+    subject and time (1600 of each here) is identified by its two parameters."""
+    case = json.loads((FOLDER / "cases" / "sim_ar1_reml.json").read_text())
+    m = fit(case)
+    assert m.design.n_random == m.nobs == 1600
+
+
+def test_us_is_lme4s_bar_and_diag_of_one_column_terms_is_lme4s_double_bar(sleepstudy):
+    a = hd.lmm("Reaction ~ Days + (Days | Subject)", sleepstudy)
+    b = hd.lmm("Reaction ~ Days + us(Days | Subject)", sleepstudy)
+    assert b.objective == pytest.approx(a.objective, rel=1e-12)
+    c = hd.lmm("Reaction ~ Days + (Days || Subject)", sleepstudy)
+    d = hd.lmm("Reaction ~ Days + diag(Days | Subject)", sleepstudy)
+    assert d.objective == pytest.approx(c.objective, rel=1e-10)
+
+
+def test_structures_nest_lrt_and_persist(tmp_path):
+    """cs ⊂ us (one correlation), ar1 ⊂ toep: likelihood-ratio tests between
+    structures, and saved models keep the covariance matrices."""
+    data = load_data("machines")
+    ml = {s: hd.lmm(f"score ~ Machine + {s}(0 + Machine | Worker)", data, reml=False)
+          for s in ("diag", "cs", "us", "ar1", "toep")}
+    assert ml["us"].objective <= ml["cs"].objective + 1e-8 <= ml["diag"].objective + 1e-8
+    assert ml["toep"].objective <= ml["ar1"].objective + 1e-8
+    table = hd.anova(ml["cs"], ml["us"])
+    assert table["Df"].iloc[1] == 2  # us: 6 parameters, cs: 4
+    path = ml["cs"].save(tmp_path / "cs.npz")
+    saved = hd.load(path)
+    np.testing.assert_allclose(saved.varcorr["vcov"], ml["cs"].varcorr["vcov"], rtol=1e-12)
+    np.testing.assert_allclose(saved.predict(data), ml["cs"].predict(data), rtol=1e-12)
+
+
+def test_fixed_variances_of_a_structure():
+    """BLUP at a known cs covariance: θ from the covariance, and back."""
+    data = load_data("machines")
+    m = hd.lmm("score ~ Machine + cs(0 + Machine | Worker)", data)
+    cov = m.covariance_matrices()["Worker"]
+    known = hd.lmm("score ~ Machine + cs(0 + Machine | Worker)", data,
+                   fixed_variances={"Worker": cov, "residual": m.sigma ** 2})
+    np.testing.assert_allclose(known.fixef, m.fixef, rtol=1e-8)
+    with pytest.raises(ValueError, match="cs"):
+        hd.lmm("score ~ Machine + cs(0 + Machine | Worker)", data,
+               fixed_variances={"Worker": np.diag([1.0, 2.0, 3.0]) + 0.1 * np.eye(3)[::-1],
+                                "residual": 1.0})
+
+
+def test_chunked_fit_of_a_structure_equals_the_in_memory_one():
+    data = load_data("sim_ar1")
+    formula = "y ~ x + time + ar1(0 + timef | subj)"
+    memory = hd.lmm(formula, data)
+    chunked = hd.lmm(formula, hd.chunked(data, chunk_rows=300))
+    assert chunked.objective == pytest.approx(memory.objective, rel=1e-10)
+    assert chunked.covariance_parameters["subj"]["rho"] == pytest.approx(
+        memory.covariance_parameters["subj"]["rho"], rel=1e-6)
+
+
+@pytest.mark.parametrize("formula", [
+    "y ~ x + ar1(1 + timef | subj)",      # an intercept: not a process over levels
+    "y ~ x + ou(0 + timef | subj)",       # a glmmTMB structure henderson does not have
+    "y ~ x + cs(0 + timef || subj)",
+])
+def test_structures_henderson_cannot_honour_are_errors(formula):
+    with pytest.raises(hd.FormulaError):
+        hd.lmm(formula, load_data("sim_ar1"))
