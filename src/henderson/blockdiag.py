@@ -44,7 +44,7 @@ def outermost_grouping(design: Design) -> int:
 class BlockDiagonalObjective:
     """θ → REML criterion / deviance through per-group Woodbury identities."""
 
-    def __init__(self, design: Design, reml: bool = True):
+    def __init__(self, design: Design, reml: bool = True, shift: np.ndarray | None = None):
         self.design = design
         self.reml = reml
         outer = outermost_grouping(design)
@@ -73,7 +73,8 @@ class BlockDiagonalObjective:
         self.kmax = int(self.term_k.max())
         # the shifted response of the MME path (mme.response_shift): y'V⁻¹y − β'X'V⁻¹y
         # cancels as y'Wy − sol'·rhs does when y has a large mean
-        shift = response_shift(design.X, design.y, design.weights, design.fixed_names)
+        if shift is None:
+            shift = response_shift(design.X, design.y, design.weights, design.fixed_names)
         self.y = np.ascontiguousarray(design.y - design.X @ shift)
         self.dof = design.n_obs - design.n_fixed if reml else design.n_obs
         self.constant = -float(np.sum(np.log(design.weights)))

@@ -85,19 +85,12 @@ def label_columns(formula: str) -> list[str]:
     -------
     list of str
     """
-    import formulaic
+    from .design import as_parsed_formula, grouping_only_columns
 
-    from .formula import parse_formula
-
-    parsed = parse_formula(formula)
-    used = {parsed.response}
-    for part in [parsed.fixed] + [bar.lhs for bar in parsed.bars]:
-        try:
-            used |= set(formulaic.Formula(part).required_variables)
-        except Exception:  # a bad fixed part is reported by the fit, with its context
-            pass
-    factors = dict.fromkeys(f for bar in parsed.bars for f in bar.factors)
-    return [f for f in factors if f not in used]
+    try:
+        return grouping_only_columns(as_parsed_formula(formula))
+    except Exception:  # a bad formula is reported by the fit, with its context
+        return []
 
 
 def _existing_file(path: str, what: str) -> Path:
@@ -232,7 +225,7 @@ def read_relationship(path: str):
     import pandas as pd
 
     from .errors import DataError, HendersonError
-    from .genomic import RelationshipMatrix
+    from .genomic import as_relationship
 
     what = "relationship file"
     file = _existing_file(path, what)
@@ -247,39 +240,15 @@ def read_relationship(path: str):
                             index_col=0)
     except Exception as exc:
         raise _read_error(exc, path, what) from exc
-    labels = [str(label).strip() for label in frame.index]
-    columns = [str(label).strip() for label in frame.columns]
-    if labels != columns:
-        if len(labels) != len(columns):
-            why = f"{len(labels)} rows but {len(columns)} labelled columns"
-        else:
-            at = next(i for i, (a, b) in enumerate(zip(labels, columns)) if a != b)
-            why = f"row {at + 1} is {labels[at]!r} but column {at + 1} is {columns[at]!r}"
-        raise DataError(f"relationship file {name}: the first column and the first row "
-                        f"must list the same labels in the same order ({why})")
-    if not labels:
+    if frame.empty:
         raise DataError(f"relationship file {name} has no rows")
-    for column in frame.columns:
-        values = frame[column]
-        if not pd.api.types.is_numeric_dtype(values):
-            numbers = pd.to_numeric(values, errors="coerce")
-            row = labels[int(np.flatnonzero(numbers.isna().to_numpy())[0])]
-            value = values.iloc[labels.index(row)]
-            raise DataError(f"relationship file {name}: entry ({row!r}, {str(column)!r}) "
-                            f"is {value!r}, not a number")
-    matrix = frame.to_numpy(dtype=float)
-    if not np.isfinite(matrix).all():
-        i, j = np.argwhere(~np.isfinite(matrix))[0]
-        raise DataError(f"relationship file {name}: entry ({labels[i]!r}, {labels[j]!r}) "
-                        "is not finite")
-    asymmetry = np.abs(matrix - matrix.T)
-    if asymmetry.max() > 1e-8 * max(np.abs(matrix).max(), 1.0):
-        i, j = np.unravel_index(np.argmax(asymmetry), matrix.shape)
-        raise DataError(f"relationship file {name} is not symmetric: entry "
-                        f"({labels[i]!r}, {labels[j]!r}) is {matrix[i, j]} but "
-                        f"({labels[j]!r}, {labels[i]!r}) is {matrix[j, i]}")
+    frame.index = [str(label).strip() for label in frame.index]
+    frame.columns = [str(label).strip() for label in frame.columns]
+    try:  # the checks every labelled covariance gets (numbers, finite, symmetric, labels)
+        relationship = as_relationship(frame)
+    except HendersonError as exc:
+        raise DataError(f"relationship file {name}: {exc}") from None
     try:
-        relationship = RelationshipMatrix(matrix, labels, kind="covariance")
         relationship.precision()  # cached, so the fit does not factor it again
     except HendersonError as exc:
         raise DataError(f"relationship file {name}: {one_line(exc)}") from exc

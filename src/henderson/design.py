@@ -917,6 +917,17 @@ def residual_model(spec: str, frame: pd.DataFrame, dispformula: str) -> Residual
     return model
 
 
+def grouping_only_columns(formula: ParsedFormula, available=None) -> list[str]:
+    """Columns that only name levels of grouping factors (not covariates nor the
+    response): read from files as text, since ids are labels ("001" is not 1)."""
+    available = available if available is not None else []
+    used = {formula.response}
+    for spec in [formula.fixed] + [bar.lhs for bar in formula.bars]:
+        used |= set(spec_variables(spec, available, missing=True))
+    factors = dict.fromkeys(f for bar in formula.bars for f in bar.factors)
+    return [f for f in factors if f not in used]
+
+
 def lme4_term_order(n_levels: list[int]) -> list[int]:
     """The order of the random terms in lme4 (``mkReTrms``): unchanged unless some term
     has more levels than the one before it, then ``rev(order(nl))`` — by decreasing

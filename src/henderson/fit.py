@@ -238,7 +238,7 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
         return model
     if method == "blockdiag":
         design.require_rows("method='blockdiag'")
-        search = BlockDiagonalObjective(design, reml=reml)
+        search = BlockDiagonalObjective(design, reml=reml, shift=mme.xp.shift)
     else:
         search = objective
     lower = design.parameter_lower_bounds()

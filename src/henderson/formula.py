@@ -137,10 +137,11 @@ def python_expression(text: str) -> str:
 
 
 def r_label(value) -> str:
-    """A value as R's ``as.character`` writes it: integers and integral floats without
-    a decimal point (``308.0`` -> ``"308"``), other floats to 15 significant digits,
-    strings as they are. Level labels of grouping factors are these, so that 308 and
-    308.0 (and "308") name the same level, as in R.
+    """A value as a level label: integers and integral floats without a decimal point
+    (``308.0`` -> ``"308"``), other floats to 15 significant digits (R's precision;
+    R would write 100000 as ``"1e+05"``, here ``"100000"``), strings as they are.
+    Level labels of grouping factors are these, so that 308 and 308.0 (and "308")
+    name the same level, as in R, whose levels are strings.
     """
     if isinstance(value, (bool, np.bool_)):
         return "TRUE" if value else "FALSE"

@@ -209,6 +209,13 @@ def as_relationship(known) -> RelationshipMatrix:
         try:
             values = frame.mask(frame.isna(), np.nan).to_numpy(dtype=float)
         except (TypeError, ValueError) as exc:
+            numbers = frame.apply(pd.to_numeric, errors="coerce")
+            bad = numbers.isna().to_numpy() & frame.notna().to_numpy()
+            if bad.any():
+                i, j = np.argwhere(bad)[0]
+                raise DataError(f"a covariance DataFrame must be numeric: entry "
+                                f"({frame.index[i]!r}, {frame.columns[j]!r}) is "
+                                f"{frame.iat[i, j]!r}") from None
             raise DataError(f"a covariance DataFrame must be numeric: {exc}") from exc
         return RelationshipMatrix(values, rows, kind="covariance")
     raise TypeError("relationships values must be a Pedigree, a RelationshipMatrix or a "

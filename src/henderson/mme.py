@@ -80,8 +80,15 @@ class CrossProducts:
         sparse_x = sp.issparse(design.X)
         X = design.X.tocsc() if sparse_x else np.asarray(design.X, dtype=np.float64)
         p = X.shape[1]
+        if sparse_x:
+            wX = sp.diags(w) @ X
+            xx = (X.T @ wX).tocsc()
+        else:
+            unit = bool(np.all(w == 1.0))  # no weighted copy of X when there are none
+            wX = X if unit else X * w[:, None]
+            xx = X.T @ wX
         if fixed_shift is None:
-            fixed_shift = response_shift(X, design.y, w, design.fixed_names)
+            fixed_shift = response_shift(X, design.y, w, design.fixed_names, gram=xx)
         fixed_shift = np.asarray(fixed_shift, dtype=np.float64)
         y = np.asarray(design.y, dtype=np.float64)
         # the weighted scale: uniform weights of 1e-100 only rescale σ
@@ -124,14 +131,7 @@ class CrossProducts:
                     [pair_keys // term_s.n_levels, pair_keys % term_s.n_levels]
                 )
                 crossed[(t, s)] = (pairs, blocks)
-        if sparse_x:
-            wX = sp.diags(w) @ X
-            xx = (X.T @ wX).tocsc()
-            xy = np.asarray(wX.T @ y).ravel()
-        else:
-            unit = bool(np.all(w == 1.0))  # no weighted copy of X when there are none
-            wX = X if unit else X * w[:, None]
-            xx, xy = X.T @ wX, wX.T @ y
+        xy = np.asarray(wX.T @ y).ravel()
         return cls(
             diagonal=diagonal,
             crossed=crossed,
@@ -321,7 +321,8 @@ def check_residual_variation(xp: CrossProducts, fixed_names) -> float:
     return float(np.sqrt(rss / max(xp.n_obs, 1)))
 
 
-def response_shift(X, y: np.ndarray, weights: np.ndarray, fixed_names=()) -> np.ndarray:
+def response_shift(X, y: np.ndarray, weights: np.ndarray, fixed_names=(),
+                   gram: np.ndarray | None = None) -> np.ndarray:
     """β₀ such that ``y − X β₀`` is small: the weighted least-squares fit of the fixed
     effects, refined once, on the columns that are not aliased among these rows (the
     others get 0, so that a column a chunked fit drops later carries no shift).
@@ -329,7 +330,7 @@ def response_shift(X, y: np.ndarray, weights: np.ndarray, fixed_names=()) -> np.
     Any β₀ gives the same model (β shifts by β₀); the closer to the fit, the smaller
     the shifted response and the less ``y'Wy − sol'·rhs`` cancels. A sparse X (fixed
     factors with thousands of levels) is shifted by the weighted mean of y on its
-    intercept column, when it has one.
+    intercept column, when it has one. ``gram`` is X'WX when the caller has it.
     """
     y = np.asarray(y, dtype=np.float64)
     p = X.shape[1]
@@ -344,7 +345,8 @@ def response_shift(X, y: np.ndarray, weights: np.ndarray, fixed_names=()) -> np.
     X = np.asarray(X, dtype=np.float64)
     unit = bool(np.all(weights == 1.0))
     wX = X if unit else X * weights[:, None]
-    gram = X.T @ wX
+    if gram is None:  # X'WX, when the caller has not formed it already
+        gram = X.T @ wX
     keep = np.array(independent_columns(gram), dtype=np.int64)
     if not len(keep):
         return shift

@@ -162,7 +162,7 @@ class _Progress:
         if self.every and count % self.every == 0:
             print(
                 f"[henderson] eval {count:5d}  objective {value:.6f}  best {self.best:.6f}"
-                f"  θ={np.array2string(np.asarray(theta), precision=5)}"
+                f"  θ̃={np.array2string(np.asarray(theta), precision=5)}"
                 f"  {time.perf_counter() - self.start:.1f}s",
                 file=sys.stderr,
             )
@@ -332,7 +332,8 @@ def optimize_lbfgs(problem: "ScaledProblem", start: np.ndarray, lower: np.ndarra
 def theta_scale(design, crossproducts) -> np.ndarray:
     """``d`` of ``θ̃ = d ∘ θ``: per parameter, a power of two near the root mean square
     of the covariate whose scale it carries (its structure's ``scale_rows``: the row
-    of Λ_t for ``us``, the coefficient of an SD); 1 for an intercept and for
+    of Λ_t for ``us``, the coefficient of an SD), from ``diag(Z_t'WZ_t)`` (so with
+    prior weights an intercept's is the weights' root mean square, not 1); 1 for
     correlations."""
     n = max(float(crossproducts.n_obs), 1.0)
     scales = []
@@ -403,11 +404,12 @@ class ConvergenceCheck:
         Why it failed, or "".
     value : float
     gradient : ndarray
-        ∂f/∂θ̃.
+        ∂f/∂θ̃ (for AI-REML's check: of −2ℓ in the variances φ).
     scaled_gradient : ndarray
         lme4's ``min(|R⁻¹g|, |g|)`` on the free parameters (0 on those at a bound).
     min_eigenvalue : float
-        The smallest eigenvalue of the Hessian on the free parameters.
+        The smallest eigenvalue of the Hessian on the free parameters (NaN for
+        AI-REML's check, whose Hessian is 2·AI, positive definite by construction).
     restarts : list of ndarray
         Points to restart from when the check failed (sign flips at zero diagonals).
     """

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .design import (_r_numbers, check_new_levels, lme4_column_name, predicted_offset,
-                     spec_variables, with_categories)
-from .errors import DataError, FormulaError
-from .formula import R_FUNCTIONS, python_expression
+from .design import _model_matrix as design_model_matrix
+from .design import check_new_levels, predicted_offset, spec_variables, with_categories
+from .errors import DataError, FormulaError, HendersonError
+from .formula import python_expression
 from .report import (blup_contribution, check_newdata, group_names, random_effects_lines,
                      varcorr_table)
 
@@ -313,16 +313,13 @@ class SavedModel:
 
 
 def _model_matrix(spec: str, frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
-    """The columns ``columns`` of the model matrix of ``spec`` for ``frame``."""
-    import formulaic
-
+    """The columns ``columns`` of the model matrix of ``spec`` for ``frame`` (built as
+    the fit built it: :func:`henderson.design._model_matrix`)."""
     try:
-        matrix = formulaic.model_matrix(spec, _r_numbers(spec, frame), na_action="raise",
-                                        context=R_FUNCTIONS)
-    except Exception as exc:
+        values, names, _ = design_model_matrix(spec, frame)
+    except HendersonError as exc:
         raise DataError(f"cannot build {spec!r} for newdata: {exc}") from exc
-    matrix = pd.DataFrame(np.asarray(matrix, dtype=float),
-                          columns=[lme4_column_name(c) for c in matrix.columns])
+    matrix = pd.DataFrame(values, columns=names)
     absent = [c for c in columns if c not in matrix.columns]
     if absent:
         raise DataError(f"the saved model's columns {', '.join(map(repr, absent))} are not "

@@ -34,6 +34,7 @@ from .design import (
     _model_matrix,
     _used_columns,
     as_parsed_formula,
+    grouping_only_columns,
     check_columns,
     check_levels,
     is_categorical,
@@ -487,8 +488,7 @@ def chunked_design(formula, source, weights: str | None = None, missing: str = "
                  offset)
 
     if isinstance(source, ChunkedData):  # grouping columns are labels
-        source = source.reading_as_text(sorted({f for bar in parsed.bars for f in bar.factors}
-                                               - set(plan.covariates)))
+        source = source.reading_as_text(grouping_only_columns(parsed, source.columns))
     scan = source.map_reduce(plan.read_columns(), plan.scan, ChunkScan.merge,
                              progress=_progress("scan", verbose))
     n = scan.n_rows
