@@ -131,3 +131,69 @@ def test_chunked_fit_of_a_structure_equals_the_in_memory_one():
 def test_structures_henderson_cannot_honour_are_errors(formula):
     with pytest.raises(hd.FormulaError):
         hd.lmm(formula, load_data("sim_ar1"))
+
+
+def dense_reml_deviance(model, values: np.ndarray) -> float:
+    """REML deviance (σ not profiled) at the flat parameters ``values`` (the terms'
+    SDs and correlations, then σ), from V built densely from the structures'
+    definitions (conftest.covariance_from_parameters)."""
+    from conftest import covariance_from_parameters
+
+    design = model.design
+    X, y = np.asarray(design.X), design.y
+    sigma = values[-1]
+    V = sigma ** 2 * np.diag(1.0 / design.weights)
+    position = 0
+    for name, term in zip(model.covariance_parameters, design.terms):
+        kind = model.covariance_parameters[name]["structure"]
+        count = len(term.structure.flat_parameters(term.structure.start(), 1.0))
+        part = values[position:position + count]
+        position += count
+        k = term.n_coefs
+        if kind == "us":
+            sd, corr, i = np.zeros(k), np.eye(k), 0
+            for a in range(k):
+                sd[a] = part[i]
+                i += 1
+                for b in range(a + 1, k):
+                    corr[a, b] = corr[b, a] = part[i]
+                    i += 1
+            params = {"sd": sd, "corr": corr}
+        else:
+            n_sd = 1 if kind == "ar1" else k
+            params = {"sd": part[:n_sd], "rho": part[n_sd] if kind in ("cs", "ar1") and k > 1
+                      else part[n_sd:]}
+        covariance = covariance_from_parameters(kind, k, params)
+        Z = term.z_matrix().toarray()
+        V += Z @ np.kron(np.eye(term.n_levels), covariance) @ Z.T
+    Vi = np.linalg.inv(V)
+    XtViX = X.T @ Vi @ X
+    beta = np.linalg.solve(XtViX, X.T @ Vi @ y)
+    r = y - X @ beta
+    n, p = X.shape
+    return float(np.linalg.slogdet(V)[1] + np.linalg.slogdet(XtViX)[1] + r @ Vi @ r
+                 + (n - p) * np.log(2 * np.pi))
+
+
+@pytest.mark.parametrize("formula,data", [
+    ("Reaction ~ Days + (Days | Subject)", "sleepstudy"),
+    ("score ~ Machine + cs(0 + Machine | Worker)", "machines"),
+])
+def test_covariance_parameter_standard_errors_equal_a_dense_hessian(formula, data):
+    """SEs of the structures' own parameters: 2 H⁻¹ of the REML deviance in those
+    parameters, numerically, from a dense V (no θ, no Λ)."""
+    frame = hd.datasets.load("sleepstudy") if data == "sleepstudy" else load_data(data)
+    m = hd.lmm(formula, frame)
+    table = m.covariance_parameter_table
+    x = table["estimate"].to_numpy()
+    step = 1e-3 * np.maximum(np.abs(x), 0.05)
+    n = len(x)
+    hessian = np.empty((n, n))
+    for i in range(n):
+        for j in range(n):
+            ei, ej = np.eye(n)[i] * step[i], np.eye(n)[j] * step[j]
+            hessian[i, j] = (dense_reml_deviance(m, x + ei + ej) - dense_reml_deviance(m, x + ei - ej)
+                             - dense_reml_deviance(m, x - ei + ej)
+                             + dense_reml_deviance(m, x - ei - ej)) / (4 * step[i] * step[j])
+    expected = np.sqrt(np.diag(2 * np.linalg.inv(hessian)))
+    np.testing.assert_allclose(table["std_error"], expected, rtol=5e-3)

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .bootstrap import variance_parameters
 from .design import _model_matrix, r_factor_columns, spec_variables
 
 
@@ -132,6 +133,45 @@ def _satterthwaite_pieces(model):
     model._objective_stage.evaluate(model.theta)  # leave the factor at the optimum
     model._satterthwaite_cache = (V, np.array(jacobian), A)
     return model._satterthwaite_cache
+
+
+def covariance_parameter_table(model) -> pd.DataFrame:
+    """Each term's covariance parameters (its structure's SDs and correlations, lme4's
+    names for ``us``) and σ, with standard errors from the deviance's curvature:
+    ``Cov(θ, σ) = 2 H⁻¹`` (the Hessian lmerTest's Satterthwaite df use), carried to the
+    reported parameters by the delta method. A parameter at its bound (a variance of
+    0) has no SE (NaN); with known variances there is none either.
+
+    Returns
+    -------
+    DataFrame indexed by parameter (``sd_(Intercept)|Subject``, ``rho|subj``,
+    ``sigma``) with ``estimate`` and ``std_error``.
+    """
+    rows = variance_parameters(model.design, model.theta, model.sigma)
+    names = [name for name, _, _ in rows]
+    estimate = np.array([value for _, _, value in rows])
+    se = np.full(len(rows), np.nan)
+    if not model.known_variances:
+        _, _, A = _satterthwaite_pieces(model)
+        varpar = np.append(model.theta, model.sigma)
+        step = 1e-4 * np.maximum(np.abs(varpar), 0.1)
+        lower = np.append(model.design.theta_lower_bounds(), 0.0)
+
+        def flat(v):
+            return np.array([value for _, _, value in
+                             variance_parameters(model.design, v[:-1], v[-1])])
+
+        jacobian = np.empty((len(rows), len(varpar)))
+        for i in range(len(varpar)):
+            e = np.zeros(len(varpar))
+            e[i] = step[i]
+            jacobian[:, i] = (flat(varpar + e) - flat(varpar - e)) / (2 * step[i])
+        with np.errstate(invalid="ignore"):
+            se = np.sqrt(np.diag(jacobian @ A @ jacobian.T))
+        on_bound = np.isfinite(lower) & (varpar <= lower + 1e-12)
+        if on_bound.any():  # the parameters that move with a bound parameter have no SE
+            se[np.any(jacobian[:, on_bound] != 0, axis=1)] = np.nan
+    return pd.DataFrame({"estimate": estimate, "std_error": se}, index=names)
 
 
 def satterthwaite(model, contrasts: np.ndarray | None = None) -> pd.DataFrame:

@@ -21,7 +21,8 @@ from .blockdiag import outermost_grouping
 from .bootstrap import bootstrap, parameter_vector, simulate
 from .design import (Design, check_new_levels, lme4_column_name, materialize, predicted_offset,
                      spec_variables)
-from .inference import f_test, kenward_roger, satterthwaite, type3_anova
+from .inference import (covariance_parameter_table, f_test, kenward_roger, satterthwaite,
+                        type3_anova)
 from .mme import MixedModelEquations
 from .objective import Objective
 from .persist import save_model
@@ -157,6 +158,12 @@ class LinearMixedModel:
         is estimated ~0 (lme4's ``isSingular``)."""
         on_bound = np.isfinite(self.design.theta_lower_bounds())
         return bool(np.any(self.theta[on_bound] < SINGULAR_TOLERANCE))
+
+    @property
+    def covariance_parameter_table(self) -> pd.DataFrame:
+        """Every covariance parameter (the terms' SDs and correlations, σ) with its
+        standard error (:func:`~henderson.inference.covariance_parameter_table`)."""
+        return covariance_parameter_table(self)
 
     @property
     def covariance_parameters(self) -> dict[str, dict]:
