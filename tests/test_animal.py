@@ -171,7 +171,11 @@ def test_em_steps_are_taken_when_ai_steps_fail(visible, monkeypatch):
                         lambda a, b: np.full_like(b, np.nan) if a.shape == (2, 2) else real_solve(a, b))
     design = hd.build_design("y ~ sex + hy + (1 | animal)", data, relationships={"animal": ped})
     objective = hd.Objective(hd.MixedModelEquations(design), reml=True)
-    result = aireml.optimize_ai_reml(objective, np.array([0.3]), max_iterations=5)
+    from dataclasses import replace
+
+    from henderson.optimize import SETTINGS
+    result = aireml.optimize_ai_reml(objective, np.array([0.3]),
+                                     settings=replace(SETTINGS, ai_max_iterations=5))
     kinds = [h[1] for h in result.history]
     values = [h[2] for h in result.history]
     assert kinds == ["EM"] * 5

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .objective import Objective
-from .optimize import SETTINGS, ConvergenceCheck, OptimizerResult
+from .optimize import SETTINGS, ConvergenceCheck, OptimizerResult, OptimizerSettings
 
 
 @dataclass
@@ -167,8 +167,7 @@ def ai_convergence_check(objective: Objective, theta: np.ndarray, result=None,
 
 
 def optimize_ai_reml(objective: Objective, start: np.ndarray, verbose: bool | int = False,
-                     max_iterations: int = 60, tolerance: float = 1e-9,
-                     final_gain: float = 0.1, final_mismatch: float | None = None,
+                     settings: OptimizerSettings = SETTINGS,
                      probe_boundary: bool = True):
     """AI-REML from θ ``start``; returns an :class:`~henderson.optimize.OptimizerResult`."""
     info = AverageInformation(objective)
@@ -179,6 +178,7 @@ def optimize_ai_reml(objective: Objective, start: np.ndarray, verbose: bool | in
     state_is_current = True  # False when the last step ends without a state at its θ
     converged, message = False, "maximum number of iterations reached"
     n_levels = np.array([t.n_levels for t in info.design.terms], dtype=float)
+    max_iterations, tolerance = settings.ai_max_iterations, settings.ai_tolerance
     for iteration in range(1, max_iterations + 1):
         phi, value = state.phi, state.objective
         # variances at the boundary (0) stay there; the step is taken in the others
@@ -201,7 +201,7 @@ def optimize_ai_reml(objective: Objective, start: np.ndarray, verbose: bool | in
                     break
                 over |= new_over
                 rest = free & ~over
-                step[over] = -0.99 * phi[over]
+                step[over] = -(1.0 - settings.ai_overshoot_keep) * phi[over]
                 step[rest] = np.linalg.solve(
                     state.ai[np.ix_(rest, rest)],
                     state.score[rest] - state.ai[np.ix_(rest, over)] @ step[over])
@@ -211,7 +211,7 @@ def optimize_ai_reml(objective: Objective, start: np.ndarray, verbose: bool | in
         gain = float(state.score @ step) if np.all(np.isfinite(step)) else np.inf
         accepted = False
         scale = 1.0
-        while scale > 1e-3 and np.all(np.isfinite(step)):
+        while scale > settings.ai_min_step and np.all(np.isfinite(step)):
             candidate = phi + scale * step
             variances = candidate[:-1]
             variances[variances < 0] = 0.0
@@ -237,9 +237,9 @@ def optimize_ai_reml(objective: Objective, start: np.ndarray, verbose: bool | in
         # states instead of 4; stopping at a mismatch of 1e-5 left θ 7e-6 off, and a
         # small fixed effect 1e-4 off lme4's).
         mismatch = abs((value - new_value) - gain) if accepted else np.inf
-        last_mismatch = (max(1e-7, 1e-13 * abs(value)) if final_mismatch is None
-                         else final_mismatch)
-        last = accepted and scale == 1.0 and gain < final_gain and mismatch < last_mismatch
+        last_mismatch = max(settings.ai_final_mismatch, 1e-13 * abs(value))
+        last = accepted and scale == 1.0 and gain < settings.ai_final_gain \
+            and mismatch < last_mismatch
         if last:
             value, phi = new_value, candidate
             state_is_current = False
@@ -279,10 +279,9 @@ def optimize_ai_reml(objective: Objective, start: np.ndarray, verbose: bool | in
     zero = np.asarray(theta) == 0
     if probe_boundary and zero.any():
         probe = np.array(theta, dtype=float)
-        probe[zero] = 0.1
+        probe[zero] = settings.boundary_probe
         if objective(probe) < value:
-            again = optimize_ai_reml(objective, probe, verbose, max_iterations, tolerance,
-                                     final_gain, final_mismatch, probe_boundary=False)
+            again = optimize_ai_reml(objective, probe, verbose, settings, probe_boundary=False)
             again.history = history + again.history
             return again
     return result

@@ -97,6 +97,20 @@ class OptimizerSettings:
         A structure's unconstrained correlation parameter beyond the threshold (ar1:
         |ρ| > 0.95) is tried at the limit (|ρ| = 1 − 5e-9) and kept there when the
         objective is no higher (:func:`_snap_to_boundary`).
+    ai_max_iterations, ai_tolerance : int, float
+        AI-REML's iterations and its relative change in the objective that, with a
+        change in the variances below 1e-5, ends them.
+    ai_final_gain, ai_final_mismatch : float
+        A full AI step whose predicted gain is below ``ai_final_gain`` and matches the
+        gain found to ``max(ai_final_mismatch, 1e-13|f|)`` is the last (DESIGN.md §4:
+        on a quadratic with AI = (1 + ε)H what is left is ε times the mismatch;
+        stopping at 1e-5 left θ 7e-6 off).
+    ai_overshoot_keep : float
+        A variance that an AI step would turn negative keeps this fraction of its value
+        (0 stranded InstEval's student variance at the boundary, 2,435 above the
+        optimum).
+    ai_min_step : float
+        The line search halves an AI step down to this fraction, then takes EM-REML's.
     """
 
     bobyqa_tolerance: float = 1e-10
@@ -117,6 +131,12 @@ class OptimizerSettings:
     explore_gradient: float = 1e-2
     correlation_threshold: float = 3.0
     correlation_limit: float = 1e4
+    ai_max_iterations: int = 60
+    ai_tolerance: float = 1e-9
+    ai_final_gain: float = 0.1
+    ai_final_mismatch: float = 1e-7
+    ai_overshoot_keep: float = 0.01
+    ai_min_step: float = 1e-3
 
 
 #: the settings every fit uses
