@@ -501,7 +501,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, case):
 def test_bad_input_in_a_real_process(tmp_path, case):
     argv, words = _bad_input(tmp_path, case)
     proc = subprocess.run([sys.executable, "-m", "henderson", *argv], capture_output=True,
-                          text=True, env=dict(os.environ, HENDERSON_NO_WARMUP="1"))
+                          text=True)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("henderson: error: ")
     assert "Traceback" not in proc.stderr and all(w in proc.stderr for w in words)

@@ -130,10 +130,9 @@ def test_variance_component_errors_come_with_any_optimiser():
     assert ml["std_error"].isna().all()
 
 
-def test_the_import_warm_up_fits_through_the_common_path():
-    """Importing the package fits a 60-row model to load the compiled kernels; that
-    fit must take the block elimination and AI-REML (else it warms the wrong kernels)
-    and succeed (its errors are swallowed so that an import never fails)."""
+def test_the_kernel_warm_up_fits_through_the_common_path():
+    """hd.load_compiled_kernels fits a 60-row model to load the compiled kernels; that
+    fit must take the block elimination and AI-REML (else it warms the wrong kernels)."""
     from henderson.fit import _warm_up_fit
 
     model = _warm_up_fit()

@@ -138,7 +138,7 @@ def test_a_save_killed_at_any_moment_leaves_the_old_or_the_new_model(tmp_path):
     # One process fits the two models; each round forks a saver from it and kills it
     # with SIGKILL after a random delay, then the file must load as one of the two.
     path = tmp_path / "m.npz"
-    env = dict(os.environ, HENDERSON_NO_WARMUP="1")
+    env = dict(os.environ)
     server = subprocess.Popen([sys.executable, "-c", SAVER, str(path)], env=env, text=True,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:

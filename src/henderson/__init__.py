@@ -9,7 +9,7 @@ from . import datasets
 from .design import Design, RandomTerm, build_design
 from .errors import (ConvergenceWarning, DataError, FormulaError, HendersonError,
                      PedigreeError, RankDeficiencyWarning)
-from .fit import fit_design, lmm
+from .fit import fit_design, lmm, load_compiled_kernels
 from .formula import parse_formula
 from .genomic import RelationshipMatrix, grm
 from .inference import anova
@@ -20,15 +20,11 @@ from .objective import Objective
 from .results import LinearMixedModel
 from .streaming import ChunkedData, chunked
 
-from .fit import load_compiled_kernels as _load_compiled_kernels
-
-_load_compiled_kernels()
-
 __version__ = "0.1.0"
 
 __all__ = [
     "lmm", "fit_design", "anova", "chunked", "ChunkedData", "load", "SavedModel", "Pedigree", "RelationshipMatrix", "grm", "build_design", "parse_formula", "datasets", "Design",
     "RandomTerm", "MixedModelEquations", "Objective", "LinearMixedModel",
     "FormulaError", "DataError", "PedigreeError", "HendersonError",
-    "ConvergenceWarning", "RankDeficiencyWarning",
+    "ConvergenceWarning", "RankDeficiencyWarning", "load_compiled_kernels",
 ]
