@@ -4,7 +4,12 @@ import pytest
 
 import henderson as hd
 from henderson.mme import MixedModelEquations
-from henderson.schur import BlockEliminationEquations, schur_applies
+from henderson.schur import schur_applies
+
+
+def BlockEliminationEquations(design, **options):
+    """The equations factored by block elimination."""
+    return MixedModelEquations(design, strategy="schur", **options)
 from henderson.simulate import crossed
 
 MODELS = [
@@ -134,12 +139,14 @@ def test_two_threads_give_the_one_thread_numbers(formula, data, monkeypatch):
     design = hd.build_design(formula, frame)
     theta = design.theta_start() * 0.7 + 0.1
     serial = BlockEliminationEquations(design)
-    assert serial._row_split is None
+    assert serial.factorization._row_split is None
     monkeypatch.setattr(schur, "THREADED_WORK", 0)
     threaded = BlockEliminationEquations(design)
-    assert threaded._row_split is not None and threaded._level_split is not None
+    assert threaded.factorization._row_split is not None
+    assert threaded.factorization._level_split is not None
     for equations in (serial, threaded):
         equations.factorize(theta)
     assert threaded.logdet() == serial.logdet()
-    np.testing.assert_array_equal(threaded.schur_factor, serial.schur_factor)
+    np.testing.assert_array_equal(threaded.factorization.schur_factor,
+                                  serial.factorization.schur_factor)
     np.testing.assert_array_equal(threaded.inverse_diagonal(), serial.inverse_diagonal())

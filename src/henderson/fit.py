@@ -22,7 +22,7 @@ from .mme import MixedModelEquations, check_residual_variation
 from .objective import Objective, scalar_terms
 from .report import group_names
 from .results import LinearMixedModel
-from .schur import BlockEliminationEquations, schur_applies
+from .schur import schur_applies
 from .streaming import as_chunk_source, chunked_design
 from .optimize import (SETTINGS, OptimizerSettings, ScaledProblem, ensure_convergence,
                        optimize_bobyqa, optimize_lbfgs, optimize_scipy, theta_scale)
@@ -216,10 +216,9 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
     t0 = time.perf_counter()
     check_options(reml=reml, optimizer=optimizer, ordering=ordering, method=method,
                   strategy=strategy, verbose=verbose)
-    if strategy == "schur" or (strategy == "auto" and schur_applies(design)):
-        mme = BlockEliminationEquations(design, crossproducts=crossproducts)
-    else:
-        mme = MixedModelEquations(design, ordering=ordering, crossproducts=crossproducts)
+    elimination = strategy == "schur" or (strategy == "auto" and schur_applies(design))
+    mme = MixedModelEquations(design, ordering=ordering, crossproducts=crossproducts,
+                              strategy="schur" if elimination else "cholmod")
     timings["mme_setup"] = time.perf_counter() - t0
     least_squares_sd = check_residual_variation(mme.xp, design.fixed_names)
     objective = Objective(mme, reml=reml)

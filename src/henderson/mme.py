@@ -25,6 +25,8 @@ import scipy.sparse as sp
 from . import kernels
 from .design import Design
 from .errors import DataError
+from .factor import DenseFixedBlock, SparseCholesky
+from .schur import DENSE_FIXED_LIMIT, BlockElimination
 from .linalg import (NotPositiveDefiniteError, cholmod_analyze, cholmod_lower_factor,
                      cholmod_permutation, cholmod_refactor, independent_columns)
 
@@ -549,22 +551,6 @@ def _factor_cost(pattern: sp.csc_matrix, perm: np.ndarray) -> tuple[float, int]:
     return seconds, cholmod_lower_factor(factor).nnz
 
 
-@dataclass
-class SelectedInverse:
-    """An inverse known on the pattern of a Cholesky factor: ``matrix`` (lower
-    triangle, factor coordinates) and the map from original indices to them."""
-
-    matrix: sp.csc_matrix
-    position: np.ndarray
-
-    def entries(self, rows, cols) -> np.ndarray:
-        r = self.position[np.asarray(rows, dtype=np.int64)]
-        c = self.position[np.asarray(cols, dtype=np.int64)]
-        m = self.matrix
-        return kernels.lookup_symmetric(m.indptr.astype(np.int64),
-                                        m.indices.astype(np.int64), m.data, r, c)
-
-
 # ---------------------------------------------------------------- the equations
 class MixedModelEquations:
     """The pattern of C, its symbolic CHOLMOD factor and the θ → C(θ) update.
@@ -593,10 +579,10 @@ class MixedModelEquations:
 
     #: fixed effects up to this many dense columns are eliminated densely (lme4's
     #: R_ZX / R_X); beyond, they stay inside the sparse factor.
-    DENSE_FIXED_LIMIT = 64
+    DENSE_FIXED_LIMIT = DENSE_FIXED_LIMIT
 
     def __init__(self, design: Design, ordering: str = "auto", mode: str = "auto",
-                 dense_fixed: bool | None = None, symbolic: bool = True,
+                 strategy: str = "cholmod", dense_fixed: bool | None = None,
                  crossproducts: CrossProducts | None = None):
         start = time.perf_counter()
         self.design = design
@@ -608,6 +594,10 @@ class MixedModelEquations:
         start = time.perf_counter()
         q, p = design.n_random, design.n_fixed
         self.n_random, self.n_fixed, self.size = q, p, q + p
+        if strategy not in ("cholmod", "schur"):
+            raise ValueError(f"strategy must be 'cholmod' or 'schur', got {strategy!r}")
+        if strategy == "schur":  # the first term's levels first, as they are eliminated
+            ordering, dense_fixed = "natural", True
         # CHOLMOD spends far more on a few dense rows at the end of C than their flops
         # (InstEval: 120 ms vs 43 ms + 11 ms for the dense route), so small dense X is
         # eliminated densely, as lme4 does, and only C_zz goes to CHOLMOD. A large or
@@ -641,20 +631,16 @@ class MixedModelEquations:
              self.indptr.astype(index_type)),
             shape=(self.size, self.size),
         )
-        self._random_factor = None
         self.timings["numeric"] = 0.0
         self.n_factorizations = 0
         self.theta = None
-        if not symbolic:  # a subclass factors C its own way
-            return
-        if self.dense_fixed:
-            self._split_pattern()
-            sparse_part = self.random_matrix
+        if strategy == "schur":
+            self.factorization = BlockElimination(self)
+            self.ordering = "schur"
+        elif dense_fixed:
+            self.factorization = DenseFixedBlock(self, mode)
         else:
-            sparse_part = self.matrix
-        sparse_part.data[:] = 0.0
-        sparse_part.data[sparse_part.indptr[:-1]] = 1.0  # the diagonal: any SPD values
-        self.factor = cholmod_analyze(sparse_part, ordering="natural", mode=mode)
+            self.factorization = SparseCholesky(self, mode)
         self.timings["symbolic"] = time.perf_counter() - start
 
     # -- pattern
@@ -712,12 +698,15 @@ class MixedModelEquations:
         self.cross_positions = {key: slots[ident].reshape(xp.crossed[key][1].shape)
                                 for key, ident in cross_ids.items()}
 
-    def _split_pattern(self) -> None:
-        """Index maps from C's entries to C_zz (CSC), C_xz (dense) and C_xx (dense).
+    def split_pattern(self) -> None:
+        """Index maps from C's entries to C_zz (CSC), C_xz (dense) and C_xx (dense),
+        made once (the factorisations that need them call this).
 
         Works in the permuted coordinates; random and fixed positions may interleave
         (sparse X ordered with the rest), the order among random positions is kept.
         """
+        if hasattr(self, "random_matrix"):
+            return
         q = self.n_random
         cols = np.repeat(np.arange(self.size), np.diff(self.indptr))
         rows = self.indices
@@ -754,9 +743,7 @@ class MixedModelEquations:
         clone.timings = dict(self.timings)
         if hasattr(self, "random_matrix"):
             clone.random_matrix = self.random_matrix.copy()
-        if hasattr(self, "factor"):
-            clone.factor = self.factor.copy()
-        clone._random_factor = None
+        clone.factorization = self.factorization.private_copy(clone)
         return clone
 
     def set_crossproducts(self, crossproducts: CrossProducts) -> None:
@@ -822,10 +809,7 @@ class MixedModelEquations:
         start = time.perf_counter()
         self.fill(theta)
         try:
-            if self.dense_fixed:
-                self._factorize_split()
-            else:
-                cholmod_refactor(self.factor, self.matrix)
+            self.factorization.factorize()
         except Exception as exc:
             raise NotPositiveDefiniteError(
                 f"C(θ) is not positive definite at θ={theta}: {exc}") from exc
@@ -833,130 +817,35 @@ class MixedModelEquations:
         self.n_factorizations += 1
         self.timings["numeric"] += time.perf_counter() - start
 
-    def _factorize_split(self) -> None:
-        """C_zz = L L' by CHOLMOD; R_ZX = L⁻¹ C_zx; C_xx − R_ZX'R_ZX = R_X R_X' dense."""
-        data = self.matrix.data
-        p, q = self.n_fixed, self.n_random
-        self.random_matrix.data[:] = data[self.zz_take]
-        cholmod_refactor(self.factor, self.random_matrix)
-        cross = np.zeros((q, p))
-        cross[self.xz_cols, self.xz_rows] = data[self.xz_take]
-        self.cross_factor = self._solve_lower(cross) if p else cross  # R_ZX, q x p
-        schur = np.zeros((p, p))
-        schur[self.xx_rows, self.xx_cols] = data[self.xx_take]
-        schur = np.tril(schur) + np.tril(schur, -1).T
-        schur -= self.cross_factor.T @ self.cross_factor
-        self.fixed_factor = np.linalg.cholesky(schur) if p else schur  # R_X (lower)
-
-    def _solve_lower(self, rhs):
-        return self.factor.solve_L(rhs, use_LDLt_decomposition=False)
-
-    def _solve_upper(self, rhs):
-        return self.factor.solve_Lt(rhs, use_LDLt_decomposition=False)
-
+    # -- the factor's uses: every one is the factorisation's (factor.py)
     def solve(self, rhs: np.ndarray) -> np.ndarray:
         """Solve ``C x = rhs`` (rhs in original order; vector or matrix)."""
-        permuted = rhs[self.perm]
-        if self.dense_fixed:
-            import scipy.linalg
-
-            q = self.n_random
-            forward_z = self._solve_lower(permuted[:q])
-            forward_x = scipy.linalg.solve_triangular(
-                self.fixed_factor, permuted[q:] - self.cross_factor.T @ forward_z, lower=True)
-            solution_x = scipy.linalg.solve_triangular(
-                self.fixed_factor, forward_x, lower=True, trans="T")
-            solution_z = self._solve_upper(forward_z - self.cross_factor @ solution_x)
-            solution = np.concatenate([solution_z, solution_x])
-        else:
-            solution = self.factor(permuted)
-        out = np.empty_like(solution)
-        out[self.perm] = solution
-        return out
+        return self.factorization.solve(np.asarray(rhs, dtype=np.float64))
 
     def logdet(self) -> float:
         """``log|C(θ)|``."""
-        if self.dense_fixed:
-            return self.logdet_random() + 2.0 * float(
-                np.sum(np.log(np.diag(self.fixed_factor))))
-        return float(self.factor.logdet())
+        return self.factorization.logdet()
 
     def logdet_random(self) -> float:
-        """``log|C_zz(θ)|`` (ML needs it). With X inside the sparse factor, C_zz gets a
-        CHOLMOD factor of its own, analysed on first use."""
-        if self.dense_fixed:
-            return float(self.factor.logdet())
-        if self._random_factor is None:
-            self._split_pattern()
-            self._random_factor = cholmod_analyze(self.random_matrix, ordering="natural")
-        self.random_matrix.data[:] = self.matrix.data[self.zz_take]
-        cholmod_refactor(self._random_factor, self.random_matrix)
-        return float(self._random_factor.logdet())
+        """``log|C_zz(θ)|`` (ML needs it)."""
+        return self.factorization.logdet_random()
 
     def fixed_block_inverse(self) -> np.ndarray:
-        """``(C⁻¹)_ββ = (R_X R_X')⁻¹`` (p solves with the factor when X is sparse)."""
-        p, q = self.n_fixed, self.n_random
-        if p == 0:
-            return np.zeros((0, 0))
-        if self.dense_fixed:
-            inverse_factor = np.linalg.inv(self.fixed_factor)
-            return inverse_factor.T @ inverse_factor
-        unit = np.zeros((self.size, p))
-        unit[q + np.arange(p), np.arange(p)] = 1.0
-        return self.solve(unit)[q:, :]
+        """``(C⁻¹)_ββ``."""
+        return self.factorization.fixed_block_inverse()
 
     def lower_factor(self, random_block_only: bool = False) -> sp.csc_matrix:
-        """The Cholesky factor L of the permuted C (``L L' = C[perm][:, perm]``), or of
-        its random-effects block ``C_zz`` (the leading block of L)."""
-        q = self.n_random
-        if random_block_only and not self.dense_fixed:
-            self.logdet_random()  # refreshes C_zz's own factor at the current θ
-            return cholmod_lower_factor(self._random_factor)
-        lower = cholmod_lower_factor(self.factor)
-        if random_block_only or not self.dense_fixed:
-            return lower
-        p = self.n_fixed
-        # append the dense rows [R_ZX' R_X] below L_zz, zeros kept in the pattern
-        counts = np.diff(lower.indptr)
-        new_counts = np.concatenate([counts + p, p - np.arange(p)])
-        indptr = np.concatenate([[0], np.cumsum(new_counts)])
-        indices = np.empty(indptr[-1], dtype=np.int64)
-        data = np.empty(indptr[-1])
-        body = np.repeat(indptr[:q], counts) + (np.arange(lower.nnz)
-                                                 - np.repeat(lower.indptr[:-1], counts))
-        indices[body] = lower.indices
-        data[body] = lower.data
-        tail = (indptr[1:q + 1] - p)[:, None] + np.arange(p)[None, :]
-        indices[tail] = q + np.arange(p)[None, :]
-        data[tail] = self.cross_factor
-        for c in range(p):
-            span = slice(indptr[q + c], indptr[q + c + 1])
-            indices[span] = q + np.arange(c, p)
-            data[span] = self.fixed_factor[c:, c]
-        return sp.csc_matrix((data, indices, indptr), shape=(self.size, self.size))
+        """The Cholesky factor L of the permuted C (or of C_zz), where there is one."""
+        return self.factorization.lower_factor(random_block_only)
 
-    def selected_inverse(self, random_block_only: bool = False) -> "SelectedInverse":
-        """``C⁻¹`` (or ``C_zz⁻¹``) on the pattern of its Cholesky factor."""
-        lower = self.lower_factor(random_block_only)
-        values = kernels.selected_inverse_supernodal(
-            lower.indptr.astype(np.int64), lower.indices.astype(np.int64), lower.data)
-        matrix = sp.csc_matrix((values, lower.indices, lower.indptr), shape=lower.shape)
-        if not random_block_only:
-            return SelectedInverse(matrix, self.inverse_perm)
-        if self.dense_fixed:
-            return SelectedInverse(matrix, self.inverse_perm[:self.n_random])
-        position = np.empty(self.n_random, dtype=np.int64)
-        position[self.random_perm] = np.arange(self.n_random)
-        return SelectedInverse(matrix, position)
+    def selected_inverse(self, random_block_only: bool = False):
+        """``C⁻¹`` (or ``C_zz⁻¹``) where the gradient and PEVs need it."""
+        return self.factorization.selected_inverse(random_block_only)
 
     def inverse_diagonal(self, random_block_only: bool = False) -> np.ndarray:
-        """The diagonal of ``C⁻¹`` (or ``C_zz⁻¹``) on the random effects, in original
-        order: all that the gradient of a model whose terms each have one coefficient
-        needs (``∂ log|C| / ∂θ_t = 2 (q_t − tr C⁻¹_tt) / θ_t``)."""
-        q = self.n_random
-        index = np.arange(q)
-        return self.selected_inverse(random_block_only).entries(index, index)
+        """The diagonal of ``C⁻¹`` (or ``C_zz⁻¹``) on the random effects, original order."""
+        return self.factorization.inverse_diagonal(random_block_only)
 
-    def inverse_entries(self, selected: "SelectedInverse", rows, cols) -> np.ndarray:
+    def inverse_entries(self, selected, rows, cols) -> np.ndarray:
         """Entries of a selected inverse at original (unpermuted) coordinates."""
         return selected.entries(rows, cols)

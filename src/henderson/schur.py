@@ -16,6 +16,7 @@ with ``V_l = B_l A_l⁻¹`` and ``R_l`` the rows of B in level l's columns.
 """
 from __future__ import annotations
 
+import copy
 import os
 
 import numba
@@ -25,7 +26,6 @@ import scipy.sparse as sp
 
 from .kernels import _find_row
 from .linalg import NotPositiveDefiniteError
-from .mme import MixedModelEquations
 
 #: the trailing dense block may have at most this many rows (8·m² bytes, m³/3 flops)
 SCHUR_LIMIT = 3000
@@ -331,10 +331,15 @@ class SchurSelectedInverse:
                        self.diag, self.cross, self.b_ptr, self.b_rows, self.s_inverse)
 
 
+#: fixed effects up to this many dense columns are eliminated densely (the equations'
+#: own limit, ``MixedModelEquations.DENSE_FIXED_LIMIT``)
+DENSE_FIXED_LIMIT = 64
+
+
 def schur_applies(design) -> bool:
     """Block elimination fits: dense small X, the first term with identity K, and a
     trailing block of at most ``SCHUR_LIMIT`` rows."""
-    if sp.issparse(design.X) or design.n_fixed > MixedModelEquations.DENSE_FIXED_LIMIT:
+    if sp.issparse(design.X) or design.n_fixed > DENSE_FIXED_LIMIT:
         return False
     first = design.terms[0]
     if first.level_precision is not None:
@@ -342,33 +347,40 @@ def schur_applies(design) -> bool:
     return design.n_random - first.n_columns + design.n_fixed <= SCHUR_LIMIT
 
 
-class BlockEliminationEquations(MixedModelEquations):
-    """Same interface as :class:`MixedModelEquations`; factors by eliminating the first
-    term's block-diagonal part and a dense Cholesky of the Schur complement.
+class BlockElimination:
+    """The factorisation (``factor.py``'s protocol) that eliminates the first term's
+    block-diagonal part and factors the small dense Schur complement; its equations
+    are built with the natural ordering and the fixed effects last
+    (``MixedModelEquations(design, strategy="schur")``).
 
     Examples
     --------
     >>> import henderson as hd
     >>> d = hd.build_design("diameter ~ 1 + (1|plate) + (1|sample)", hd.datasets.load("penicillin"))
-    >>> a, b = BlockEliminationEquations(d), MixedModelEquations(d)
+    >>> a = hd.MixedModelEquations(d, strategy="schur")
+    >>> b = hd.MixedModelEquations(d)
     >>> a.factorize([1.5, 3.5]); b.factorize([1.5, 3.5])
-    >>> abs(a.logdet() - b.logdet()) < 1e-9
-    True
+    >>> abs(a.logdet() - b.logdet()) < 1e-9, type(a.factorization).__name__
+    (True, 'BlockElimination')
     """
 
-    def __init__(self, design, ordering: str = "natural", mode: str = "auto",
-                 crossproducts=None):
-        super().__init__(design, ordering="natural", mode=mode, dense_fixed=True,
-                         symbolic=False, crossproducts=crossproducts)
-        self.ordering = "schur"
+    name = "schur"
+
+    def __init__(self, equations):
+        self.equations = equations
+        design = equations.design
+        self.n_fixed = equations.n_fixed
         first = design.terms[0]
+        if first.level_precision is not None:
+            raise ValueError("block elimination needs the first term's levels "
+                             "independent (identity K)")
         self.first, self.k = first.n_columns, first.n_coefs
-        q1, k, size = self.first, self.k, self.size
+        q1, k, size = self.first, self.k, equations.size
         self.m = size - q1
         # C is stored by columns, lower triangle: the first q1 columns hold the level
         # blocks A and, below them, B; the rest is D. Slices by column, no per-entry
         # column array over all of C (peak memory at a million rows).
-        indptr, indices = self.indptr, self.indices
+        indptr, indices = equations.indptr, equations.indices
         first_end = int(indptr[q1])
         rows = indices[:first_end].astype(np.int64)
         cols = np.repeat(np.arange(q1, dtype=np.int64), np.diff(indptr[:q1 + 1]))
@@ -392,12 +404,12 @@ class BlockEliminationEquations(MixedModelEquations):
         self.b_take = b_slots.reshape(-1, k) if k > 1 else b_slots[:, None]
         if len(self.b_take) != len(self.b_rows):
             raise AssertionError("B blocks of a level must share their rows")
-        self.a_take = np.where(self.diag_positions[0] >= 0, self.diag_positions[0], 0)
+        self.a_take = np.where(equations.diag_positions[0] >= 0,
+                               equations.diag_positions[0], 0)
         self.d_take = np.arange(first_end, len(indices), dtype=np.int64)
         self.d_rows = indices[first_end:].astype(np.int64) - q1
         self.d_cols = np.repeat(np.arange(size - q1, dtype=np.int64),
                                 np.diff(indptr[q1:]))
-        self.timings["symbolic"] = 0.0
         self.level_chol = np.zeros((first.n_levels, k, k))
         self.w = np.zeros((len(self.b_rows), k))
         self._schur_buffer = np.zeros((self.m, self.m))
@@ -416,31 +428,23 @@ class BlockEliminationEquations(MixedModelEquations):
             self._level_split = max(1, min(first.n_levels - 1,
                                            _split_by_work(sizes.astype(float) ** 2)))
 
-    def with_private_workspace(self):
-        """See :meth:`MixedModelEquations.with_private_workspace`; here the workspace
-        is C's values, the level factors, W and S, all written in place."""
-        clone = super().with_private_workspace()
+    def private_copy(self, equations):
+        """The same plan with its own workspace: level factors, W, S."""
+        clone = copy.copy(self)
+        clone.equations = equations
         clone.level_chol = self.level_chol.copy()
         clone.w = self.w.copy()
         clone._schur_buffer = np.zeros_like(self._schur_buffer)
         clone._inverse_buffer = None
         return clone
 
-    def factorize(self, theta) -> None:
-        import time
-
-        theta = np.asarray(theta, dtype=np.float64)
-        if self.theta is not None and np.array_equal(theta, self.theta):
-            return  # the factor already holds this θ (see MixedModelEquations.factorize)
-        self.theta = None  # until this factorisation succeeds
-        start = time.perf_counter()
-        self.fill(theta)
+    def factorize(self) -> None:
         S = self._schur_buffer
-        data = self.matrix.data
+        data = self.equations.matrix.data
         self.logdet_levels = _factor_levels(data, self.a_take, self.b_ptr, self.b_take,
                                             self.k, self.level_chol, self.w)
         if not np.isfinite(self.logdet_levels):
-            raise NotPositiveDefiniteError(f"C(θ) is not positive definite at θ={theta}")
+            raise NotPositiveDefiniteError("a level block of C is not positive definite")
         _start_schur(data, self.d_take, self.d_rows, self.d_cols, S)
         args = (self.b_ptr, self.b_rows, self.w, self.k, S)
         if self._row_split is None:
@@ -451,11 +455,8 @@ class BlockEliminationEquations(MixedModelEquations):
         # U = S' row-major is S column-major: LAPACK factors it in place, no copy
         factor, info = scipy.linalg.lapack.dpotrf(S.T, lower=1, clean=0, overwrite_a=1)
         if info != 0:
-            raise NotPositiveDefiniteError(f"C(θ) is not positive definite at θ={theta}")
+            raise NotPositiveDefiniteError("the Schur complement is not positive definite")
         self.schur_factor = factor
-        self.theta = theta.copy()
-        self.n_factorizations += 1
-        self.timings["numeric"] += time.perf_counter() - start
 
     def solve(self, rhs: np.ndarray) -> np.ndarray:
         rhs = np.asarray(rhs, dtype=np.float64)
