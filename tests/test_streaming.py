@@ -63,7 +63,7 @@ def test_chunked_fit_equals_in_memory_fit(name, formula, options):
     for group, table in memory.ranef.items():
         pd.testing.assert_index_equal(streamed.ranef[group].index, table.index)
     # at the same θ everything the MME give is the same to rounding
-    at_memory_theta = streamed._objective_stage.evaluate(memory.theta)
+    at_memory_theta = streamed.objective_function.evaluate(memory.theta)
     assert at_memory_theta.objective == pytest.approx(memory.objective, rel=1e-12)
     assert_same_crossproducts(streamed.mme.xp, shifted_alike(memory, streamed.mme.xp))
 

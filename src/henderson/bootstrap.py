@@ -40,7 +40,7 @@ def simulate(model, n: int = 1, seed=None) -> np.ndarray:
     out = np.empty((design.n_obs, n))
     for r in range(n):
         y = mean + model.sigma * rng.normal(size=design.n_obs) / np.sqrt(design.weights)
-        for term, lam in zip(design.terms, model._relative_factors):
+        for term, lam in zip(design.terms, model.relative_factors):
             b = model.sigma * rng.normal(size=(term.n_levels, term.n_coefs)) @ lam.T
             y += np.einsum("ik,ik->i", term.z, b[term.level_codes])
         out[:, r] = y

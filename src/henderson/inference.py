@@ -77,7 +77,7 @@ def _check_same_response(models) -> None:
 
 def _varpar_functions(model):
     """The REML/ML deviance and vcov(β̂) as functions of ``varpar = (θ, σ)``."""
-    objective_stage = model._objective_stage
+    objective_stage = model.objective_function
 
     def deviance(varpar):
         evaluation = objective_stage.evaluate(varpar[:-1], fixed_inverse=False)
@@ -109,7 +109,7 @@ def _hessian(func, x, step):
 
 def _satterthwaite_pieces(model):
     """``V = vcov(β̂)``, its Jacobian in ``varpar = (θ, σ)`` and ``A = 2 H⁻¹`` (cached)."""
-    cached = getattr(model, "_satterthwaite_cache", None)
+    cached = model.cache.get("satterthwaite")
     if cached is not None:
         return cached
     deviance, vcov = _varpar_functions(model)
@@ -130,9 +130,9 @@ def _satterthwaite_pieces(model):
         coarse = (vcov(varpar + e) - vcov(varpar - e)) / (2 * step[i])
         fine = (vcov(varpar + e / 2) - vcov(varpar - e / 2)) / step[i]
         jacobian.append((4 * fine - coarse) / 3)
-    model._objective_stage.evaluate(model.theta)  # leave the factor at the optimum
-    model._satterthwaite_cache = (V, np.array(jacobian), A)
-    return model._satterthwaite_cache
+    model.objective_function.evaluate(model.theta)  # leave the factor at the optimum
+    model.cache["satterthwaite"] = (V, np.array(jacobian), A)
+    return model.cache["satterthwaite"]
 
 
 def covariance_parameter_table(model) -> pd.DataFrame:

@@ -89,7 +89,7 @@ def save_model(model, path, conditional_sd: bool = True) -> Path:
     offsets = design.column_offsets()
     sds = None
     if conditional_sd:
-        sds = model._conditional_sds() if hasattr(model, "_conditional_sds") else None
+        sds = model.conditional_sds_by_term()
     terms, arrays = [], {}
     for t, term in enumerate(design.terms):
         terms.append({
@@ -99,12 +99,12 @@ def save_model(model, path, conditional_sd: bool = True) -> Path:
             "known_covariance": term.level_precision is not None,
         })
         arrays[f"levels_{t}"] = np.asarray(term.levels.astype(str), dtype=str)
-        arrays[f"ranef_{t}"] = model._b[offsets[t]:offsets[t + 1]].reshape(
+        arrays[f"ranef_{t}"] = model.random_effects_vector[offsets[t]:offsets[t + 1]].reshape(
             term.n_levels, term.n_coefs)
         if sds is not None:
             arrays[f"ranef_sd_{t}"] = sds[t]
         arrays[f"covariance_{t}"] = model.sigma ** 2 * (
-            model._relative_factors[t] @ model._relative_factors[t].T)
+            model.relative_factors[t] @ model.relative_factors[t].T)
     header = {
         "format": FORMAT, "version": VERSION,
         "formula": design.formula.text, "fixed": design.formula.fixed,
@@ -237,9 +237,9 @@ class SavedModel:
         self._terms = header["terms"]
         self._levels = [pd.Index(arrays[f"levels_{t}"], name=term["group"])
                         for t, term in enumerate(self._terms)]
-        self._b = [arrays[f"ranef_{t}"] for t in range(len(self._terms))]
+        self.random_effects_vector = [arrays[f"ranef_{t}"] for t in range(len(self._terms))]
         self._covariances = [arrays[f"covariance_{t}"] for t in range(len(self._terms))]
-        self.ranef = self._tables(self._b)
+        self.ranef = self._tables(self.random_effects_vector)
         sds = [arrays.get(f"ranef_sd_{t}") for t in range(len(self._terms))]
         self.ranef_sd = self._tables(sds) if all(s is not None for s in sds) else {}
         self.varcorr = self._varcorr()
@@ -281,7 +281,7 @@ class SavedModel:
                                        header.get("offset_argument"), frame, offset)
         if not re:
             return prediction
-        for term, levels, b in zip(self._terms, self._levels, self._b):
+        for term, levels, b in zip(self._terms, self._levels, self.random_effects_vector):
             if not allow_new_levels:
                 check_new_levels(newdata, term["factors"], levels)
             z = _model_matrix(term["covariates"], frame, term["coef_names"])

@@ -112,3 +112,72 @@ class TermTable(dict):
 
     def __contains__(self, key) -> bool:
         return super().__contains__(key) or _normal_term(str(key)) in self.aliases
+
+
+def summary_text(model, timings: bool = False, ddf: str = "Satterthwaite") -> str:
+    """The fit as lme4's ``summary()`` prints it (with lmerTest's df and p): what
+    :meth:`~henderson.results.LinearMixedModel.summary` returns."""
+    if ddf not in ("Satterthwaite", "Kenward-Roger", "KR"):
+        raise ValueError(f"ddf must be 'Satterthwaite' or 'Kenward-Roger', got {ddf!r}")
+    lines = [
+        f"Linear mixed model fit by {'REML' if model.reml else 'maximum likelihood'} "
+        "['henderson']",
+        f"Formula: {model.design.formula.text}",
+    ]
+    if model.design.weighted:
+        lines.append("Prior weights: yes")
+    label = "REML criterion at convergence" if model.reml else "deviance"
+    lines.append("")
+    lines.append(f"{'AIC':>10} {'BIC':>10} {'logLik':>10} {label if not model.reml else 'REML crit':>10}")
+    lines.append(f"{model.aic:10.1f} {model.bic:10.1f} {model.loglik:10.1f} {model.objective:10.1f}")
+    lines.append("")
+    lines.extend(random_effects_lines(
+        group_names(model.design), [t.coef_names for t in model.design.terms],
+        list(model.covariance_matrices().values()), model.sigma, model.residual_groups()))
+    structured = [(name, p) for name, p in model.covariance_parameters.items()
+                  if p["structure"] != "us"]
+    for name, p in structured:
+        rho = p.get("rho")
+        rho_text = "" if rho is None else (
+            f", rho {rho:.4g}" if np.isscalar(rho) else
+            ", rho by lag " + " ".join(f"{r:.3g}" for r in rho))
+        lines.append(f" {name}: {p['structure']}, sd "
+                     + " ".join(f"{v:.4g}" for v in np.atleast_1d(p["sd"])) + rho_text)
+    if model.design.residual_model is not None:
+        lines.append(f" Dispersion model {model.design.residual_model.formula}: "
+                     + ", ".join(f"{k} {v:.4g}" for k, v in model.dispersion.items())
+                     + " (log variance)")
+    groups = dict.fromkeys((t.group, t.n_levels) for t in model.design.terms)
+    lines.append(f"Number of obs: {model.nobs}, groups:  "
+                 + "; ".join(f"{g}, {n}" for g, n in groups))
+    lines.append("")
+    cheap = (not model.known_variances and model.design.n_fixed <= 50
+             and model.design.n_random <= 100_000)
+    if ddf in ("Kenward-Roger", "KR"):
+        lines.append("Fixed effects (Kenward-Roger df and adjusted SEs, as pbkrtest):")
+        table = model.coefficients(ddf="Kenward-Roger")
+    elif cheap:
+        lines.append("Fixed effects (Satterthwaite df, as lmerTest):")
+        table = model.coef_table
+    else:
+        lines.append("Fixed effects:")
+        table = model.coefficient_table()
+    lines.append(table.to_string(float_format=lambda v: f"{v:.4g}"))
+    if model.design.dropped_fixed:
+        lines.append("fixed-effect columns dropped (rank deficient): "
+                     + ", ".join(model.design.dropped_fixed))
+    if model.singular:
+        lines.append("")
+        lines.append("boundary (singular) fit: a variance is estimated as 0 (see theta)")
+    if not model.converged:
+        lines.append(f"optimizer did not converge: {model.optimizer_result.message}")
+    if timings:
+        lines.append("")
+        how = ("block elimination of the largest factor (dense Schur complement)"
+               if model.mme.ordering == "schur" else
+               f"CHOLMOD, {model.mme.ordering} ordering")
+        method = model.optimizer_result.method if model.optimizer_result else "none (known variances)"
+        lines.append(f"Evaluations: {model.n_evaluations} ({method}); factorisation: {how}")
+        lines.append("Timings (s): " + ", ".join(
+            f"{k} {v:.3f}" for k, v in model.timings.items()))
+    return "\n".join(lines)

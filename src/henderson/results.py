@@ -15,8 +15,7 @@ import scipy.sparse as sp
 
 from scipy import stats
 
-from . import plots
-from .aireml import AverageInformation
+from . import breeding, plots
 from .blockdiag import outermost_grouping
 from .bootstrap import bootstrap, parameter_vector, simulate
 from .design import (Design, check_new_levels, lme4_column_name, materialize, predicted_offset,
@@ -28,7 +27,7 @@ from .objective import Objective
 from .persist import save_model
 from .profile import profile_confint
 from .report import (TermTable, _normal_term, blup_contribution, check_newdata, group_names,
-                     random_effects_lines, varcorr_table)
+                     summary_text, varcorr_table)
 
 SINGULAR_TOLERANCE = 1e-4
 
@@ -100,7 +99,10 @@ class LinearMixedModel:
             self.sigma = objective.sigma(evaluation)
         self.n_evaluations = objective.n_evaluations
         self._evaluation = evaluation
-        self._objective_stage = objective
+        #: the objective stage (θ → criterion) this fit was made with
+        self.objective_function = objective
+        #: results of features that cost a pass over the equations, kept for this fit
+        self.cache: dict = {}
         self._full_selected_inverse = None
         q = design.n_random
         sigma2 = self.sigma ** 2
@@ -114,12 +116,14 @@ class LinearMixedModel:
             np.fill_diagonal(vcov, sigma2 * mme.inverse_entries(
                 self._selected_inverse(), idx, idx))
         self.vcov = pd.DataFrame(vcov, index=design.fixed_names, columns=design.fixed_names)
-        self._relative_factors = mme.relative_factors(self.theta)
+        #: Λ_t of every term at θ̂ (σ² Λ_t Λ_t' is the term's covariance)
+        self.relative_factors = mme.relative_factors(self.theta)
         self._spherical = evaluation.solution[:q]
-        self._b = self._random_effects_vector()
+        #: b, the BLUPs in Z's column order (term by term, level by level)
+        self.random_effects_vector = self._spherical_to_random_effects()
         offsets = design.column_offsets()
         self.ranef = self._tables([
-            self._b[offsets[t]:offsets[t + 1]].reshape(term.n_levels, term.n_coefs)
+            self.random_effects_vector[offsets[t]:offsets[t + 1]].reshape(term.n_levels, term.n_coefs)
             for t, term in enumerate(design.terms)])
         self._ranef_sd = None
         self.varcorr = self._varcorr_table()
@@ -184,10 +188,10 @@ class LinearMixedModel:
         return bool(self.optimizer_result is None or self.optimizer_result.converged)
 
     # ------------------------------------------------------------ random effects
-    def _random_effects_vector(self) -> np.ndarray:
+    def _spherical_to_random_effects(self) -> np.ndarray:
         parts = []
         offsets = self.design.column_offsets()
-        for t, lam in enumerate(self._relative_factors):
+        for t, lam in enumerate(self.relative_factors):
             k = lam.shape[0]
             u = self._spherical[offsets[t]:offsets[t + 1]].reshape(-1, k)
             parts.append((u @ lam.T).ravel())  # b_l = Λ u_l
@@ -208,7 +212,7 @@ class LinearMixedModel:
             k, nl = term.n_coefs, term.n_levels
             rows, cols = term.level_block_indices(offsets[t])
             blocks = mme.inverse_entries(selected, rows.ravel(), cols.ravel()).reshape(nl, k, k)
-            lam = self._relative_factors[t]
+            lam = self.relative_factors[t]
             out.append(self.sigma ** 2 * np.einsum("ab,lbc,dc->lad", lam, blocks, lam))
         return out
 
@@ -224,106 +228,29 @@ class LinearMixedModel:
         return self._tables([np.diagonal(b, axis1=1, axis2=2) for b in blocks])
 
     def breeding_values(self, group: str | None = None) -> pd.DataFrame:
-        """BLUPs of a one-coefficient term with PEV and reliability.
-
-        ``reliability = 1 − PEV / (K_ii σ²_t)``, with ``K_ii = 1 + F_i`` for a pedigree
-        (``1 − PEV/σ²_t`` for non-inbred animals); inbreeding is listed when known.
-
-        Parameters
-        ----------
-        group : str, optional
-            Grouping factor (default: the first term with a known level covariance).
-        """
-        terms = self.design.terms
-        if group is None:
-            known = [t for t in terms if t.level_precision is not None]
-            group = (known or terms)[0].group
-        index = [i for i, t in enumerate(terms) if t.group == group and t.n_coefs == 1]
-        if not index:
-            choices = sorted({t.group for t in terms if t.n_coefs == 1})
-            raise ValueError(f"breeding_values: {group!r} is not the grouping factor of a "
-                             "one-coefficient random term; choose from "
-                             f"{', '.join(map(repr, choices)) or 'none'}")
-        t = index[0]
-        term = terms[t]
-        variance = self.sigma ** 2 * self.theta[self.design.theta_slices()[t]][0] ** 2
-        ebv = self.ranef[group].iloc[:, 0].to_numpy()
-        pev = self.prediction_error_variances[group].iloc[:, 0].to_numpy()
-        diag = term.level_variance if term.level_variance is not None else np.ones(term.n_levels)
-        frame = pd.DataFrame({"ebv": ebv, "pev": pev}, index=self.ranef[group].index)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            frame["reliability"] = 1.0 - pev / (diag * variance)
-        if term.level_variance is not None:
-            frame["inbreeding"] = diag - 1.0
-        return frame
+        """BLUPs of a one-coefficient term with PEV and reliability
+        (:func:`henderson.breeding.breeding_values`)."""
+        return breeding.breeding_values(self, group)
 
     @property
     def variance_components(self) -> pd.DataFrame:
         """Variances with standard errors from the average-information matrix (AI-REML
         fits of one-coefficient terms); NaN SEs otherwise."""
-        names = [n for n in group_names(self.design)] + ["Residual"]
-        values = np.append([self.sigma ** 2 * lam[0, 0] ** 2 for lam in self._relative_factors]
-                           if all(t.n_coefs == 1 for t in self.design.terms) else
-                           [np.nan] * len(self.design.terms), self.sigma ** 2)
-        se = np.full(len(values), np.nan)
-        covariance = self._variance_covariance()
-        if covariance is not None:
-            se = np.sqrt(np.diag(covariance))
-        return pd.DataFrame({"variance": values, "std_error": se}, index=names)
-
-    def _variance_covariance(self) -> np.ndarray | None:
-        """AI⁻¹ over the variances off the boundary (0 rows/columns for those at 0)."""
-        ai = getattr(self.optimizer_result, "average_information", None)
-        phi = getattr(self.optimizer_result, "variance_components", None)
-        if ai is None:
-            state = self._average_information()
-            if state is None:
-                return None
-            ai, phi = state.ai, state.phi
-        free = phi > 0
-        covariance = np.zeros_like(ai)
-        covariance[np.ix_(free, free)] = np.linalg.inv(ai[np.ix_(free, free)])
-        return covariance
-
-    def _average_information(self):
-        """The AI state at the estimates (REML fits of one-coefficient terms; None
-        otherwise), computed once on first use."""
-        if "_ai_state" not in self.__dict__:
-            state = None
-            if (self.reml and self.optimizer_result is not None
-                    and all(t.n_coefs == 1 for t in self.design.terms)):
-                state = AverageInformation(self._objective_stage).at(self.theta)
-            self.__dict__["_ai_state"] = state
-        return self.__dict__["_ai_state"]
+        return breeding.variance_components(self)
 
     def heritability(self, group: str | None = None) -> tuple[float, float]:
         """``h² = σ²_group / (Σ σ²_t + σ²_e)`` and its SE (delta method on AI⁻¹)."""
-        vc = self.variance_components
-        if group is None:
-            known = [t.group for t in self.design.terms if t.level_precision is not None]
-            group = (known or [self.design.terms[0].group])[0]
-        values = vc["variance"].to_numpy()
-        groups = [name for name in vc.index if name != "Residual"]
-        if group not in groups:
-            raise ValueError(f"heritability: {group!r} is not a random term; choose from "
-                             f"{', '.join(map(repr, groups))}")
-        i = list(vc.index).index(group)
-        total = values.sum()
-        h2 = values[i] / total
-        gradient = -values[i] / total ** 2 * np.ones(len(values))
-        gradient[i] += 1.0 / total
-        covariance = self._variance_covariance()
-        se = float(np.sqrt(gradient @ covariance @ gradient)) if covariance is not None else np.nan
-        return float(h2), se
+        return breeding.heritability(self, group)
 
     @property
     def ranef_sd(self) -> dict[str, pd.DataFrame]:
         """Conditional SDs of the BLUPs, as lme4's ``condVar`` (computed on first use:
         a selected inverse of C_zz)."""
-        return self._tables(self._conditional_sds())
+        return self._tables(self.conditional_sds_by_term())
 
-    def _conditional_sds(self) -> list[np.ndarray]:
-        """Per term, the (levels x k) conditional SDs behind ``ranef_sd``."""
+    def conditional_sds_by_term(self) -> list[np.ndarray]:
+        """Per term (in Z's order), the (levels x k) conditional SDs behind
+        ``ranef_sd`` (computed once)."""
         if self._ranef_sd is None:
             variances = self._compute_conditional_variances()
             self._ranef_sd = [np.sqrt(np.maximum(np.diagonal(v, axis1=1, axis2=2), 0.0))
@@ -356,9 +283,9 @@ class LinearMixedModel:
         return varcorr_table(group_names(self.design),
                              [t.coef_names for t in self.design.terms],
                              list(self.covariance_matrices().values()), self.sigma,
-                             self._residual_rows())
+                             self.residual_groups())
 
-    def _residual_rows(self) -> dict | None:
+    def residual_groups(self) -> dict | None:
         """Residual variance by group of the residual model (None without one, or for
         a continuous dispformula, whose variances differ by row)."""
         model = self.design.residual_model
@@ -380,7 +307,7 @@ class LinearMixedModel:
     @property
     def residual_variances(self) -> pd.Series:
         """Residual variance by group of the ``dispformula`` (one, σ², without)."""
-        rows = self._residual_rows()
+        rows = self.residual_groups()
         if rows is None:
             if self.design.residual_model is not None:
                 raise ValueError("a continuous dispformula gives each row its own "
@@ -391,7 +318,7 @@ class LinearMixedModel:
     def covariance_matrices(self) -> dict[str, np.ndarray]:
         """The k x k covariance matrix σ² Λ_t Λ_t' of every term, by VarCorr name."""
         return {name: self.sigma ** 2 * lam @ lam.T
-                for name, lam in zip(group_names(self.design), self._relative_factors)}
+                for name, lam in zip(group_names(self.design), self.relative_factors)}
 
     # ------------------------------------------------------------ predictions
     @property
@@ -406,7 +333,7 @@ class LinearMixedModel:
     @property
     def fitted(self) -> pd.Series:
         """``X β̂ + Z b̂`` (+ offset), row by row."""
-        values = self.population_fitted.to_numpy() + self.Z @ self._b
+        values = self.population_fitted.to_numpy() + self.Z @ self.random_effects_vector
         return pd.Series(values, index=self.design.row_index, name="fitted")
 
     @property
@@ -490,7 +417,7 @@ class LinearMixedModel:
             if not allow_new_levels:
                 check_new_levels(newdata, term.factors, term.levels)
             z = np.asarray(materialize(term.z_spec, newdata), dtype=float)
-            b = self._b[offsets[t]:offsets[t + 1]].reshape(term.n_levels, term.n_coefs)
+            b = self.random_effects_vector[offsets[t]:offsets[t + 1]].reshape(term.n_levels, term.n_coefs)
             prediction += blup_contribution(newdata, term.factors, term.levels, z, b)
         return prediction
 
@@ -509,7 +436,7 @@ class LinearMixedModel:
     def G(self) -> sp.csc_matrix:
         """Covariance of the random effects, ``σ² ⊕_t (K_t ⊗ Σ_t)`` (q x q, sparse)."""
         blocks = []
-        for term, lam in zip(self.design.terms, self._relative_factors):
+        for term, lam in zip(self.design.terms, self.relative_factors):
             sigma_t = self.sigma ** 2 * lam @ lam.T
             if term.level_precision is None:
                 level_cov = sp.identity(term.n_levels, format="csc")
@@ -659,70 +586,7 @@ class LinearMixedModel:
             models up to 50 fixed effects and 100,000 random effects; Kenward-Roger on
             request, dense, up to 5,000 rows).
         """
-        if ddf not in ("Satterthwaite", "Kenward-Roger", "KR"):
-            raise ValueError(f"ddf must be 'Satterthwaite' or 'Kenward-Roger', got {ddf!r}")
-        lines = [
-            f"Linear mixed model fit by {'REML' if self.reml else 'maximum likelihood'} "
-            "['henderson']",
-            f"Formula: {self.design.formula.text}",
-        ]
-        if self.design.weighted:
-            lines.append("Prior weights: yes")
-        label = "REML criterion at convergence" if self.reml else "deviance"
-        lines.append("")
-        lines.append(f"{'AIC':>10} {'BIC':>10} {'logLik':>10} {label if not self.reml else 'REML crit':>10}")
-        lines.append(f"{self.aic:10.1f} {self.bic:10.1f} {self.loglik:10.1f} {self.objective:10.1f}")
-        lines.append("")
-        lines.extend(random_effects_lines(
-            group_names(self.design), [t.coef_names for t in self.design.terms],
-            list(self.covariance_matrices().values()), self.sigma, self._residual_rows()))
-        structured = [(name, p) for name, p in self.covariance_parameters.items()
-                      if p["structure"] != "us"]
-        for name, p in structured:
-            rho = p.get("rho")
-            rho_text = "" if rho is None else (
-                f", rho {rho:.4g}" if np.isscalar(rho) else
-                ", rho by lag " + " ".join(f"{r:.3g}" for r in rho))
-            lines.append(f" {name}: {p['structure']}, sd "
-                         + " ".join(f"{v:.4g}" for v in np.atleast_1d(p["sd"])) + rho_text)
-        if self.design.residual_model is not None:
-            lines.append(f" Dispersion model {self.design.residual_model.formula}: "
-                         + ", ".join(f"{k} {v:.4g}" for k, v in self.dispersion.items())
-                         + " (log variance)")
-        groups = dict.fromkeys((t.group, t.n_levels) for t in self.design.terms)
-        lines.append(f"Number of obs: {self.nobs}, groups:  "
-                     + "; ".join(f"{g}, {n}" for g, n in groups))
-        lines.append("")
-        cheap = (not self.known_variances and self.design.n_fixed <= 50
-                 and self.design.n_random <= 100_000)
-        if ddf in ("Kenward-Roger", "KR"):
-            lines.append("Fixed effects (Kenward-Roger df and adjusted SEs, as pbkrtest):")
-            table = self.coefficients(ddf="Kenward-Roger")
-        elif cheap:
-            lines.append("Fixed effects (Satterthwaite df, as lmerTest):")
-            table = self.coef_table
-        else:
-            lines.append("Fixed effects:")
-            table = self.coefficient_table()
-        lines.append(table.to_string(float_format=lambda v: f"{v:.4g}"))
-        if self.design.dropped_fixed:
-            lines.append("fixed-effect columns dropped (rank deficient): "
-                         + ", ".join(self.design.dropped_fixed))
-        if self.singular:
-            lines.append("")
-            lines.append("boundary (singular) fit: a variance is estimated as 0 (see theta)")
-        if not self.converged:
-            lines.append(f"optimizer did not converge: {self.optimizer_result.message}")
-        if timings:
-            lines.append("")
-            how = ("block elimination of the largest factor (dense Schur complement)"
-                   if self.mme.ordering == "schur" else
-                   f"CHOLMOD, {self.mme.ordering} ordering")
-            method = self.optimizer_result.method if self.optimizer_result else "none (known variances)"
-            lines.append(f"Evaluations: {self.n_evaluations} ({method}); factorisation: {how}")
-            lines.append("Timings (s): " + ", ".join(
-                f"{k} {v:.3f}" for k, v in self.timings.items()))
-        return "\n".join(lines)
+        return summary_text(self, timings=timings, ddf=ddf)
 
     def __repr__(self) -> str:
         return self.summary()
