@@ -143,12 +143,22 @@ def ai_convergence_check(objective: Objective, theta: np.ndarray, result=None,
     construction, so the definiteness test is left to the boundary probe of
     :func:`optimize_ai_reml`), on the variances off the boundary. No finite
     differences: the state at θ is the one the results need for the SEs anyway, and is
-    stored on ``result`` for them.
+    stored on ``result`` for them. Where AI-REML ended by its last-step rule (a full
+    step whose predicted gain, the Newton decrement, the objective confirmed), that
+    is the test, and no state is computed.
 
     Returns a :class:`~henderson.optimize.ConvergenceCheck`.
     """
     tolerance = SETTINGS.check_gradient if tolerance is None else tolerance
-    state = AverageInformation(objective).at(np.asarray(theta, dtype=float))
+    theta = np.asarray(theta, dtype=float)
+    if result is not None and getattr(result, "final_step_rule", False) \
+            and np.array_equal(theta, result.theta):
+        # the last full step's predicted and realised gains agreed (DESIGN.md §4): the
+        # Newton decrement was below ai_final_gain and what is left is its mismatch
+        # times ε; no state at θ is computed (the SEs compute it when asked)
+        return ConvergenceCheck(True, "", result.objective, np.full(len(theta) + 1, np.nan),
+                                np.zeros(len(theta) + 1), np.nan, [])
+    state = AverageInformation(objective).at(theta)
     if result is not None:
         result.average_information, result.variance_components = state.ai, state.phi
     free = state.phi > 0
@@ -268,6 +278,9 @@ def optimize_ai_reml(objective: Objective, start: np.ndarray, verbose: bool | in
             break
     result = OptimizerResult(theta, value, objective.n_evaluations, converged, message,
                              "ai-reml", history)
+    #: ended by a full step whose predicted gain (< ai_final_gain) the objective
+    #: confirmed to ai_final_mismatch: the quadratic model holds, what is left is ~0
+    result.final_step_rule = not state_is_current
     if state_is_current:
         result.average_information = state.ai
         result.variance_components = state.phi
