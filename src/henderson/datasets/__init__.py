@@ -12,7 +12,8 @@ from importlib import resources
 import pandas as pd
 
 NAMES = ("plants", "sleepstudy", "sleepstudy_weighted", "dyestuff", "dyestuff2",
-         "pastes", "penicillin", "insteval", "animal_records", "animal_pedigree")
+         "pastes", "penicillin", "insteval", "animal_records", "animal_pedigree",
+         "machines", "orthodont")
 
 
 def load(name: str) -> pd.DataFrame:
@@ -23,7 +24,9 @@ def load(name: str) -> pd.DataFrame:
     name : str
         One of ``henderson.datasets.NAMES``. ``animal_pedigree`` and
         ``animal_records`` are a simulated pedigree (860 animals, 6 generations) and
-        its 1,039 records (the reference of ``tests/data/animal``).
+        its 1,039 records (the reference of ``tests/data/animal``). ``machines`` and
+        ``orthodont`` are nlme's Machines and Orthodont (the glmmTMB references of
+        ``tests/data/covstruct``).
     """
     if name not in NAMES:
         raise ValueError(f"unknown data set {name!r}; available: {', '.join(NAMES)}")
