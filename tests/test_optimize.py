@@ -127,6 +127,39 @@ def test_wafer_reaches_lme4s_optimum():
         np.testing.assert_allclose(m.fixef, case["fixef"], rtol=1e-5)
 
 
+def test_toeplitz_on_tiny_data_reaches_the_lowest_basin():
+    """Found by the many-example differential run: toep(0 + f | g) + (1 | h) on 9 rows,
+    ML. BOBYQA and L-BFGS-B stopped at −0.674 (φ₁ = 0.24) and reported convergence;
+    Nelder-Mead found −3.511 (SD of f0 = 0, ρ's at the ends of their range). The
+    exploration now starts each correlation from φ = ±3 as well as from 0."""
+    frame = pd.DataFrame({
+        "g": ["g0", "g1", "g2", "g0", "g0", "g0", "g0", "g0", "g0"],
+        "h": ["h0", "h1", "h2", "h1", "h1", "h2", "h2", "h1", "h1"],
+        "x": [-1.265421, -0.623274, 0.041326, -2.325031, -0.218792, -1.245911, -0.732267,
+              -0.544259, -0.316300],
+        "y": [-0.856653, 0.081782, 1.250728, -1.727414, 0.629175, -0.079738, 0.999827,
+              0.812546, 1.121682],
+        "f": pd.Categorical(["f0", "f1", "f2", "f2", "f0", "f2", "f1", "f1", "f2"])})
+    formula = "y ~ x + toep(0 + f | g) + (1 | h)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fits = {opt: hd.lmm(formula, frame, reml=False, optimizer=opt)
+                for opt in ("bobyqa", "lbfgs", "Nelder-Mead")}
+    # an independent bound on the minimum: the objective at the Nelder-Mead optimum and
+    # at a grid of correlation parameters with the rest of θ re-optimised by Powell
+    objective = fits["bobyqa"].objective_function
+    best_seen = min(m.objective for m in fits.values())
+    base = fits["Nelder-Mead"].theta
+    for phi in (-3.0, 3.0, 30.0):
+        theta = base.copy()
+        theta[3] = phi
+        best_seen = min(best_seen, float(objective(theta)))
+    assert best_seen < -3.5
+    for name, m in fits.items():
+        assert m.converged, name
+        assert m.objective <= best_seen + 1e-6, name
+
+
 def test_a_minimum_that_cannot_be_reached_is_reported_not_converged():
     """A random slope in a covariate near 5e6: intercept and slope are nearly the same
     column, and the objective is evaluated to ~3 digits there. The fit ended 28
