@@ -731,8 +731,14 @@ def spec_variables(spec: str, available, missing: bool = False) -> list[str]:
     """
     available = set(map(str, available))
     spec = quote_columns(spec, available)
+    # backticked names as plain identifiers while formulaic lists the variables
+    # (formulaic before 1.2.2 parses `x.1` there as Python, and fails)
+    quoted = sorted(set(_BACKTICKED.findall(spec)))
+    placeholders = {f"_henderson_column_{i}": name for i, name in enumerate(quoted)}
+    plain = _BACKTICKED.sub(lambda match: f"_henderson_column_{quoted.index(match[1])}", spec)
     try:
-        names = set(formulaic.Formula(spec).required_variables)
+        names = {placeholders.get(name, name)
+                 for name in formulaic.Formula(plain).required_variables}
     except Exception as exc:
         raise FormulaError(f"cannot parse {spec!r}: {exc}") from exc
     found = {n for n in _IDENTIFIER.findall(spec) + _BACKTICKED.findall(spec)
