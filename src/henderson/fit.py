@@ -289,8 +289,11 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
         ai_result = result
         first_check = lambda scaled: ai_convergence_check(  # noqa: E731
             objective, problem.to_theta(scaled), ai_result)
+    # exploration's loose BOBYQA runs from lme4's start would retrace a BOBYQA fit, not
+    # another optimiser's (Nelder-Mead stopped at a boundary point 0.05 units up from
+    # where BOBYQA went from the same start)
     result = ensure_convergence(problem, result, lower, settings, first_check=first_check,
-                                tried_starts=[scaled_start])
+                                tried_starts=[scaled_start] if optimizer == "bobyqa" else [])
     timings["convergence_check"] = time.perf_counter() - t0
     theta = np.maximum(result.theta, lower)
     t0 = time.perf_counter()

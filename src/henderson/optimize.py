@@ -650,7 +650,7 @@ def ensure_convergence(problem: ScaledProblem, result: OptimizerResult, lower: n
         f"{result.message}; convergence check failed: {check.message}"
     if not check.passed and warn:
         warnings.warn(f"the fit may not be at a minimum: {check.message} (objective "
-                      f"{value:.6f}); try another optimizer, or rescale covariates",
+                      f"{value:.6f}); {_remedy(problem.objective.mme.design)}",
                       ConvergenceWarning, stacklevel=3)
     out = OptimizerResult(problem.to_theta(scaled) + 0.0, value, problem.n_evaluations,
                           check.passed, message, method, result.history, check,
@@ -659,6 +659,23 @@ def ensure_convergence(problem: ScaledProblem, result: OptimizerResult, lower: n
         if hasattr(result, name) and np.array_equal(out.theta, result.theta):
             setattr(out, name, getattr(result, name))
     return out
+
+
+def _remedy(design) -> str:
+    """What to try after a failed check: centring a random slope's covariate whose mean
+    is far from 0 on the scale of its spread (lme4 says "Rescale variables?"), which is
+    the same model and a better conditioned one; otherwise another optimiser."""
+    hints = []
+    for term in design.terms:
+        if term.z.shape[1] < 2 or not np.all(term.z[:, 0] == 1.0):
+            continue
+        for name, column in zip(term.coef_names[1:], term.z[:, 1:].T):
+            mean, spread = float(np.mean(column)), float(np.std(column))
+            if spread > 0 and abs(mean) > 100.0 * spread:
+                hints.append(f"{name!r} in ({term.covariates or name} | {term.group}) has "
+                             f"mean {mean:.4g} and SD {spread:.4g}: centre it (the same "
+                             f"model, better conditioned)")
+    return "; ".join(hints) if hints else "try another optimizer, or rescale covariates"
 
 
 def _explore_boundaries(problem: ScaledProblem, scaled: np.ndarray, value: float,
