@@ -47,6 +47,28 @@ def test_predict_matches_levels_as_r_labels_them(sleepstudy):
     assert np.all(np.abs(as_float - population) > 1.0)
 
 
+@pytest.mark.parametrize("formula", ["Reaction ~ Day + (1 | Subject)",
+                                     "Reaction ~ Days + (1 | Subject) + (1 | Day)",
+                                     "Reaction ~ Days + cs(0 + Day | Subject)"])
+def test_numbers_given_for_a_factor_are_its_levels(sleepstudy, formula):
+    """A factor fitted with levels "0".."9" and predicted from the numbers 0..9 (a CSV
+    read back): formulaic took the numbers for a numeric column, every dummy equal to
+    the number, a prediction off by hundreds with no message. A saved model had it
+    right; the fitted one now does the same, and a number that is no level is an
+    error."""
+    data = sleepstudy.assign(Day=pd.Categorical(sleepstudy.Days.astype(str),
+                                                [str(d) for d in range(10)]))
+    m = hd.lmm(formula, data)
+    rows = data.iloc[[3, 15, 27]]
+    expected = m.fitted.to_numpy()[[3, 15, 27]]
+    for day in (rows.Days.astype(int), rows.Days.astype(float), rows.Days.astype(str)):
+        new = pd.DataFrame({"Days": rows.Days.to_numpy(), "Subject": rows.Subject.to_numpy(),
+                            "Day": day.to_numpy()})
+        np.testing.assert_allclose(m.predict(new), expected, rtol=1e-10)
+    with pytest.raises(hd.DataError, match=r"\b12\b"):
+        m.predict(pd.DataFrame({"Days": [1], "Subject": [308], "Day": [12]}))
+
+
 def test_unseen_level_of_a_fixed_factor_is_an_error(sleepstudy):
     """It used to be encoded as the reference level, silently."""
     m = hd.lmm("Reaction ~ factor(Days) + (1 | Subject)", sleepstudy)

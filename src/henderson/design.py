@@ -357,6 +357,13 @@ def materialize(model_spec, data: pd.DataFrame, what: str = "newdata"):
     (formulaic would encode it as the reference level, with a warning)."""
     from formulaic.errors import DataMismatchWarning
 
+    # a column the fit encoded as a factor is one here too, its values matched to the
+    # fit's levels as R labels them (formulaic would take numbers 1, 2 given for a
+    # factor with levels "1", "2" as a numeric column, every dummy equal to the value)
+    data = with_categories(data, {
+        name: list(state["categories"])
+        for name, (kind, state) in model_spec.encoder_state.items()
+        if getattr(kind, "value", kind) == "categorical" and name in data.columns})
     data = _r_numbers(" ".join(map(str, model_spec.formula)), data)
     try:
         with warnings.catch_warnings():

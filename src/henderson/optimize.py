@@ -698,12 +698,25 @@ def _explore_boundaries(problem: ScaledProblem, scaled: np.ndarray, value: float
     # other, or in the middle: start again from no correlation and from a strong one
     # of either sign (φ = ±3, |ρ| ≈ 0.95: not farther out, where the objective is flat
     # and a loose run stops at once; a toep fit on 9 rows reached its lowest basin
-    # only from φ = +3, having stopped at φ = 0.24)
-    for i in _correlation_parameters(design):
-        for moved in (0.0, -3.0, 3.0):
-            start = np.array(scaled, dtype=float)
-            start[i] = moved
-            starts.append(start)
+    # only from φ = +3, having stopped at φ = 0.24). One parameter at a time for a
+    # structure with one or two; all of a structure's together for more (a toep over
+    # 9 levels has 8, and 8 x 5 loose runs cost more than the fit).
+    for indices in _correlation_parameters_by_term(design):
+        groups = [indices[[j]] for j in range(len(indices))] if len(indices) <= 2 \
+            else [indices]
+        for group in groups:
+            for moved in (0.0, -3.0, 3.0):
+                start = np.array(scaled, dtype=float)
+                start[group] = moved
+                starts.append(start)
+            # and from lme4's start with the correlations near either end (φ = ±8): a
+            # cs term over 8 levels (1,600 rows) has one minimum with ρ = 0.23 and
+            # σ → 0, another 9.5 lower with ρ → 1 and σ ≈ 1 (glmmTMB's), reached from
+            # none of the above
+            for moved in (-8.0, 8.0):
+                start = np.array(design.parameter_start(), dtype=float)
+                start[group] = moved
+                starts.append(start)
     # a loose run (BOBYQA: evaluations without gradients, ~5x cheaper on small data)
     # tells which basin a start leads to; only a lower one is polished
     best = None
@@ -718,6 +731,14 @@ def _explore_boundaries(problem: ScaledProblem, scaled: np.ndarray, value: float
             if trial.objective < target - settings.explore_gain * max(1.0, abs(target)):
                 best = (trial.theta, trial.objective)
     return best
+
+
+def _correlation_parameters_by_term(design) -> list[np.ndarray]:
+    """Indices in θ of each structure's correlation parameters, for the terms that
+    have any."""
+    out = [sl.start + np.flatnonzero(term.structure.scale_rows() < 0)
+           for term, sl in zip(design.terms, design.theta_slices())]
+    return [indices.astype(np.int64) for indices in out if len(indices)]
 
 
 def _correlation_parameters(design) -> np.ndarray:
