@@ -864,9 +864,19 @@ def random_term(bar: RandomBar, level_codes: np.ndarray, levels: pd.Index, z: np
     if not coef_names:
         raise FormulaError(f"random term {bar.text} has no columns")
     if bar.structure in ("ar1", "toep") and "(Intercept)" in coef_names:
-        raise FormulaError(f"{bar.text}: an {bar.structure} term runs over the columns of a "
+        raise FormulaError(f"{bar.text}: {bar.structure} runs over the columns of a "
                            "factor; write it without an intercept, e.g. "
                            f"{bar.structure}(0 + f | {bar.group})")
+    if bar.structure in ("ar1", "toep") and (
+            len(coef_names) < 2 or not np.all(np.isin(z, (0.0, 1.0)))
+            or not np.all(z.sum(axis=1) == 1.0)):
+        # a numeric column (times read from a CSV as integers) made one slope: a
+        # different model, with no correlation at all
+        raise FormulaError(
+            f"{bar.text}: {bar.structure} runs over the levels of a factor (one "
+            f"column per level, each row in one), but {bar.lhs!r} gives "
+            f"{len(coef_names)} column(s) {coef_names[:4]}; make it a factor, e.g. "
+            f"{bar.structure}(0 + factor(time) | {bar.group})")
     term = RandomTerm(bar.group, level_codes, levels, z, coef_names, z_spec=z_spec,
                       factors=bar.factors, label=bar.text, covariates=bar.lhs,
                       structure=covariance_structure(bar.structure, len(coef_names),
