@@ -204,3 +204,24 @@ def test_covariance_parameter_standard_errors_equal_a_dense_hessian(formula, dat
                              + dense_reml_deviance(m, x - ei - ej)) / (4 * step[i] * step[j])
     expected = np.sqrt(np.diag(2 * np.linalg.inv(hessian)))
     np.testing.assert_allclose(table["std_error"], expected, rtol=5e-3)
+
+
+def test_unused_levels_are_dropped_as_r_drops_them():
+    """A categorical with a level that has no rows (D) got a column of zeros in Z: its
+    SD "estimated" with an SE (0.350, SE 0.041) from no data; in a dispformula, a
+    coefficient of its own. R's model frame drops unused levels; so does henderson."""
+    machines = hd.datasets.load("machines")
+    padded = machines.assign(Machine=pd.Categorical(machines.Machine.astype(str),
+                                                    categories=list("ABCD")))
+    for formula in ("score ~ Machine + cs(0 + Machine | Worker)",
+                    "score ~ Machine + (0 + Machine | Worker)"):
+        plain, fitted = hd.lmm(formula, machines), hd.lmm(formula, padded)
+        assert fitted.objective == pytest.approx(plain.objective, rel=1e-10)
+        assert list(fitted.covariance_parameter_table.index) == list(
+            plain.covariance_parameter_table.index)
+        assert not any("MachineD" in name for name in fitted.covariance_parameter_table.index)
+    orthodont = hd.datasets.load("orthodont")
+    sexes = pd.Categorical(orthodont.Sex.astype(str), categories=["Female", "Male", "X"])
+    fitted = hd.lmm("distance ~ age * Sex + (1 | Subject)", orthodont.assign(S=sexes),
+                    dispformula="~ S")
+    assert list(fitted.dispersion.index) == ["(Intercept)", "SMale"]

@@ -1043,6 +1043,11 @@ def build_design(
     check_data(data, parsed, columns)
     check_columns(columns, data.columns)
     frame, weight_values = select_rows(data, columns, weights, missing)
+    # R's model frame drops unused levels (lme4: drop.unused.levels = TRUE): a level with
+    # no rows made an all-zero column of Z, its variance unidentified yet reported with
+    # an SE, or a dispformula coefficient estimated from no data
+    frame = frame.assign(**{c: frame[c].cat.remove_unused_categories() for c in frame.columns
+                            if isinstance(frame[c].dtype, pd.CategoricalDtype)})
     frame = r_factor_columns(frame, [c for c in columns if c not in
                                      {f for bar in parsed.bars for f in bar.factors}])
 
