@@ -313,3 +313,31 @@ def test_a_folder_or_an_npy_file_is_not_a_model(tmp_path):
     np.save(tmp_path / "a.npy", np.arange(3))
     with pytest.raises(DataError, match="not an .npz archive"):
         hd.load(tmp_path / "a.npy")
+
+
+def test_structures_and_residual_variances_survive_a_save(tmp_path):
+    """A dispformula model loaded back showed one Residual row (2.788: the Female
+    0.610 was gone) and had no covariance_parameters, dispersion or
+    residual_variances; summary() lost the structures' line."""
+    orthodont = hd.datasets.load("orthodont")
+    fitted = hd.lmm("distance ~ age * Sex + (1 | Subject)", orthodont, dispformula="~ Sex")
+    fitted.save(tmp_path / "o.npz")
+    loaded = hd.load(tmp_path / "o.npz")
+    pd.testing.assert_frame_equal(loaded.varcorr, fitted.varcorr)
+    pd.testing.assert_series_equal(loaded.residual_variances, fitted.residual_variances)
+    pd.testing.assert_series_equal(loaded.dispersion, fitted.dispersion)
+    assert "Female" in loaded.summary() and "Dispersion model ~ Sex" in loaded.summary()
+    machines = hd.datasets.load("machines")
+    for formula in ("score ~ Machine + cs(0 + Machine | Worker)",
+                    "score ~ Machine + toep(0 + Machine | Worker)"):
+        fitted = hd.lmm(formula, machines)
+        fitted.save(tmp_path / "m.npz")
+        loaded = hd.load(tmp_path / "m.npz")
+        expected = fitted.covariance_parameters["Worker"]
+        got = loaded.covariance_parameters[formula.split(" + ", 1)[1]]  # by the term's text
+        assert got["structure"] == expected["structure"]
+        np.testing.assert_allclose(got["sd"], expected["sd"], rtol=1e-12)
+        np.testing.assert_allclose(got["rho"], expected["rho"], rtol=1e-12)
+        assert loaded.dispersion is None
+        line = [x for x in fitted.summary().splitlines() if x.startswith(" Worker:")]
+        assert line and line[0] in loaded.summary()

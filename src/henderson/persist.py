@@ -28,7 +28,8 @@ from .design import _model_matrix as design_model_matrix
 from .design import check_new_levels, predicted_offset, spec_variables, with_categories
 from .errors import DataError, FormulaError, HendersonError
 from .formula import python_expression
-from .report import (blup_contribution, check_newdata, group_names, random_effects_lines,
+from .report import (TermTable, _normal_term, blup_contribution, check_newdata,
+                     dispersion_line, group_names, random_effects_lines, structure_lines,
                      varcorr_table)
 
 FORMAT = "henderson-model"
@@ -57,6 +58,13 @@ def _spec_categories(spec) -> dict[str, list]:
                 "make it a categorical column of the data before fitting")
         out[name] = [_plain(c) for c in state["categories"]]
     return out
+
+
+def _plain_parameters(parameters: dict) -> dict:
+    """A term's structure parameters as JSON values (arrays as lists)."""
+    return {key: (np.asarray(value, dtype=float).tolist()
+                  if key != "structure" and value is not None else value)
+            for key, value in parameters.items()}
 
 
 def save_model(model, path, conditional_sd: bool = True) -> Path:
@@ -97,6 +105,7 @@ def save_model(model, path, conditional_sd: bool = True) -> Path:
             "covariates": term.covariates or str(term.z_spec.formula),
             "structure": term.structure.name, "coef_names": list(term.coef_names),
             "known_covariance": term.level_precision is not None,
+            "parameters": _plain_parameters(model.covariance_parameters[names[t]]),
         })
         arrays[f"levels_{t}"] = np.asarray(term.levels.astype(str), dtype=str)
         arrays[f"ranef_{t}"] = model.random_effects_vector[offsets[t]:offsets[t + 1]].reshape(
@@ -117,6 +126,12 @@ def save_model(model, path, conditional_sd: bool = True) -> Path:
         "known_variances": bool(model.known_variances),
         "offsets": list(design.formula.offsets), "offset_argument": design.offset_argument,
     }
+    if design.residual_model is not None:
+        groups = model.residual_groups()
+        header.update(dispformula=design.residual_model.formula,
+                      dispersion={k: float(v) for k, v in model.dispersion.items()},
+                      residual_groups=None if groups is None else
+                      {str(k): float(v) for k, v in groups.items()})
     arrays.update(theta=np.asarray(model.theta, dtype=float),
                   fixef=model.fixef.to_numpy(dtype=float),
                   vcov=model.vcov.to_numpy(dtype=float))
@@ -254,7 +269,43 @@ class SavedModel:
     def _varcorr(self) -> pd.DataFrame:
         return varcorr_table([t["name"] for t in self._terms],
                              [t["coef_names"] for t in self._terms],
-                             self._covariances, self.sigma)
+                             self._covariances, self.sigma,
+                             self._header.get("residual_groups"))
+
+    @property
+    def covariance_parameters(self) -> dict[str, dict]:
+        """Each term's structure and its own parameters, as the fitted model's
+        ``covariance_parameters`` (empty for files written before henderson saved
+        them)."""
+        out = TermTable()
+        for term in self._terms:
+            if term["parameters"] is None:
+                continue
+            out[term["name"]] = {key: (value if key == "structure" or value is None
+                                       or isinstance(value, (int, float)) else
+                                       np.asarray(value, dtype=float))
+                                 for key, value in term["parameters"].items()}
+            out.aliases[_normal_term(f"{term['structure']}({term['covariates']} | "
+                                     f"{term['group']})")] = term["name"]
+        return out
+
+    @property
+    def dispersion(self) -> pd.Series | None:
+        """The dispformula's coefficients of ``log σ²``, as the fitted model's (None
+        without a dispformula)."""
+        values = self._header.get("dispersion")
+        return None if values is None else pd.Series(values, name="log variance")
+
+    @property
+    def residual_variances(self) -> pd.Series:
+        """Residual variance by group of the dispformula (one, σ², without)."""
+        groups = self._header.get("residual_groups")
+        if groups is None:
+            if self._header.get("dispformula") is not None:
+                raise ValueError("a continuous dispformula gives each row its own "
+                                 "residual variance")
+            return pd.Series({"Residual": self.sigma ** 2}, name="variance")
+        return pd.Series(groups, name="variance")
 
     def predict(self, newdata: pd.DataFrame, re: bool = True,
                 allow_new_levels: bool = False, offset=None) -> np.ndarray:
@@ -298,7 +349,11 @@ class SavedModel:
                  ""]
         lines += random_effects_lines([t["name"] for t in self._terms],
                                       [t["coef_names"] for t in self._terms],
-                                      self._covariances, self.sigma)
+                                      self._covariances, self.sigma,
+                                      self._header.get("residual_groups"))
+        lines += structure_lines(self.covariance_parameters)
+        if self._header.get("dispformula") is not None:
+            lines.append(dispersion_line(self._header["dispformula"], self.dispersion))
         groups = dict.fromkeys((t["group"], len(lv)) for t, lv in zip(self._terms, self._levels))
         lines.append(f"Number of obs: {self.nobs}, groups:  "
                      + "; ".join(f"{g}, {n}" for g, n in groups))
@@ -409,6 +464,13 @@ def _is_type(value, kind: str) -> bool:
     return isinstance(value, {"dict": dict, "list": list}[kind])
 
 
+def _is_numbers(value) -> bool:
+    """None, a number, or (nested) lists of numbers (NaN saved as JSON NaN)."""
+    if value is None or _is_type(value, "number"):
+        return True
+    return isinstance(value, list) and all(_is_numbers(v) for v in value)
+
+
 def _read_header(array: np.ndarray, name: str) -> dict:
     """The JSON header, with every field ``save_model`` writes, of the right type."""
     def bad(why: str) -> DataError:
@@ -448,6 +510,24 @@ def _read_header(array: np.ndarray, name: str) -> dict:
             raise bad(f"term {t}'s factors are not those of its group {term['group']!r}")
     for spec in [header["fixed"]] + [term["covariates"] for term in header["terms"]]:
         _check_expressions(spec, name)
+    # absent from files before structures and dispformulas were saved
+    for t, term in enumerate(header["terms"]):
+        parameters = term.setdefault("parameters", None)
+        if parameters is not None and not (
+                isinstance(parameters, dict) and isinstance(parameters.get("structure"), str)
+                and all(_is_numbers(v) for k, v in parameters.items() if k != "structure")):
+            raise bad(f"term {t}'s parameters are not a structure's numbers")
+    dispformula = header.setdefault("dispformula", None)
+    if dispformula is not None:
+        if not isinstance(dispformula, str):
+            raise bad("header field 'dispformula' is not a string")
+        for field in ("dispersion", "residual_groups"):
+            values = header.get(field)
+            if values is not None and not (isinstance(values, dict) and all(
+                    _is_type(v, "number") for v in values.values())):
+                raise bad(f"header field {field!r} is not a dict of numbers")
+        if not isinstance(header.get("dispersion"), dict):
+            raise bad("header field 'dispersion' is missing")
     offsets = header.setdefault("offsets", [])  # absent from files before offsets
     if not _is_type(offsets, "str list"):
         raise bad("header field 'offsets' is not a str list")

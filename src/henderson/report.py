@@ -113,6 +113,30 @@ class TermTable(dict):
     def __contains__(self, key) -> bool:
         return super().__contains__(key) or _normal_term(str(key)) in self.aliases
 
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+
+def structure_lines(covariance_parameters: dict) -> list[str]:
+    """One line per structured (not ``us``) term of ``summary()``: its SDs and ρ."""
+    lines = []
+    for name, p in covariance_parameters.items():
+        if p["structure"] == "us":
+            continue
+        rho = p.get("rho")
+        rho_text = "" if rho is None else (
+            f", rho {rho:.4g}" if np.isscalar(rho) else
+            ", rho by lag " + " ".join(f"{r:.3g}" for r in rho))
+        lines.append(f" {name}: {p['structure']}, sd "
+                     + " ".join(f"{v:.4g}" for v in np.atleast_1d(p["sd"])) + rho_text)
+    return lines
+
+
+def dispersion_line(formula: str, dispersion: pd.Series) -> str:
+    """The ``summary()`` line of a dispformula's coefficients."""
+    return (f" Dispersion model {formula}: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in dispersion.items()) + " (log variance)")
+
 
 def summary_text(model, timings: bool = False, ddf: str = "Satterthwaite") -> str:
     """The fit as lme4's ``summary()`` prints it (with lmerTest's df and p): what
@@ -134,19 +158,9 @@ def summary_text(model, timings: bool = False, ddf: str = "Satterthwaite") -> st
     lines.extend(random_effects_lines(
         group_names(model.design), [t.coef_names for t in model.design.terms],
         list(model.covariance_matrices().values()), model.sigma, model.residual_groups()))
-    structured = [(name, p) for name, p in model.covariance_parameters.items()
-                  if p["structure"] != "us"]
-    for name, p in structured:
-        rho = p.get("rho")
-        rho_text = "" if rho is None else (
-            f", rho {rho:.4g}" if np.isscalar(rho) else
-            ", rho by lag " + " ".join(f"{r:.3g}" for r in rho))
-        lines.append(f" {name}: {p['structure']}, sd "
-                     + " ".join(f"{v:.4g}" for v in np.atleast_1d(p["sd"])) + rho_text)
+    lines.extend(structure_lines(model.covariance_parameters))
     if model.design.residual_model is not None:
-        lines.append(f" Dispersion model {model.design.residual_model.formula}: "
-                     + ", ".join(f"{k} {v:.4g}" for k, v in model.dispersion.items())
-                     + " (log variance)")
+        lines.append(dispersion_line(model.design.residual_model.formula, model.dispersion))
     groups = dict.fromkeys((t.group, t.n_levels) for t in model.design.terms)
     lines.append(f"Number of obs: {model.nobs}, groups:  "
                  + "; ".join(f"{g}, {n}" for g, n in groups))
