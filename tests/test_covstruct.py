@@ -107,6 +107,12 @@ def test_fixed_variances_of_a_structure():
     known = hd.lmm("score ~ Machine + cs(0 + Machine | Worker)", data,
                    fixed_variances={"Worker": cov, "residual": m.sigma ** 2})
     np.testing.assert_allclose(known.fixef, m.fixef, rtol=1e-8)
+    # the term named as written, as covariance_parameters accepts it (and .get)
+    by_text = hd.lmm("score ~ Machine + cs(0 + Machine | Worker)", data,
+                     fixed_variances={"cs(0+Machine | Worker)": cov, "residual": m.sigma ** 2})
+    np.testing.assert_allclose(by_text.fixef, m.fixef, rtol=1e-8)
+    assert m.covariance_parameters.get("cs(0 + Machine | Worker)")["structure"] == "cs"
+    assert m.covariance_parameters.get("toep(0 + Machine | Worker)") is None
     with pytest.raises(ValueError, match="cs"):
         hd.lmm("score ~ Machine + cs(0 + Machine | Worker)", data,
                fixed_variances={"Worker": np.diag([1.0, 2.0, 3.0]) + 0.1 * np.eye(3)[::-1],

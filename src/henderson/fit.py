@@ -130,11 +130,15 @@ def theta_from_variances(design: Design, variances: dict) -> tuple[np.ndarray, f
         raise ValueError("fixed_variances needs a positive, finite 'residual' variance, "
                          f"got {residual!r}")
     names = group_names(design)
+    # a term may also be named as the formula wrote it, "ar1(0 + t | g)"
+    by_text = {"".join(str(key).split()): key for key in given}
     theta = []
     for name, term in zip(names, design.terms):
         value = given.pop(name, None)
         if value is None:
             value = given.pop(term.group, None) if names.count(term.group) <= 1 else None
+        if value is None and "".join(term.label.split()) in by_text:
+            value = given.pop(by_text["".join(term.label.split())])
         if value is None:
             raise ValueError(f"fixed_variances has no variance for term {name!r}")
         try:
