@@ -160,6 +160,43 @@ def test_toeplitz_on_tiny_data_reaches_the_lowest_basin():
         assert m.objective <= best_seen + 1e-6, name
 
 
+def test_sd_parameters_stop_where_the_objective_is_still_exact():
+    """toep over 9 times with one record per subject and time: the structure's
+    variances take up the residual variance, and the likelihood rises as σ → 0.
+    L-BFGS-B ran θ̃ to 4e6, where the relative-form objective had lost its digits:
+    7904.94 computed, 8304.93 the dense value; the fit then failed as if y were fitted
+    exactly. The SD parameters now stop at θ̃ = 1e4 (settings.theta_limit)."""
+    from test_differential import dense_criterion
+
+    from henderson.optimize import SETTINGS, ScaledProblem, residual_at_limit, theta_scale
+
+    rng = np.random.default_rng(2)
+    times, groups = 9, 300
+    ar1 = np.linalg.cholesky(0.6 ** np.abs(np.subtract.outer(range(times), range(times))))
+    effects = (ar1 @ rng.standard_normal((times, groups))).T
+    g, t = np.repeat(np.arange(groups), times), np.tile(np.arange(times), groups)
+    frame = pd.DataFrame({"g": [f"g{i}" for i in g], "t": t + 1,
+                          "y": effects[g, t] + 0.7 * rng.standard_normal(len(g))})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = hd.lmm("y ~ 1 + toep(0 + factor(t) | g)", frame, optimizer="lbfgs")
+    problem = ScaledProblem(m.objective_function, theta_scale(m.design, m.mme.xp))
+    scaled = problem.to_scaled(m.theta)
+    lower = m.design.parameter_lower_bounds()
+    assert np.all(scaled[np.isfinite(lower)] <= SETTINGS.theta_limit)
+    # near the limit the relative form keeps ~7 digits here (2.6e-3 of 8304.9), not
+    # the ~13 of an ordinary fit; beyond it, none
+    assert m.objective == pytest.approx(dense_criterion(m, reml=True), rel=1e-6)
+    assert 8304.92 < m.objective < 8304.94  # the dense limit as σ → 0 is 8304.9335
+    # at the limit itself the objective levels off; for y fitted exactly it falls
+    ridge = scaled.copy()
+    ridge[np.isfinite(lower)] *= SETTINGS.theta_limit / scaled[np.isfinite(lower)].max()
+    assert residual_at_limit(problem, ridge, lower) == "levels off"
+    sleep = hd.datasets.load("sleepstudy")
+    with pytest.raises(hd.DataError, match="residual variance is estimated as 0"):
+        hd.lmm("y ~ Days + (1 | Subject)", sleep.assign(y=sleep.Subject.astype(float)))
+
+
 def test_a_minimum_that_cannot_be_reached_is_reported_not_converged():
     """A random slope in a covariate near 5e6: intercept and slope are nearly the same
     column, and the objective is evaluated to ~3 digits there. The fit ended 28

@@ -17,7 +17,7 @@ from scipy.sparse import issparse as sp_issparse
 from .design import Design, build_design
 from .aireml import ai_convergence_check, optimize_ai_reml
 from .blockdiag import BlockDiagonalObjective
-from .errors import DataError
+from .errors import ConvergenceWarning, DataError
 from .mme import MixedModelEquations, check_residual_variation
 from .objective import Objective, scalar_terms
 from .report import group_names
@@ -25,7 +25,8 @@ from .results import LinearMixedModel
 from .schur import schur_applies
 from .streaming import as_chunk_source, chunked_design
 from .optimize import (SETTINGS, OptimizerSettings, ScaledProblem, ensure_convergence,
-                       optimize_bobyqa, optimize_lbfgs, optimize_scipy, theta_scale)
+                       optimize_bobyqa, optimize_lbfgs, optimize_scipy, residual_at_limit,
+                       theta_scale, upper_bounds)
 
 
 def load_compiled_kernels() -> None:
@@ -277,13 +278,13 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
     else:
         if optimizer == "bobyqa":
             result = optimize_bobyqa(problem.value, scaled_start, lower, verbose=verbose,
-                                     settings=settings)
+                                     settings=settings, upper=upper_bounds(lower, settings))
         elif optimizer == "lbfgs":
             result = optimize_lbfgs(problem, scaled_start, lower, verbose=verbose,
                                     settings=settings)
         else:
             result = optimize_scipy(problem.value, scaled_start, lower, method=optimizer,
-                                    verbose=verbose)
+                                    verbose=verbose, upper=upper_bounds(lower, settings))
         result.theta = problem.to_theta(result.theta)
         result.n_evaluations = problem.n_evaluations
     timings["optimize"] = time.perf_counter() - t0
@@ -303,13 +304,26 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
     t0 = time.perf_counter()
     model = LinearMixedModel(design, mme, objective, theta, result)
     timings["results"] = time.perf_counter() - t0
-    # the random effects fit y exactly: σ → 0 and θ → ∞, the objective unbounded below
-    if not np.isfinite(model.objective) or model.sigma < 1e-7 * least_squares_sd:
+    # σ → 0 and θ → ∞: either the random effects fit y exactly (the objective unbounded
+    # below) or a structure's variances take up the residual variance (it levels off)
+    limit = residual_at_limit(problem, problem.to_scaled(theta), lower, settings) \
+        if np.isfinite(model.objective) else "unbounded"
+    if limit == "unbounded" or model.sigma < 1e-7 * least_squares_sd:
         raise DataError(
             "the residual variance is estimated as 0 (σ = "
             f"{model.sigma:.3g}, objective {model.objective:.6g}): the random effects fit "
             "the response exactly, e.g. a response constant within the levels of "
             f"{design.terms[0].group!r}; the likelihood has no maximum")
+    if limit == "levels off":
+        model.residual_at_limit = True
+        warnings.warn(
+            f"the residual variance tends to 0 (σ = {model.sigma:.3g}, at henderson's "
+            f"limit of {settings.theta_limit:g} for the random-effect SDs over σ): the "
+            "variances of a structured term with one record per level take up the "
+            "residual variance, and the likelihood is highest as σ → 0. The objective "
+            "is within ~1e-6 (relative) of its limit; the split between σ² and the "
+            "term's variances is not identified (glmmTMB fits this with dispformula = ~0)",
+            ConvergenceWarning, stacklevel=2)
     model.timings.update(timings)
     return model
 

@@ -111,6 +111,16 @@ class OptimizerSettings:
         optimum).
     ai_min_step : float
         The line search halves an AI step down to this fraction, then takes EM-REML's.
+    theta_limit : float
+        Upper bound of every scaled SD parameter θ̃ (a diagonal of Λ̃: a random-effect
+        SD over σ). Beyond it the relative-form objective loses digits as ~1e-13 θ̃²
+        (cancellation in the fixed-effect Schur complement and the PRSS): a toep fit
+        whose residual variance went to 0 computed 7904.9 at θ̃ = 4e6 where the dense
+        value is 8304.9. A fit that ends there has σ → 0 (:func:`sigma_limit_kind`).
+    ridge_drop : float
+        At θ̃ = ``theta_limit``, a fall of the objective by more than this from
+        θ̃/10 means it is unbounded below (the random effects fit y exactly); less,
+        that it levels off as σ → 0 (a structure's variances take up σ²).
     hessian_rows : int
         From this many rows the convergence check takes the optimiser's BFGS curvature
         instead of a finite-difference Hessian (:func:`check_convergence`).
@@ -134,6 +144,8 @@ class OptimizerSettings:
     explore_tolerance: float = 1e-4
     correlation_threshold: float = 3.0
     correlation_limit: float = 1e4
+    theta_limit: float = 1e4
+    ridge_drop: float = 0.5
     ai_max_iterations: int = 60
     ai_tolerance: float = 1e-9
     ai_final_gain: float = 0.1
@@ -209,10 +221,17 @@ class _Best:
         return value
 
 
+def upper_bounds(lower: np.ndarray, settings: OptimizerSettings = SETTINGS) -> np.ndarray:
+    """Upper bounds of θ̃: ``theta_limit`` for the SD parameters (those bounded below),
+    none for the others."""
+    return np.where(np.isfinite(lower), settings.theta_limit, np.inf)
+
+
 def optimize_bobyqa(objective, start: np.ndarray, lower: np.ndarray,
                     verbose: bool | int = False, max_evaluations: int | None = None,
                     tolerance: float | None = None, initial_step: float | None = None,
-                    settings: OptimizerSettings = SETTINGS) -> OptimizerResult:
+                    settings: OptimizerSettings = SETTINGS,
+                    upper: np.ndarray | None = None) -> OptimizerResult:
     """Powell's BOBYQA (nlopt), lme4's default optimiser for ``lmer``, on any callable
     θ → value.
 
@@ -230,6 +249,8 @@ def optimize_bobyqa(objective, start: np.ndarray, lower: np.ndarray,
     tolerance = settings.bobyqa_tolerance if tolerance is None else tolerance
     opt = nlopt.opt(nlopt.LN_BOBYQA, n)
     opt.set_lower_bounds(np.where(np.isfinite(lower), lower, -1e300))
+    if upper is not None:
+        opt.set_upper_bounds(np.where(np.isfinite(upper), upper, 1e300))
     opt.set_min_objective(lambda x, grad: best(x))
     opt.set_ftol_abs(tolerance)
     opt.set_xtol_abs(tolerance)
@@ -239,6 +260,8 @@ def optimize_bobyqa(objective, start: np.ndarray, lower: np.ndarray,
                                  else initial_step))
     start = np.maximum(np.asarray(start, dtype=float), np.where(np.isfinite(lower), lower,
                                                                 -np.inf))
+    if upper is not None:
+        start = np.minimum(start, upper)
     try:
         with np.errstate(all="ignore"):
             theta = opt.optimize(start)
@@ -263,13 +286,14 @@ def optimize_bobyqa(objective, start: np.ndarray, lower: np.ndarray,
 
 
 def optimize_scipy(objective, start: np.ndarray, lower: np.ndarray, method: str = "Powell",
-                   verbose: bool | int = False) -> OptimizerResult:
+                   verbose: bool | int = False,
+                   upper: np.ndarray | None = None) -> OptimizerResult:
     """A bounded scipy optimiser (``Powell``, ``Nelder-Mead``, ``L-BFGS-B`` with
     finite differences) on a callable θ → value."""
     from scipy.optimize import Bounds, minimize
 
     func = _Progress(objective, verbose) if verbose else objective
-    bounds = Bounds(lower, np.full_like(lower, np.inf))
+    bounds = Bounds(lower, np.full_like(lower, np.inf) if upper is None else upper)
     result = minimize(func, start, method=method, bounds=bounds,
                       options={"xtol": 1e-10, "ftol": 1e-12, "maxfev": 100_000}
                       if method == "Powell" else {})
@@ -311,13 +335,15 @@ def optimize_lbfgs(problem: "ScaledProblem", start: np.ndarray, lower: np.ndarra
         if verbose and problem.n_evaluations % (1 if verbose is True else int(verbose)) == 0:
             print(f"[henderson] eval {problem.n_evaluations:5d}  objective {value:.6f}  "
                   f"|gradient| {np.max(np.abs(gradient)):.2e}", file=sys.stderr)
-        at_bound = bounded & (theta <= lower) & (gradient > 0)
+        at_bound = bounded & (((theta <= lower) & (gradient > 0))
+                              | ((theta >= settings.theta_limit) & (gradient < 0)))
         if value <= best[0] and np.max(np.abs(np.where(at_bound, 0.0, gradient))) < tolerance:
             raise _GradientSmall(np.array(theta, dtype=float), value, gradient)
         best[0] = min(best[0], value)
         return value, gradient
 
-    bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower]
+    bounds = [(lo if np.isfinite(lo) else None, hi if np.isfinite(hi) else None)
+              for lo, hi in zip(lower, upper_bounds(lower, settings))]
     options = {"ftol": 1e-13, "gtol": tolerance, "maxiter": 1000}
 
     def run(theta0):
@@ -346,7 +372,8 @@ def optimize_lbfgs(problem: "ScaledProblem", start: np.ndarray, lower: np.ndarra
         theta, value, gradient, success, message = run(probe)
     # a line search that fails at the noise floor of the objective (~1e-13 relative) is
     # convergence when the projected gradient is negligible (the check says)
-    at_bound = bounded & (theta <= lower) & (gradient > 0)
+    at_bound = bounded & (((theta <= lower) & (gradient > 0))
+                          | ((theta >= settings.theta_limit) & (gradient < 0)))
     projected = np.where(at_bound, 0.0, gradient)
     converged = success or float(np.max(np.abs(projected))) < 1e-3
     return OptimizerResult(theta, value, problem.n_evaluations, converged, message, "lbfgs")
@@ -511,8 +538,17 @@ def check_convergence(problem: ScaledProblem, scaled: np.ndarray, lower: np.ndar
                                 np.nan, [])
     tol = settings.check_gradient
     at_bound = np.isfinite(lower) & (scaled <= lower)
-    free = ~at_bound
     problems, restarts = [], []
+    # at the upper limit of an SD (σ → 0, settings.theta_limit) the objective must
+    # still fall outwards, or be flat
+    at_limit = np.isfinite(lower) & (scaled >= 0.999 * settings.theta_limit)
+    for i in np.flatnonzero(at_limit & (gradient > tol)):
+        problems.append(f"descent from the upper limit at θ[{i}] (derivative "
+                        f"{gradient[i]:.3g})")
+        probe = scaled.copy()
+        probe[i] = 0.5 * settings.theta_limit
+        restarts.append(probe)
+    free = ~(at_bound | at_limit)
     # at a bound the gradient must point outwards; at a zero diagonal of Λ_t with a
     # nonzero column below it, flipping the column gives the same point and the
     # opposite derivative, so the derivative must vanish
@@ -532,7 +568,7 @@ def check_convergence(problem: ScaledProblem, scaled: np.ndarray, lower: np.ndar
     # second order: the curvature must be ≥ 0 on the free parameters and on those at a
     # bound with a zero derivative (θ_t = 0 of a one-coefficient term is stationary by
     # symmetry: a maximum there passes every first-order test; L-BFGS-B stopped at one)
-    degenerate = at_bound & (np.abs(gradient) <= tol)
+    degenerate = at_bound & ~at_limit & (np.abs(gradient) <= tol)
     index = np.flatnonzero(free | degenerate)
     if len(index):
         hessian = None
@@ -627,7 +663,8 @@ def ensure_convergence(problem: ScaledProblem, result: OptimizerResult, lower: n
                         trial = optimize_lbfgs(problem, start, lower, settings=settings)
                     else:
                         trial = optimize_bobyqa(problem.value, start, lower,
-                                                initial_step=0.1, settings=settings)
+                                                initial_step=0.1, settings=settings,
+                                                upper=upper_bounds(lower, settings))
                     if trial.objective < value - 1e-12 * max(1.0, abs(value)):
                         scaled, value, improved = trial.theta, trial.objective, True
                         method = f"{result.method}+{attempt}"
@@ -659,6 +696,27 @@ def ensure_convergence(problem: ScaledProblem, result: OptimizerResult, lower: n
         if hasattr(result, name) and np.array_equal(out.theta, result.theta):
             setattr(out, name, getattr(result, name))
     return out
+
+
+def residual_at_limit(problem: ScaledProblem, scaled: np.ndarray, lower: np.ndarray,
+                      settings: OptimizerSettings = SETTINGS) -> str | None:
+    """None unless some θ̃ ended at ``theta_limit`` (σ → 0); then ``"unbounded"`` when
+    the objective still falls steeply there (by more than ``ridge_drop`` from the
+    point with every SD parameter ten times smaller: the random effects fit y exactly, and the
+    likelihood has no maximum), else ``"levels off"`` (the likelihood approaches its
+    highest value as σ → 0: a structure's variances take up the residual variance)."""
+    scaled = np.asarray(scaled, dtype=float)
+    at_limit = np.isfinite(lower) & (scaled >= 0.999 * settings.theta_limit)
+    if not np.any(at_limit):
+        return None
+    inside = scaled.copy()
+    inside[np.isfinite(lower)] /= 10.0  # σ ten times larger, the same covariances
+    try:
+        drop = problem.value(inside) - problem.value(scaled)
+    except np.linalg.LinAlgError:
+        return "unbounded"
+    return "unbounded" if not np.isfinite(drop) or drop > settings.ridge_drop \
+        else "levels off"
 
 
 def _remedy(design) -> str:
@@ -724,7 +782,8 @@ def _explore_boundaries(problem: ScaledProblem, scaled: np.ndarray, value: float
         if np.array_equal(start, scaled) or any(np.array_equal(start, t) for t in tried_starts):
             continue
         trial = optimize_bobyqa(problem.value, start, lower, tolerance=settings.explore_tolerance,
-                                initial_step=0.5, settings=settings)
+                                initial_step=0.5, settings=settings,
+                                upper=upper_bounds(lower, settings))
         target = value if best is None else best[1]
         if trial.objective < target - settings.explore_gain * max(1.0, abs(target)):
             trial = optimize_lbfgs(problem, trial.theta, lower, settings=settings)

@@ -18,7 +18,7 @@ from scipy import optimize, stats
 from .bootstrap import parameter_vector, variance_parameters
 from .mme import MixedModelEquations
 from .objective import Objective
-from .optimize import ScaledProblem, optimize_bobyqa, theta_scale
+from .optimize import ScaledProblem, optimize_bobyqa, theta_scale, upper_bounds
 
 
 def _theta_from_flat(design, values, sigma):
@@ -89,7 +89,8 @@ def profile_confint(model, level: float = 0.95) -> pd.DataFrame:
         reduced = dataclasses.replace(design, X=design.X[:, keep], y=y - design.X[:, j] * x,
                                       fixed_names=[design.fixed_names[c] for c in keep])
         problem = ScaledProblem(Objective(MixedModelEquations(reduced), reml=False), scale)
-        result = optimize_bobyqa(problem.value, problem.to_scaled(ml.theta), lower)
+        result = optimize_bobyqa(problem.value, problem.to_scaled(ml.theta), lower,
+                                 upper=upper_bounds(lower))
         return np.sign(x - ml.fixef.iloc[j]) * np.sqrt(max(result.objective - base, 0.0))
 
     def interval(zeta, estimate, scale, low_bound=-np.inf, high_bound=np.inf):
