@@ -5,6 +5,8 @@ glmmTMB optimises less tightly), fixed effects within 1e-3, covariance matrices 
 1e-2, the structures' own parameters, and the residual model's variances."""
 import json
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -231,3 +233,19 @@ def test_unused_levels_are_dropped_as_r_drops_them():
     fitted = hd.lmm("distance ~ age * Sex + (1 | Subject)", orthodont.assign(S=sexes),
                     dispformula="~ S")
     assert list(fitted.dispersion.index) == ["(Intercept)", "SMale"]
+
+
+def test_anova_of_models_that_are_not_nested_warns():
+    """The model with more parameters has the higher deviance: lme4 prints χ² = 0,
+    p = 1 without a word; henderson says the test does not apply."""
+    machines = hd.datasets.load("machines")
+    diag = hd.lmm("score ~ Machine + diag(0 + Machine | Worker)", machines)
+    ar1 = hd.lmm("score ~ Machine + ar1(0 + Machine | Worker)", machines)
+    with pytest.warns(UserWarning, match="not nested"):
+        table = hd.anova(diag, ar1)
+    assert table["Chisq"].iloc[1] == 0.0
+    cs = hd.lmm("score ~ Machine + cs(0 + Machine | Worker)", machines)
+    us = hd.lmm("score ~ Machine + (0 + Machine | Worker)", machines)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert hd.anova(cs, us)["Chisq"].iloc[1] > 0  # nested: no warning

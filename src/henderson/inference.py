@@ -2,6 +2,8 @@
 tests between nested models, as lme4's ``anova()``."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 from scipy import stats
@@ -52,8 +54,17 @@ def anova(*models, refit: bool = True) -> pd.DataFrame:
                "deviance": m.objective, "Chisq": np.nan, "Df": np.nan, "Pr(>Chisq)": np.nan}
         if i > 0:
             previous = fitted[i - 1]
-            chisq = max(previous.objective - m.objective, 0.0)
+            difference = previous.objective - m.objective
             df = m.npar - previous.npar
+            if difference < -1e-6 * max(1.0, abs(m.objective)):
+                # a model with more parameters that fits worse does not contain the
+                # smaller one (lme4 prints χ² = 0 and p = 1 without a word)
+                warnings.warn(
+                    f"{names[i]} has more parameters than {names[i - 1]} but a deviance "
+                    f"{-difference:.4g} higher: the models are not nested (or a fit "
+                    "stopped short), and the χ² test does not apply", UserWarning,
+                    stacklevel=2)
+            chisq = max(difference, 0.0)
             row.update({"Chisq": chisq, "Df": df,
                         "Pr(>Chisq)": float(stats.chi2.sf(chisq, df)) if df > 0 else np.nan})
         rows.append(row)
