@@ -249,3 +249,11 @@ def test_anova_of_models_that_are_not_nested_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert hd.anova(cs, us)["Chisq"].iloc[1] > 0  # nested: no warning
+
+
+def test_a_space_before_the_structures_parenthesis_is_allowed_as_in_r():
+    machines = hd.datasets.load("machines")
+    spaced = hd.lmm("score ~ Machine + cs (0+Machine|Worker)", machines)
+    plain = hd.lmm("score ~ Machine + cs(0 + Machine | Worker)", machines)
+    assert spaced.objective == pytest.approx(plain.objective, rel=1e-12)
+    assert spaced.covariance_parameters["Worker"]["structure"] == "cs"

@@ -2,8 +2,18 @@
 column, level, term or animal at fault."""
 
 
+import re
+
+#: terminal colour codes (formulaic marks the place of a parse error with them)
+_TERMINAL_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 class HendersonError(ValueError):
     """Base class of henderson's input errors."""
+
+    def __init__(self, *args):
+        super().__init__(*(_TERMINAL_CODES.sub("", a) if isinstance(a, str) else a
+                           for a in args))
 
 
 class FormulaError(HendersonError):

@@ -328,7 +328,12 @@ def parse_formula(formula: str) -> ParsedFormula:
                                "name the columns")
         structure = "us"
         call = _STRUCTURE_CALL.fullmatch(term)
-        if call and "|" in call.group(2) and _strip_outer_parens(term[len(call.group(1)):]):
+        if call and call.group(1) in STRUCTURES and "|" not in call.group(2) \
+                and _strip_outer_parens(term[len(call.group(1)):].strip()) is not None:
+            raise FormulaError(f"{term!r}: a covariance structure needs a grouping factor, "
+                               f"e.g. {call.group(1)}(0 + {call.group(2).strip()} | g)")
+        if call and "|" in call.group(2) \
+                and _strip_outer_parens(term[len(call.group(1)):].strip()):
             structure = call.group(1)
             if structure not in STRUCTURES:
                 raise FormulaError(
