@@ -338,6 +338,9 @@ def test_structures_and_residual_variances_survive_a_save(tmp_path):
         assert got["structure"] == expected["structure"]
         np.testing.assert_allclose(got["sd"], expected["sd"], rtol=1e-12)
         np.testing.assert_allclose(got["rho"], expected["rho"], rtol=1e-12)
-        assert loaded.dispersion is None
+        # no dispformula: log σ², glmmTMB's dispersion intercept
+        assert loaded.dispersion.to_dict() == pytest.approx(
+            {"(Intercept)": 2 * np.log(fitted.sigma)}, rel=1e-12)
+        pd.testing.assert_series_equal(loaded.dispersion, fitted.dispersion)
         line = [x for x in fitted.summary().splitlines() if x.startswith(" Worker:")]
         assert line and line[0] in loaded.summary()

@@ -290,11 +290,13 @@ class SavedModel:
         return out
 
     @property
-    def dispersion(self) -> pd.Series | None:
-        """The dispformula's coefficients of ``log σ²``, as the fitted model's (None
-        without a dispformula)."""
+    def dispersion(self) -> pd.Series:
+        """The dispformula's coefficients of ``log σ²``, as the fitted model's (without
+        a dispformula, the intercept alone: ``log σ²``)."""
         values = self._header.get("dispersion")
-        return None if values is None else pd.Series(values, name="log variance")
+        if values is None:
+            values = {"(Intercept)": 2.0 * np.log(self.sigma)}
+        return pd.Series(values, name="log variance")
 
     @property
     def residual_variances(self) -> pd.Series:

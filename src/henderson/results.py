@@ -295,12 +295,13 @@ class LinearMixedModel:
         return dict(zip(model.labels, variances))
 
     @property
-    def dispersion(self) -> pd.Series | None:
+    def dispersion(self) -> pd.Series:
         """Coefficients of ``log σ²`` in the ``dispformula`` (glmmTMB's dispersion
-        coefficients: the reference's log variance, then log-ratios); None without."""
+        coefficients: the reference's log variance, then log-ratios); without one,
+        the intercept alone, ``log σ²`` (glmmTMB's ``dispformula = ~1``)."""
         model = self.design.residual_model
         if model is None:
-            return None
+            return pd.Series({"(Intercept)": 2.0 * np.log(self.sigma)}, name="log variance")
         return pd.Series(model.coefficients(self.dispersion_parameters, self.sigma),
                          index=model.names, name="log variance")
 
