@@ -197,6 +197,25 @@ def test_sd_parameters_stop_where_the_objective_is_still_exact():
         hd.lmm("y ~ Days + (1 | Subject)", sleep.assign(y=sleep.Subject.astype(float)))
 
 
+def test_a_polish_below_the_noise_threshold_that_passes_the_check_is_kept():
+    """cs over 9 times, ρ → 1: L-BFGS-B from BOBYQA's point lowered the objective by
+    1.8e-9 (below 1e-12 relative, then the threshold for keeping a restart) and there
+    the check passed; the fit kept the old point and reported converged=False."""
+    rng = np.random.default_rng(2)
+    for times in (5, 7, 9):  # the probe's sequence of draws, for its 9-time data
+        ar1 = np.linalg.cholesky(0.6 ** np.abs(np.subtract.outer(range(times), range(times))))
+        effects = (ar1 @ rng.standard_normal((times, 300))).T
+        g, t = np.repeat(np.arange(300), times), np.tile(np.arange(times), 300)
+        frame = pd.DataFrame({"g": [f"g{i}" for i in g], "t": t + 1,
+                              "y": effects[g, t] + 0.7 * rng.standard_normal(len(g))})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = hd.lmm("y ~ 1 + cs(0 + factor(t) | g)", frame)
+    assert m.converged
+    assert not [w for w in caught if issubclass(w.category, ConvergenceWarning)]
+    assert m.covariance_parameters["g"]["rho"] == pytest.approx(1.0, abs=1e-6)
+
+
 def test_a_minimum_that_cannot_be_reached_is_reported_not_converged():
     """A random slope in a covariate near 5e6: intercept and slope are nearly the same
     column, and the objective is evaluated to ~3 digits there. The fit ended 28
