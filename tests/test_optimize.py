@@ -216,6 +216,28 @@ def test_a_polish_below_the_noise_threshold_that_passes_the_check_is_kept():
     assert m.covariance_parameters["g"]["rho"] == pytest.approx(1.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("ratio", [1e5, 1e6])
+def test_an_sd_far_above_sigma_is_estimated_beyond_the_limit(ratio):
+    """Group effects 1e5 and 1e6 times the noise: θ̃ beyond the SD limit of 1e4. The
+    limit alone made these a DataError ("the random effects fit y exactly"); the fit
+    goes on past it, finds the minimum, and says the objective has fewer digits."""
+    from test_differential import dense_criterion
+
+    rng = np.random.default_rng(1)
+    g = np.repeat(np.arange(30), 10)
+    x = rng.normal(size=300)
+    frame = pd.DataFrame({"g": g.astype(str), "x": x,
+                          "y": 1 + x + ratio * rng.normal(size=30)[g] + rng.normal(size=300)})
+    with pytest.warns(ConvergenceWarning, match="more than 10000 times σ"):
+        m = hd.lmm("y ~ x + (1 | g)", frame)
+    assert m.theta[0] > 1e4
+    assert m.sigma == pytest.approx(1.0, rel=0.1)
+    for factor in (0.8, 1.25):  # a minimum along θ
+        assert m.objective_function(m.theta * factor) > m.objective + 1.0
+    if ratio == 1e5:  # at 1e6 the dense V (entries 1e12 + 1) has lost its digits too
+        assert m.objective == pytest.approx(dense_criterion(m, reml=True), rel=1e-6)
+
+
 def test_a_minimum_that_cannot_be_reached_is_reported_not_converged():
     """A random slope in a covariate near 5e6: intercept and slope are nearly the same
     column, and the objective is evaluated to ~3 digits there. The fit ended 28

@@ -24,7 +24,8 @@ from .report import group_names
 from .results import LinearMixedModel
 from .schur import schur_applies
 from .streaming import as_chunk_source, chunked_design
-from .optimize import (SETTINGS, OptimizerSettings, ScaledProblem, ensure_convergence,
+from .optimize import (SETTINGS, OptimizerResult, OptimizerSettings, ScaledProblem,
+                       check_convergence, ensure_convergence, falls_outward,
                        optimize_bobyqa, optimize_lbfgs, optimize_scipy, residual_at_limit,
                        theta_scale, upper_bounds)
 
@@ -308,12 +309,38 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
     # below) or a structure's variances take up the residual variance (it levels off)
     limit = residual_at_limit(problem, problem.to_scaled(theta), lower, settings) \
         if np.isfinite(model.objective) else "unbounded"
+    if limit == "unbounded" and np.isfinite(model.objective):
+        # still falling at the limit: y fitted exactly (it falls without end), or an SD
+        # genuinely above 1e4 σ (a group effect of 1e5 over noise of 1); go on without
+        # the limit, with the digits the relative form keeps there
+        with np.errstate(divide="ignore", invalid="ignore"):  # an exact fit runs to σ = 0
+            beyond = optimize_lbfgs(problem, problem.to_scaled(theta), lower,
+                                    settings=settings, upper=np.full(len(lower), np.inf))
+            falls = falls_outward(problem, beyond.theta, lower)
+        if not np.isfinite(beyond.objective) or falls > settings.ridge_drop:
+            raise DataError(
+                "the residual variance is estimated as 0: the random effects fit the "
+                "response exactly, e.g. a response constant within the levels of "
+                f"{design.terms[0].group!r}; the likelihood has no maximum")
+        theta = np.maximum(problem.to_theta(beyond.theta), lower)
+        check = check_convergence(problem, beyond.theta, lower, settings)
+        result = OptimizerResult(theta, beyond.objective, problem.n_evaluations, check.passed,
+                                 f"{result.message}; beyond the SD limit: {beyond.message}",
+                                 f"{result.method}+beyond", result.history, check,
+                                 result.n_evaluations)
+        model = LinearMixedModel(design, mme, objective, theta, result)
+        limit = "beyond" if np.isfinite(model.objective) else "unbounded"
     if limit == "unbounded" or model.sigma < 1e-7 * least_squares_sd:
         raise DataError(
             "the residual variance is estimated as 0 (σ = "
             f"{model.sigma:.3g}, objective {model.objective:.6g}): the random effects fit "
             "the response exactly, e.g. a response constant within the levels of "
             f"{design.terms[0].group!r}; the likelihood has no maximum")
+    if limit == "beyond":
+        warnings.warn(
+            f"a random-effect SD is more than {settings.theta_limit:g} times σ (σ = "
+            f"{model.sigma:.3g}): the objective there keeps fewer digits (~1e-13·(SD/σ)² "
+            "relative), and so do the estimates", ConvergenceWarning, stacklevel=2)
     if limit == "levels off":
         model.residual_at_limit = True
         warnings.warn(

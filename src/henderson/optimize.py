@@ -312,7 +312,8 @@ class _GradientSmall(Exception):
 
 def optimize_lbfgs(problem: "ScaledProblem", start: np.ndarray, lower: np.ndarray,
                    verbose: bool | int = False,
-                   settings: OptimizerSettings = SETTINGS) -> OptimizerResult:
+                   settings: OptimizerSettings = SETTINGS,
+                   upper: np.ndarray | None = None) -> OptimizerResult:
     """Quasi-Newton (L-BFGS-B) on the analytic gradient, in the problem's coordinates.
 
     Stops at the first evaluated point (line-search trials included) whose projected
@@ -336,14 +337,15 @@ def optimize_lbfgs(problem: "ScaledProblem", start: np.ndarray, lower: np.ndarra
             print(f"[henderson] eval {problem.n_evaluations:5d}  objective {value:.6f}  "
                   f"|gradient| {np.max(np.abs(gradient)):.2e}", file=sys.stderr)
         at_bound = bounded & (((theta <= lower) & (gradient > 0))
-                              | ((theta >= settings.theta_limit) & (gradient < 0)))
+                              | ((theta >= upper) & (gradient < 0)))
         if value <= best[0] and np.max(np.abs(np.where(at_bound, 0.0, gradient))) < tolerance:
             raise _GradientSmall(np.array(theta, dtype=float), value, gradient)
         best[0] = min(best[0], value)
         return value, gradient
 
+    upper = upper_bounds(lower, settings) if upper is None else upper
     bounds = [(lo if np.isfinite(lo) else None, hi if np.isfinite(hi) else None)
-              for lo, hi in zip(lower, upper_bounds(lower, settings))]
+              for lo, hi in zip(lower, upper)]
     options = {"ftol": 1e-13, "gtol": tolerance, "maxiter": 1000}
 
     def run(theta0):
@@ -373,7 +375,7 @@ def optimize_lbfgs(problem: "ScaledProblem", start: np.ndarray, lower: np.ndarra
     # a line search that fails at the noise floor of the objective (~1e-13 relative) is
     # convergence when the projected gradient is negligible (the check says)
     at_bound = bounded & (((theta <= lower) & (gradient > 0))
-                          | ((theta >= settings.theta_limit) & (gradient < 0)))
+                          | ((theta >= upper) & (gradient < 0)))
     projected = np.where(at_bound, 0.0, gradient)
     converged = success or float(np.max(np.abs(projected))) < 1e-3
     return OptimizerResult(theta, value, problem.n_evaluations, converged, message, "lbfgs")
@@ -720,6 +722,19 @@ def residual_at_limit(problem: ScaledProblem, scaled: np.ndarray, lower: np.ndar
         return "unbounded"
     return "unbounded" if not np.isfinite(drop) or drop > settings.ridge_drop \
         else "levels off"
+
+
+def falls_outward(problem: ScaledProblem, scaled: np.ndarray, lower: np.ndarray,
+                  factor: float = 2.0) -> float:
+    """How much lower the objective is with every SD parameter ``factor`` times larger
+    (σ smaller, the same covariances): > 0 where it still falls as σ → 0."""
+    scaled = np.asarray(scaled, dtype=float)
+    outward = scaled.copy()
+    outward[np.isfinite(lower)] *= factor
+    try:
+        return float(problem.value(scaled) - problem.value(outward))
+    except np.linalg.LinAlgError:
+        return np.inf
 
 
 def _remedy(design) -> str:
