@@ -238,6 +238,29 @@ def test_an_sd_far_above_sigma_is_estimated_beyond_the_limit(ratio):
         assert m.objective == pytest.approx(dense_criterion(m, reml=True), rel=1e-6)
 
 
+def test_refits_of_a_fit_past_the_sd_limit_are_not_held_at_it():
+    """An SD 8e4 σ: bootstrap replicates held at θ̃ = 1e4 gave an SD interval
+    [226, 345] around an estimate of 827, and profiles of the fixed effects
+    collapsed to a point."""
+    rng = np.random.default_rng(1)
+    g = np.repeat(np.arange(30), 10)
+    u, x = rng.normal(size=30), rng.normal(size=300)
+    frame = pd.DataFrame({"g": g.astype(str), "x": x,
+                          "y": 2 + 0.5 * x + 1000 * u[g] + 0.01 * rng.normal(size=300)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = hd.lmm("y ~ x + (1 | g)", frame)
+        boot = m.confint("bootstrap", n_boot=40, seed=3)
+        profile = m.confint("profile")
+    sd = m.varcorr.sdcor.iloc[0]
+    low, high = boot.loc["sd_(Intercept)|g"]
+    assert low < sd < high
+    low, high = boot.loc["sigma"]
+    assert low < m.sigma < high
+    low, high = profile.loc["x"]
+    assert high - low > 1e-3 and low < m.fixef["x"] < high
+
+
 def test_a_minimum_that_cannot_be_reached_is_reported_not_converged():
     """A random slope in a covariate near 5e6: intercept and slope are nearly the same
     column, and the objective is evaluated to ~3 digits there. The fit ended 28

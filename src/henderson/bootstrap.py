@@ -15,7 +15,7 @@ import pandas as pd
 
 from . import kernels
 from .objective import Objective
-from .optimize import ScaledProblem, optimize_bobyqa, theta_scale, upper_bounds
+from .optimize import ScaledProblem, optimize_bobyqa, refit_upper_bounds, theta_scale
 from .report import group_names
 
 
@@ -119,7 +119,8 @@ def bootstrap(model, n: int = 200, seed=None, n_jobs: int = 1) -> pd.DataFrame:
             objective = Objective(mme, reml=model.reml)
             problem = ScaledProblem(objective, scale)
             result = optimize_bobyqa(problem.value, problem.to_scaled(model.theta), lower,
-                                     tolerance=1e-8, upper=upper_bounds(lower))
+                                     tolerance=1e-8,
+                                     upper=refit_upper_bounds(lower, scale * model.theta))
             theta = np.maximum(problem.to_theta(result.theta), lower)
             evaluation = objective.evaluate(theta, fixed_inverse=False)
             beta = evaluation.solution[mme.n_random:] + mme.xp.shift

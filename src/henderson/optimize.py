@@ -227,6 +227,17 @@ def upper_bounds(lower: np.ndarray, settings: OptimizerSettings = SETTINGS) -> n
     return np.where(np.isfinite(lower), settings.theta_limit, np.inf)
 
 
+def refit_upper_bounds(lower: np.ndarray, fitted: np.ndarray,
+                       settings: OptimizerSettings = SETTINGS) -> np.ndarray:
+    """Upper bounds of θ̃ for refits near a fit at θ̃ = ``fitted`` (bootstrap replicates,
+    profiles): the limit, or 100 times the fit's largest SD parameter when the fit went
+    past it (an SD 1e5 σ: bootstrap replicates held at 1e4 gave intervals that missed
+    the estimate)."""
+    finite = np.isfinite(lower)
+    largest = float(np.max(np.asarray(fitted, dtype=float)[finite])) if finite.any() else 0.0
+    return np.where(finite, max(settings.theta_limit, 100.0 * largest), np.inf)
+
+
 def optimize_bobyqa(objective, start: np.ndarray, lower: np.ndarray,
                     verbose: bool | int = False, max_evaluations: int | None = None,
                     tolerance: float | None = None, initial_step: float | None = None,

@@ -18,7 +18,7 @@ from scipy import optimize, stats
 from .bootstrap import parameter_vector, variance_parameters
 from .mme import MixedModelEquations
 from .objective import Objective
-from .optimize import ScaledProblem, optimize_bobyqa, theta_scale, upper_bounds
+from .optimize import ScaledProblem, optimize_bobyqa, refit_upper_bounds, theta_scale
 
 
 def _theta_from_flat(design, values, sigma):
@@ -90,7 +90,7 @@ def profile_confint(model, level: float = 0.95) -> pd.DataFrame:
                                       fixed_names=[design.fixed_names[c] for c in keep])
         problem = ScaledProblem(Objective(MixedModelEquations(reduced), reml=False), scale)
         result = optimize_bobyqa(problem.value, problem.to_scaled(ml.theta), lower,
-                                 upper=upper_bounds(lower))
+                                 upper=refit_upper_bounds(lower, scale * ml.theta))
         return np.sign(x - ml.fixef.iloc[j]) * np.sqrt(max(result.objective - base, 0.0))
 
     def interval(zeta, estimate, scale, low_bound=-np.inf, high_bound=np.inf):
