@@ -237,7 +237,10 @@ CRAFTED = {
         m, fixed_names=_header(m)["fixed_names"] + ["x"]), "'fixef'"),
     "term without coef_names": (lambda m: _with_term(m, coef_names=None), "'coef_names'"),
     "a coefficient too many": (lambda m: _with_term(
-        m, coef_names=_header(m)["terms"][0]["coef_names"] + ["x"]), "'ranef_0'"),
+        m, coef_names=_header(m)["terms"][0]["coef_names"] + ["x"], parameters=None),
+        "'ranef_0'"),
+    "a coefficient too many for the parameters": (lambda m: _with_term(
+        m, coef_names=_header(m)["terms"][0]["coef_names"] + ["x"]), "parameters"),
     "factor not of its group": (lambda m: _with_term(m, factors=["other"]), "factors"),
     "nobs a float": (lambda m: _with_header(m, nobs=180.0), "'nobs'"),
     "no fixef": (lambda m: _without(m, "fixef"), "no 'fixef' array"),
@@ -256,6 +259,24 @@ CRAFTED = {
                            "may not evaluate"),
     "response in the fixed part": (lambda m: _with_header(m, fixed="y ~ Days"),
                                    "right-hand side"),
+    # a reviewer's crafted files that loaded, then crashed in summary() or showed
+    # made-up residual groups
+    "parameters without sd": (lambda m: _with_term(m, parameters={"structure": "us"}),
+                              "parameters"),
+    "sd ragged": (lambda m: _with_term(m, parameters={"structure": "us", "sd": [[1, 2], [3]],
+                                                      "corr": [[1.0]]}), "'sd'"),
+    "sd null": (lambda m: _with_term(m, parameters={"structure": "us", "sd": None,
+                                                    "corr": [[1.0]]}), "'sd'"),
+    "structure unknown": (lambda m: _with_term(m, structure="zzz", parameters={
+        "structure": "zzz", "sd": [1.0]}), "unknown structure"),
+    "residual groups without a dispformula": (lambda m: _with_header(
+        m, residual_groups={"M": 2.0, "F": 1.0}), "no dispformula"),
+    "residual groups not numbers": (lambda m: _with_header(
+        m, dispformula="~ Sex", dispersion={"(Intercept)": 1.0},
+        residual_groups={"M": "x"}), "'residual_groups'"),
+    "residual variance negative": (lambda m: _with_header(
+        m, dispformula="~ Sex", dispersion={"(Intercept)": 1.0},
+        residual_groups={"M": -1.0}), "'residual_groups'"),
 }
 
 

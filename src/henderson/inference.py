@@ -59,8 +59,9 @@ def anova(*models, refit: bool = True) -> pd.DataFrame:
             if difference < -1e-6 * max(1.0, abs(m.objective)):
                 # a model with more parameters that fits worse does not contain the
                 # smaller one (lme4 prints χ² = 0 and p = 1 without a word)
+                more = "more" if df > 0 else "as many"
                 warnings.warn(
-                    f"{names[i]} has more parameters than {names[i - 1]} but a deviance "
+                    f"{names[i]} has {more} parameters than {names[i - 1]} but a deviance "
                     f"{-difference:.4g} higher: the models are not nested (or a fit "
                     "stopped short), and the χ² test does not apply", UserWarning,
                     stacklevel=2)

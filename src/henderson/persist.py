@@ -466,11 +466,38 @@ def _is_type(value, kind: str) -> bool:
     return isinstance(value, {"dict": dict, "list": list}[kind])
 
 
-def _is_numbers(value) -> bool:
-    """None, a number, or (nested) lists of numbers (NaN saved as JSON NaN)."""
-    if value is None or _is_type(value, "number"):
-        return True
-    return isinstance(value, list) and all(_is_numbers(v) for v in value)
+def _bad_parameters(parameters, structure: str, k: int) -> str | None:
+    """Why a saved term's structure parameters are not those of ``structure`` over k
+    coefficients (None when they are): the keys each structure reports, SDs ≥ 0, ρ in
+    [−1, 1], a k x k correlation matrix for ``us``."""
+    expected = {"us": {"sd", "corr"}, "diag": {"sd"}, "cs": {"sd", "rho"},
+                "ar1": {"sd", "rho"}, "toep": {"sd", "rho"}}.get(structure)
+    if expected is None:
+        return f"unknown structure {structure!r}"
+    if not isinstance(parameters, dict) or parameters.get("structure") != structure:
+        return f"not those of the term's structure {structure!r}"
+    if set(parameters) - {"structure"} != expected:
+        return f"{structure} has {sorted(expected)}, got {sorted(set(parameters) - {'structure'})}"
+
+    def numbers(value, length, low, high):
+        values = value if isinstance(value, list) else [value]
+        return (len(values) == length and all(
+            _is_type(v, "number") and low <= v <= high for v in values))
+
+    n_sd = 1 if structure == "ar1" else k
+    if not numbers(parameters["sd"], n_sd, 0.0, np.inf):
+        return f"'sd' must be {n_sd} SD(s) ≥ 0"
+    if structure in ("cs", "ar1") and not numbers(parameters["rho"], 1, -1.0, 1.0):
+        return "'rho' must be a correlation"
+    if structure == "toep" and not (isinstance(parameters["rho"], list)
+                                    and numbers(parameters["rho"], k - 1, -1.0, 1.0)):
+        return f"'rho' must be {k - 1} correlations by lag"
+    if structure == "us":
+        corr = parameters["corr"]
+        if not (isinstance(corr, list) and len(corr) == k and all(
+                isinstance(row, list) and numbers(row, k, -1.0, 1.0) for row in corr)):
+            return f"'corr' must be a {k} x {k} correlation matrix"
+    return None
 
 
 def _read_header(array: np.ndarray, name: str) -> dict:
@@ -514,22 +541,28 @@ def _read_header(array: np.ndarray, name: str) -> dict:
         _check_expressions(spec, name)
     # absent from files before structures and dispformulas were saved
     for t, term in enumerate(header["terms"]):
+        term.setdefault("structure", "us")
         parameters = term.setdefault("parameters", None)
-        if parameters is not None and not (
-                isinstance(parameters, dict) and isinstance(parameters.get("structure"), str)
-                and all(_is_numbers(v) for k, v in parameters.items() if k != "structure")):
-            raise bad(f"term {t}'s parameters are not a structure's numbers")
+        if parameters is not None:
+            why = _bad_parameters(parameters, term["structure"], len(term["coef_names"]))
+            if why:
+                raise bad(f"term {t}'s parameters: {why}")
     dispformula = header.setdefault("dispformula", None)
-    if dispformula is not None:
+    dispersion = header.setdefault("dispersion", None)
+    groups = header.setdefault("residual_groups", None)
+    if dispformula is None:
+        if dispersion is not None or groups is not None:
+            raise bad("it has residual variances by group but no dispformula")
+    else:
         if not isinstance(dispformula, str):
             raise bad("header field 'dispformula' is not a string")
-        for field in ("dispersion", "residual_groups"):
-            values = header.get(field)
-            if values is not None and not (isinstance(values, dict) and all(
-                    _is_type(v, "number") for v in values.values())):
-                raise bad(f"header field {field!r} is not a dict of numbers")
-        if not isinstance(header.get("dispersion"), dict):
-            raise bad("header field 'dispersion' is missing")
+        if not (isinstance(dispersion, dict) and dispersion and all(
+                _is_type(v, "number") and np.isfinite(v) for v in dispersion.values())):
+            raise bad("header field 'dispersion' is not a dict of finite numbers")
+        if groups is not None and not (isinstance(groups, dict) and all(
+                _is_type(v, "number") and np.isfinite(v) and v > 0
+                for v in groups.values())):
+            raise bad("header field 'residual_groups' is not a dict of positive variances")
     offsets = header.setdefault("offsets", [])  # absent from files before offsets
     if not _is_type(offsets, "str list"):
         raise bad("header field 'offsets' is not a str list")
