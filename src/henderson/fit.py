@@ -20,7 +20,7 @@ from .blockdiag import BlockDiagonalObjective
 from .errors import ConvergenceWarning, DataError
 from .mme import MixedModelEquations, check_residual_variation
 from .objective import Objective, scalar_terms
-from .report import group_names
+from .report import _normal_term, group_names
 from .results import LinearMixedModel
 from .schur import schur_applies
 from .streaming import as_chunk_source, chunked_design
@@ -133,14 +133,14 @@ def theta_from_variances(design: Design, variances: dict) -> tuple[np.ndarray, f
                          f"got {residual!r}")
     names = group_names(design)
     # a term may also be named as the formula wrote it, "ar1(0 + t | g)"
-    by_text = {"".join(str(key).split()): key for key in given}
+    by_text = {_normal_term(str(key)): key for key in given}
     theta = []
     for name, term in zip(names, design.terms):
         value = given.pop(name, None)
         if value is None:
             value = given.pop(term.group, None) if names.count(term.group) <= 1 else None
-        if value is None and "".join(term.label.split()) in by_text:
-            value = given.pop(by_text["".join(term.label.split())])
+        if value is None and _normal_term(term.label) in by_text:
+            value = given.pop(by_text[_normal_term(term.label)])
         if value is None:
             raise ValueError(f"fixed_variances has no variance for term {name!r}")
         try:
@@ -282,7 +282,7 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
                                      settings=settings, upper=upper_bounds(lower, settings))
         elif optimizer == "lbfgs":
             result = optimize_lbfgs(problem, scaled_start, lower, verbose=verbose,
-                                    settings=settings)
+                                    settings=settings, upper=upper_bounds(lower, settings))
         else:
             result = optimize_scipy(problem.value, scaled_start, lower, method=optimizer,
                                     verbose=verbose, upper=upper_bounds(lower, settings))
@@ -315,21 +315,17 @@ def fit_design(design: Design, reml: bool = True, optimizer: str = "auto",
         # the limit, with the digits the relative form keeps there
         with np.errstate(divide="ignore", invalid="ignore"):  # an exact fit runs to σ = 0
             beyond = optimize_lbfgs(problem, problem.to_scaled(theta), lower,
-                                    settings=settings, upper=np.full(len(lower), np.inf))
+                                    settings=settings)
             falls = falls_outward(problem, beyond.theta, lower)
-        if not np.isfinite(beyond.objective) or falls > settings.ridge_drop:
-            raise DataError(
-                "the residual variance is estimated as 0: the random effects fit the "
-                "response exactly, e.g. a response constant within the levels of "
-                f"{design.terms[0].group!r}; the likelihood has no maximum")
-        theta = np.maximum(problem.to_theta(beyond.theta), lower)
-        check = check_convergence(problem, beyond.theta, lower, settings)
-        result = OptimizerResult(theta, beyond.objective, problem.n_evaluations, check.passed,
-                                 f"{result.message}; beyond the SD limit: {beyond.message}",
-                                 f"{result.method}+beyond", result.history, check,
-                                 result.n_evaluations)
-        model = LinearMixedModel(design, mme, objective, theta, result)
-        limit = "beyond" if np.isfinite(model.objective) else "unbounded"
+        if np.isfinite(beyond.objective) and falls <= settings.ridge_drop:
+            theta = np.maximum(problem.to_theta(beyond.theta), lower)
+            check = check_convergence(problem, beyond.theta, lower, settings)
+            result = OptimizerResult(theta, beyond.objective, problem.n_evaluations,
+                                     check.passed, f"{result.message}; beyond the SD limit: "
+                                     f"{beyond.message}", f"{result.method}+beyond",
+                                     result.history, check, result.n_evaluations)
+            model = LinearMixedModel(design, mme, objective, theta, result)
+            limit = "beyond" if np.isfinite(model.objective) else "unbounded"
     if limit == "unbounded" or model.sigma < 1e-7 * least_squares_sd:
         raise DataError(
             "the residual variance is estimated as 0 (σ = "

@@ -116,7 +116,7 @@ class OptimizerSettings:
         SD over σ). Beyond it the relative-form objective loses digits as ~1e-13 θ̃²
         (cancellation in the fixed-effect Schur complement and the PRSS): a toep fit
         whose residual variance went to 0 computed 7904.9 at θ̃ = 4e6 where the dense
-        value is 8304.9. A fit that ends there has σ → 0 (:func:`sigma_limit_kind`).
+        value is 8304.9. A fit that ends there has σ → 0 (:func:`residual_at_limit`).
     ridge_drop : float
         At θ̃ = ``theta_limit``, a fall of the objective by more than this from
         θ̃/10 means it is unbounded below (the random effects fit y exactly); less,
@@ -354,7 +354,7 @@ def optimize_lbfgs(problem: "ScaledProblem", start: np.ndarray, lower: np.ndarra
         best[0] = min(best[0], value)
         return value, gradient
 
-    upper = upper_bounds(lower, settings) if upper is None else upper
+    upper = np.full(len(lower), np.inf) if upper is None else upper
     bounds = [(lo if np.isfinite(lo) else None, hi if np.isfinite(hi) else None)
               for lo, hi in zip(lower, upper)]
     options = {"ftol": 1e-13, "gtol": tolerance, "maxiter": 1000}
@@ -554,7 +554,7 @@ def check_convergence(problem: ScaledProblem, scaled: np.ndarray, lower: np.ndar
     problems, restarts = [], []
     # at the upper limit of an SD (σ → 0, settings.theta_limit) the objective must
     # still fall outwards, or be flat
-    at_limit = np.isfinite(lower) & (scaled >= 0.999 * settings.theta_limit)
+    at_limit = _at_sd_limit(scaled, lower, settings)
     for i in np.flatnonzero(at_limit & (gradient > tol)):
         problems.append(f"descent from the upper limit at θ[{i}] (derivative "
                         f"{gradient[i]:.3g})")
@@ -673,7 +673,8 @@ def ensure_convergence(problem: ScaledProblem, result: OptimizerResult, lower: n
             for start in check.restarts or [scaled]:
                 for attempt in ("lbfgs", "bobyqa"):
                     if attempt == "lbfgs":
-                        trial = optimize_lbfgs(problem, start, lower, settings=settings)
+                        trial = optimize_lbfgs(problem, start, lower, settings=settings,
+                                               upper=upper_bounds(lower, settings))
                     else:
                         trial = optimize_bobyqa(problem.value, start, lower,
                                                 initial_step=0.1, settings=settings,
@@ -721,31 +722,31 @@ def residual_at_limit(problem: ScaledProblem, scaled: np.ndarray, lower: np.ndar
     point with every SD parameter ten times smaller: the random effects fit y exactly, and the
     likelihood has no maximum), else ``"levels off"`` (the likelihood approaches its
     highest value as σ → 0: a structure's variances take up the residual variance)."""
-    scaled = np.asarray(scaled, dtype=float)
-    at_limit = np.isfinite(lower) & (scaled >= 0.999 * settings.theta_limit)
-    if not np.any(at_limit):
+    if not np.any(_at_sd_limit(scaled, lower, settings)):
         return None
-    inside = scaled.copy()
-    inside[np.isfinite(lower)] /= 10.0  # σ ten times larger, the same covariances
-    try:
-        drop = problem.value(inside) - problem.value(scaled)
-    except np.linalg.LinAlgError:
-        return "unbounded"
+    drop = -falls_outward(problem, scaled, lower, factor=0.1)  # σ ten times larger
     return "unbounded" if not np.isfinite(drop) or drop > settings.ridge_drop \
         else "levels off"
+
+
+def _at_sd_limit(scaled: np.ndarray, lower: np.ndarray,
+                 settings: OptimizerSettings = SETTINGS) -> np.ndarray:
+    """The SD parameters at ``theta_limit`` (within an optimiser's tolerance of it)."""
+    return np.isfinite(lower) & (np.asarray(scaled, dtype=float) >= 0.999 * settings.theta_limit)
 
 
 def falls_outward(problem: ScaledProblem, scaled: np.ndarray, lower: np.ndarray,
                   factor: float = 2.0) -> float:
     """How much lower the objective is with every SD parameter ``factor`` times larger
-    (σ smaller, the same covariances): > 0 where it still falls as σ → 0."""
+    (σ smaller, the same covariances): > 0 where it still falls as σ → 0; NaN where
+    the objective cannot be evaluated."""
     scaled = np.asarray(scaled, dtype=float)
     outward = scaled.copy()
     outward[np.isfinite(lower)] *= factor
     try:
         return float(problem.value(scaled) - problem.value(outward))
     except np.linalg.LinAlgError:
-        return np.inf
+        return np.nan
 
 
 def _remedy(design) -> str:
@@ -820,7 +821,8 @@ def _explore_boundaries(problem: ScaledProblem, scaled: np.ndarray, value: float
                                 upper=upper_bounds(lower, settings))
         target = value if best is None else best[1]
         if trial.objective < target - settings.explore_gain * max(1.0, abs(target)):
-            trial = optimize_lbfgs(problem, trial.theta, lower, settings=settings)
+            trial = optimize_lbfgs(problem, trial.theta, lower, settings=settings,
+                                   upper=upper_bounds(lower, settings))
             if trial.objective < target - settings.explore_gain * max(1.0, abs(target)):
                 best = (trial.theta, trial.objective)
     return best
@@ -837,9 +839,8 @@ def _correlation_parameters_by_term(design) -> list[np.ndarray]:
 def _correlation_parameters(design) -> np.ndarray:
     """Indices in θ of the structures' correlation parameters (those of no covariate's
     scale)."""
-    out = [sl.start + np.flatnonzero(term.structure.scale_rows() < 0)
-           for term, sl in zip(design.terms, design.theta_slices())]
-    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, dtype=np.int64)
+    by_term = _correlation_parameters_by_term(design)
+    return np.concatenate(by_term) if by_term else np.zeros(0, dtype=np.int64)
 
 
 def _snap_to_boundary(problem: ScaledProblem, scaled: np.ndarray, value: float,
