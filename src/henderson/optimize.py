@@ -355,8 +355,9 @@ def optimize_lbfgs(problem: "ScaledProblem", start: np.ndarray, lower: np.ndarra
         return value, gradient
 
     upper = np.full(len(lower), np.inf) if upper is None else upper
-    bounds = [(lo if np.isfinite(lo) else None, hi if np.isfinite(hi) else None)
-              for lo, hi in zip(lower, upper)]
+    # the upper bounds only where a run went past them: finite bounds shorten
+    # L-BFGS-B's first steps even far from them (InstEval ML: 12 evaluations, not 8)
+    bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower]
     options = {"ftol": 1e-13, "gtol": tolerance, "maxiter": 1000}
 
     def run(theta0):
@@ -370,6 +371,11 @@ def optimize_lbfgs(problem: "ScaledProblem", start: np.ndarray, lower: np.ndarra
                 "projected gradient below tolerance"
 
     theta, value, gradient, success, message = run(np.asarray(start, dtype=float))
+    if np.any(theta > upper):
+        bounds = [(lo if np.isfinite(lo) else None, hi if np.isfinite(hi) else None)
+                  for lo, hi in zip(lower, upper)]
+        best[0] = np.inf
+        theta, value, gradient, success, message = run(np.asarray(start, dtype=float))
     # θ_i = 0 is a stationary point of the profiled objective (it is even in the
     # diagonal of a one-coefficient term), so a projected step onto the bound can stop
     # there at a saddle: probe inside the bound and restart when that is lower
