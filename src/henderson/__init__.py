@@ -13,6 +13,8 @@ from .fit import fit_design, lmm, load_compiled_kernels
 from .formula import parse_formula
 from .genomic import RelationshipMatrix, grm
 from .inference import anova
+from .breeding import legendre
+from .breeding_model import BreedingModel
 from .pedigree import Pedigree
 from .persist import SavedModel, load
 from .mme import MixedModelEquations
@@ -23,7 +25,7 @@ from .streaming import ChunkedData, chunked
 __version__ = "0.1.0"
 
 __all__ = [
-    "lmm", "fit_design", "anova", "chunked", "ChunkedData", "load", "SavedModel", "Pedigree", "RelationshipMatrix", "grm", "build_design", "parse_formula", "datasets", "Design",
+    "lmm", "fit_design", "legendre", "BreedingModel", "anova", "chunked", "ChunkedData", "load", "SavedModel", "Pedigree", "RelationshipMatrix", "grm", "build_design", "parse_formula", "datasets", "Design",
     "RandomTerm", "MixedModelEquations", "Objective", "LinearMixedModel",
     "FormulaError", "DataError", "PedigreeError", "HendersonError",
     "ConvergenceWarning", "RankDeficiencyWarning", "load_compiled_kernels",

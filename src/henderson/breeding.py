@@ -14,7 +14,9 @@ from .report import group_names
 
 
 def breeding_values(model, group: str | None = None) -> pd.DataFrame:
-    """BLUPs of a one-coefficient term with PEV and reliability.
+    """BLUPs of a one-coefficient term with PEV and reliability: index animal; columns
+    trait (the response), ebv, pev, reliability and inbreeding (when known), the layout
+    of multi-trait models (:meth:`BreedingModel.breeding_values`).
 
     ``reliability = 1 − PEV / (K_ii σ²_t)``, with ``K_ii = 1 + F_i`` for a pedigree
     (``1 − PEV/σ²_t`` for non-inbred animals); inbreeding is listed when known.
@@ -40,7 +42,8 @@ def breeding_values(model, group: str | None = None) -> pd.DataFrame:
     ebv = model.ranef[group].iloc[:, 0].to_numpy()
     pev = model.prediction_error_variances[group].iloc[:, 0].to_numpy()
     diag = term.level_variance if term.level_variance is not None else np.ones(term.n_levels)
-    frame = pd.DataFrame({"ebv": ebv, "pev": pev}, index=model.ranef[group].index)
+    frame = pd.DataFrame({"trait": model.design.response_name, "ebv": ebv, "pev": pev},
+                         index=model.ranef[group].index)
     with np.errstate(divide="ignore", invalid="ignore"):
         frame["reliability"] = 1.0 - pev / (diag * variance)
     if term.level_variance is not None:
@@ -105,3 +108,57 @@ def heritability(model, group: str | None = None) -> tuple[float, float]:
     covariance = variance_covariance(model)
     se = float(np.sqrt(gradient @ covariance @ gradient)) if covariance is not None else np.nan
     return float(h2), se
+
+
+def legendre(x, order: int, lower: float | None = None, upper: float | None = None,
+             prefix: str = "leg") -> pd.DataFrame:
+    """Normalised Legendre covariables for random regression models.
+
+    ``φ_j(x) = √((2j + 1)/2) P_j(t)`` with ``t = 2 (x − lower)/(upper − lower) − 1``
+    (Kirkpatrick et al. 1990; Mrode 2014, section 9.2), for ``j = 0 … order``.
+
+    Parameters
+    ----------
+    x : array-like or pandas.Series
+        The time scale (days in milk, age).
+    order : int
+        The highest degree: columns ``leg0 … leg{order}``.
+    lower, upper : float, optional
+        The ends of the scale (default: the smallest and largest x). Values outside
+        raise a ValueError: the polynomials are not meant to extrapolate.
+    prefix : str
+        Column name prefix.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One column per degree, on the index of ``x`` when it is a Series.
+
+    Examples
+    --------
+    >>> legendre([4, 157, 310], order=2).round(4).values.tolist()
+    [[0.7071, -1.2247, 1.5811], [0.7071, 0.0, -0.7906], [0.7071, 1.2247, 1.5811]]
+    """
+    if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or order < 0:
+        raise ValueError(f"legendre: order must be a whole number >= 0, got {order!r}")
+    index = x.index if isinstance(x, pd.Series) else None
+    try:
+        values = np.asarray(x, dtype=float).ravel()
+    except (TypeError, ValueError):
+        raise ValueError("legendre: x must be numeric") from None
+    if len(values) == 0 or not np.all(np.isfinite(values)):
+        raise ValueError("legendre: x must be non-empty and finite (no NaN)")
+    lower = float(values.min()) if lower is None else float(lower)
+    upper = float(values.max()) if upper is None else float(upper)
+    if not upper > lower:
+        raise ValueError(f"legendre: needs upper > lower, got lower={lower}, upper={upper}")
+    if values.min() < lower or values.max() > upper:
+        raise ValueError(f"legendre: x runs from {values.min()} to {values.max()}, outside "
+                         f"[{lower}, {upper}]")
+    t = 2.0 * (values - lower) / (upper - lower) - 1.0
+    columns = {}
+    for j in range(int(order) + 1):
+        unit = np.zeros(j + 1)
+        unit[j] = 1.0
+        columns[f"{prefix}{j}"] = np.sqrt((2 * j + 1) / 2.0) * np.polynomial.legendre.legval(t, unit)
+    return pd.DataFrame(columns, index=index)

@@ -500,6 +500,37 @@ def stage_results(model, args, results: ResultsFolder) -> None:
         json.dumps(_strict_json(summary), indent=1, allow_nan=False)))
 
 
+def stage_breeding_results(model, args, results: ResultsFolder) -> None:
+    """Result tables of a breeding model: fixed effects with SEs, every (co)variance
+    with its SE, breeding values (long: trait, ebv, pev, reliability) by term, and
+    ``summary.json``."""
+    suffix = "." + args.format
+    write = _table_writer(args.format)
+    fixed = model.coefficient_table()
+    results.stage("fixef" + suffix,
+                  lambda path: write(fixed.rename_axis("term").reset_index(), path))
+    components = model.variance_components
+    results.stage("covariances" + suffix, lambda path: write(components, path))
+    ranef_files = {}
+    for effect in model.design.effects:
+        for member in effect.members:
+            table = model.breeding_values(member)
+            name = result_file_stem("ranef", member) + suffix
+            results.stage(name, lambda path, table=table: write(table.reset_index(), path))
+            ranef_files[member] = name
+    from . import __version__
+
+    summary = {"formula": args.formula, "data": args.data, "reml": True,
+               "traits": model.responses, "nobs": model.nobs, "objective": model.objective,
+               "loglik": model.loglik, "converged": model.converged,
+               "covariances": {(k if isinstance(k, str) else ",".join(k)): v.to_numpy().tolist()
+                               for k, v in model.covariances.items()},
+               "fixef": model.fixef.to_dict(), "ranef_files": ranef_files,
+               "henderson_version": __version__}
+    results.stage("summary.json", lambda path: path.write_text(
+        json.dumps(_strict_json(summary), indent=1, allow_nan=False)))
+
+
 def _strict_json(value):
     """JSON without NaN/Infinity (which JSON does not have; many readers refuse them):
     non-finite numbers become null."""
@@ -517,6 +548,12 @@ def _strict_json(value):
 
 
 # ---------------------------------------------------------------- commands
+def _is_breeding_model(*args) -> bool:
+    from .fit import _is_breeding_model as decide
+
+    return decide(*args)
+
+
 def fit_command(args, out=None, err=None) -> int:
     """``henderson fit``: check the inputs and outputs, read, fit, print the summary,
     stage the results, save the model, put the results in place.
@@ -557,18 +594,38 @@ def fit_command(args, out=None, err=None) -> int:
         say(f"reading relationship matrix {path} for {group}")
         relationships[group] = read_relationship(path)
     if args.pedigree:
-        group = args.animal or "animal"
-        if group in relationships:
-            raise DataError(f"--pedigree and --relationship both give {group!r} a "
-                            "relationship; give one")
+        groups = [g.strip() for g in (args.animal or "animal").split(",") if g.strip()]
+        for group in groups:
+            if group in relationships:
+                raise DataError(f"--pedigree and --relationship both give {group!r} a "
+                                "relationship; give one")
         say(f"reading pedigree {args.pedigree}")
         try:
-            relationships[group] = hd.Pedigree.read(
-                _existing_file(args.pedigree, "pedigree file"), sep=None)
+            pedigree = hd.Pedigree.read(
+                _existing_file(args.pedigree, "pedigree file"), sep=None,
+                groups=[g.strip() for g in args.groups.split(",")] if args.groups else None)
         except Exception as exc:
             raise _read_error(exc, args.pedigree, "pedigree file") from exc
+        for group in groups:
+            relationships[group] = pedigree
     elif args.animal:
         raise DataError("--animal names the pedigree's grouping factor; give --pedigree too")
+    elif args.groups:
+        raise DataError("--groups names unknown-parent groups of a pedigree; give --pedigree")
+    covary = []
+    for option in args.covary:
+        members = tuple(m.strip() for m in option.split(",") if m.strip())
+        if len(members) < 2:
+            raise DataError(f"--covary: {option!r} is not TERM,TERM (e.g. animal,dam)")
+        covary.append(members)
+    breeding = _is_breeding_model(args.formula, relationships, covary, fixed_variances,
+                                  args.reml, args.optimizer)
+    if breeding and args.save:
+        raise DataError("--save is not available for multi-trait, maternal, group and "
+                        "random-regression models yet; use --out for the result tables")
+    if breeding and args.chunked:
+        raise DataError("--chunked is not available for multi-trait, maternal, group and "
+                        "random-regression models; they are fitted in memory")
     if args.chunked:
         say(f"streaming {args.data} in chunks of {args.chunk_rows:,} rows (two passes)")
         data = chunked_table(args.data, args.chunk_rows, text_columns)
@@ -581,14 +638,15 @@ def fit_command(args, out=None, err=None) -> int:
     model = hd.lmm(args.formula, data, reml=args.reml, weights=args.weights,
                    missing=args.missing, optimizer=args.optimizer, ordering=args.ordering,
                    strategy=args.strategy, relationships=relationships or None,
-                   fixed_variances=fixed_variances, verbose=False if args.quiet else 25)
+                   fixed_variances=fixed_variances, verbose=False if args.quiet else 25,
+                   covary=covary or None)
     print(model.summary(), file=out)
     # stage the results, then save the model, then put the results in place: a save
     # that fails (a formula that cannot be saved, a full disk) leaves --out as it was
     results = ResultsFolder(args.out, previous) if args.out else None
     try:
         if results is not None:
-            stage_results(model, args, results)
+            (stage_breeding_results if breeding else stage_results)(model, args, results)
         if args.save:
             model.save(args.save)
             say(f"model saved to {args.save}")
@@ -703,7 +761,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--pedigree", metavar="FILE",
                        help="pedigree file (animal, sire, dam) for an animal term")
     model.add_argument("--animal", metavar="GROUP",
-                       help="grouping factor that the pedigree belongs to (default: animal)")
+                       help="grouping factor(s) that the pedigree belongs to, comma-separated "
+                            "(default: animal; animal,dam for a maternal model)")
+    model.add_argument("--groups", metavar="G1,G2",
+                       help="unknown-parent group codes used as parents in the pedigree "
+                            "(fitted as fixed effects by the QP transformation)")
+    model.add_argument("--covary", metavar="TERM,TERM", action="append", default=[],
+                       help="random terms with correlated effects on the same levels, e.g. "
+                            "animal,dam (direct and maternal); repeatable")
     model.add_argument("--relationship", metavar="GROUP=FILE", action="append", default=[],
                        help="known covariance (e.g. a GRM) of GROUP's levels from a CSV "
                             "file; repeat for several groups")

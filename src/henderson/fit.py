@@ -15,6 +15,7 @@ import pandas as pd
 from scipy.sparse import issparse as sp_issparse
 
 from .design import Design, build_design
+from .formula import parse_formula
 from .aireml import ai_convergence_check, optimize_ai_reml
 from .blockdiag import BlockDiagonalObjective
 from .errors import ConvergenceWarning, DataError
@@ -164,6 +165,28 @@ def theta_from_variances(design: Design, variances: dict) -> tuple[np.ndarray, f
     if given:
         raise ValueError(f"fixed_variances names unknown terms: {', '.join(map(str, given))}")
     return np.array(theta), float(np.sqrt(residual))
+
+
+def _is_breeding_model(formula, relationships, covary, fixed_variances, reml,
+                       optimizer) -> bool:
+    """Whether :func:`lmm` hands the model to the general-covariance equations."""
+    from .multivariate import is_multivariate_formula
+    from .pedigree import Pedigree
+
+    if is_multivariate_formula(formula) or covary:
+        return True
+    if not isinstance(relationships, dict):
+        return False
+    if any(isinstance(k, Pedigree) and k.n_groups for k in relationships.values()):
+        return True
+    if fixed_variances is not None or not reml or optimizer not in ("auto", "ai"):
+        return False
+    try:
+        bars = parse_formula(formula).bars
+    except Exception:
+        return False
+    return any(bar.group in relationships and bar.lhs.replace(" ", "") not in ("1", "0+1")
+               and bar.structure == "us" for bar in bars)
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -357,7 +380,8 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
         verbose: bool | int = False, method: str = "mme",
         relationships: dict | None = None, sparse_fixed: bool | str = "auto",
         fixed_variances: dict | None = None, strategy: str = "auto",
-        offset: str | np.ndarray | None = None, dispformula: str | None = None):
+        offset: str | np.ndarray | None = None, dispformula: str | None = None,
+        covary: list | None = None):
     """Fit a linear mixed model with lme4's formula syntax.
 
     Parameters
@@ -409,6 +433,18 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
         gives each sex its own residual variance (``log σ²`` linear in the formula's
         columns; ``m.dispersion`` and ``m.residual_variances`` report them). In memory
         only; BOBYQA or L-BFGS-B.
+    covary : list of tuples, optional
+        Random terms whose effects are correlated, on the same levels:
+        ``[("animal", "dam")]`` for direct and maternal genetic effects.
+
+        Breeding models — several traits (``"cbind(y1, y2) ~ ..."``: every fixed
+        effect per trait, G0 ⊗ A and an unstructured residual covariance, records
+        with some traits missing kept), ``covary``, a pedigree with unknown-parent
+        groups, or a random regression (a term with several coefficients) on a
+        relationship matrix fitted by REML — are fitted by AI-REML on Henderson's
+        equations with general covariance matrices
+        (:func:`henderson.breeding_model.fit_breeding_model`) and return a
+        :class:`~henderson.breeding_model.BreedingModel`.
     strategy : {"auto", "schur", "cholmod"}
         How C is factored: ``"schur"`` eliminates the largest grouping factor's
         block-diagonal part and factors the small dense rest (crossed designs);
@@ -431,6 +467,17 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
     """
     check_options(reml=reml, optimizer=optimizer, ordering=ordering, method=method,
                   strategy=strategy, verbose=verbose, missing=missing, sparse_fixed=sparse_fixed)
+    if _is_breeding_model(formula, relationships, covary, fixed_variances, reml, optimizer):
+        from .breeding_model import fit_breeding_model
+
+        if weights is not None or offset is not None or dispformula is not None:
+            raise ValueError("weights, offset and dispformula are not available in "
+                             "multi-trait, maternal, group and random-regression models")
+        return fit_breeding_model(formula, data, relationships=relationships, covary=covary,
+                                  fixed_variances=fixed_variances, reml=reml, missing=missing,
+                                  verbose=verbose)
+    if covary is not None:
+        raise ValueError("covary needs two random terms of the formula")
     t0 = time.perf_counter()
     source = as_chunk_source(data)
     if source is None:

@@ -435,6 +435,12 @@ class Pedigree:
         ``NULL``, ``<NA>``, ``.``, ``*``, ``-`` and ``?``, in any case. Missing values
         (None, NaN, pd.NA) and empty text always mean unknown. An animal id that is
         one of these codes is refused.
+    groups : list of str, optional
+        Unknown-parent (genetic) groups: parent codes that name the group of an unknown
+        parent (``"G1"``). Such a parent is unknown for A and its inbreeding; a model
+        with this pedigree fits the groups as fixed effects through Quaas's QP
+        transformation (:meth:`group_inverse`), and its animal solutions are
+        ``a* = a + Qg`` (:meth:`group_contributions`).
 
     Attributes
     ----------
@@ -460,7 +466,8 @@ class Pedigree:
     1
     """
 
-    def __init__(self, animal, sire, dam, unknown=None):
+    def __init__(self, animal, sire, dam, unknown=None, groups=None):
+        group_labels = _group_labels(groups)
         columns = [_id_text(v, name) for v, name in ((animal, "animal"), (sire, "sire"),
                                                      (dam, "dam"))]
         n = len(columns[0][0])
@@ -471,8 +478,14 @@ class Pedigree:
             raise PedigreeError("pedigree has no animals")
         text = pd.concat([c[0] for c in columns], ignore_index=True)
         codes, labels = pd.factorize(text)
-        is_unknown = (_unknown_labels(pd.Series(labels, dtype=str), unknown)[codes]
+        label_text = pd.Series(labels, dtype=str)
+        label_group = pd.Index(group_labels).get_indexer(label_text).astype(np.int64)
+        is_unknown = ((_unknown_labels(label_text, unknown) | (label_group >= 0))[codes]
                       | np.concatenate([c[1] for c in columns]))
+        if len(group_labels) and np.any(label_group[codes[:n]] >= 0):
+            named = sorted(set(text[:n][label_group[codes[:n]] >= 0]))
+            raise PedigreeError("unknown-parent group(s) listed as animals: "
+                                + ", ".join(map(repr, named[:10])))
         if is_unknown[:n].any():
             rows = np.flatnonzero(is_unknown[:n])
             shown = ", ".join(f"{r} ({'missing' if columns[0][1][r] else repr(text[r])})"
@@ -525,13 +538,20 @@ class Pedigree:
         self.sire = np.where(sire_idx[order] >= 0, position[np.maximum(sire_idx[order], 0)], -1)
         self.dam = np.where(dam_idx[order] >= 0, position[np.maximum(dam_idx[order], 0)], -1)
         self.n_added_founders = len(founders)
+        # unknown-parent groups of the parents (-1: no group), in the order of ids
+        self.groups = pd.Index(group_labels, dtype=object, name="group")
+        parent_group = lambda part: np.concatenate([
+            np.full(len(founders), -1), np.where(codes[part] >= 0, label_group[codes[part]], -1)
+        ]).astype(np.int64)[order]
+        self.sire_group = np.where(self.sire >= 0, -1, parent_group(slice(n, 2 * n)))
+        self.dam_group = np.where(self.dam >= 0, -1, parent_group(slice(2 * n, 3 * n)))
         self._inbreeding = None
         self._inverse_d = None
 
     # ------------------------------------------------------------ constructors
     @classmethod
     def from_dataframe(cls, frame: pd.DataFrame, animal: str = "animal", sire: str = "sire",
-                       dam: str = "dam", unknown=None) -> "Pedigree":
+                       dam: str = "dam", unknown=None, groups=None) -> "Pedigree":
         """Read the animal, sire and dam columns of a DataFrame.
 
         Parameters
@@ -542,6 +562,8 @@ class Pedigree:
         unknown : collection of str, optional
             The codes that mean "unknown parent"; the default is described in
             :class:`Pedigree`.
+        groups : list of str, optional
+            Unknown-parent (genetic) group codes used as parents: see :class:`Pedigree`.
 
         Examples
         --------
@@ -556,12 +578,12 @@ class Pedigree:
         if missing:
             raise PedigreeError(f"pedigree column(s) {', '.join(map(repr, missing))} not found "
                                 f"(available: {', '.join(map(str, frame.columns))})")
-        return cls(frame[animal], frame[sire], frame[dam], unknown=unknown)
+        return cls(frame[animal], frame[sire], frame[dam], unknown=unknown, groups=groups)
 
     @classmethod
     def read(cls, path: str | Path, animal: str | int = 0, sire: str | int = 1,
              dam: str | int = 2, sep: str | None = None, header: bool | None = None,
-             unknown=None) -> "Pedigree":
+             unknown=None, groups=None) -> "Pedigree":
         """Read a pedigree file: one line per animal, with animal, sire and dam fields.
 
         Parameters
@@ -579,6 +601,8 @@ class Pedigree:
         unknown : collection of str, optional
             The codes that mean "unknown parent"; the default is described in
             :class:`Pedigree`.
+        groups : list of str, optional
+            Unknown-parent group codes (see :class:`Pedigree`).
 
         Raises
         ------
@@ -642,7 +666,7 @@ class Pedigree:
         if frame.empty:
             raise PedigreeError(f"{where} has a header but no animals")
         try:
-            return cls(*(frame.iloc[:, p] for p in positions), unknown=unknown)
+            return cls(*(frame.iloc[:, p] for p in positions), unknown=unknown, groups=groups)
         except PedigreeError as exc:
             raise PedigreeError(f"{where}: {exc}") from exc
 
@@ -710,6 +734,48 @@ class Pedigree:
         lower = sp.csc_matrix((vals, (rows, cols)), shape=(n, n))
         return (lower + sp.tril(lower, -1).T).tocsc()
 
+    @property
+    def n_groups(self) -> int:
+        return len(self.groups)
+
+    def group_inverse(self) -> sp.csc_matrix:
+        """``A*⁻¹`` over the animals then the groups (Quaas 1988): Henderson's rules
+        with each unknown parent replaced by its group, ``(n + g)`` square and singular
+        (each row sums to 0 over an animal's own group contributions).
+
+        Examples
+        --------
+        >>> ped = Pedigree(["1", "2", "3"], ["G1", "G1", "1"], ["G2", "G2", "2"],
+        ...                groups=["G1", "G2"])
+        >>> ped.group_inverse().toarray().sum(axis=1).round(12).tolist()
+        [0.0, 0.0, 0.0, 0.0, 0.0]
+        """
+        n = len(self)
+        b = 1.0 / self._inverse_variances()
+        sire = np.where(self.sire >= 0, self.sire, np.where(self.sire_group >= 0,
+                                                              n + self.sire_group, -1))
+        dam = np.where(self.dam >= 0, self.dam, np.where(self.dam_group >= 0,
+                                                         n + self.dam_group, -1))
+        index = np.stack([np.arange(n), sire, dam], axis=1)
+        weight = np.array([1.0, -0.5, -0.5])
+        rows, cols, vals = [], [], []
+        for a in range(3):
+            for c in range(3):
+                keep = (index[:, a] >= 0) & (index[:, c] >= 0)
+                rows.append(index[keep, a])
+                cols.append(index[keep, c])
+                vals.append(b[keep] * weight[a] * weight[c])
+        size = n + self.n_groups
+        return sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                             shape=(size, size))
+
+    def group_contributions(self) -> np.ndarray:
+        """``Q`` (animals x groups): the expected fraction of each animal's genes from
+        each group, ``Q_i = (Q_sire + Q_dam) / 2`` with a group parent contributing its
+        unit vector; ``a* = a + Q g``."""
+        return _group_contributions(self.sire, self.dam, self.sire_group, self.dam_group,
+                                    self.n_groups)
+
     def to_frame(self) -> pd.DataFrame:
         """The sorted pedigree with inbreeding, as a DataFrame."""
         label = lambda idx: np.where(idx >= 0, np.asarray(self.ids)[np.maximum(idx, 0)], None)
@@ -719,6 +785,33 @@ class Pedigree:
     def __repr__(self) -> str:
         return (f"Pedigree({len(self)} animals, {self.n_added_founders} founders added, "
                 f"max inbreeding {self.inbreeding.max():.4f})")
+
+
+def _group_labels(groups) -> list[str]:
+    if groups is None:
+        return []
+    if isinstance(groups, str):
+        groups = [groups]
+    labels, missing = _id_text(list(groups), "groups")
+    if missing.any() or (labels == "").any():
+        raise PedigreeError("groups must be non-empty codes, got a missing one")
+    if labels.duplicated().any():
+        raise PedigreeError("groups repeat a code: "
+                            + ", ".join(map(repr, labels[labels.duplicated()])))
+    return list(labels)
+
+
+@numba.njit(cache=True)
+def _group_contributions(sire, dam, sire_group, dam_group, n_groups):
+    n = len(sire)
+    q = np.zeros((n, n_groups))
+    for i in range(n):  # parents precede offspring
+        for parent, group in ((sire[i], sire_group[i]), (dam[i], dam_group[i])):
+            if parent >= 0:
+                q[i] += 0.5 * q[parent]
+            elif group >= 0:
+                q[i, group] += 0.5
+    return q
 
 
 def _is_column_name(field: str) -> bool:

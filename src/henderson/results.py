@@ -184,6 +184,19 @@ class LinearMixedModel:
         return out
 
     @property
+    def covariances(self) -> dict[str, pd.DataFrame]:
+        """The random terms' covariance matrices (coefficients x coefficients) and
+        ``"residual"`` (σ², 1 x 1), by term name: the layout of
+        :attr:`BreedingModel.covariances`."""
+        out = {}
+        for name, term, matrix in zip(group_names(self.design), self.design.terms,
+                                      self.covariance_matrices().values()):
+            out[name] = pd.DataFrame(matrix, index=term.coef_names, columns=term.coef_names)
+        out["residual"] = pd.DataFrame([[self.sigma ** 2]], index=[self.design.response_name],
+                                       columns=[self.design.response_name])
+        return out
+
+    @property
     def converged(self) -> bool:
         return bool(self.optimizer_result is None or self.optimizer_result.converged)
 

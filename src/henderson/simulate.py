@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pandas as pd
 
@@ -170,3 +171,105 @@ def animal_population(n_animals: int, n_generations: int = 8, seed: int = 1,
         "y": y,
     })
     return pedigree, records, pd.Series(breeding_value, index=ids, name="true_bv")
+
+
+@numba.njit(cache=True)
+def _correlated_breeding_values(sire, dam, shocks, factor):
+    """``a_i = (a_s + a_d)/2 + √d_i L z_i`` down a pedigree sorted parents first
+    (``d_i`` = 1 − (known parents)/4, no inbreeding correction)."""
+    n, k = shocks.shape
+    values = np.zeros((n, k))
+    for i in range(n):
+        known = 0.0
+        for p in (sire[i], dam[i]):
+            if p >= 0:
+                values[i] += 0.5 * values[p]
+                known += 1.0
+        values[i] += np.sqrt(1.0 - 0.25 * known) * (factor @ shocks[i])
+    return values
+
+
+def _parent_positions(pedigree: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    index = pd.Index(pedigree["animal"])
+    sire = index.get_indexer(pedigree["sire"]).astype(np.int64)
+    dam = index.get_indexer(pedigree["dam"]).astype(np.int64)
+    return sire, dam
+
+
+def multi_trait_population(n_animals: int, n_generations: int = 8, seed: int = 1,
+                           genetic=((30.0, 15.0), (15.0, 40.0)),
+                           residual=((70.0, 20.0), (20.0, 60.0)),
+                           missing_second: float = 0.2):
+    """The population of :func:`animal_population` with two correlated traits
+    ``y1``, ``y2`` (genetic and residual covariance matrices as given; the second
+    trait missing, NaN, on a random ``missing_second`` of the records).
+
+    Returns
+    -------
+    pedigree, records (animal, sex, hys, y1, y2), true_values (DataFrame by animal)
+
+    Examples
+    --------
+    >>> ped, rec, tbv = multi_trait_population(2000, 4, seed=3)
+    >>> list(rec.columns), round(float(rec["y2"].isna().mean()), 1)
+    (['animal', 'sex', 'hys', 'y1', 'y2'], 0.2)
+    """
+    pedigree, records, _ = animal_population(n_animals, n_generations, seed=seed)
+    rng = np.random.default_rng(seed + 1000)
+    G0, R0 = np.asarray(genetic, dtype=float), np.asarray(residual, dtype=float)
+    sire, dam = _parent_positions(pedigree)
+    values = _correlated_breeding_values(sire, dam, rng.standard_normal((len(pedigree), 2)),
+                                         np.linalg.cholesky(G0))
+    where = pd.Index(pedigree["animal"]).get_indexer(records["animal"])
+    hys_effect = rng.normal(scale=5.0, size=(len(records["hys"].cat.categories), 2))
+    codes = records["hys"].cat.codes.to_numpy()
+    male = (records["sex"] == "M").to_numpy()[:, None]
+    noise = rng.standard_normal((len(records), 2)) @ np.linalg.cholesky(R0).T
+    y = np.array([100.0, 50.0]) + male * np.array([4.0, 2.0]) + hys_effect[codes] \
+        + values[where] + noise
+    y[rng.random(len(records)) < missing_second, 1] = np.nan
+    records = records.drop(columns="y").assign(y1=y[:, 0], y2=y[:, 1])
+    truth = pd.DataFrame(values, index=pedigree["animal"].to_numpy(), columns=["y1", "y2"])
+    return pedigree, records, truth
+
+
+def maternal_population(n_animals: int, n_generations: int = 8, seed: int = 1,
+                        genetic=((30.0, -8.0), (-8.0, 15.0)), sigma2_pe: float = 10.0,
+                        sigma2_residual: float = 60.0):
+    """The population of :func:`animal_population` with a maternally affected trait:
+    ``y = mean + sex + hys + a_animal + m_dam + pe_dam + e``, direct and maternal
+    genetic effects with covariance ``genetic``. Records (calves of known dams) have
+    the columns animal, dam, pe (a copy of dam), sex, hys, y.
+
+    Examples
+    --------
+    >>> ped, rec, tbv = maternal_population(2000, 4, seed=3)
+    >>> list(rec.columns)
+    ['animal', 'dam', 'pe', 'sex', 'hys', 'y']
+    """
+    pedigree, records, _ = animal_population(n_animals, n_generations, seed=seed)
+    rng = np.random.default_rng(seed + 2000)
+    G0 = np.asarray(genetic, dtype=float)
+    sire, dam = _parent_positions(pedigree)
+    values = _correlated_breeding_values(sire, dam, rng.standard_normal((len(pedigree), 2)),
+                                         np.linalg.cholesky(G0))
+    where = pd.Index(pedigree["animal"]).get_indexer(records["animal"])
+    dam_of = dam[where]
+    pe = rng.normal(scale=np.sqrt(sigma2_pe), size=len(pedigree))
+    codes = records["hys"].cat.codes.to_numpy()
+    hys_effect = rng.normal(scale=5.0, size=len(records["hys"].cat.categories))
+    known = dam_of >= 0
+    y = (100.0 + np.where(records["sex"] == "M", 4.0, 0.0) + hys_effect[codes]
+         + values[where, 0] + np.where(known, values[np.maximum(dam_of, 0), 1]
+                                       + pe[np.maximum(dam_of, 0)], 0.0)
+         + rng.normal(scale=np.sqrt(sigma2_residual), size=len(records)))
+    dam_id = np.where(known, pedigree["animal"].to_numpy()[np.maximum(dam_of, 0)], "0")
+    out = pd.DataFrame({"animal": records["animal"].to_numpy(), "dam": dam_id, "pe": dam_id,
+                        "sex": records["sex"].to_numpy(), "hys": records["hys"].to_numpy(),
+                        "y": y})
+    out["sex"] = records["sex"].values
+    out["hys"] = records["hys"].values
+    out = out[known].reset_index(drop=True)   # calves of unknown dams carry no record
+    truth = pd.DataFrame(values, index=pedigree["animal"].to_numpy(),
+                         columns=["direct", "maternal"])
+    return pedigree, out, truth

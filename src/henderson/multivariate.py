@@ -1,0 +1,916 @@
+"""Breeding models with general (co)variance matrices: several traits, correlated
+effects (direct and maternal), random regressions and unknown-parent groups.
+
+The model, with records i and traits t (a record may lack some traits),
+
+    y = X b + Z u + e,   Var(u) = ⊕_e G0_e ⊗ K_e,   Var(e) = ⊕_i R0[P_i, P_i],
+
+where each *effect* e is one grouping factor's levels (animals: K = A from a pedigree;
+an i.i.d. factor: K = I) with k_e correlated components: the traits of a multi-trait
+model, the random-regression coefficients, and the members of ``covary`` (direct and
+maternal genetic effects share the animals' levels). P_i is the set of traits record i
+has: each missing pattern has its own residual inverse ``W_P = R0[P, P]⁻¹`` (no
+imputation), as BLUPF90 and WOMBAT do.
+
+Henderson's equations are built in the original (not relative) form
+
+    C = [X'WX  X'WZ; Z'WX  Z'WZ + G⁻¹],   G⁻¹ = ⊕ G0_e⁻¹ ⊗ K_e⁻¹,
+
+ordered animal-major (the k_e components of a level together), so that CHOLMOD sees
+K's pattern with a dense k_e x k_e block per entry; the fill-reducing ordering is
+computed on the level graph (k_e times smaller). ``W`` and ``G0⁻¹`` enter C linearly:
+C's values are a weighted sum of cross-product matrices computed once
+(:class:`GeneralEquations`), so a new (G0, R0) costs a weighted sum and a numeric
+factorisation.
+
+REML: ``−2ℓ = (N − p) log 2π + log|C| + log|R| + log|G| + y'Py`` with
+``y'Py = y'Wy − ŝ'r`` (ŝ the solutions, r the right-hand side). Average-information
+REML (Johnson & Thompson 1995; Gilmour, Thompson & Cullis 1995) works on the Cholesky
+factors of every G0 and R0 (log diagonals), so that every step is positive definite;
+the score is exact (traces from the selected inverse of C), the AI matrix from one
+solve per parameter; a step that does not lower −2ℓ is halved, and an EM-REML step of
+the G0s is taken when halving fails. SEs come from the inverse AI matrix.
+
+Unknown-parent groups enter by Quaas's QP transformation: the animal effect's levels are
+the animals then the groups, with ``K⁻¹ = A*⁻¹``; groups are fixed effects (counted in p,
+their log-determinant not in log|G|), and a group confounded with the fixed effects is
+set to 0.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import scipy.linalg
+import scipy.sparse as sp
+
+from . import kernels
+from .errors import ConvergenceWarning, DataError, FormulaError, PedigreeError
+from .linalg import cholmod_analyze, cholmod_lower_factor, cholmod_refactor, independent_columns
+
+#: −2ℓ changes below this (and a Newton decrement below it) end AI-REML
+AI_TOLERANCE = 1e-8
+AI_MAX_ITERATIONS = 60
+#: the longest AI step in the Cholesky parameters (log standard deviations)
+MAX_STEP = 3.0
+_CBIND = re.compile(r"^\s*cbind\s*\((.*)\)\s*$", re.S)
+_DUMMY_RESPONSE = "__henderson_response__"
+
+
+# --------------------------------------------------------------------------- formula
+def split_responses(formula: str) -> tuple[list[str], str]:
+    """The responses of ``"cbind(y1, y2) ~ rhs"`` (or ``"y ~ rhs"``) and the rhs."""
+    if not isinstance(formula, str) or formula.count("~") != 1:
+        raise FormulaError(f"formula must have the form 'y ~ terms', got {formula!r}")
+    left, rhs = (part.strip() for part in formula.split("~"))
+    match = _CBIND.match(left)
+    names = [n.strip().strip("`") for n in match.group(1).split(",")] if match else [left]
+    if any(not n for n in names):
+        raise FormulaError(f"formula {formula!r}: cbind(...) has an empty response")
+    if len(set(names)) < len(names):
+        raise FormulaError(f"formula {formula!r}: cbind(...) repeats a response")
+    return names, rhs
+
+
+def is_multivariate_formula(formula) -> bool:
+    return isinstance(formula, str) and "~" in formula and bool(
+        _CBIND.match(formula.split("~")[0]))
+
+
+# --------------------------------------------------------------------------- effects
+@dataclass
+class Effect:
+    """One random effect: a grouping factor's levels with k correlated components."""
+
+    key: object                 # "animal", or ("animal", "dam") for covaried terms
+    members: tuple              # the terms' names
+    levels: pd.Index            # level labels (unknown-parent groups last)
+    precision: sp.csc_matrix    # K⁻¹ over the levels (A*⁻¹ with groups)
+    logdet: float               # log|K| over the random levels
+    rank: int                   # random levels (levels minus groups)
+    components: list            # component names
+    component_member: np.ndarray  # member index of each component
+    component_trait: np.ndarray   # trait index of each component
+    component_coef: list          # coefficient name of each component
+    level_variance: np.ndarray | None = None   # diag(K) (1 + F) for reliabilities
+    n_groups: int = 0
+    group_contributions: np.ndarray | None = None  # Q (animals x groups)
+    offset: int = 0
+
+    @property
+    def k(self) -> int:
+        return len(self.components)
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.levels)
+
+
+@dataclass
+class MultivariateDesign:
+    """Everything the equations need: the long rows (one per observed record x trait,
+    record-major), their model matrix ``T = [Z X]``, the residual patterns and the
+    effects."""
+
+    responses: list
+    y: np.ndarray                  # long response
+    long_record: np.ndarray
+    long_trait: np.ndarray
+    T: sp.csr_matrix               # long rows x unknowns (random first, then fixed)
+    n_random: int
+    fixed_names: list
+    fixed_trait: np.ndarray
+    effects: list
+    patterns: list                 # (traits tuple, long-row index array n_p x |P|)
+    n_records: int
+    record_index: pd.Index
+    dropped_fixed: list = field(default_factory=list)
+    dropped_groups: list = field(default_factory=list)
+    kept_unknowns: np.ndarray | None = None   # over the full index (random + fixed)
+
+    @property
+    def n_fixed(self) -> int:
+        return len(self.fixed_names)
+
+    @property
+    def n_unknowns(self) -> int:
+        return self.T.shape[1]
+
+    @property
+    def n_long(self) -> int:
+        return len(self.y)
+
+    @property
+    def n_traits(self) -> int:
+        return len(self.responses)
+
+
+def _pedigree_of(known):
+    from .pedigree import Pedigree
+
+    return known if isinstance(known, Pedigree) else None
+
+
+def build_multivariate_design(formula: str, data: pd.DataFrame, relationships=None,
+                              covary=None, missing: str = "raise") -> MultivariateDesign:
+    """The :class:`MultivariateDesign` of a formula (``cbind(...)`` for several traits)."""
+    from .design import build_design
+    from .pedigree import UNKNOWN_PARENT_CODES, _unknown_labels
+    from .report import group_names
+
+    if not isinstance(data, pd.DataFrame):
+        raise TypeError("multi-trait, maternal and unknown-parent-group models are fitted "
+                        f"from a pandas DataFrame, got {type(data).__name__}")
+    responses, rhs = split_responses(formula)
+    absent = [r for r in responses if r not in data.columns]
+    if absent:
+        raise FormulaError(f"response column(s) {', '.join(map(repr, absent))} not found "
+                           f"(available: {', '.join(map(str, data.columns[:20]))})")
+    for r in responses:
+        if not pd.api.types.is_numeric_dtype(data[r]) or pd.api.types.is_bool_dtype(data[r]):
+            raise DataError(f"response {r!r} must be numeric, got dtype {data[r].dtype}")
+    relationships = dict(relationships or {})
+    frame = data.copy()
+    frame[_DUMMY_RESPONSE] = np.arange(len(frame), dtype=float)
+    # records whose dam (or any pedigree-related level) is an unknown-parent code have
+    # no such effect: they are given a valid level whose column is then left empty
+    no_level = {}
+    for group, known in relationships.items():
+        ped = _pedigree_of(known)
+        if ped is None or group not in frame.columns:
+            continue
+        text = frame[group].astype("string").str.strip()
+        unknown = text.isna() | pd.Series(_unknown_labels(text.fillna("").astype(str), None),
+                                          index=frame.index)
+        unknown &= ~text.fillna("").isin(set(ped.ids))
+        if unknown.any():
+            no_level[group] = unknown.to_numpy()
+            frame[group] = text.where(~unknown, ped.ids[0]).astype(object)
+    # a missing level of an ordinary grouping factor (the pe of a calf whose dam is
+    # unknown) likewise means that the record has no such effect
+    from .formula import parse_formula
+
+    for bar in parse_formula(f"{_DUMMY_RESPONSE} ~ {rhs}").bars:
+        if len(bar.factors) != 1 or bar.group in no_level or bar.group not in frame.columns:
+            continue
+        column = frame[bar.group]
+        absent = column.isna().to_numpy()
+        if absent.any() and not absent.all():
+            no_level[bar.group] = absent
+            frame[bar.group] = column.fillna(column[~absent].iloc[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # per-trait aliasing is reported below
+        design = build_design(f"{_DUMMY_RESPONSE} ~ {rhs}", frame, missing=missing,
+                              relationships=relationships)
+    positions = np.asarray(design.y, dtype=np.int64)   # rows of data kept
+    y_wide = data[responses].to_numpy(dtype=float)[positions]
+    if np.isinf(y_wide).any():
+        raise DataError("a response has an infinite value")
+    observed = np.isfinite(y_wide)
+    has_any = observed.any(axis=1)
+    if not has_any.any():
+        raise DataError("no record has any of the responses")
+    records = np.flatnonzero(has_any)
+    y_wide, observed = y_wide[records], observed[records]
+    n_records, n_traits = observed.shape
+    for t, r in enumerate(responses):
+        if observed[:, t].sum() < 2:
+            raise DataError(f"response {r!r} has fewer than 2 observed values")
+    long_record, long_trait = np.nonzero(observed)          # record-major
+    long_index = np.full(observed.shape, -1, dtype=np.int64)
+    long_index[long_record, long_trait] = np.arange(len(long_record))
+    y_long = y_wide[long_record, long_trait]
+
+    # ---- effects
+    names = group_names(design)
+    term_of = dict(zip(names, design.terms))
+    covary = [tuple(c) for c in (covary or [])]
+    merged: dict[str, tuple] = {}
+    for pair in covary:
+        if len(pair) < 2 or not all(isinstance(g, str) for g in pair):
+            raise ValueError(f"covary takes tuples of two or more term names, got {pair!r}")
+        for g in pair:
+            if g not in term_of:
+                raise FormulaError(f"covary names {g!r}, which is not a random term of the "
+                                   f"formula (terms: {', '.join(names)})")
+            if g in merged:
+                raise ValueError(f"covary lists {g!r} twice")
+            merged[g] = pair
+        first = term_of[pair[0]]
+        for g in pair[1:]:
+            other = term_of[g]
+            if not other.levels.equals(first.levels):
+                raise DataError(f"covary {pair}: {g!r} and {pair[0]!r} must have the same "
+                                "levels (give both the same pedigree in relationships)")
+    effects: list[Effect] = []
+    done = set()
+    for name in names:
+        if name in done:
+            continue
+        members = merged.get(name, (name,))
+        done.update(members)
+        terms = [term_of[m] for m in members]
+        for m, term in zip(members, terms):
+            if term.structure.name not in ("us",):
+                raise FormulaError(f"{term.label}: the {term.structure.name} structure is not "
+                                   "available in multi-trait, maternal or group models")
+        comp_names, comp_member, comp_trait, comp_coef = [], [], [], []
+        for s, (m, term) in enumerate(zip(members, terms)):
+            for t in range(n_traits):
+                for coef in term.coef_names:
+                    parts = ([m] if len(members) > 1 else []) + \
+                        ([responses[t]] if n_traits > 1 else []) + \
+                        ([coef] if len(term.coef_names) > 1 else [])
+                    comp_names.append(":".join(parts) or responses[0])
+                    comp_member.append(s)
+                    comp_trait.append(t)
+                    comp_coef.append(coef)
+        first = terms[0]
+        known = relationships.get(first.group)
+        ped = _pedigree_of(known)
+        levels, precision = first.levels, first.level_precision
+        logdet, rank, n_groups, q = first.logdet_level_covariance, len(first.levels), 0, None
+        if precision is None:
+            precision = sp.identity(len(levels), format="csc")
+        if ped is not None and ped.n_groups:
+            n_groups = ped.n_groups
+            levels = pd.Index(list(ped.ids) + list(ped.groups), name=first.group)
+            precision = ped.group_inverse()
+            q = ped.group_contributions()
+        effects.append(Effect(
+            key=members[0] if len(members) == 1 else tuple(members), members=tuple(members),
+            levels=levels, precision=sp.csc_matrix(precision), logdet=float(logdet),
+            rank=rank, components=comp_names, component_member=np.array(comp_member),
+            component_trait=np.array(comp_trait), component_coef=comp_coef,
+            level_variance=first.level_variance, n_groups=n_groups, group_contributions=q))
+    offset = 0
+    for effect in effects:
+        effect.offset = offset
+        offset += effect.n_levels * effect.k
+    n_random = offset
+
+    # ---- the long model matrix: random columns
+    rows, cols, vals = [], [], []
+    for effect in effects:
+        for c in range(effect.k):
+            term = term_of[effect.members[effect.component_member[c]]]
+            t = effect.component_trait[c]
+            j = term.coef_names.index(effect.component_coef[c])
+            codes = term.level_codes[records]
+            value = term.z[records, j]
+            blank = no_level.get(term.group)
+            has = observed[:, t].copy()
+            if blank is not None:
+                has &= ~blank[positions][records]
+            r = np.flatnonzero(has)
+            rows.append(long_index[r, t])
+            cols.append(effect.offset + codes[r] * effect.k + c)
+            vals.append(value[r])
+    # ---- fixed columns per trait, aliased ones dropped trait by trait
+    X = design.X
+    X = sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X)
+    fixed_names, fixed_trait, dropped = [], [], []
+    for t, response in enumerate(responses):
+        r = np.flatnonzero(observed[:, t])
+        Xt = X[records[r]]
+        gram = (Xt.T @ Xt) if sp.issparse(Xt) else Xt.T @ Xt
+        keep = independent_columns(gram)
+        label = (lambda nm: f"{response}:{nm}") if n_traits > 1 else (lambda nm: nm)
+        dropped += [label(design.fixed_names[j]) for j in range(Xt.shape[1]) if j not in set(keep)]
+        Xk = Xt[:, keep]
+        Xk = sp.coo_matrix(Xk)
+        rows.append(long_index[r[Xk.row], t])
+        cols.append(n_random + len(fixed_names) + Xk.col)
+        vals.append(Xk.data)
+        fixed_names += [label(design.fixed_names[j]) for j in keep]
+        fixed_trait += [t] * len(keep)
+    dropped = list(design.dropped_fixed) + dropped
+    n_unknowns = n_random + len(fixed_names)
+    T = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                      shape=(len(y_long), n_unknowns))
+    T.sum_duplicates()
+    # ---- residual patterns
+    pattern_code = observed.astype(np.int64) @ (1 << np.arange(n_traits))
+    patterns = []
+    for code in np.unique(pattern_code):
+        traits = tuple(int(t) for t in range(n_traits) if code >> t & 1)
+        recs = np.flatnonzero(pattern_code == code)
+        patterns.append((traits, long_index[np.ix_(recs, list(traits))]))
+    mdesign = MultivariateDesign(
+        responses=responses, y=y_long, long_record=long_record, long_trait=long_trait, T=T,
+        n_random=n_random, fixed_names=fixed_names, fixed_trait=np.array(fixed_trait),
+        effects=effects, patterns=patterns, n_records=n_records,
+        record_index=design.row_index[records], dropped_fixed=dropped)
+    _drop_confounded_groups(mdesign)
+    return mdesign
+
+
+def _drop_confounded_groups(design: MultivariateDesign) -> None:
+    """Set to 0 the unknown-parent groups confounded with the fixed effects (their
+    columns of Z Q are, after projection on X, below 1e-7 of their norm), dropping
+    their unknowns from the equations."""
+    keep = np.ones(design.n_unknowns, dtype=bool)
+    T = design.T
+    for effect in design.effects:
+        if not effect.n_groups:
+            continue
+        n_animals = effect.rank
+        group_cols = []
+        blocks = []
+        for g in range(effect.n_groups):
+            for c in range(effect.k):
+                # the column of Z Q for (group g, component c)
+                animal_cols = effect.offset + np.arange(n_animals) * effect.k + c
+                weights = np.zeros(design.n_unknowns)
+                weights[animal_cols] = effect.group_contributions[:, g]
+                blocks.append(T @ weights)
+                group_cols.append(effect.offset + (n_animals + g) * effect.k + c)
+        ZQ = np.column_stack(blocks)
+        Xf = T[:, design.n_random:]
+        Xf = Xf[:, np.flatnonzero(np.asarray(abs(Xf).sum(axis=0)).ravel() > 0)]
+        gram = (Xf.T @ Xf).toarray() if Xf.shape[1] <= 4000 else None
+        if gram is None:
+            raise DataError("unknown-parent groups with more than 4,000 fixed-effect columns "
+                            "are not supported yet")
+        cross = np.asarray(Xf.T @ ZQ)
+        full = np.block([[gram, cross], [cross.T, ZQ.T @ ZQ]])
+        kept = set(independent_columns(full))
+        p = gram.shape[0]
+        for j, col in enumerate(group_cols):
+            if p + j not in kept:
+                keep[col] = False
+                g, c = divmod(j, effect.k)
+                design.dropped_groups.append(f"{effect.components[c]}:{effect.levels[n_animals + g]}")
+    if not keep.all():
+        design.T = design.T[:, np.flatnonzero(keep)].tocsr()
+        design.kept_unknowns = keep
+
+
+# --------------------------------------------------------------------------- equations
+@dataclass
+class _Part:
+    """One cross-product matrix of C (lower triangle, in factor order) and where its
+    entries go in C's values."""
+
+    kind: str        # "data" or "g"
+    which: int       # pattern or effect
+    a: int
+    b: int
+    positions: np.ndarray
+    values: np.ndarray
+    weights: np.ndarray   # 2 off the diagonal, 1 on it (for full-matrix traces)
+
+
+class GeneralEquations:
+    """C(G0s, R0) as a weighted sum of cross-products, its CHOLMOD factor, solutions,
+    log-determinants and the selected inverse."""
+
+    def __init__(self, design: MultivariateDesign):
+        self.design = design
+        n = design.n_unknowns
+        self.n = n
+        self.keep = design.kept_unknowns
+        self._full_to_kept = None
+        if self.keep is not None:
+            self._full_to_kept = np.full(len(self.keep), -1, dtype=np.int64)
+            self._full_to_kept[self.keep] = np.arange(self.keep.sum())
+        self.order = self._fill_reducing_order()
+        self.position = np.empty(n, dtype=np.int64)
+        self.position[self.order] = np.arange(n)
+        parts = []
+        T = design.T.tocsc()
+        y = design.y
+        self.rhs_parts, self.yy_parts = {}, {}
+        for p, (traits, index) in enumerate(design.patterns):
+            for ia in range(len(traits)):
+                Ta = T[index[:, ia]]
+                for ib in range(len(traits)):
+                    self.rhs_parts[p, ia, ib] = np.asarray(Ta.T @ y[index[:, ib]]).ravel()
+                    self.yy_parts[p, ia, ib] = float(y[index[:, ia]] @ y[index[:, ib]])
+                    if ib < ia:
+                        continue
+                    M = (Ta.T @ T[index[:, ib]]).tocsc()
+                    if ib != ia:
+                        M = M + M.T
+                    parts.append(self._part("data", p, ia, ib, sp.coo_matrix(M)))
+        for e, effect in enumerate(design.effects):
+            K = sp.coo_matrix(effect.precision)
+            for a in range(effect.k):
+                for b in range(a, effect.k):
+                    pairs = [(a, b)] if a == b else [(a, b), (b, a)]
+                    rows = np.concatenate([effect.offset + K.row * effect.k + i for i, _ in pairs])
+                    cols = np.concatenate([effect.offset + K.col * effect.k + j for _, j in pairs])
+                    vals = np.concatenate([K.data for _ in pairs])
+                    rows, cols, vals = self._kept(rows, cols, vals)
+                    parts.append(self._part("g", e, a, b, sp.coo_matrix((vals, (rows, cols)),
+                                                                         shape=(n, n))))
+        keys = np.unique(np.concatenate([part.positions for part in parts]))
+        for part in parts:
+            part.positions = np.searchsorted(keys, part.positions)
+        cols = keys // n
+        rows = keys - cols * n
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        np.add.at(indptr, cols + 1, 1)
+        self.pattern_rows = rows
+        self.pattern_cols = cols
+        self.matrix = sp.csc_matrix((np.zeros(len(keys)), rows, np.cumsum(indptr)),
+                                    shape=(n, n))
+        self.parts = parts
+        self.matrix.data[:] = 0.0
+        self.matrix.data[self.matrix.indptr[:-1]] = 1.0  # the diagonal (any SPD values)
+        self.factor = cholmod_analyze(self.matrix, ordering="natural")
+        self.factor_perm = np.asarray(self.factor.P(), dtype=np.int64)
+        self.factorized = False
+
+    # -- set-up helpers
+    def _kept(self, rows, cols, vals):
+        if self._full_to_kept is None:
+            return rows, cols, vals
+        r, c = self._full_to_kept[rows], self._full_to_kept[cols]
+        ok = (r >= 0) & (c >= 0)
+        return r[ok], c[ok], vals[ok]
+
+    def _part(self, kind, which, a, b, coo) -> _Part:
+        coo.sum_duplicates()
+        r, c = self.position[coo.row], self.position[coo.col]
+        lower = r >= c
+        r, c, v = r[lower], c[lower], coo.data[lower]
+        weights = np.where(r == c, 1.0, 2.0)
+        return _Part(kind, which, a, b, c.astype(np.int64) * self.n + r, v, weights)
+
+    def _fill_reducing_order(self) -> np.ndarray:
+        """AMD on the graph of levels (each effect's k components are one node),
+        expanded so that a level's components stay together."""
+        design = self.design
+        full_n = len(self.keep) if self.keep is not None else self.n
+        node = np.empty(full_n, dtype=np.int64)
+        start = 0
+        for effect in design.effects:
+            size = effect.n_levels * effect.k
+            node[effect.offset:effect.offset + size] = start + np.arange(size) // effect.k
+            start += effect.n_levels
+        node[design.n_random:] = start + np.arange(full_n - design.n_random)
+        n_nodes = start + full_n - design.n_random
+        if self.keep is not None:
+            node = node[self.keep]
+        T = design.T.tocoo()
+        Tn = sp.csr_matrix((np.ones(T.nnz), (T.row, node[T.col])),
+                           shape=(T.shape[0], n_nodes))
+        graph = (Tn.T @ Tn).tocsc()
+        start = 0
+        for effect in design.effects:
+            K = sp.coo_matrix(effect.precision)
+            graph = graph + sp.csc_matrix((np.ones(K.nnz), (start + K.row, start + K.col)),
+                                          shape=(n_nodes, n_nodes))
+            start += effect.n_levels
+        graph = sp.tril(graph + sp.identity(n_nodes) * n_nodes, format="csc")
+        graph.data[:] = 1.0
+        graph = graph + sp.identity(n_nodes, format="csc") * n_nodes
+        analysis = cholmod_analyze(graph.tocsc(), ordering="amd")
+        node_order = np.asarray(analysis.P(), dtype=np.int64)
+        rank = np.empty(n_nodes, dtype=np.int64)
+        rank[node_order] = np.arange(n_nodes)
+        return np.lexsort((np.arange(self.n), rank[node]))
+
+    # -- numeric
+    def fill(self, residual_inverses: list[np.ndarray], g_inverses: list[np.ndarray]) -> None:
+        data = self.matrix.data
+        data[:] = 0.0
+        for part in self.parts:
+            coef = (residual_inverses[part.which][part.a, part.b] if part.kind == "data"
+                    else g_inverses[part.which][part.a, part.b])
+            if coef != 0.0:
+                data[part.positions] += coef * part.values
+        self.factorized = False
+
+    def factorize(self) -> None:
+        cholmod_refactor(self.factor, self.matrix)
+        self.factorized = True
+
+    def rhs(self, residual_inverses) -> np.ndarray:
+        out = np.zeros(self.n)
+        for (p, a, b), vector in self.rhs_parts.items():
+            out += residual_inverses[p][a, b] * vector
+        return out
+
+    def yy(self, residual_inverses) -> float:
+        return float(sum(residual_inverses[p][a, b] * v for (p, a, b), v in self.yy_parts.items()))
+
+    def solve(self, rhs: np.ndarray) -> np.ndarray:
+        """``C x = rhs`` in the original order (vector or matrix)."""
+        solution = self.factor(rhs[self.order])
+        out = np.empty_like(solution)
+        out[self.order] = solution
+        return out
+
+    def logdet(self) -> float:
+        return float(self.factor.logdet())
+
+    def selected_inverse_on_pattern(self) -> np.ndarray:
+        """C⁻¹ on C's own pattern (aligned with ``matrix.data``): Takahashi's
+        recurrences on the supernodal factor."""
+        lower = cholmod_lower_factor(self.factor)
+        values = kernels.selected_inverse_supernodal(
+            lower.indptr.astype(np.int64), lower.indices.astype(np.int64), lower.data)
+        where = np.empty(self.n, dtype=np.int64)
+        where[self.factor_perm] = np.arange(self.n)
+        return kernels.lookup_symmetric(lower.indptr.astype(np.int64),
+                                        lower.indices.astype(np.int64), values,
+                                        where[self.pattern_rows], where[self.pattern_cols])
+
+    def inverse_diagonal(self, inverse_on_pattern: np.ndarray, unknowns: np.ndarray) -> np.ndarray:
+        """C⁻¹'s diagonal at unknowns (original order) from the pattern's values."""
+        p = self.position[unknowns]
+        return inverse_on_pattern[self.matrix.indptr[p]]   # the diagonal leads each column
+
+
+# --------------------------------------------------------------------------- parameters
+def _vech_pairs(k: int) -> list[tuple[int, int]]:
+    return [(a, b) for a in range(k) for b in range(a + 1)]
+
+
+class Parameters:
+    """The (co)variance matrices and their Cholesky parametrisation (log diagonals):
+    first every effect's G0, then R0."""
+
+    def __init__(self, sizes: list[int]):
+        self.sizes = sizes
+        self.pairs = [_vech_pairs(k) for k in sizes]
+        self.slices, start = [], 0
+        for pairs in self.pairs:
+            self.slices.append(slice(start, start + len(pairs)))
+            start += len(pairs)
+        self.n = start
+
+    def to_theta(self, matrices: list[np.ndarray]) -> np.ndarray:
+        out = []
+        for m in matrices:
+            L = np.linalg.cholesky(m)
+            out += [np.log(L[a, a]) if a == b else L[a, b] for a, b in _vech_pairs(len(m))]
+        return np.array(out)
+
+    def factors(self, theta: np.ndarray) -> list[np.ndarray]:
+        out = []
+        for k, pairs, sl in zip(self.sizes, self.pairs, self.slices):
+            L = np.zeros((k, k))
+            for (a, b), value in zip(pairs, theta[sl]):
+                L[a, b] = np.exp(value) if a == b else value
+            out.append(L)
+        return out
+
+    def matrices(self, theta: np.ndarray) -> list[np.ndarray]:
+        return [L @ L.T for L in self.factors(theta)]
+
+    def chain(self, theta: np.ndarray, gradients: list[np.ndarray]) -> np.ndarray:
+        """∂f/∂θ from each matrix's symmetric gradient Γ = ∂f/∂V (V = LL'):
+        ``∂f/∂L = 2 Γ L``, times ``L_aa`` on the log diagonal."""
+        out = []
+        for L, gamma, pairs in zip(self.factors(theta), gradients, self.pairs):
+            dL = 2.0 * gamma @ L
+            out += [dL[a, b] * (L[a, a] if a == b else 1.0) for a, b in pairs]
+        return np.array(out)
+
+    def jacobian(self, theta: np.ndarray) -> np.ndarray:
+        """∂ vech(V) / ∂θ, block diagonal over the matrices."""
+        J = np.zeros((self.n, self.n))
+        for L, pairs, sl in zip(self.factors(theta), self.pairs, self.slices):
+            for col, (c, d) in enumerate(pairs):
+                dL = np.zeros_like(L)
+                dL[c, d] = L[c, c] if c == d else 1.0
+                dV = dL @ L.T + L @ dL.T
+                J[sl.start:sl.stop, sl.start + col] = [dV[a, b] for a, b in pairs]
+        return J
+
+
+# --------------------------------------------------------------------------- REML
+@dataclass
+class REMLState:
+    theta: np.ndarray
+    objective: float
+    solution: np.ndarray
+    residuals: np.ndarray = None
+    gradient: np.ndarray = None     # ∂(−2ℓ)/∂θ
+    hessian: np.ndarray = None      # AI approximation of ∂²(−2ℓ)/∂θ² (2 AI)
+    hessian_vech: np.ndarray = None  # the same in the (co)variances
+    inverse_on_pattern: np.ndarray = None
+    em_matrices: list = None
+
+
+class MultivariateREML:
+    """−2 log restricted likelihood of a :class:`MultivariateDesign`, its exact score
+    and average information."""
+
+    def __init__(self, design: MultivariateDesign, equations: GeneralEquations | None = None):
+        self.design = design
+        self.eq = equations or GeneralEquations(design)
+        self.params = Parameters([e.k for e in design.effects] + [design.n_traits])
+        self.n_fixed_like = design.n_fixed + sum(e.n_groups * e.k for e in design.effects) \
+            - len(design.dropped_groups)
+        self.dof = design.n_long - self.n_fixed_like
+        self.n_evaluations = 0
+        self.random_index = [self._effect_unknowns(e) for e in design.effects]
+
+    def _effect_unknowns(self, effect: Effect) -> np.ndarray:
+        """Positions (in the equations) of an effect's unknowns, level-major, −1 for
+        unknowns dropped (confounded groups)."""
+        full = effect.offset + np.arange(effect.n_levels * effect.k)
+        if self.eq._full_to_kept is None:
+            return full
+        return self.eq._full_to_kept[full]
+
+    def residual_inverses(self, R0: np.ndarray) -> tuple[list[np.ndarray], float]:
+        out, logdet = [], 0.0
+        for traits, index in self.design.patterns:
+            block = R0[np.ix_(traits, traits)]
+            sign, value = np.linalg.slogdet(block)
+            if sign <= 0:
+                raise np.linalg.LinAlgError("residual covariance not positive definite")
+            out.append(np.linalg.inv(block))
+            logdet += len(index) * value
+        return out, logdet
+
+    def evaluate(self, matrices: list[np.ndarray]) -> tuple[float, np.ndarray]:
+        """−2ℓ and the solutions at the (co)variance matrices (G0s then R0)."""
+        design, eq = self.design, self.eq
+        *G0s, R0 = matrices
+        W, logdet_R = self.residual_inverses(R0)
+        g_inv, logdet_G = [], 0.0
+        for effect, G0 in zip(design.effects, G0s):
+            sign, value = np.linalg.slogdet(G0)
+            if sign <= 0:
+                raise np.linalg.LinAlgError("G0 not positive definite")
+            g_inv.append(np.linalg.inv(G0))
+            logdet_G += effect.rank * value + effect.k * effect.logdet
+        eq.fill(W, g_inv)
+        eq.factorize()
+        rhs = eq.rhs(W)
+        solution = eq.solve(rhs)
+        ypy = eq.yy(W) - float(solution @ rhs)
+        self.n_evaluations += 1
+        value = (self.dof * np.log(2 * np.pi) + eq.logdet() + logdet_R + logdet_G + ypy)
+        return float(value), solution
+
+    def objective(self, theta: np.ndarray) -> float:
+        try:
+            return self.evaluate(self.params.matrices(theta))[0]
+        except (np.linalg.LinAlgError, Exception) as exc:  # CHOLMOD: not positive definite
+            if type(exc).__name__ in ("CholmodNotPositiveDefiniteError", "LinAlgError",
+                                      "CholmodError"):
+                return np.inf
+            raise
+
+    def effect_solutions(self, solution: np.ndarray, e: int) -> np.ndarray:
+        """Levels x components of effect e (0 for dropped groups)."""
+        effect = self.design.effects[e]
+        index = self.random_index[e]
+        values = np.where(index >= 0, solution[np.maximum(index, 0)], 0.0)
+        return values.reshape(effect.n_levels, effect.k)
+
+    def state(self, theta: np.ndarray, derivatives: bool = True,
+              matrices: list | None = None) -> REMLState:
+        """−2ℓ at θ (or at the given matrices, whose θ it is), and with
+        ``derivatives`` its exact gradient and the AI matrix."""
+        if matrices is None:
+            matrices = self.params.matrices(theta)
+        value, solution = self.evaluate(matrices)
+        st = REMLState(theta=np.array(theta), objective=value, solution=solution)
+        st.residuals = self.design.y - self.design.T @ solution
+        if derivatives:
+            self._derivatives(st, matrices)
+        return st
+
+    def _derivatives(self, st: REMLState, matrices) -> None:
+        design, eq = self.design, self.eq
+        *G0s, R0 = matrices
+        W, _ = self.residual_inverses(R0)
+        inverse = eq.selected_inverse_on_pattern()
+        st.inverse_on_pattern = inverse
+        traces = {}
+        for part in eq.parts:
+            traces[part.kind, part.which, part.a, part.b] = float(
+                np.sum(part.weights * part.values * inverse[part.positions]))
+        gammas, em = [], []
+        u_hat = []
+        for e, (effect, G0) in enumerate(zip(design.effects, G0s)):
+            k = effect.k
+            trace = np.zeros((k, k))
+            for a in range(k):
+                for b in range(a, k):
+                    t = traces["g", e, a, b]
+                    trace[a, b] = trace[b, a] = t if a == b else t / 2.0
+            U = self.effect_solutions(st.solution, e)
+            quad = U.T @ (effect.precision @ U)
+            Gi = np.linalg.inv(G0)
+            gammas.append(effect.rank * Gi - Gi @ (trace + quad) @ Gi)
+            em.append((trace + quad) / effect.rank)
+            u_hat.append(self._genetic_deviations(effect, U))
+        gamma_R = np.zeros_like(R0)
+        residual_blocks = []
+        for p, ((traits, index), Wp) in enumerate(zip(design.patterns, W)):
+            m = len(traits)
+            trace = np.zeros((m, m))
+            for a in range(m):
+                for b in range(a, m):
+                    t = traces["data", p, a, b]
+                    trace[a, b] = trace[b, a] = t if a == b else t / 2.0
+            E = st.residuals[index]
+            residual_blocks.append(E)
+            block = len(index) * Wp - Wp @ (trace + E.T @ E) @ Wp
+            gamma_R[np.ix_(traits, traits)] += block
+        gammas.append(gamma_R)
+        st.gradient = self.params.chain(st.theta, gammas)
+        st.em_matrices = em
+        # average information: working variates f_k = ∂V/∂φ_k P y, one per (co)variance
+        F = []
+        for e, (effect, G0) in enumerate(zip(design.effects, G0s)):
+            Gi = np.linalg.inv(G0)
+            for a, b in _vech_pairs(effect.k):
+                D = np.zeros((effect.k, effect.k))
+                D[a, b] = D[b, a] = 1.0
+                V = u_hat[e] @ Gi @ D                      # levels x k
+                full = np.zeros(design.n_unknowns)
+                index = self.random_index[e]
+                ok = index >= 0
+                full[index[ok]] = V.ravel()[ok]
+                F.append(design.T @ full)
+        for a, b in _vech_pairs(design.n_traits):
+            D = np.zeros((design.n_traits, design.n_traits))
+            D[a, b] = D[b, a] = 1.0
+            f = np.zeros(design.n_long)
+            for (traits, index), Wp, E in zip(design.patterns, W, residual_blocks):
+                Dp = D[np.ix_(traits, traits)]
+                f[index] = E @ Wp @ Dp
+            F.append(f)
+        F = np.column_stack(F)
+        WF = np.empty_like(F)
+        for (traits, index), Wp in zip(design.patterns, W):
+            # rows of one pattern: (n_p x |P|) blocks times W_P, for every column of F
+            block = F[index]                               # n_p x |P| x m
+            WF[index] = np.einsum("ipm,pq->iqm", block, Wp)
+        B = design.T.T @ WF
+        H = F.T @ WF - B.T @ eq.solve(B)
+        H = (H + H.T) / 2.0
+        st.hessian_vech = H
+        J = self.params.jacobian(st.theta)
+        st.hessian = J.T @ H @ J
+
+    def _genetic_deviations(self, effect: Effect, U: np.ndarray) -> np.ndarray:
+        """The random part of an effect's solutions: with groups, ``a = a* − Q ĝ`` on
+        the animals (the groups' own rows 0)."""
+        if not effect.n_groups:
+            return U
+        out = np.zeros_like(U)
+        n = effect.rank
+        out[:n] = U[:n] - effect.group_contributions @ U[n:]
+        return out
+
+
+@dataclass
+class AIResult:
+    theta: np.ndarray
+    objective: float
+    converged: bool
+    iterations: int
+    history: list
+    message: str
+    state: REMLState
+
+
+def fit_ai_reml(reml: MultivariateREML, start: list[np.ndarray], verbose=False,
+                max_iterations: int = AI_MAX_ITERATIONS) -> AIResult:
+    """Average-information REML from the start matrices (see the module docstring)."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        return _fit_ai_reml(reml, start, verbose, max_iterations)
+
+
+def _fit_ai_reml(reml, start, verbose, max_iterations) -> AIResult:
+    params = reml.params
+    theta = params.to_theta(start)
+    st = reml.state(theta)
+    history = [(theta.copy(), st.objective)]
+    converged, message = False, "iteration limit reached"
+    t0 = time.perf_counter()
+    for iteration in range(1, max_iterations + 1):
+        g, H = st.gradient, st.hessian
+        try:
+            step = -np.linalg.solve(H + 1e-12 * np.abs(np.diag(H)).max() * np.eye(len(H)), g)
+        except np.linalg.LinAlgError:
+            step = -g / max(np.abs(np.diag(H)).max(), 1.0)
+        decrement = float(-g @ step)
+        longest = np.abs(step).max()
+        if longest > MAX_STEP:   # a trust region: no (co)variance factor moves by more
+            step *= MAX_STEP / longest   # than e^MAX_STEP in one iteration
+        if decrement < AI_TOLERANCE and iteration > 1:
+            converged, message = True, "Newton decrement below tolerance"
+            break
+        accepted = None
+        size = 1.0
+        for _ in range(12):
+            candidate = theta + size * step
+            value = reml.objective(candidate)
+            if np.isfinite(value) and value <= st.objective + 1e-12 * abs(st.objective):
+                accepted = candidate
+                break
+            size /= 2.0
+        how = f"AI step x{size:g}"
+        if accepted is None:
+            # EM-REML on the G0s (always positive definite), R0 kept
+            *_, R0 = params.matrices(theta)
+            candidate = params.to_theta(list(st.em_matrices) + [R0])
+            value = reml.objective(candidate)
+            if np.isfinite(value) and value < st.objective:
+                accepted, how = candidate, "EM step"
+        if accepted is None:
+            converged = decrement < 1e-4
+            message = ("no step lowers -2 log L further (at the optimum to rounding)"
+                       if converged else "no step lowers -2 log L; stopped")
+            break
+        change = st.objective - value
+        theta = accepted
+        if np.abs(theta).max() > 30.0:   # a variance beyond e^60 of its start: diverging
+            converged, message = False, "the (co)variances diverge"
+            st = reml.state(theta, derivatives=False)
+            break
+        st = reml.state(theta)
+        history.append((theta.copy(), st.objective))
+        if verbose:
+            print(f"AI-REML {iteration:3d}: -2logL = {st.objective:.6f} ({how}, "
+                  f"change {change:.3g}, {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+        if change < AI_TOLERANCE * max(1.0, abs(st.objective)) * 1e-2 and decrement < 1e-6:
+            converged, message = True, "-2 log L changes below tolerance"
+            break
+    return AIResult(theta, st.objective, converged, len(history) - 1, history, message, st)
+
+
+def start_matrices(design: MultivariateDesign) -> list[np.ndarray]:
+    """Start: each trait's residual variance after the fixed effects (least squares),
+    split evenly between the residual and the random effects (a random-regression
+    coefficient's share divided by its covariable's mean square); no correlations."""
+    T = design.T[:, design.n_random:]
+    y = design.y
+    gram = (T.T @ T).tocsc() + sp.identity(T.shape[1]) * 1e-10
+    from .linalg import cholmod_analyze as analyze
+    f = analyze(sp.tril(gram, format="csc"), ordering="amd")
+    cholmod_refactor(f, sp.tril(gram, format="csc"))
+    resid = y - T @ f(np.asarray(T.T @ y).ravel())
+    variance = np.array([max(np.var(resid[design.long_trait == t]), 1e-8 * max(np.var(y), 1e-300))
+                         for t in range(design.n_traits)])
+    share = 0.5 / max(len(design.effects), 1)
+    out = []
+    for effect in design.effects:
+        diag = np.empty(effect.k)
+        Tz = design.T[:, :design.n_random]
+        for c in range(effect.k):
+            cols = effect.offset + np.arange(effect.rank) * effect.k + c
+            z2 = np.asarray(Tz[:, cols].power(2).sum(axis=1)).ravel()
+            used = z2[design.long_trait == effect.component_trait[c]]
+            scale = used.mean() if used.size and used.mean() > 0 else 1.0
+            diag[c] = share * variance[effect.component_trait[c]] / scale
+        out.append(np.diag(diag))
+    out.append(np.diag(0.5 * variance))
+    return out
