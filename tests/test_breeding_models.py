@@ -179,12 +179,17 @@ def _dense_two_trait_reml(data, A, pos):
     return objective, matrices
 
 
+def _dense_theta(matrix):
+    L = np.linalg.cholesky(matrix)
+    return np.array([np.log(L[0, 0]), L[1, 0], np.log(L[1, 1])])
+
+
 def test_two_trait_reml_matches_dense_brute_force():
     data, ped, A, pos = _simulated_two_traits()
     m = hd.lmm("cbind(y1, y2) ~ sex + (1 | animal)", data, relationships={"animal": ped})
     assert m.converged
     objective, matrices = _dense_two_trait_reml(data, A, pos)
-    theta = m.reml_function.params.to_theta(m.matrices)
+    theta = np.concatenate([_dense_theta(M) for M in m.matrices])
     # the criterion itself, at henderson's estimates
     assert objective(theta) == pytest.approx(m.objective, rel=1e-10)
     # the dense optimum from a different start
@@ -416,3 +421,117 @@ def test_cli_fits_two_traits_and_maternal_models(tmp_path):
     assert close_to(got, np.array(ref["values"]).ravel())
     covariances = pd.read_csv(tmp_path / "out" / "covariances.csv")
     assert set(covariances["effect"]) == {"animal,dam", "pe", "residual"}
+
+
+def test_group_model_pevs_are_those_of_the_deviation_from_the_group_means():
+    """With groups as fixed covariates Z Q (dense), the PEV of a = a* − Qg is the
+    diagonal of C⁻¹ on the animals: henderson's QP equations must give the same, and
+    reliabilities in [0, 1]."""
+    ped, data = _grouped_population(seed=3, n_offspring=120)
+    m = hd.lmm("y ~ sex + (1 | animal)", data, relationships={"animal": ped},
+               fixed_variances={"animal": 2.0, "residual": 4.0})
+    A = relationship_matrix_tabular(ped)
+    pos = pd.Index(ped.ids).get_indexer(data["animal"])
+    N, n = len(data), len(ped)
+    Z = np.zeros((N, n))
+    Z[np.arange(N), pos] = 1.0
+    X = np.column_stack([np.ones(N), data["sex"] == "M",
+                         (Z @ ped.group_contributions())[:, 0]]).astype(float)
+    W = np.hstack([X, Z])
+    C = W.T @ W / 4.0
+    C[3:, 3:] += np.linalg.inv(A) / 2.0
+    pev = np.diag(np.linalg.inv(C))[3:]
+    bv = m.breeding_values()
+    np.testing.assert_allclose(bv.loc[list(ped.ids), "pev"], pev, rtol=1e-8)
+    assert bv["reliability"].between(0, 1).all() and bv["reliability"].max() > 0.2
+
+
+def test_random_regression_reml_reaches_the_dense_optimum_on_the_boundary():
+    """A random regression whose animal covariance is singular at the optimum: the
+    floor on the Cholesky diagonals keeps −2ℓ accurate (no cancellation of log|G0|
+    and log|C|) and the active set lets AI-REML converge there; a dense optimiser
+    started from henderson's estimates finds nothing lower."""
+    import scipy.linalg
+
+    ped_frame, records, _ = animal_population(300, 3, seed=11)
+    ped = hd.Pedigree.from_dataframe(ped_frame)
+    rng = np.random.default_rng(5)
+    cows = records["animal"].astype(str).unique()[:90]
+    rows = [(c, c, d, f"H{rng.integers(0, 4)}") for c in cows
+            for d in rng.choice(np.arange(5, 305), 6, replace=False)]
+    td = pd.DataFrame(rows, columns=["animal", "pe", "dim", "htd"])
+    td = td.join(hd.legendre(td["dim"], 2, lower=5, upper=305))
+    A = relationship_matrix_tabular(ped)
+    pos = pd.Index(ped.ids).get_indexer(td["animal"])
+    G0 = np.array([[4, 1, 0], [1, 1, 0.2], [0, 0.2, 0.5]])
+    P0 = np.array([[3, 0.5, 0], [0.5, 1, 0], [0, 0, 0.5]])
+    U = np.linalg.cholesky(A + 1e-12 * np.eye(len(A))) @ rng.standard_normal((len(A), 3)) \
+        @ np.linalg.cholesky(G0).T
+    pe = {c: np.linalg.cholesky(P0) @ rng.standard_normal(3) for c in cows}
+    Lg = td[["leg0", "leg1", "leg2"]].to_numpy()
+    td["y"] = 20 + np.einsum("ij,ij->i", Lg, U[pos]) \
+        + np.array([Lg[i] @ pe[a] for i, a in enumerate(td["animal"])]) \
+        + rng.normal(0, 2, len(td))
+    m = hd.lmm("y ~ htd + leg1 + leg2 + (0 + leg0 + leg1 + leg2 | animal)"
+               " + (0 + leg0 + leg1 + leg2 | pe)", td, relationships={"animal": ped})
+    assert isinstance(m, BreedingModel) and m.converged
+    X = np.column_stack([np.ones(len(td)), pd.get_dummies(td["htd"], drop_first=True),
+                         td["leg1"], td["leg2"]]).astype(float)
+    y = td["y"].to_numpy()
+    Aa = A[np.ix_(pos, pos)]
+    same = td["pe"].to_numpy()[:, None] == td["pe"].to_numpy()[None, :]
+
+    def dense(Ga, Gp, s):
+        V = Aa * (Lg @ Ga @ Lg.T) + same * (Lg @ Gp @ Lg.T) + s * np.eye(len(y))
+        c = scipy.linalg.cho_factor(V, lower=True)
+        ViX, Viy = scipy.linalg.cho_solve(c, X), scipy.linalg.cho_solve(c, y)
+        XVX = X.T @ ViX
+        return ((len(y) - X.shape[1]) * np.log(2 * np.pi) + 2 * np.log(np.diag(c[0])).sum()
+                + np.linalg.slogdet(XVX)[1] + y @ Viy - (X.T @ Viy) @ np.linalg.solve(XVX, X.T @ Viy))
+
+    Ga, Gp = m.covariances["animal"].to_numpy(), m.covariances["pe"].to_numpy()
+    s = m.covariances["residual"].iloc[0, 0]
+    assert dense(Ga, Gp, s) == pytest.approx(m.objective, abs=1e-6)
+
+    def unpack(v):
+        out = []
+        for j in range(2):
+            L = np.zeros((3, 3))
+            L[np.tril_indices(3)] = v[6 * j:6 * j + 6]
+            out.append(L @ L.T)
+        return out[0], out[1], v[12] ** 2
+
+    def start(M):
+        w, V = np.linalg.eigh(M)
+        return np.linalg.cholesky(V @ np.diag(np.maximum(w, 1e-10)) @ V.T)[np.tril_indices(3)]
+
+    v0 = np.concatenate([start(Ga), start(Gp), [np.sqrt(s)]])
+    best = scipy.optimize.minimize(lambda v: dense(*unpack(v)), v0, method="BFGS",
+                                   options={"maxiter": 60})
+    assert m.objective <= best.fun + 1e-3
+
+
+def test_two_trait_fit_does_not_depend_on_units_or_location():
+    data, ped, A, pos = _simulated_two_traits(seed=3)
+    base = hd.lmm("cbind(y1, y2) ~ sex + (1 | animal)", data, relationships={"animal": ped})
+    moved = data.assign(y2=data["y2"] * 1e4 + 1e8)
+    far = hd.lmm("cbind(y1, y2) ~ sex + (1 | animal)", moved, relationships={"animal": ped})
+    assert far.converged
+    assert far.genetic_correlation()[0] == pytest.approx(base.genetic_correlation()[0], rel=1e-5)
+    scale = np.diag([1.0, 1e4])
+    np.testing.assert_allclose(far.covariances["animal"].to_numpy(),
+                               scale @ base.covariances["animal"].to_numpy() @ scale, rtol=1e-5)
+    np.testing.assert_allclose(far.fixef["y2:(Intercept)"],
+                               base.fixef["y2:(Intercept)"] * 1e4 + 1e8, rtol=1e-12)
+    np.testing.assert_allclose(far.ranef["animal"]["y2"], base.ranef["animal"]["y2"] * 1e4,
+                               rtol=1e-4, atol=1e-6 * 1e4)
+
+
+def test_not_identified_fits_raise():
+    data, ped, A, pos = _simulated_two_traits(seed=3)
+    collinear = data.assign(y3=2 * data["y1"] + 1)
+    with pytest.raises(hd.DataError, match="linearly dependent"):
+        hd.lmm("cbind(y1, y3) ~ sex + (1 | animal)", collinear, relationships={"animal": ped})
+    with pytest.raises(hd.DataError, match="constant"):
+        hd.lmm("cbind(y1, y2) ~ sex + (1 | animal)", data.assign(y2=5.0),
+               relationships={"animal": ped})

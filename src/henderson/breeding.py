@@ -110,6 +110,10 @@ def heritability(model, group: str | None = None) -> tuple[float, float]:
     return float(h2), se
 
 
+#: above this the normalised polynomials reach 1e15 at the ends and say nothing new
+MAX_LEGENDRE_ORDER = 30
+
+
 def legendre(x, order: int, lower: float | None = None, upper: float | None = None,
              prefix: str = "leg") -> pd.DataFrame:
     """Normalised Legendre covariables for random regression models.
@@ -139,13 +143,26 @@ def legendre(x, order: int, lower: float | None = None, upper: float | None = No
     >>> legendre([4, 157, 310], order=2).round(4).values.tolist()
     [[0.7071, -1.2247, 1.5811], [0.7071, 0.0, -0.7906], [0.7071, 1.2247, 1.5811]]
     """
-    if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or order < 0:
-        raise ValueError(f"legendre: order must be a whole number >= 0, got {order!r}")
+    if (isinstance(order, bool) or not isinstance(order, (int, np.integer)) or order < 0
+            or order > MAX_LEGENDRE_ORDER):
+        raise ValueError(f"legendre: order must be a whole number from 0 to "
+                         f"{MAX_LEGENDRE_ORDER}, got {order!r}")
     index = x.index if isinstance(x, pd.Series) else None
     try:
-        values = np.asarray(x, dtype=float).ravel()
+        values = np.asarray(x, dtype=float)
     except (TypeError, ValueError):
         raise ValueError("legendre: x must be numeric") from None
+    if values.ndim != 1:
+        raise ValueError(f"legendre: x must be one-dimensional (one value per record), got "
+                         f"shape {values.shape}")
+    for name, bound in (("lower", lower), ("upper", upper)):
+        if bound is not None:
+            try:
+                if not np.isfinite(float(bound)):
+                    raise ValueError
+            except (TypeError, ValueError):
+                raise ValueError(f"legendre: {name} must be a finite number, got {bound!r}") \
+                    from None
     if len(values) == 0 or not np.all(np.isfinite(values)):
         raise ValueError("legendre: x must be non-empty and finite (no NaN)")
     lower = float(values.min()) if lower is None else float(lower)
@@ -155,7 +172,11 @@ def legendre(x, order: int, lower: float | None = None, upper: float | None = No
     if values.min() < lower or values.max() > upper:
         raise ValueError(f"legendre: x runs from {values.min()} to {values.max()}, outside "
                          f"[{lower}, {upper}]")
-    t = 2.0 * (values - lower) / (upper - lower) - 1.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        t = 2.0 * (values - lower) / (upper - lower) - 1.0
+    if not np.all(np.isfinite(t)):
+        raise ValueError("legendre: the scale overflows (x, lower, upper beyond 1e300)")
+    t = np.clip(t, -1.0, 1.0)
     columns = {}
     for j in range(int(order) + 1):
         unit = np.zeros(j + 1)

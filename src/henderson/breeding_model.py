@@ -75,6 +75,40 @@ def _matrix_from(value, k: int, what: str) -> np.ndarray:
     return m
 
 
+def _key_parts(key) -> tuple:
+    if isinstance(key, (tuple, list)):
+        return tuple(key)
+    for sep in (",", ":", "+", "&", " "):
+        if sep in str(key):
+            return tuple(p.strip() for p in str(key).split(sep) if p.strip())
+    return (str(key),)
+
+
+def _arranged(value, key, members: tuple, components: list, what: str) -> np.ndarray:
+    """A given (co)variance matrix in the effect's component order: a labelled
+    DataFrame by its labels, a covaried pair given as ``("dam", "animal")`` with its
+    members' blocks swapped into the formula's order."""
+    k = len(components)
+    if isinstance(value, pd.DataFrame):
+        labels = [str(v) for v in value.index]
+        if [str(c) for c in value.columns] != labels:
+            raise ValueError(f"fixed_variances[{what!r}]: a DataFrame needs the same labels "
+                             "on rows and columns, in the same order")
+        for names in (list(components), list(members)):
+            if sorted(labels) == sorted(map(str, names)) and len(labels) == k:
+                order = [labels.index(str(n)) for n in names]
+                return _matrix_from(value.to_numpy(dtype=float)[np.ix_(order, order)], k, what)
+        raise ValueError(f"fixed_variances[{what!r}] is labelled {labels}; expected "
+                         f"{list(components)}")
+    matrix = _matrix_from(value, k, what)
+    parts = _key_parts(key)
+    if len(members) > 1 and len(parts) == len(members) and list(parts) != list(members):
+        block = k // len(members)
+        order = np.concatenate([parts.index(m) * block + np.arange(block) for m in members])
+        matrix = matrix[np.ix_(order, order)]
+    return matrix
+
+
 def _key_variants(key) -> set:
     if isinstance(key, (tuple, list)):
         return {tuple(key), frozenset(key)}
@@ -134,12 +168,13 @@ def known_matrices(design, fixed_variances: dict) -> list[np.ndarray]:
         if key is None:
             raise ValueError(f"fixed_variances has no (co)variance for {want!r}")
         used.add(key)
-        out.append(_matrix_from(given[key], effect.k, str(key)))
+        out.append(_arranged(given[key], key, effect.members, effect.components, str(key)))
     residual = lookup.get("residual") or lookup.get("Residual")
     if residual is None:
         raise ValueError("fixed_variances needs 'residual'")
     used.add(residual)
-    out.append(_matrix_from(given[residual], design.n_traits, "residual"))
+    out.append(_arranged(given[residual], "residual", ("residual",), design.responses,
+                         "residual"))
     unknown = [k for k in given if k not in used]
     if unknown:
         raise ValueError(f"fixed_variances names unknown terms: {', '.join(map(repr, unknown))}")
@@ -167,13 +202,27 @@ def fit_breeding_model(formula: str, data: pd.DataFrame, relationships=None, cov
     result = None
     if fixed_variances is not None:
         matrices = known_matrices(design, fixed_variances)
+        reml_fn.params.set_scales(matrices)
         theta = reml_fn.params.to_theta(matrices)
         state = reml_fn.state(theta, derivatives=False, matrices=matrices)
+        if not np.isfinite(state.objective):
+            warnings.warn("−2 log L cannot be computed at these (co)variances (a variance "
+                          "ratio beyond 1e12 makes C numerically singular); the solutions "
+                          "may still be usable", RuntimeWarning, stacklevel=3)
     else:
         first = start_matrices(design) if start is None else known_matrices(design, start)
         result = fit_ai_reml(reml_fn, first, verbose=verbose)
         state = result.state
-        _check_identified(design, reml_fn.params.matrices(result.theta))
+        params = reml_fn.params
+        residual_floor = params.at_floor(result.theta) & params.is_residual
+        # at σ → 0 a bounded likelihood levels off (∂(−2ℓ)/∂log σ ∝ σ²) but one without
+        # a maximum keeps falling (∂(−2ℓ)/∂log σ → 2 per degree of freedom it gains)
+        unbounded = residual_floor & (state.gradient > 0.5)
+        _check_identified(design, params.matrices(result.theta), unbounded)
+        if residual_floor.any():
+            warnings.warn("a residual variance (of a trait, or of a trait given the others) "
+                          "is at its boundary, 0: the random effects explain the records "
+                          "exactly at the REML estimate", ConvergenceWarning, stacklevel=3)
         if not result.converged:
             warnings.warn(f"AI-REML did not converge: {result.message}", ConvergenceWarning,
                           stacklevel=3)
@@ -192,9 +241,10 @@ def fit_breeding_model(formula: str, data: pd.DataFrame, relationships=None, cov
 DEGENERATE_RATIO = 1e6
 
 
-def _check_identified(design, matrices) -> None:
+def _check_identified(design, matrices, residual_at_floor=None) -> None:
     """A DataError when AI-REML ran off to a degenerate point: a residual variance
-    that vanished (an exact fit) or a variance without bound (too few records)."""
+    that vanished (an exact fit, of a trait or of one trait from another) or a variance
+    without bound (too few records)."""
     *G0s, R0 = matrices
     scale = np.array([np.var(design.y[design.long_trait == t])
                       for t in range(design.n_traits)])
@@ -204,7 +254,10 @@ def _check_identified(design, matrices) -> None:
             worst = (f"the residual variance of {design.responses[t]!r} went to "
                      f"{R0[t, t]:.3g} (its phenotypic variance is {scale[t]:.3g})")
     d = np.sqrt(np.diag(R0))
-    if design.n_traits > 1 and np.linalg.eigvalsh(R0 / np.outer(d, d)).min() < 1e-9:
+    if residual_at_floor is not None and residual_at_floor.any():
+        worst = ("a residual variance (of a trait, or of a trait given the others) went "
+                 "to 0: the data fit it exactly (a constant or collinear trait?)")
+    elif design.n_traits > 1 and np.linalg.eigvalsh(R0 / np.outer(d, d)).min() < 1e-9:
         worst = ("the residual covariance matrix became singular (residual correlations "
                  "of ±1: an exact fit of one trait from another)")
     for effect, G0 in zip(design.effects, G0s):
@@ -299,7 +352,13 @@ class BreedingModel:
     @property
     def fixef(self) -> pd.Series:
         q = self._n_random_kept
-        return pd.Series(self.state.solution[q:], index=self.design.fixed_names, name="fixef")
+        return pd.Series(self.state.solution[q:] + self._shift, index=self.design.fixed_names,
+                         name="fixef")
+
+    @property
+    def _shift(self) -> np.ndarray:
+        shift = self.design.fixed_shift
+        return np.zeros(self.design.n_fixed) if shift is None else shift
 
     @property
     def _n_random_kept(self) -> int:
@@ -340,13 +399,16 @@ class BreedingModel:
         trait, a DataFrame by trait for several."""
         q = self._n_random_kept
         T = self.design.T
-        return self._wide(T[:, q:] @ self.state.solution[q:], "population_fitted")
+        return self._wide(T[:, q:] @ (self.state.solution[q:] + self._shift),
+                          "population_fitted")
 
     @property
     def fitted(self):
         """``X b̂ + Z û`` (with groups, ``x'b̂ + a*``), laid out as
         :attr:`population_fitted`."""
-        return self._wide(self.design.T @ self.state.solution, "fitted")
+        q = self._n_random_kept
+        return self._wide(self.design.T @ self.state.solution
+                          + self.design.T[:, q:] @ self._shift, "fitted")
 
     @property
     def residuals(self):
@@ -397,12 +459,49 @@ class BreedingModel:
         diag = np.full(len(index), np.nan)
         ok = index >= 0
         diag[ok] = eq.inverse_diagonal(self._inverse_values(), index[ok])
-        return diag.reshape(effect.rank, effect.k)
+        pev = diag.reshape(effect.rank, effect.k)
+        if effect.n_groups:
+            pev = self._pev_without_groups(e, pev)
+        return pev
+
+    def _pev_without_groups(self, e, pev_total) -> np.ndarray:
+        """With unknown-parent groups, ``Var(a − â)`` for ``â = â* − Q ĝ``: the
+        animal's deviation from its groups' mean, free of the group constraint (the
+        C⁻¹ element of a* also carries the groups' estimation error). From the
+        columns of C⁻¹ of the group unknowns (one solve each)."""
+        effect = self.design.effects[e]
+        index = self.reml_function.random_index[e]
+        n, k = effect.rank, effect.k
+        group_index = index[n * k:].reshape(effect.n_groups, k)
+        eq = self.reml_function.eq
+        if not eq.factorized:
+            self.reml_function.evaluate(self.matrices)
+        kept = [(g, c) for g in range(effect.n_groups) for c in range(k)
+                if group_index[g, c] >= 0]
+        unit = np.zeros((self.design.n_unknowns, len(kept)))
+        for j, (g, c) in enumerate(kept):
+            unit[group_index[g, c], j] = 1.0
+        columns = eq.solve(unit)                       # C⁻¹[:, group unknowns]
+        Q = effect.group_contributions
+        out = pev_total.copy()
+        for c in range(k):
+            js = [j for j, (g, cc) in enumerate(kept) if cc == c]
+            if not js:
+                continue
+            groups = [kept[j][0] for j in js]
+            Qc = Q[:, groups]                                           # n x m
+            animal_rows = index[np.arange(n) * k + c]
+            cross = columns[animal_rows][:, js]                         # C⁻¹[a*_i, g]
+            gg = columns[[group_index[g, c] for g in groups]][:, js]    # C⁻¹[g, g']
+            out[:, c] = (pev_total[:, c] - 2.0 * np.sum(Qc * cross, axis=1)
+                         + np.einsum("ig,gh,ih->i", Qc, gg, Qc))
+        return out
 
     @property
     def prediction_error_variances(self) -> dict:
         """``Var(u − û)`` by term, exact (the diagonal of C⁻¹ from its selected
-        inverse), in the layout of :attr:`ranef`."""
+        inverse), in the layout of :attr:`ranef`; with unknown-parent groups that of
+        the deviation from the groups' mean, ``a = a* − Qg``."""
         out = {}
         for e, effect in enumerate(self.design.effects):
             frame = pd.DataFrame(self._pev_blocks(e), index=self._animal_levels(effect),
@@ -489,7 +588,7 @@ class BreedingModel:
             if self._cov_vech is not None:
                 for j, (a, b) in enumerate(params.pairs[i]):
                     index = params.slices[i].start + j
-                    se[a, b] = se[b, a] = np.sqrt(max(self._cov_vech[index, index], 0.0))
+                    se[a, b] = se[b, a] = _root(self._cov_vech[index, index])
             out[key] = pd.DataFrame(se, index=labels, columns=labels)
         return out
 
@@ -501,7 +600,7 @@ class BreedingModel:
         for i, (key, labels, m) in enumerate(zip(self._keys(), self._labels(), self.matrices)):
             for j, (a, b) in enumerate(params.pairs[i]):
                 index = params.slices[i].start + j
-                se = (np.sqrt(max(self._cov_vech[index, index], 0.0))
+                se = (_root(self._cov_vech[index, index])
                       if self._cov_vech is not None else np.nan)
                 rows.append({"effect": key if isinstance(key, str) else ",".join(key),
                              "row": labels[a], "column": labels[b],
@@ -524,7 +623,7 @@ class BreedingModel:
             grad[self._vech_index(i, a, b)] += w / den
         for i, a, b, w in denominator:
             grad[self._vech_index(i, a, b)] -= w * num / den ** 2
-        return float(np.sqrt(max(grad @ self._cov_vech @ grad, 0.0)))
+        return _root(grad @ self._cov_vech @ grad)
 
     def _phenotypic_terms(self, trait: int) -> list:
         """Var(y) of a record of ``trait``: every component's variance (a random
@@ -585,7 +684,7 @@ class BreedingModel:
                     grad[self._vech_index(e, b, a)] += 1.0 / np.sqrt(G0[a, a] * G0[b, b])
                     grad[self._vech_index(e, a, a)] -= 0.5 * r / G0[a, a]
                     grad[self._vech_index(e, b, b)] -= 0.5 * r / G0[b, b]
-                    se = float(np.sqrt(max(grad @ self._cov_vech @ grad, 0.0)))
+                    se = _root(grad @ self._cov_vech @ grad)
                 rows.append({"first": effect.components[a], "second": effect.components[b],
                              "estimate": r, "std_error": se})
         if len(rows) == 1:
@@ -615,12 +714,22 @@ class BreedingModel:
         if d.dropped_groups:
             lines.append("Unknown-parent groups set to 0 (confounded with fixed effects): "
                          + ", ".join(d.dropped_groups))
+        if d.empty_groups:
+            lines.append("Unknown-parent groups set to 0 (no descendant has a record): "
+                         + ", ".join(d.empty_groups))
         lines.append("Fixed effects:")
         lines.append(self.coefficient_table().to_string(float_format=lambda v: f"{v:.6g}"))
         return "\n".join(line for line in lines if line is not None)
 
     def __repr__(self) -> str:
         return self.summary()
+
+
+def _root(variance) -> float:
+    """A standard error from a sampling variance: NaN (not 0) when the inverse AI
+    matrix gives a variance that is not positive (a parameter on its boundary)."""
+    variance = float(variance)
+    return float(np.sqrt(variance)) if variance > 0 else np.nan
 
 
 def _strip_member(name: str, member: str) -> str:

@@ -179,7 +179,10 @@ def _is_breeding_model(formula, relationships, covary, fixed_variances, reml,
         return False
     if any(isinstance(k, Pedigree) and k.n_groups for k in relationships.values()):
         return True
-    if fixed_variances is not None or not reml or optimizer not in ("auto", "ai"):
+    # a random regression on a pedigree: AI-REML (or BLUP) on the general equations,
+    # whose results (breeding values per coefficient) the relative form does not give;
+    # ML or another optimiser keeps the relative form
+    if not reml or optimizer not in ("auto", "ai"):
         return False
     try:
         bars = parse_formula(formula).bars
@@ -470,6 +473,11 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
     if _is_breeding_model(formula, relationships, covary, fixed_variances, reml, optimizer):
         from .breeding_model import fit_breeding_model
 
+        if optimizer not in ("auto", "ai") or method != "mme" or strategy != "auto" \
+                or ordering != "auto" or sparse_fixed != "auto":
+            raise ValueError("multi-trait, maternal, group and random-regression models are "
+                             "fitted by AI-REML on their own equations: optimizer, method, "
+                             "ordering, strategy and sparse_fixed take their defaults")
         if weights is not None or offset is not None or dispformula is not None:
             raise ValueError("weights, offset and dispformula are not available in "
                              "multi-trait, maternal, group and random-regression models")

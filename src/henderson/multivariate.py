@@ -57,7 +57,10 @@ from .linalg import cholmod_analyze, cholmod_lower_factor, cholmod_refactor, ind
 AI_TOLERANCE = 1e-8
 AI_MAX_ITERATIONS = 60
 #: the longest AI step in the Cholesky parameters (log standard deviations)
-MAX_STEP = 3.0
+MAX_STEP = 3.0   # (a trust region: no factor moves by more than e^3 in one iteration)
+#: the smallest log diagonal of a scaled Cholesky factor (a conditional standard
+#: deviation 1e-3 of its scale; see Parameters)
+LOG_FLOOR = float(np.log(1e-3))
 _CBIND = re.compile(r"^\s*cbind\s*\((.*)\)\s*$", re.S)
 _DUMMY_RESPONSE = "__henderson_response__"
 
@@ -131,7 +134,11 @@ class MultivariateDesign:
     record_index: pd.Index
     dropped_fixed: list = field(default_factory=list)
     dropped_groups: list = field(default_factory=list)
+    #: groups with no recorded descendant (set to 0: nothing estimates them)
+    empty_groups: list = field(default_factory=list)
     kept_unknowns: np.ndarray | None = None   # over the full index (random + fixed)
+    #: b₀ subtracted from y (y − X b₀; see _shift_response): add it to the fixed effects
+    fixed_shift: np.ndarray | None = None
 
     @property
     def n_fixed(self) -> int:
@@ -156,11 +163,21 @@ def _pedigree_of(known):
     return known if isinstance(known, Pedigree) else None
 
 
+def _same_relationship(a, b) -> bool:
+    if a.level_precision is None or b.level_precision is None:
+        return a.level_precision is None and b.level_precision is None
+    if a.level_precision is b.level_precision:
+        return True
+    if a.level_precision.shape != b.level_precision.shape:
+        return False
+    return (abs(a.level_precision - b.level_precision) > 0).nnz == 0
+
+
 def build_multivariate_design(formula: str, data: pd.DataFrame, relationships=None,
                               covary=None, missing: str = "raise") -> MultivariateDesign:
     """The :class:`MultivariateDesign` of a formula (``cbind(...)`` for several traits)."""
     from .design import build_design
-    from .pedigree import UNKNOWN_PARENT_CODES, _unknown_labels
+    from .pedigree import _unknown_labels
     from .report import group_names
 
     if not isinstance(data, pd.DataFrame):
@@ -174,35 +191,63 @@ def build_multivariate_design(formula: str, data: pd.DataFrame, relationships=No
     for r in responses:
         if not pd.api.types.is_numeric_dtype(data[r]) or pd.api.types.is_bool_dtype(data[r]):
             raise DataError(f"response {r!r} must be numeric, got dtype {data[r].dtype}")
+    if re.search(r"(^|[^\w.])offset\s*\(", rhs):
+        raise FormulaError("offset() is not available in multi-trait, maternal, group and "
+                           "random-regression models; subtract it from the responses")
+    from .formula import parse_formula
+    from .pedigree import _id_text
+
     relationships = dict(relationships or {})
     frame = data.copy()
     frame[_DUMMY_RESPONSE] = np.arange(len(frame), dtype=float)
-    # records whose dam (or any pedigree-related level) is an unknown-parent code have
-    # no such effect: they are given a valid level whose column is then left empty
-    no_level = {}
-    for group, known in relationships.items():
+    bars = parse_formula(f"{_DUMMY_RESPONSE} ~ {rhs}").bars
+    # Records without a level: the first term on a pedigree is the records' own animal
+    # and must be known (as in every model); a later term on the same pedigree (the
+    # dam of a maternal model, a sire) may be unknown: missing or an unknown-parent
+    # code means that the record has no such effect. Such records get a valid level
+    # whose column of Z is then left empty.
+    no_level: dict[str, np.ndarray] = {}
+    text_of: dict[str, pd.Series] = {}
+    strict_pedigrees = set()
+    for bar in bars:
+        group, known = bar.group, relationships.get(bar.group)
         ped = _pedigree_of(known)
-        if ped is None or group not in frame.columns:
+        if ped is None or len(bar.factors) != 1 or group not in frame.columns:
             continue
-        text = frame[group].astype("string").str.strip()
+        text, missing_id = _id_text(frame[group], group)
+        text = pd.Series(np.asarray(text, dtype=object), index=frame.index)
+        text[missing_id] = np.nan
+        text_of[group] = text
+        if id(ped) not in strict_pedigrees:
+            strict_pedigrees.add(id(ped))
+            frame[group] = text          # ids compared as the pedigree compares them
+            continue
         unknown = text.isna() | pd.Series(_unknown_labels(text.fillna("").astype(str), None),
                                           index=frame.index)
         unknown &= ~text.fillna("").isin(set(ped.ids))
+        frame[group] = text.where(~unknown, ped.ids[0]) if unknown.any() else text
         if unknown.any():
             no_level[group] = unknown.to_numpy()
-            frame[group] = text.where(~unknown, ped.ids[0]).astype(object)
-    # a missing level of an ordinary grouping factor (the pe of a calf whose dam is
-    # unknown) likewise means that the record has no such effect
-    from .formula import parse_formula
-
-    for bar in parse_formula(f"{_DUMMY_RESPONSE} ~ {rhs}").bars:
-        if len(bar.factors) != 1 or bar.group in no_level or bar.group not in frame.columns:
+    # an ordinary grouping factor that copies such a column (the dam's permanent
+    # environment pe, a copy of dam) has no level where that column has none; any other
+    # missing level of an ordinary factor also means no such effect
+    for bar in bars:
+        if len(bar.factors) != 1 or bar.group in text_of or bar.group not in frame.columns:
             continue
         column = frame[bar.group]
-        absent = column.isna().to_numpy()
+        as_text, missing_id = _id_text(column, bar.group)
+        as_text = pd.Series(np.asarray(as_text, dtype=object), index=frame.index)
+        absent = missing_id.copy()
+        for linked, mask in no_level.items():
+            original = text_of[linked]
+            same = (as_text == original.fillna("")) | (missing_id & original.isna().to_numpy())
+            if same.all():
+                absent |= mask
         if absent.any() and not absent.all():
             no_level[bar.group] = absent
-            frame[bar.group] = column.fillna(column[~absent].iloc[0])
+            keep = column[~absent].iloc[0]
+            frame[bar.group] = column.where(~absent, keep) if not isinstance(
+                column.dtype, pd.CategoricalDtype) else column.fillna(keep).where(~absent, keep)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # per-trait aliasing is reported below
         design = build_design(f"{_DUMMY_RESPONSE} ~ {rhs}", frame, missing=missing,
@@ -221,6 +266,10 @@ def build_multivariate_design(formula: str, data: pd.DataFrame, relationships=No
     for t, r in enumerate(responses):
         if observed[:, t].sum() < 2:
             raise DataError(f"response {r!r} has fewer than 2 observed values")
+        values = y_wide[observed[:, t], t]
+        if np.all(values == values[0]):
+            raise DataError(f"response {r!r} is constant ({values[0]:g} in every record): "
+                            "it has no variance to split")
     long_record, long_trait = np.nonzero(observed)          # record-major
     long_index = np.full(observed.shape, -1, dtype=np.int64)
     long_index[long_record, long_trait] = np.arange(len(long_record))
@@ -229,6 +278,9 @@ def build_multivariate_design(formula: str, data: pd.DataFrame, relationships=No
     # ---- effects
     names = group_names(design)
     term_of = dict(zip(names, design.terms))
+    if covary is not None and (isinstance(covary, str) or any(isinstance(c, str) for c in covary)):
+        raise ValueError("covary takes a list of tuples of term names, e.g. "
+                         f"[('animal', 'dam')], got {covary!r}")
     covary = [tuple(c) for c in (covary or [])]
     merged: dict[str, tuple] = {}
     for pair in covary:
@@ -244,6 +296,9 @@ def build_multivariate_design(formula: str, data: pd.DataFrame, relationships=No
         first = term_of[pair[0]]
         for g in pair[1:]:
             other = term_of[g]
+            if not _same_relationship(first, other):
+                raise DataError(f"covary {pair}: {g!r} and {pair[0]!r} must have the same "
+                                "relationship matrix (the same pedigree), or none")
             if not other.levels.equals(first.levels):
                 raise DataError(f"covary {pair}: {g!r} and {pair[0]!r} must have the same "
                                 "levels (give both the same pedigree in relationships)")
@@ -347,7 +402,60 @@ def build_multivariate_design(formula: str, data: pd.DataFrame, relationships=No
         effects=effects, patterns=patterns, n_records=n_records,
         record_index=design.row_index[records], dropped_fixed=dropped)
     _drop_confounded_groups(mdesign)
+    _shift_response(mdesign)
+    _check_collinear_traits(mdesign)
     return mdesign
+
+
+def _check_collinear_traits(design: MultivariateDesign) -> None:
+    """A DataError when the traits, after their fixed effects, are linearly dependent
+    on the records that have them all (``y3 = 2 y1 + 1``): R0 would be singular and
+    −2ℓ unbounded below."""
+    if design.n_traits < 2:
+        return
+    full = [index for traits, index in design.patterns if len(traits) == design.n_traits]
+    if not full or len(full[0]) <= design.n_traits:
+        return
+    E = design.y[full[0]]
+    scale = np.sqrt(np.sum(E ** 2, axis=0))
+    if np.any(scale == 0):
+        return
+    R = (E / scale).T @ (E / scale)
+    eigenvalues, vectors = np.linalg.eigh(R)
+    if eigenvalues[0] < 1e-10:
+        weights = vectors[:, 0]
+        involved = [design.responses[t] for t in np.flatnonzero(np.abs(weights) > 1e-3)]
+        raise DataError(f"traits {', '.join(map(repr, involved))} are linearly dependent "
+                        "after their fixed effects (one is an exact combination of the "
+                        "others): their residual covariance would be singular; drop one")
+
+
+def _shift_response(design: MultivariateDesign) -> None:
+    """Subtract each trait's least-squares fixed-effect fit, ``y − X b₀``: REML depends
+    on y only through its contrasts free of X, and y'Py of a response far from 0 (a
+    trait in the hundreds of millions) would cancel away its digits. The fixed-effect
+    solutions are reported plus ``b₀``."""
+    q = design.n_unknowns - design.n_fixed
+    Xf = design.T[:, q:].tocsc()
+    gram = (Xf.T @ Xf).tocsc()
+    gram = sp.tril(gram + sp.identity(gram.shape[0]) * 1e-12 * gram.diagonal().max(),
+                   format="csc")
+    factor = cholmod_analyze(gram, ordering="amd")
+    cholmod_refactor(factor, gram)
+    shift = factor(np.asarray(Xf.T @ design.y).ravel())
+    for _ in range(2):   # iterative refinement: the shift need not be exact, only near
+        shift += factor(np.asarray(Xf.T @ (design.y - Xf @ shift)).ravel())
+    design.fixed_shift = shift
+    design.y = design.y - Xf @ shift
+
+
+def kept_columns(design: MultivariateDesign, full: np.ndarray) -> np.ndarray:
+    """Columns of T (−1 for a dropped group) of unknowns in the full numbering."""
+    if design.kept_unknowns is None:
+        return full
+    where = np.full(len(design.kept_unknowns), -1, dtype=np.int64)
+    where[design.kept_unknowns] = np.arange(design.kept_unknowns.sum())
+    return where[full]
 
 
 def _drop_confounded_groups(design: MultivariateDesign) -> None:
@@ -385,7 +493,12 @@ def _drop_confounded_groups(design: MultivariateDesign) -> None:
             if p + j not in kept:
                 keep[col] = False
                 g, c = divmod(j, effect.k)
-                design.dropped_groups.append(f"{effect.components[c]}:{effect.levels[n_animals + g]}")
+                name = f"{effect.levels[n_animals + g]}"
+                name = name if effect.k == 1 else f"{effect.components[c]}:{name}"
+                if not np.any(ZQ[:, j]):
+                    design.empty_groups.append(name)
+                else:
+                    design.dropped_groups.append(name)
     if not keep.all():
         design.T = design.T[:, np.flatnonzero(keep)].tocsr()
         design.kept_unknowns = keep
@@ -575,10 +688,17 @@ def _vech_pairs(k: int) -> list[tuple[int, int]]:
 
 
 class Parameters:
-    """The (co)variance matrices and their Cholesky parametrisation (log diagonals):
-    first every effect's G0, then R0."""
+    """The (co)variance matrices and their Cholesky parametrisation: first every
+    effect's G0, then R0, each ``V = S L L' S`` with S a fixed diagonal of scales (the
+    start's standard deviations, so that θ has no units: milk in kg or in g gives the
+    same iterations) and L lower triangular with log diagonal.
 
-    def __init__(self, sizes: list[int]):
+    The log diagonals are kept at or above ``LOG_FLOOR``: a conditional variance below
+    1e-6 of its scale is a variance at its boundary (0), and closer to it ``log|G0|``
+    and ``log|C|`` cancel catastrophically (``G0⁻¹`` swamps C).
+    """
+
+    def __init__(self, sizes: list[int], n_genetic: int | None = None):
         self.sizes = sizes
         self.pairs = [_vech_pairs(k) for k in sizes]
         self.slices, start = [], 0
@@ -586,15 +706,25 @@ class Parameters:
             self.slices.append(slice(start, start + len(pairs)))
             start += len(pairs)
         self.n = start
+        self.scales = [np.ones(k) for k in sizes]
+        self.is_diagonal = np.array([a == b for pairs in self.pairs for a, b in pairs])
+        self.lower = np.where(self.is_diagonal, LOG_FLOOR, -np.inf)
+        # which θ belong to the residual matrix (the last)
+        self.is_residual = np.zeros(self.n, dtype=bool)
+        self.is_residual[self.slices[-1]] = True
+
+    def set_scales(self, matrices: list[np.ndarray]) -> None:
+        self.scales = [np.sqrt(np.diag(m)) for m in matrices]
 
     def to_theta(self, matrices: list[np.ndarray]) -> np.ndarray:
         out = []
-        for m in matrices:
-            L = np.linalg.cholesky(m)
+        for m, scale in zip(matrices, self.scales):
+            L = np.linalg.cholesky(m / np.outer(scale, scale))
             out += [np.log(L[a, a]) if a == b else L[a, b] for a, b in _vech_pairs(len(m))]
         return np.array(out)
 
     def factors(self, theta: np.ndarray) -> list[np.ndarray]:
+        """The scaled factors L (``V = S L L' S``)."""
         out = []
         for k, pairs, sl in zip(self.sizes, self.pairs, self.slices):
             L = np.zeros((k, k))
@@ -604,27 +734,30 @@ class Parameters:
         return out
 
     def matrices(self, theta: np.ndarray) -> list[np.ndarray]:
-        return [L @ L.T for L in self.factors(theta)]
+        return [np.outer(s, s) * (L @ L.T) for L, s in zip(self.factors(theta), self.scales)]
 
     def chain(self, theta: np.ndarray, gradients: list[np.ndarray]) -> np.ndarray:
-        """∂f/∂θ from each matrix's symmetric gradient Γ = ∂f/∂V (V = LL'):
-        ``∂f/∂L = 2 Γ L``, times ``L_aa`` on the log diagonal."""
+        """∂f/∂θ from each matrix's symmetric gradient Γ = ∂f/∂V:
+        ``∂f/∂L = 2 S Γ S L``, times ``L_aa`` on the log diagonal."""
         out = []
-        for L, gamma, pairs in zip(self.factors(theta), gradients, self.pairs):
-            dL = 2.0 * gamma @ L
+        for L, gamma, pairs, s in zip(self.factors(theta), gradients, self.pairs, self.scales):
+            dL = 2.0 * (np.outer(s, s) * gamma) @ L
             out += [dL[a, b] * (L[a, a] if a == b else 1.0) for a, b in pairs]
         return np.array(out)
 
     def jacobian(self, theta: np.ndarray) -> np.ndarray:
         """∂ vech(V) / ∂θ, block diagonal over the matrices."""
         J = np.zeros((self.n, self.n))
-        for L, pairs, sl in zip(self.factors(theta), self.pairs, self.slices):
+        for L, pairs, sl, s in zip(self.factors(theta), self.pairs, self.slices, self.scales):
             for col, (c, d) in enumerate(pairs):
                 dL = np.zeros_like(L)
                 dL[c, d] = L[c, c] if c == d else 1.0
-                dV = dL @ L.T + L @ dL.T
+                dV = np.outer(s, s) * (dL @ L.T + L @ dL.T)
                 J[sl.start:sl.stop, sl.start + col] = [dV[a, b] for a, b in pairs]
         return J
+
+    def at_floor(self, theta: np.ndarray) -> np.ndarray:
+        return self.is_diagonal & (theta <= LOG_FLOOR + 1e-9)
 
 
 # --------------------------------------------------------------------------- REML
@@ -650,7 +783,7 @@ class MultivariateREML:
         self.eq = equations or GeneralEquations(design)
         self.params = Parameters([e.k for e in design.effects] + [design.n_traits])
         self.n_fixed_like = design.n_fixed + sum(e.n_groups * e.k for e in design.effects) \
-            - len(design.dropped_groups)
+            - len(design.dropped_groups) - len(design.empty_groups)
         self.dof = design.n_long - self.n_fixed_like
         self.n_evaluations = 0
         self.random_index = [self._effect_unknowns(e) for e in design.effects]
@@ -830,39 +963,102 @@ def fit_ai_reml(reml: MultivariateREML, start: list[np.ndarray], verbose=False,
 
 def _fit_ai_reml(reml, start, verbose, max_iterations) -> AIResult:
     params = reml.params
-    theta = params.to_theta(start)
+    params.set_scales(start)
+    theta = np.maximum(params.to_theta(start), params.lower)
+    t0 = time.perf_counter()
+    run = _ai_iterations(reml, theta, verbose, max_iterations, t0)
+    # a covariance matrix left near singular (or a stalled run) may sit beside a lower
+    # optimum on the boundary where the whole matrix is 0 (a random regression whose
+    # animal variance vanishes): −2ℓ there is evaluated, and AI-REML restarted from it
+    # when it is lower
+    tried = set()
+    while True:
+        theta, st = run[0], run[1]
+        candidates = []
+        for i, sl in enumerate(params.slices[:-1]):
+            matrix = params.matrices(theta)[i]
+            d = np.sqrt(np.diag(matrix))
+            near = np.linalg.eigvalsh(matrix / np.outer(d, d)).min() < 1e-4
+            if i in tried or not (near or not run[2]):
+                continue
+            candidate = theta.copy()
+            candidate[sl] = np.where(params.is_diagonal[sl], LOG_FLOOR, 0.0)
+            candidates.append((i, candidate))
+        improved = False
+        for i, candidate in candidates:
+            tried.add(i)
+            if not np.isfinite(reml.objective(candidate)):
+                continue
+            if verbose:
+                print(f"AI-REML: restarting with covariance matrix {i + 1} at 0",
+                      file=sys.stderr)
+            restarted = _ai_iterations(reml, candidate, verbose, max_iterations, t0)
+            if restarted[1].objective < st.objective - 1e-9 * max(1.0, abs(st.objective)):
+                run = (restarted[0], restarted[1], restarted[2], restarted[3],
+                       run[4] + restarted[4])
+                improved = True
+                break
+        if not improved:
+            # the state of the run kept (the equations now hold a restart's last values)
+            if candidates:
+                run = (run[0], reml.state(run[0]), run[2], run[3], run[4])
+            break
+    theta, st, converged, message, history = run
+    return AIResult(theta, st.objective, converged, len(history) - 1, history, message, st)
+
+
+def _ai_iterations(reml, theta, verbose, max_iterations, t0):
+    """AI-REML iterations from θ: (θ, state, converged, message, history)."""
+    params = reml.params
     st = reml.state(theta)
     history = [(theta.copy(), st.objective)]
     converged, message = False, "iteration limit reached"
-    t0 = time.perf_counter()
+    damping = 0.0
+    stalled = 0
     for iteration in range(1, max_iterations + 1):
         g, H = st.gradient, st.hessian
-        try:
-            step = -np.linalg.solve(H + 1e-12 * np.abs(np.diag(H)).max() * np.eye(len(H)), g)
-        except np.linalg.LinAlgError:
-            step = -g / max(np.abs(np.diag(H)).max(), 1.0)
+        # variances at their floor that −2ℓ would push lower stay there (active set)
+        floor = params.at_floor(theta)
+        held = floor & (g > 0)
+        for _ in range(len(theta) + 1):
+            step = _newton_step(g, H, ~held)
+            # a variance at its floor that the Newton step takes lower is held too
+            # (projecting the step instead crawls along the floor)
+            lower = floor & ~held & (step < 0)
+            if not lower.any():
+                break
+            held |= lower
         decrement = float(-g @ step)
-        longest = np.abs(step).max()
-        if longest > MAX_STEP:   # a trust region: no (co)variance factor moves by more
-            step *= MAX_STEP / longest   # than e^MAX_STEP in one iteration
         if decrement < AI_TOLERANCE and iteration > 1:
             converged, message = True, "Newton decrement below tolerance"
             break
+        # Levenberg-Marquardt: a step that does not lower −2ℓ is retried with the
+        # AI matrix's diagonal weighted up (towards a scaled gradient step, in every
+        # direction at once: halving the Newton step stalls where the AI matrix is
+        # poorly conditioned, as near a singular G0)
         accepted = None
-        size = 1.0
-        for _ in range(12):
-            candidate = theta + size * step
+        for attempt in range(14):
+            trial = step if damping == 0 else _newton_step(g, H, ~held, damping)
+            longest = np.abs(trial).max()
+            if longest > MAX_STEP:
+                trial = trial * (MAX_STEP / longest)
+            candidate = np.maximum(theta + trial, params.lower)
             value = reml.objective(candidate)
             if np.isfinite(value) and value <= st.objective + 1e-12 * abs(st.objective):
                 accepted = candidate
                 break
-            size /= 2.0
-        how = f"AI step x{size:g}"
+            damping = 1e-3 if damping == 0 else damping * 10.0
+        how = "AI step" if damping == 0 else f"AI step, damping {damping:.0e}"
+        damping = damping / 10.0 if damping > 1e-3 else 0.0
         if accepted is None:
             # EM-REML on the G0s (always positive definite), R0 kept
             *_, R0 = params.matrices(theta)
-            candidate = params.to_theta(list(st.em_matrices) + [R0])
-            value = reml.objective(candidate)
+            try:
+                candidate = np.maximum(params.to_theta(list(st.em_matrices) + [R0]),
+                                       params.lower)
+                value = reml.objective(candidate)
+            except np.linalg.LinAlgError:
+                value = np.inf
             if np.isfinite(value) and value < st.objective:
                 accepted, how = candidate, "EM step"
         if accepted is None:
@@ -871,10 +1067,16 @@ def _fit_ai_reml(reml, start, verbose, max_iterations) -> AIResult:
                        if converged else "no step lowers -2 log L; stopped")
             break
         change = st.objective - value
+        stalled = stalled + 1 if change <= 0 else 0
+        if stalled >= 3:
+            converged, message = decrement < 1e-4, "no step lowers -2 log L; stopped"
+            break
         theta = accepted
-        if np.abs(theta).max() > 30.0:   # a variance beyond e^60 of its start: diverging
+        if (np.any(theta[params.is_diagonal] > 30.0)
+                or np.any(np.abs(theta[~params.is_diagonal]) > 1e6)):
+            # a variance beyond e^60 of its start: diverging
             converged, message = False, "the (co)variances diverge"
-            st = reml.state(theta, derivatives=False)
+            st = reml.state(theta)
             break
         st = reml.state(theta)
         history.append((theta.copy(), st.objective))
@@ -884,30 +1086,48 @@ def _fit_ai_reml(reml, start, verbose, max_iterations) -> AIResult:
         if change < AI_TOLERANCE * max(1.0, abs(st.objective)) * 1e-2 and decrement < 1e-6:
             converged, message = True, "-2 log L changes below tolerance"
             break
-    return AIResult(theta, st.objective, converged, len(history) - 1, history, message, st)
+        if (len(history) > 5 and history[-6][1] - st.objective
+                < 1e-10 * max(1.0, abs(st.objective))):
+            # near a boundary the AI matrix is poorly conditioned and its Newton
+            # decrement overstates what is left: five iterations without progress end
+            converged, message = True, "-2 log L no longer changes (5 iterations)"
+            break
+    return theta, st, converged, message, history
+
+
+def _newton_step(g, H, free, damping: float = 0.0) -> np.ndarray:
+    """``−(H + λ h̄ I)⁻¹ g`` over the free parameters (0 for the others; h̄ the mean
+    diagonal of H)."""
+    step = np.zeros_like(g)
+    if not free.any():
+        return step
+    Hf = H[np.ix_(free, free)]
+    # Levenberg's damping (the identity, scaled): Marquardt's diag(H) leaves alone the
+    # directions the AI matrix hardly sees (an off-diagonal below a diagonal at its floor)
+    Hf = Hf + damping * np.mean(np.abs(np.diag(Hf))) * np.eye(len(Hf))
+    try:
+        step[free] = -np.linalg.solve(Hf + 1e-12 * np.abs(np.diag(Hf)).max()
+                                      * np.eye(len(Hf)), g[free])
+    except np.linalg.LinAlgError:
+        step[free] = -g[free] / max(np.abs(np.diag(Hf)).max(), 1.0)
+    return step
 
 
 def start_matrices(design: MultivariateDesign) -> list[np.ndarray]:
     """Start: each trait's residual variance after the fixed effects (least squares),
     split evenly between the residual and the random effects (a random-regression
     coefficient's share divided by its covariable's mean square); no correlations."""
-    T = design.T[:, design.n_random:]
+    resid = design.y     # already free of the least-squares fixed-effect fit
     y = design.y
-    gram = (T.T @ T).tocsc() + sp.identity(T.shape[1]) * 1e-10
-    from .linalg import cholmod_analyze as analyze
-    f = analyze(sp.tril(gram, format="csc"), ordering="amd")
-    cholmod_refactor(f, sp.tril(gram, format="csc"))
-    resid = y - T @ f(np.asarray(T.T @ y).ravel())
     variance = np.array([max(np.var(resid[design.long_trait == t]), 1e-8 * max(np.var(y), 1e-300))
                          for t in range(design.n_traits)])
     share = 0.5 / max(len(design.effects), 1)
     out = []
     for effect in design.effects:
         diag = np.empty(effect.k)
-        Tz = design.T[:, :design.n_random]
         for c in range(effect.k):
-            cols = effect.offset + np.arange(effect.rank) * effect.k + c
-            z2 = np.asarray(Tz[:, cols].power(2).sum(axis=1)).ravel()
+            cols = kept_columns(design, effect.offset + np.arange(effect.rank) * effect.k + c)
+            z2 = np.asarray(design.T[:, cols[cols >= 0]].power(2).sum(axis=1)).ravel()
             used = z2[design.long_trait == effect.component_trait[c]]
             scale = used.mean() if used.size and used.mean() > 0 else 1.0
             diag[c] = share * variance[effect.component_trait[c]] / scale
