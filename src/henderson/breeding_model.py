@@ -26,6 +26,16 @@ class Covariances(dict):
     by its tuple in either order, and one member of it (``"animal"``) gives that
     member's own block."""
 
+    def __contains__(self, key) -> bool:
+        try:
+            self[key]
+        except KeyError:
+            return False
+        return True
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
     def __getitem__(self, key):
         if isinstance(key, list):
             key = tuple(key)
@@ -366,10 +376,8 @@ class BreedingModel:
 
     def _inverse_values(self):
         if self._inverse is None:
-            eq = self.reml_function.eq
-            if not eq.factorized:
-                self.reml_function.evaluate(self.matrices)
-            self._inverse = eq.selected_inverse_on_pattern()
+            self.reml_function.factor_at(self.matrices)
+            self._inverse = self.reml_function.eq.selected_inverse_on_pattern()
         return self._inverse
 
     @property
@@ -415,9 +423,6 @@ class BreedingModel:
         return self._wide(self.state.residuals, "residuals")
 
     # ------------------------------------------------------------------ effects
-    def _effect_name(self, effect):
-        return effect.key
-
     def _animal_levels(self, effect) -> pd.Index:
         return effect.levels[:effect.rank]
 
@@ -474,8 +479,7 @@ class BreedingModel:
         n, k = effect.rank, effect.k
         group_index = index[n * k:].reshape(effect.n_groups, k)
         eq = self.reml_function.eq
-        if not eq.factorized:
-            self.reml_function.evaluate(self.matrices)
+        self.reml_function.factor_at(self.matrices)
         kept = [(g, c) for g in range(effect.n_groups) for c in range(k)
                 if group_index[g, c] >= 0]
         unit = np.zeros((self.design.n_unknowns, len(kept)))
@@ -626,11 +630,20 @@ class BreedingModel:
         return _root(grad @ self._cov_vech @ grad)
 
     def _phenotypic_terms(self, trait: int) -> list:
-        """Var(y) of a record of ``trait``: every component's variance (a random
-        regression's at the mean covariable is not defined: refused) plus, for
-        covaried members, ½·cov (Willham: the covariance of an animal and its dam)."""
+        """Var(y) of a record of ``trait``: every component's variance plus, for a
+        covaried pair on one pedigree (an animal and its dam), twice ½·cov (Willham
+        1972). A random regression anywhere, or a covaried pair of other factors, has
+        no single phenotypic variance: refused."""
         terms = []
         for i, effect in enumerate(self.design.effects):
+            if len(set(effect.component_coef)) > 1:
+                raise ValueError("the phenotypic variance of a model with a random "
+                                 "regression depends on the covariable; compute ratios "
+                                 "from m.covariances at the points you need")
+            if len(effect.members) > 1 and effect.level_variance is None:
+                raise ValueError(f"covaried terms {effect.members} are not on a pedigree: "
+                                 "the covariance of a record's effects is not known here; "
+                                 "compute ratios from m.covariances")
             cols = [c for c in range(effect.k) if effect.component_trait[c] == trait]
             for c in cols:
                 terms.append((i, c, c, 1.0))
@@ -638,7 +651,6 @@ class BreedingModel:
                 for y in cols:
                     if x < y and effect.component_member[x] != effect.component_member[y]:
                         terms.append((i, y, x, 1.0))  # 2 x ½ cov
-        n_traits = self.design.n_traits
         terms.append((len(self.design.effects), trait, trait, 1.0))
         return terms
 

@@ -457,7 +457,11 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
 
     Returns
     -------
-    LinearMixedModel
+    LinearMixedModel or BreedingModel
+        A :class:`~henderson.breeding_model.BreedingModel` for the breeding models
+        listed under ``covary`` (multi-trait, covaried, group and, with REML and the
+        default optimiser, random-regression-on-a-pedigree models), which has no
+        ``save``, ``predict`` or ``anova`` yet.
 
     Examples
     --------
@@ -484,7 +488,7 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
         return fit_breeding_model(formula, data, relationships=relationships, covary=covary,
                                   fixed_variances=fixed_variances, reml=reml, missing=missing,
                                   verbose=verbose)
-    if covary is not None:
+    if covary:
         raise ValueError("covary needs two random terms of the formula")
     t0 = time.perf_counter()
     source = as_chunk_source(data)

@@ -28,8 +28,9 @@ REML: ``−2ℓ = (N − p) log 2π + log|C| + log|R| + log|G| + y'Py`` with
 REML (Johnson & Thompson 1995; Gilmour, Thompson & Cullis 1995) works on the Cholesky
 factors of every G0 and R0 (log diagonals), so that every step is positive definite;
 the score is exact (traces from the selected inverse of C), the AI matrix from one
-solve per parameter; a step that does not lower −2ℓ is halved, and an EM-REML step of
-the G0s is taken when halving fails. SEs come from the inverse AI matrix.
+solve per parameter; a step that does not lower −2ℓ is retried with Levenberg damping,
+and an EM-REML step of the G0s is the last resort; log diagonals have a floor (section
+9 of docs/DESIGN.md). SEs come from the inverse AI matrix.
 
 Unknown-parent groups enter by Quaas's QP transformation: the animal effect's levels are
 the animals then the groups, with ``K⁻¹ = A*⁻¹``; groups are fixed effects (counted in p,
@@ -46,11 +47,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import scipy.linalg
 import scipy.sparse as sp
 
 from . import kernels
-from .errors import ConvergenceWarning, DataError, FormulaError, PedigreeError
+from .errors import DataError, FormulaError
 from .linalg import cholmod_analyze, cholmod_lower_factor, cholmod_refactor, independent_columns
 
 #: −2ℓ changes below this (and a Newton decrement below it) end AI-REML
@@ -222,22 +222,23 @@ def build_multivariate_design(formula: str, data: pd.DataFrame, relationships=No
             strict_pedigrees.add(id(ped))
             frame[group] = text          # ids compared as the pedigree compares them
             continue
-        unknown = text.isna() | pd.Series(_unknown_labels(text.fillna("").astype(str), None),
-                                          index=frame.index)
+        unknown = text.isna() | pd.Series(
+            _unknown_labels(text.fillna("").astype(str), ped.unknown_codes), index=frame.index)
+        unknown |= text.isin(set(ped.groups))
         unknown &= ~text.fillna("").isin(set(ped.ids))
         frame[group] = text.where(~unknown, ped.ids[0]) if unknown.any() else text
         if unknown.any():
             no_level[group] = unknown.to_numpy()
     # an ordinary grouping factor that copies such a column (the dam's permanent
-    # environment pe, a copy of dam) has no level where that column has none; any other
-    # missing level of an ordinary factor also means no such effect
+    # environment pe, a copy of dam) has no level where that column has none; other
+    # missing levels follow `missing` (an error, or the row dropped)
     for bar in bars:
         if len(bar.factors) != 1 or bar.group in text_of or bar.group not in frame.columns:
             continue
         column = frame[bar.group]
         as_text, missing_id = _id_text(column, bar.group)
         as_text = pd.Series(np.asarray(as_text, dtype=object), index=frame.index)
-        absent = missing_id.copy()
+        absent = np.zeros(len(frame), dtype=bool)   # otherwise `missing` decides
         for linked, mask in no_level.items():
             original = text_of[linked]
             same = (as_text == original.fillna("")) | (missing_id & original.isna().to_numpy())
@@ -283,6 +284,8 @@ def build_multivariate_design(formula: str, data: pd.DataFrame, relationships=No
                          f"[('animal', 'dam')], got {covary!r}")
     covary = [tuple(c) for c in (covary or [])]
     merged: dict[str, tuple] = {}
+    covary = [tuple(sorted(pair, key=lambda g: names.index(g) if g in names else -1))
+              for pair in covary]   # members in the formula's order, whatever the tuple's
     for pair in covary:
         if len(pair) < 2 or not all(isinstance(g, str) for g in pair):
             raise ValueError(f"covary takes tuples of two or more term names, got {pair!r}")
@@ -430,6 +433,24 @@ def _check_collinear_traits(design: MultivariateDesign) -> None:
                         "others): their residual covariance would be singular; drop one")
 
 
+def _independent_after(residual: np.ndarray, norms: np.ndarray, tol: float = 1e-7) -> list:
+    """Columns kept, in order, of a Gram matrix of residuals (after X): a column goes
+    when its residual on X and the kept earlier columns is below ``tol²`` of its own
+    squared norm (as :func:`~henderson.linalg.independent_columns`)."""
+    kept: list[int] = []
+    for j in range(len(norms)):
+        if not norms[j] > 0:
+            continue
+        r = residual[j, j]
+        if kept:
+            block = residual[np.ix_(kept, kept)]
+            v = residual[kept, j]
+            r -= float(v @ np.linalg.solve(block, v))
+        if r > tol * tol * norms[j]:
+            kept.append(j)
+    return kept
+
+
 def _shift_response(design: MultivariateDesign) -> None:
     """Subtract each trait's least-squares fixed-effect fit, ``y − X b₀``: REML depends
     on y only through its contrasts free of X, and y'Py of a response far from 0 (a
@@ -479,18 +500,16 @@ def _drop_confounded_groups(design: MultivariateDesign) -> None:
                 blocks.append(T @ weights)
                 group_cols.append(effect.offset + (n_animals + g) * effect.k + c)
         ZQ = np.column_stack(blocks)
-        Xf = T[:, design.n_random:]
-        Xf = Xf[:, np.flatnonzero(np.asarray(abs(Xf).sum(axis=0)).ravel() > 0)]
-        gram = (Xf.T @ Xf).toarray() if Xf.shape[1] <= 4000 else None
-        if gram is None:
-            raise DataError("unknown-parent groups with more than 4,000 fixed-effect columns "
-                            "are not supported yet")
+        Xf = T[:, design.n_random:].tocsc()
+        # Z Q after its projection on X (X'X sparse: thousands of herd-year-seasons)
+        gram = sp.tril(Xf.T @ Xf, format="csc")
+        factor = cholmod_analyze(gram, ordering="amd")
+        cholmod_refactor(factor, gram)
         cross = np.asarray(Xf.T @ ZQ)
-        full = np.block([[gram, cross], [cross.T, ZQ.T @ ZQ]])
-        kept = set(independent_columns(full))
-        p = gram.shape[0]
+        residual = ZQ.T @ ZQ - cross.T @ factor(cross)
+        kept = set(_independent_after(residual, np.einsum("ij,ij->j", ZQ, ZQ)))
         for j, col in enumerate(group_cols):
-            if p + j not in kept:
+            if j not in kept:
                 keep[col] = False
                 g, c = divmod(j, effect.k)
                 name = f"{effect.levels[n_animals + g]}"
@@ -820,7 +839,9 @@ class MultivariateREML:
             g_inv.append(np.linalg.inv(G0))
             logdet_G += effect.rank * value + effect.k * effect.logdet
         eq.fill(W, g_inv)
+        self.factored_at = None
         eq.factorize()
+        self.factored_at = [np.array(m, dtype=float) for m in matrices]
         rhs = eq.rhs(W)
         solution = eq.solve(rhs)
         ypy = eq.yy(W) - float(solution @ rhs)
@@ -829,13 +850,20 @@ class MultivariateREML:
         return float(value), solution
 
     def objective(self, theta: np.ndarray) -> float:
+        from sksparse.cholmod import CholmodError
+
         try:
             return self.evaluate(self.params.matrices(theta))[0]
-        except (np.linalg.LinAlgError, Exception) as exc:  # CHOLMOD: not positive definite
-            if type(exc).__name__ in ("CholmodNotPositiveDefiniteError", "LinAlgError",
-                                      "CholmodError"):
-                return np.inf
-            raise
+        except (np.linalg.LinAlgError, CholmodError):  # C not positive definite there
+            return np.inf
+
+    def factor_at(self, matrices: list[np.ndarray]) -> None:
+        """Make the equations' factor that of these (co)variance matrices (a trial
+        step of AI-REML may have left another in place)."""
+        held = getattr(self, "factored_at", None)
+        if held is None or len(held) != len(matrices) or not all(
+                np.array_equal(a, b) for a, b in zip(held, matrices)):
+            self.evaluate(matrices)
 
     def effect_solutions(self, solution: np.ndarray, e: int) -> np.ndarray:
         """Levels x components of effect e (0 for dropped groups)."""

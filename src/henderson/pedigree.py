@@ -538,6 +538,7 @@ class Pedigree:
         self.sire = np.where(sire_idx[order] >= 0, position[np.maximum(sire_idx[order], 0)], -1)
         self.dam = np.where(dam_idx[order] >= 0, position[np.maximum(dam_idx[order], 0)], -1)
         self.n_added_founders = len(founders)
+        self.unknown_codes = unknown    # as given (None: the default codes)
         # unknown-parent groups of the parents (-1: no group), in the order of ids
         self.groups = pd.Index(group_labels, dtype=object, name="group")
         parent_group = lambda part: np.concatenate([
