@@ -619,3 +619,39 @@ def test_cli_two_traits_at_known_covariances(tmp_path):
     want = pd.DataFrame(ref["random"]["animal"]["values"], index=ref["random"]["animal"]["ids"],
                         columns=ref["random"]["animal"]["columns"])
     np.testing.assert_allclose(got.loc[want.index, want.columns], want, atol=1e-6)
+
+
+def test_three_traits_with_mixed_missing_patterns_reach_a_stationary_dense_optimum():
+    rng = np.random.default_rng(21)
+    data, ped, A, pos = _simulated_two_traits(seed=8, n_off=110, missing=0.0)
+    data["y3"] = 0.5 * data["y1"] + rng.normal(scale=2.0, size=len(data))
+    data.loc[rng.random(len(data)) < 0.25, "y1"] = np.nan
+    data.loc[rng.random(len(data)) < 0.25, "y3"] = np.nan
+    data = data[data[["y1", "y2", "y3"]].notna().any(axis=1)]
+    m = hd.lmm("cbind(y1, y2, y3) ~ sex + (1 | animal)", data, relationships={"animal": ped})
+    assert m.converged and len(m.design.patterns) == 4   # y2 is in every record
+    y = data[["y1", "y2", "y3"]].to_numpy()
+    rows = [(i, t) for i in range(len(y)) for t in range(3) if np.isfinite(y[i, t])]
+    N, n = len(rows), A.shape[0]
+    trait = np.array([t for _, t in rows])
+    record = np.array([i for i, _ in rows])
+    X = np.zeros((N, 6))
+    Z = np.zeros((N, 3 * n))
+    for r, (i, t) in enumerate(rows):
+        X[r, 2 * t] = 1.0
+        X[r, 2 * t + 1] = data["sex"].iloc[i] == "M"
+        Z[r, pos[data["animal"].iloc[i]] * 3 + t] = 1.0
+    G, R = m.covariances["animal"].to_numpy(), m.covariances["residual"].to_numpy()
+    V = Z @ np.kron(A, G) @ Z.T + np.where(record[:, None] == record[None, :],
+                                           R[trait][:, trait], 0.0)
+    Vi = np.linalg.inv(V)
+    XVX = X.T @ Vi @ X
+    yl = np.array([y[i, t] for i, t in rows])
+    P = Vi - Vi @ X @ np.linalg.solve(XVX, X.T @ Vi)
+    dense = ((N - 6) * np.log(2 * np.pi) + np.linalg.slogdet(V)[1]
+             + np.linalg.slogdet(XVX)[1] + yl @ P @ yl)
+    assert dense == pytest.approx(m.objective, rel=1e-10)
+    theta = m.reml_function.params.to_theta(m.matrices)
+    for e in np.eye(len(theta)) * 1e-3:
+        assert min(m.reml_function.objective(theta + e),
+                   m.reml_function.objective(theta - e)) > m.objective - 1e-6
