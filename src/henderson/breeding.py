@@ -45,7 +45,8 @@ def breeding_values(model, group: str | None = None) -> pd.DataFrame:
     frame = pd.DataFrame({"trait": model.design.response_name, "ebv": ebv, "pev": pev},
                          index=model.ranef[group].index)
     with np.errstate(divide="ignore", invalid="ignore"):
-        frame["reliability"] = 1.0 - pev / (diag * variance)
+        # PEV ≤ the prior variance: a reliability outside [0, 1] is rounding
+        frame["reliability"] = np.clip(1.0 - pev / (diag * variance), 0.0, 1.0)
     if term.level_variance is not None:
         frame["inbreeding"] = diag - 1.0
     return frame
