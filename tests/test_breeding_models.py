@@ -655,3 +655,79 @@ def test_three_traits_with_mixed_missing_patterns_reach_a_stationary_dense_optim
     for e in np.eye(len(theta)) * 1e-3:
         assert min(m.reml_function.objective(theta + e),
                    m.reml_function.objective(theta - e)) > m.objective - 1e-6
+
+
+def test_groups_confounded_with_the_intercept_are_found_with_a_large_fixed_factor():
+    """Three groups on 800 animals with herd-year-seasons: the groups' fractions sum to
+    1, so one is aliased with the intercept (it had escaped a Gram-difference test);
+    group contrasts and fitted values as the dense model with groups as covariates."""
+    pf, records, _ = animal_population(800, seed=3)
+    k = np.arange(len(pf))
+    for col in ["sire", "dam"]:
+        unknown = pf[col] == "0"
+        pf.loc[unknown, col] = np.where(k[unknown] < 267, "G1",
+                                        np.where(k[unknown] < 533, "G2", "G3"))
+    ped = hd.Pedigree.from_dataframe(pf, groups=["G1", "G2", "G3"])
+    m = hd.lmm("y ~ sex + hys + (1 | animal)", records, relationships={"animal": ped},
+               fixed_variances={"animal": 30.0, "residual": 70.0})
+    assert m.design.dropped_groups == ["G3"]
+    A = relationship_matrix_tabular(ped)
+    N, n = len(records), len(ped)
+    Z = np.zeros((N, n))
+    Z[np.arange(N), pd.Index(ped.ids).get_indexer(records["animal"])] = 1.0
+    Q = ped.group_contributions()
+    X = np.column_stack([np.ones(N), pd.get_dummies(records[["sex", "hys"]], drop_first=True),
+                         Z @ Q[:, :2]]).astype(float)
+    W = np.hstack([X, Z])
+    C = W.T @ W / 70.0
+    C[X.shape[1]:, X.shape[1]:] += np.linalg.inv(A) / 30.0
+    sol = np.linalg.solve(C, W.T @ records["y"].to_numpy() / 70.0)
+    p = X.shape[1]
+    g = m.group_effects.iloc[:, 0]
+    np.testing.assert_allclose([g["G1"], g["G2"], g["G3"]], [*sol[p - 2:p], 0.0], atol=1e-8)
+    np.testing.assert_allclose(m.fitted.to_numpy(), W @ sol, atol=1e-8)
+    pev = np.diag(np.linalg.inv(C))[p:]
+    np.testing.assert_allclose(m.breeding_values().loc[list(ped.ids), "pev"], pev, rtol=1e-8)
+
+
+def test_traits_eight_orders_of_magnitude_apart_fit_as_one():
+    data, ped, A, pos = _simulated_two_traits(seed=3)
+    base = hd.lmm("cbind(y1, y2) ~ sex + (1 | animal)", data, relationships={"animal": ped})
+    for factor in (1e-6, 1e8):
+        far = hd.lmm("cbind(y1, y2) ~ sex + (1 | animal)", data.assign(y2=data["y2"] * factor),
+                     relationships={"animal": ped})
+        assert far.converged
+        scale = np.diag([1.0, factor])
+        np.testing.assert_allclose(far.covariances["animal"].to_numpy(),
+                                   scale @ base.covariances["animal"].to_numpy() @ scale,
+                                   rtol=1e-5)
+
+
+def test_maternal_edge_cases_of_ids_and_missing_values():
+    case = hd.datasets.mrode("7.1")
+    data = case["data"].astype({"dam": object, "pe": object})
+    data.loc[0, ["dam", "pe"]] = "0"
+    kwargs = dict(relationships=case["relationships"], covary=case["covary"],
+                  fixed_variances={**case["fixed_variances"], "herd": 10.0})
+    # a random term after pe (it had raised KeyError)
+    m = hd.lmm("bw ~ pen + (1 | animal) + (1 | dam) + (1 | pe) + (1 | herd)", data, **kwargs)
+    assert m.design.T[0].nnz == 3   # animal, herd and the intercept
+    # the first term on the pedigree is the records' own animal
+    with pytest.raises(hd.DataError, match="first term on a pedigree"):
+        hd.lmm("bw ~ herd + pen + (1 | dam) + (1 | animal) + (1 | pe)", data,
+               relationships=case["relationships"], covary=case["covary"],
+               fixed_variances=case["fixed_variances"])
+    # a missing response follows `missing`, as in every one-response model
+    gap = case["data"].assign(bw=case["data"]["bw"].where(case["data"].index != 2))
+    with pytest.raises(hd.DataError, match="missing"):
+        hd.lmm(case["formula"], gap, relationships=case["relationships"],
+               covary=case["covary"], fixed_variances=case["fixed_variances"])
+    dropped = hd.lmm(case["formula"], gap, relationships=case["relationships"],
+                     covary=case["covary"], fixed_variances=case["fixed_variances"],
+                     missing="drop")
+    assert dropped.nobs == len(gap) - 1
+    assert "animal,dam" in hd.lmm(case["formula"], case["data"],
+                                  relationships=case["relationships"], covary=case["covary"],
+                                  fixed_variances=case["fixed_variances"]).covariances
+    with pytest.raises(PedigreeError, match="never used"):
+        hd.Pedigree(["1", "2"], ["G1", "1"], ["G1", "0"], groups=["G1", "G9"])

@@ -39,6 +39,9 @@ class Covariances(dict):
     def __getitem__(self, key):
         if isinstance(key, list):
             key = tuple(key)
+        if isinstance(key, str) and not dict.__contains__(self, key):
+            parts = _key_parts(key)
+            key = parts if len(parts) > 1 else key     # "animal,dam", "dam:animal"
         if dict.__contains__(self, key):
             return dict.__getitem__(self, key)
         if isinstance(key, tuple):

@@ -511,6 +511,10 @@ def stage_breeding_results(model, args, results: ResultsFolder) -> None:
                   lambda path: write(fixed.rename_axis("term").reset_index(), path))
     components = model.variance_components
     results.stage("covariances" + suffix, lambda path: write(components, path))
+    groups = model.group_effects
+    if groups is not None:
+        results.stage("groups" + suffix,
+                      lambda path: write(groups.reset_index(), path))
     ranef_files = {}
     for effect in model.design.effects:
         for member in effect.members:
@@ -617,6 +621,12 @@ def fit_command(args, out=None, err=None) -> int:
         members = tuple(m.strip() for m in option.split(",") if m.strip())
         if len(members) < 2:
             raise DataError(f"--covary: {option!r} is not TERM,TERM (e.g. animal,dam)")
+        pedigree_terms = [m for m in members if m in relationships]
+        if pedigree_terms and len(pedigree_terms) < len(members):
+            missing_terms = [m for m in members if m not in relationships]
+            raise DataError(f"--covary {option}: {', '.join(missing_terms)} has no pedigree; "
+                            f"give --animal {','.join(members)} so that the pedigree "
+                            "applies to every covaried term")
         covary.append(members)
     breeding = _is_breeding_model(args.formula, relationships, covary, fixed_variances,
                                   args.reml, args.optimizer)

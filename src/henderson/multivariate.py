@@ -220,6 +220,16 @@ def build_multivariate_design(formula: str, data: pd.DataFrame, relationships=No
         text_of[group] = text
         if id(ped) not in strict_pedigrees:
             strict_pedigrees.add(id(ped))
+            unknown_own = text.isna() | pd.Series(
+                _unknown_labels(text.fillna("").astype(str), ped.unknown_codes),
+                index=frame.index)
+            if unknown_own.any() and missing == "raise":
+                raise DataError(
+                    f"{int(unknown_own.sum())} record(s) have an unknown {group!r} (first at "
+                    f"row {int(np.flatnonzero(unknown_own.to_numpy())[0])}). The first term "
+                    f"on a pedigree, here (1 | {group}), is taken as the records' own "
+                    "animal, which must be known; write the animal's term first (a later "
+                    "term such as the dam may be unknown), or pass missing='drop'")
             frame[group] = text          # ids compared as the pedigree compares them
             continue
         unknown = text.isna() | pd.Series(
@@ -239,7 +249,9 @@ def build_multivariate_design(formula: str, data: pd.DataFrame, relationships=No
         as_text, missing_id = _id_text(column, bar.group)
         as_text = pd.Series(np.asarray(as_text, dtype=object), index=frame.index)
         absent = np.zeros(len(frame), dtype=bool)   # otherwise `missing` decides
-        for linked, mask in no_level.items():
+        for linked, mask in list(no_level.items()):
+            if linked not in text_of:      # an ordinary factor already handled
+                continue
             original = text_of[linked]
             same = (as_text == original.fillna("")) | (missing_id & original.isna().to_numpy())
             if same.all():
@@ -255,8 +267,20 @@ def build_multivariate_design(formula: str, data: pd.DataFrame, relationships=No
                               relationships=relationships)
     positions = np.asarray(design.y, dtype=np.int64)   # rows of data kept
     y_wide = data[responses].to_numpy(dtype=float)[positions]
-    if np.isinf(y_wide).any():
-        raise DataError("a response has an infinite value")
+    if not is_multivariate_formula(formula):
+        # one response (covary, groups, random regression): `missing` decides, as in
+        # every model; NaN means a missing trait only under cbind(...)
+        bad = ~np.isfinite(y_wide[:, 0])
+        if bad.any() and missing == "raise":
+            raise DataError(f"{int(bad.sum())} row(s) have missing or infinite values in "
+                            f"{responses[0]!r} (first at row {int(positions[bad][0])}); clean "
+                            "them or pass missing='drop'")
+        y_wide[bad, 0] = np.nan
+    elif np.isinf(y_wide).any():
+        if missing == "raise":
+            raise DataError("a response has an infinite value; clean it, or pass "
+                            "missing='drop' to treat it as a missing trait")
+        y_wide[np.isinf(y_wide)] = np.nan
     observed = np.isfinite(y_wide)
     has_any = observed.any(axis=1)
     if not has_any.any():
@@ -502,12 +526,19 @@ def _drop_confounded_groups(design: MultivariateDesign) -> None:
         ZQ = np.column_stack(blocks)
         Xf = T[:, design.n_random:].tocsc()
         # Z Q after its projection on X (X'X sparse: thousands of herd-year-seasons)
-        gram = sp.tril(Xf.T @ Xf, format="csc")
+        gram = (Xf.T @ Xf).tocsc()
+        ridge = 1e-12 * max(float(gram.diagonal().max()), 1e-300)
+        gram = sp.tril(gram + sp.identity(gram.shape[0], format="csc") * ridge, format="csc")
         factor = cholmod_analyze(gram, ordering="amd")
         cholmod_refactor(factor, gram)
-        cross = np.asarray(Xf.T @ ZQ)
-        residual = ZQ.T @ ZQ - cross.T @ factor(cross)
-        kept = set(_independent_after(residual, np.einsum("ij,ij->j", ZQ, ZQ)))
+        # the residuals themselves (not ZQ'ZQ − B'(X'X)⁻¹B, whose cancellation exceeds
+        # the test's 1e-14), by least squares with two steps of iterative refinement
+        coef = factor(np.asarray(Xf.T @ ZQ))
+        for _ in range(2):
+            coef += factor(np.asarray(Xf.T @ (ZQ - Xf @ coef)))
+        projected = ZQ - Xf @ coef
+        kept = set(_independent_after(projected.T @ projected, np.einsum("ij,ij->j", ZQ, ZQ),
+                                      tol=1e-6))
         for j, col in enumerate(group_cols):
             if j not in kept:
                 keep[col] = False
@@ -1147,7 +1178,7 @@ def start_matrices(design: MultivariateDesign) -> list[np.ndarray]:
     coefficient's share divided by its covariable's mean square); no correlations."""
     resid = design.y     # already free of the least-squares fixed-effect fit
     y = design.y
-    variance = np.array([max(np.var(resid[design.long_trait == t]), 1e-8 * max(np.var(y), 1e-300))
+    variance = np.array([max(np.var(resid[design.long_trait == t]), 1e-300)
                          for t in range(design.n_traits)])
     share = 0.5 / max(len(design.effects), 1)
     out = []

@@ -546,6 +546,11 @@ class Pedigree:
         ]).astype(np.int64)[order]
         self.sire_group = np.where(self.sire >= 0, -1, parent_group(slice(n, 2 * n)))
         self.dam_group = np.where(self.dam >= 0, -1, parent_group(slice(2 * n, 3 * n)))
+        used = set(self.sire_group[self.sire_group >= 0]) | set(self.dam_group[self.dam_group >= 0])
+        unused = [g for i, g in enumerate(group_labels) if i not in used]
+        if unused:
+            raise PedigreeError("unknown-parent group(s) never used as a parent: "
+                                + ", ".join(map(repr, unused)) + " (a typo?)")
         self._inbreeding = None
         self._inverse_d = None
 
