@@ -726,12 +726,18 @@ class BreedingModel:
                 lines.append("  standard errors:")
                 lines.append(se.to_string(float_format=lambda v: f"{v:.4g}"))
             lines.append("")
+        groups = self.group_effects
+        if groups is not None:
+            lines.append("Unknown-parent groups (fixed, QP transformation):")
+            lines.append(groups.to_string(float_format=lambda v: f"{v:.6g}"))
         if d.dropped_groups:
             lines.append("Unknown-parent groups set to 0 (confounded with fixed effects): "
                          + ", ".join(d.dropped_groups))
         if d.empty_groups:
             lines.append("Unknown-parent groups set to 0 (no descendant has a record): "
                          + ", ".join(d.empty_groups))
+        if groups is not None:
+            lines.append("")
         lines.append("Fixed effects:")
         lines.append(self.coefficient_table().to_string(float_format=lambda v: f"{v:.6g}"))
         return "\n".join(line for line in lines if line is not None)
