@@ -612,16 +612,29 @@ class GeneralEquations:
                     rows, cols, vals = self._kept(rows, cols, vals)
                     parts.append(self._part("g", e, a, b, sp.coo_matrix((vals, (rows, cols)),
                                                                          shape=(n, n))))
-        keys = np.unique(np.concatenate([part.positions for part in parts]))
+        # C's pattern: the union of the parts' patterns (sparse additions, merges in
+        # C++); where each part's entries go: add the part, its entries numbered from
+        # 1, to the union of ones (same pattern, canonical order): entry j lands as j + 2
+        union = None
         for part in parts:
-            part.positions = np.searchsorted(keys, part.positions)
-        cols = keys // n
-        rows = keys - cols * n
-        indptr = np.zeros(n + 1, dtype=np.int64)
-        np.add.at(indptr, cols + 1, 1)
-        self.pattern_rows = rows
-        self.pattern_cols = cols
-        self.matrix = sp.csc_matrix((np.zeros(len(keys)), rows, np.cumsum(indptr)),
+            rows, cols = part.positions
+            ones = sp.csc_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
+            union = ones if union is None else union + ones
+        union.sort_indices()
+        union.data[:] = 1.0
+        for part in parts:
+            rows, cols = part.positions
+            tagged = union + sp.csc_matrix(
+                (np.arange(1, len(rows) + 1, dtype=np.float64), (rows, cols)), shape=(n, n))
+            if tagged.nnz != union.nnz or not tagged.has_sorted_indices:
+                tagged.sort_indices()
+            slots = np.flatnonzero(tagged.data >= 2.0)
+            position = np.empty(len(rows), dtype=np.int64)
+            position[(tagged.data[slots] - 2.0).astype(np.int64)] = slots
+            part.positions = position
+        self.pattern_rows = union.indices.astype(np.int64)
+        self.pattern_cols = np.repeat(np.arange(n, dtype=np.int64), np.diff(union.indptr))
+        self.matrix = sp.csc_matrix((np.zeros(union.nnz), union.indices, union.indptr),
                                     shape=(n, n))
         self.parts = parts
         self.matrix.data[:] = 0.0
@@ -644,7 +657,8 @@ class GeneralEquations:
         lower = r >= c
         r, c, v = r[lower], c[lower], coo.data[lower]
         weights = np.where(r == c, 1.0, 2.0)
-        return _Part(kind, which, a, b, c.astype(np.int64) * self.n + r, v, weights)
+        # (rows, cols) until the pattern of C is known, then positions in its values
+        return _Part(kind, which, a, b, (r, c), v, weights)
 
     def _fill_reducing_order(self) -> np.ndarray:
         """AMD on the graph of levels (each effect's k components are one node),
