@@ -123,14 +123,12 @@ def _arranged(value, key, members: tuple, components: list, what: str) -> np.nda
 
 
 def _key_variants(key) -> set:
+    """The spellings under which a key is looked up: itself, its parts in order and as
+    a set (a covaried pair in either order)."""
+    parts = _key_parts(key)
     if isinstance(key, (tuple, list)):
-        return {tuple(key), frozenset(key)}
-    text = str(key)
-    for sep in (",", ":", "+", "&", " "):
-        if sep in text:
-            parts = tuple(p.strip() for p in text.split(sep) if p.strip())
-            return {parts, frozenset(parts), text}
-    return {text}
+        return {parts, frozenset(parts)}
+    return {parts, frozenset(parts), str(key)} if len(parts) > 1 else {str(key)}
 
 
 def known_matrices(design, fixed_variances: dict) -> list[np.ndarray]:
@@ -262,10 +260,8 @@ def _check_identified(design, matrices, residual_at_floor=None) -> None:
     scale = np.array([np.var(design.y[design.long_trait == t])
                       for t in range(design.n_traits)])
     worst = None
-    for t in range(design.n_traits):
-        if R0[t, t] < scale[t] / DEGENERATE_RATIO ** 1.5:
-            worst = (f"the residual variance of {design.responses[t]!r} went to "
-                     f"{R0[t, t]:.3g} (its phenotypic variance is {scale[t]:.3g})")
+    # (a residual variance cannot fall below its floor: see Parameters; one at the
+    # floor where −2ℓ still falls comes in as residual_at_floor)
     d = np.sqrt(np.diag(R0))
     if residual_at_floor is not None and residual_at_floor.any():
         worst = ("a residual variance (of a trait, or of a trait given the others) went "
@@ -437,14 +433,21 @@ class BreedingModel:
         out = {}
         for e, effect in enumerate(self.design.effects):
             U = self.reml_function.effect_solutions(self.state.solution, e)[:effect.rank]
-            frame = pd.DataFrame(U, index=self._animal_levels(effect), columns=effect.components)
-            for s, member in enumerate(effect.members):
-                cols = [c for c in range(effect.k) if effect.component_member[c] == s]
-                part = frame.iloc[:, cols]
-                if len(effect.members) > 1:
-                    part = part.set_axis([_strip_member(effect.components[c], member)
-                                          for c in cols], axis=1)
-                out[member] = part
+            out.update(self._by_member(effect, U))
+        return out
+
+    def _by_member(self, effect, values: np.ndarray) -> dict:
+        """Levels x components of an effect as one table per member (term)."""
+        frame = pd.DataFrame(values, index=self._animal_levels(effect),
+                             columns=effect.components)
+        out = {}
+        for s, member in enumerate(effect.members):
+            cols = [c for c in range(effect.k) if effect.component_member[c] == s]
+            part = frame.iloc[:, cols]
+            if len(effect.members) > 1:
+                part = part.set_axis([_strip_member(effect.components[c], member)
+                                      for c in cols], axis=1)
+            out[member] = part
         return out
 
     @property
@@ -511,15 +514,7 @@ class BreedingModel:
         the deviation from the groups' mean, ``a = a* − Qg``."""
         out = {}
         for e, effect in enumerate(self.design.effects):
-            frame = pd.DataFrame(self._pev_blocks(e), index=self._animal_levels(effect),
-                                 columns=effect.components)
-            for s, member in enumerate(effect.members):
-                cols = [c for c in range(effect.k) if effect.component_member[c] == s]
-                part = frame.iloc[:, cols]
-                if len(effect.members) > 1:
-                    part = part.set_axis([_strip_member(effect.components[c], member)
-                                          for c in cols], axis=1)
-                out[member] = part
+            out.update(self._by_member(effect, self._pev_blocks(e)))
         return out
 
     def _effect_of(self, group):

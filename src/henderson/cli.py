@@ -552,12 +552,6 @@ def _strict_json(value):
 
 
 # ---------------------------------------------------------------- commands
-def _is_breeding_model(*args) -> bool:
-    from .fit import _is_breeding_model as decide
-
-    return decide(*args)
-
-
 def fit_command(args, out=None, err=None) -> int:
     """``henderson fit``: check the inputs and outputs, read, fit, print the summary,
     stage the results, save the model, put the results in place.
@@ -628,8 +622,10 @@ def fit_command(args, out=None, err=None) -> int:
                             f"give --animal {','.join(members)} so that the pedigree "
                             "applies to every covaried term")
         covary.append(members)
-    breeding = _is_breeding_model(args.formula, relationships, covary, fixed_variances,
-                                  args.reml, args.optimizer)
+    from .fit import _is_breeding_model
+
+    breeding = _is_breeding_model(args.formula, relationships, covary, args.reml,
+                                  args.optimizer)
     if breeding and args.save:
         raise DataError("--save is not available for multi-trait, maternal, group and "
                         "random-regression models yet; use --out for the result tables")

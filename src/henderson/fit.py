@@ -167,8 +167,7 @@ def theta_from_variances(design: Design, variances: dict) -> tuple[np.ndarray, f
     return np.array(theta), float(np.sqrt(residual))
 
 
-def _is_breeding_model(formula, relationships, covary, fixed_variances, reml,
-                       optimizer) -> bool:
+def _is_breeding_model(formula, relationships, covary, reml, optimizer) -> bool:
     """Whether :func:`lmm` hands the model to the general-covariance equations."""
     from .multivariate import is_multivariate_formula
     from .pedigree import Pedigree
@@ -474,7 +473,7 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
     """
     check_options(reml=reml, optimizer=optimizer, ordering=ordering, method=method,
                   strategy=strategy, verbose=verbose, missing=missing, sparse_fixed=sparse_fixed)
-    if _is_breeding_model(formula, relationships, covary, fixed_variances, reml, optimizer):
+    if _is_breeding_model(formula, relationships, covary, reml, optimizer):
         from .breeding_model import fit_breeding_model
 
         if optimizer not in ("auto", "ai") or method != "mme" or strategy != "auto" \

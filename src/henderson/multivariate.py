@@ -137,6 +137,8 @@ class MultivariateDesign:
     #: groups with no recorded descendant (set to 0: nothing estimates them)
     empty_groups: list = field(default_factory=list)
     kept_unknowns: np.ndarray | None = None   # over the full index (random + fixed)
+    #: column of T of every unknown in the full numbering (−1: a group set to 0)
+    kept_position: np.ndarray | None = None
     #: b₀ subtracted from y (y − X b₀; see _shift_response): add it to the fixed effects
     fixed_shift: np.ndarray | None = None
 
@@ -496,11 +498,7 @@ def _shift_response(design: MultivariateDesign) -> None:
 
 def kept_columns(design: MultivariateDesign, full: np.ndarray) -> np.ndarray:
     """Columns of T (−1 for a dropped group) of unknowns in the full numbering."""
-    if design.kept_unknowns is None:
-        return full
-    where = np.full(len(design.kept_unknowns), -1, dtype=np.int64)
-    where[design.kept_unknowns] = np.arange(design.kept_unknowns.sum())
-    return where[full]
+    return full if design.kept_position is None else design.kept_position[full]
 
 
 def _drop_confounded_groups(design: MultivariateDesign) -> None:
@@ -552,6 +550,8 @@ def _drop_confounded_groups(design: MultivariateDesign) -> None:
     if not keep.all():
         design.T = design.T[:, np.flatnonzero(keep)].tocsr()
         design.kept_unknowns = keep
+        design.kept_position = np.full(len(keep), -1, dtype=np.int64)
+        design.kept_position[keep] = np.arange(keep.sum())
 
 
 # --------------------------------------------------------------------------- equations
@@ -578,10 +578,6 @@ class GeneralEquations:
         n = design.n_unknowns
         self.n = n
         self.keep = design.kept_unknowns
-        self._full_to_kept = None
-        if self.keep is not None:
-            self._full_to_kept = np.full(len(self.keep), -1, dtype=np.int64)
-            self._full_to_kept[self.keep] = np.arange(self.keep.sum())
         self.order = self._fill_reducing_order()
         self.position = np.empty(n, dtype=np.int64)
         self.position[self.order] = np.arange(n)
@@ -637,17 +633,15 @@ class GeneralEquations:
         self.matrix = sp.csc_matrix((np.zeros(union.nnz), union.indices, union.indptr),
                                     shape=(n, n))
         self.parts = parts
-        self.matrix.data[:] = 0.0
         self.matrix.data[self.matrix.indptr[:-1]] = 1.0  # the diagonal (any SPD values)
         self.factor = cholmod_analyze(self.matrix, ordering="natural")
         self.factor_perm = np.asarray(self.factor.P(), dtype=np.int64)
-        self.factorized = False
 
     # -- set-up helpers
     def _kept(self, rows, cols, vals):
-        if self._full_to_kept is None:
+        if self.keep is None:
             return rows, cols, vals
-        r, c = self._full_to_kept[rows], self._full_to_kept[cols]
+        r, c = kept_columns(self.design, rows), kept_columns(self.design, cols)
         ok = (r >= 0) & (c >= 0)
         return r[ok], c[ok], vals[ok]
 
@@ -703,11 +697,9 @@ class GeneralEquations:
                     else g_inverses[part.which][part.a, part.b])
             if coef != 0.0:
                 data[part.positions] += coef * part.values
-        self.factorized = False
 
     def factorize(self) -> None:
         cholmod_refactor(self.factor, self.matrix)
-        self.factorized = True
 
     def rhs(self, residual_inverses) -> np.ndarray:
         out = np.zeros(self.n)
@@ -855,10 +847,7 @@ class MultivariateREML:
     def _effect_unknowns(self, effect: Effect) -> np.ndarray:
         """Positions (in the equations) of an effect's unknowns, level-major, −1 for
         unknowns dropped (confounded groups)."""
-        full = effect.offset + np.arange(effect.n_levels * effect.k)
-        if self.eq._full_to_kept is None:
-            return full
-        return self.eq._full_to_kept[full]
+        return kept_columns(self.design, effect.offset + np.arange(effect.n_levels * effect.k))
 
     def residual_inverses(self, R0: np.ndarray) -> tuple[list[np.ndarray], float]:
         out, logdet = [], 0.0
@@ -1191,7 +1180,6 @@ def start_matrices(design: MultivariateDesign) -> list[np.ndarray]:
     split evenly between the residual and the random effects (a random-regression
     coefficient's share divided by its covariable's mean square); no correlations."""
     resid = design.y     # already free of the least-squares fixed-effect fit
-    y = design.y
     variance = np.array([max(np.var(resid[design.long_trait == t]), 1e-300)
                          for t in range(design.n_traits)])
     share = 0.5 / max(len(design.effects), 1)
