@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.linalg
 import scipy.optimize
 
 import henderson as hd
@@ -150,6 +151,24 @@ def _simulated_two_traits(seed=3, n_base=20, n_off=100, missing=0.2):
     return data, ped, A, pos
 
 
+def _dense_reml(V, X, y) -> float:
+    """−2 log REML of y ~ N(Xb, V), written without henderson:
+    ``(N − p) log 2π + log|V| + log|X'V⁻¹X| + y'Py``."""
+    c = scipy.linalg.cho_factor(V, lower=True)
+    ViX, Viy = scipy.linalg.cho_solve(c, X), scipy.linalg.cho_solve(c, y)
+    XVX = X.T @ ViX
+    return ((len(y) - X.shape[1]) * np.log(2 * np.pi) + 2 * np.log(np.diag(c[0])).sum()
+            + np.linalg.slogdet(XVX)[1] + y @ Viy - (X.T @ Viy) @ np.linalg.solve(XVX, X.T @ Viy))
+
+
+def _assert_stationary(m, step=1e-3):
+    """No (co)variance parameter moves −2 log L down by ``step`` either way."""
+    theta = m.reml_function.params.to_theta(m.matrices)
+    for e in np.eye(len(theta)) * step:
+        assert min(m.reml_function.objective(theta + e),
+                   m.reml_function.objective(theta - e)) > m.objective - 1e-6
+
+
 def _dense_two_trait_reml(data, A, pos):
     """−2 log REML of ``cbind(y1, y2) ~ sex + (1 | animal)`` from V = ZGZ' + R,
     written without henderson (Cholesky parameters of G0 and R0, log diagonals)."""
@@ -158,7 +177,6 @@ def _dense_two_trait_reml(data, A, pos):
     N, n = len(rows), A.shape[0]
     yl = np.array([y[i, t] for i, t in rows])
     X, Z = np.zeros((N, 4)), np.zeros((N, 2 * n))
-    same = np.zeros((N, N), dtype=bool)
     for r, (i, t) in enumerate(rows):
         X[r, 2 * t] = 1.0
         X[r, 2 * t + 1] = data["sex"].iloc[i] == "M"
@@ -176,12 +194,8 @@ def _dense_two_trait_reml(data, A, pos):
 
     def objective(theta):
         G, R = matrices(theta)
-        V = Z @ np.kron(A, G) @ Z.T + np.where(same, R[trait][:, trait], 0.0)
-        Vi = np.linalg.inv(V)
-        XVX = X.T @ Vi @ X
-        P = Vi - Vi @ X @ np.linalg.solve(XVX, X.T @ Vi)
-        return ((N - 4) * np.log(2 * np.pi) + np.linalg.slogdet(V)[1]
-                + np.linalg.slogdet(XVX)[1] + yl @ P @ yl)
+        return _dense_reml(Z @ np.kron(A, G) @ Z.T + np.where(same, R[trait][:, trait], 0.0),
+                           X, yl)
 
     return objective, matrices
 
@@ -288,18 +302,9 @@ def test_maternal_reml_matches_dense_objective():
     Zam = np.hstack([Za, Zm])
     V = (Zam @ np.kron(G, A) @ Zam.T + m.covariances["pe"].iloc[0, 0] * Zp @ Zp.T
          + m.covariances["residual"].iloc[0, 0] * np.eye(N))
-    Vi = np.linalg.inv(V)
-    XVX = X.T @ Vi @ X
-    y = records["y"].to_numpy()
-    P = Vi - Vi @ X @ np.linalg.solve(XVX, X.T @ Vi)
-    dense = ((N - 2) * np.log(2 * np.pi) + np.linalg.slogdet(V)[1]
-             + np.linalg.slogdet(XVX)[1] + y @ P @ y)
-    assert dense == pytest.approx(m.objective, rel=1e-10)
+    assert _dense_reml(V, X, records["y"].to_numpy()) == pytest.approx(m.objective, rel=1e-10)
     # and the score is zero there: no (co)variance moves −2 log L down by a step
-    theta = m.reml_function.params.to_theta(m.matrices)
-    for e in np.eye(len(theta)) * 1e-3:
-        assert m.reml_function.objective(theta + e) > m.objective - 1e-6
-        assert m.reml_function.objective(theta - e) > m.objective - 1e-6
+    _assert_stationary(m)
     h2, se = m.heritability()
     assert 0 < h2 < 1 and se > 0
 
@@ -379,18 +384,8 @@ def test_group_reml_criterion_matches_dense_model_with_groups_as_fixed_covariate
     X = np.column_stack([np.ones(N), data["sex"] == "M", ZQ[:, 0]]).astype(float)  # G2 aliased
     va, ve = m.covariances["animal"].iloc[0, 0], m.covariances["residual"].iloc[0, 0]
     V = va * Z @ A @ Z.T + ve * np.eye(N)
-    Vi = np.linalg.inv(V)
-    XVX = X.T @ Vi @ X
-    y = data["y"].to_numpy()
-    P = Vi - Vi @ X @ np.linalg.solve(XVX, X.T @ Vi)
-    p = X.shape[1]
-    dense = ((N - p) * np.log(2 * np.pi) + np.linalg.slogdet(V)[1] + np.linalg.slogdet(XVX)[1]
-             + y @ P @ y)
-    assert dense == pytest.approx(m.objective, rel=1e-10)
-    theta = m.reml_function.params.to_theta(m.matrices)
-    for e in np.eye(len(theta)) * 1e-3:
-        assert min(m.reml_function.objective(theta + e),
-                   m.reml_function.objective(theta - e)) > m.objective - 1e-6
+    assert _dense_reml(V, X, data["y"].to_numpy()) == pytest.approx(m.objective, rel=1e-10)
+    _assert_stationary(m)
 
 
 def test_missing_dam_and_pe_mean_no_such_effect():
@@ -485,8 +480,6 @@ def test_random_regression_reml_reaches_the_dense_optimum_on_the_boundary():
     floor on the Cholesky diagonals keeps −2ℓ accurate (no cancellation of log|G0|
     and log|C|) and the active set lets AI-REML converge there; a dense optimiser
     started from henderson's estimates finds nothing lower."""
-    import scipy.linalg
-
     ped_frame, records, _ = animal_population(300, 3, seed=11)
     ped = hd.Pedigree.from_dataframe(ped_frame)
     rng = np.random.default_rng(5)
@@ -517,11 +510,7 @@ def test_random_regression_reml_reaches_the_dense_optimum_on_the_boundary():
 
     def dense(Ga, Gp, s):
         V = Aa * (Lg @ Ga @ Lg.T) + same * (Lg @ Gp @ Lg.T) + s * np.eye(len(y))
-        c = scipy.linalg.cho_factor(V, lower=True)
-        ViX, Viy = scipy.linalg.cho_solve(c, X), scipy.linalg.cho_solve(c, y)
-        XVX = X.T @ ViX
-        return ((len(y) - X.shape[1]) * np.log(2 * np.pi) + 2 * np.log(np.diag(c[0])).sum()
-                + np.linalg.slogdet(XVX)[1] + y @ Viy - (X.T @ Viy) @ np.linalg.solve(XVX, X.T @ Viy))
+        return _dense_reml(V, X, y)
 
     Ga, Gp = m.covariances["animal"].to_numpy(), m.covariances["pe"].to_numpy()
     s = m.covariances["residual"].iloc[0, 0]
@@ -644,17 +633,9 @@ def test_three_traits_with_mixed_missing_patterns_reach_a_stationary_dense_optim
     G, R = m.covariances["animal"].to_numpy(), m.covariances["residual"].to_numpy()
     V = Z @ np.kron(A, G) @ Z.T + np.where(record[:, None] == record[None, :],
                                            R[trait][:, trait], 0.0)
-    Vi = np.linalg.inv(V)
-    XVX = X.T @ Vi @ X
     yl = np.array([y[i, t] for i, t in rows])
-    P = Vi - Vi @ X @ np.linalg.solve(XVX, X.T @ Vi)
-    dense = ((N - 6) * np.log(2 * np.pi) + np.linalg.slogdet(V)[1]
-             + np.linalg.slogdet(XVX)[1] + yl @ P @ yl)
-    assert dense == pytest.approx(m.objective, rel=1e-10)
-    theta = m.reml_function.params.to_theta(m.matrices)
-    for e in np.eye(len(theta)) * 1e-3:
-        assert min(m.reml_function.objective(theta + e),
-                   m.reml_function.objective(theta - e)) > m.objective - 1e-6
+    assert _dense_reml(V, X, yl) == pytest.approx(m.objective, rel=1e-10)
+    _assert_stationary(m)
 
 
 def test_groups_confounded_with_the_intercept_are_found_with_a_large_fixed_factor():
