@@ -5,7 +5,8 @@ that follows it, so that the outputs in the docs are generated, not typed.
 
 Every ```python block runs, top to bottom, in one namespace, in a temporary folder. A
 block followed directly (after one blank line at most) by a bare ``` block has that
-block replaced with its printed output (warnings included). ``--check`` rewrites
+block replaced with its printed output (warnings included), and the images the code
+saves under ``docs/`` are copied next to the Markdown file. ``--check`` rewrites
 nothing and fails when an output differs from the file.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import io
 import os
 import re
+import shutil
 import sys
 import tempfile
 import warnings
@@ -61,6 +63,9 @@ def main(argv=None) -> int:
                 rendered = render(text)
             finally:
                 os.chdir(here)
+            if not check:
+                for image in (Path(folder) / "docs").glob("*.png"):
+                    shutil.copy(image, path.parent / image.name)
         if check:
             if rendered != text:
                 print(f"{path}: outputs differ from what the code prints", file=sys.stderr)

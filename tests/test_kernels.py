@@ -1,5 +1,8 @@
 """Numba kernels against plain NumPy twins on random small inputs."""
+import warnings
+
 import numpy as np
+import pytest
 import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -114,3 +117,42 @@ def test_add_rows_equals_numpy_add_at():
     out = np.zeros((7, 3))
     add_rows(out, index, values)
     np.testing.assert_allclose(out, expected, rtol=1e-13)
+
+
+# ------------------------------------------------------------------ genotype blocks
+def _genotype_block(seed, n=37, k=11):
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(0, 3, size=(n, k)).astype(np.float32)
+    counts[rng.random((n, k)) < 0.15] = np.nan
+    counts[:, 0] = np.nan            # a variant never observed
+    counts[:, 1] = 1.0               # and one without variation
+    return np.asfortranarray(counts)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_genotype_moments_equal_numpy(seed):
+    counts = _genotype_block(seed)
+    observed, mean, variance = kernels.genotype_moments(counts)
+    assert np.array_equal(observed, (~np.isnan(counts)).sum(axis=0))
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        expected_mean = np.nanmean(counts.astype(np.float64), axis=0)
+        expected_var = np.nanvar(counts.astype(np.float64), axis=0)
+    assert np.allclose(mean[1:], expected_mean[1:], atol=1e-12)
+    assert np.allclose(variance[1:], expected_var[1:], atol=1e-12)
+    assert mean[0] == 0 and variance[0] == 0
+
+
+@pytest.mark.parametrize("centre", [True, False])
+def test_centred_genotypes_equal_numpy(centre):
+    counts = _genotype_block(7)
+    _, mean, variance = kernels.genotype_moments(counts)
+    scale = np.where(variance > 0, 1 / np.sqrt(np.where(variance > 0, variance, 1)), 1.0)
+    out = kernels.centred_genotypes(counts, mean, scale, centre)
+    filled = np.where(np.isnan(counts), mean, counts)
+    expected = (filled - mean) * scale if centre else filled
+    assert out.dtype == np.float32 and out.flags["F_CONTIGUOUS"]
+    assert np.allclose(out, expected, atol=1e-6)
+    rows = np.random.default_rng(1).normal(size=counts.shape[1])
+    complete = np.nan_to_num(counts)
+    assert np.allclose(kernels.weighted_row_sums(complete, rows), complete @ rows, atol=1e-10)

@@ -12,6 +12,9 @@ from .errors import (ConvergenceWarning, DataError, FormulaError, HendersonError
 from .fit import fit_design, lmm, load_compiled_kernels
 from .formula import parse_formula
 from .genomic import RelationshipMatrix, grm
+from .gwas import gwas
+from .plink import Genotypes, read_plink, write_plink
+from .plots import manhattan, qq
 from .inference import anova
 from .breeding import legendre
 from .breeding_model import BreedingModel
@@ -25,7 +28,7 @@ from .streaming import ChunkedData, chunked
 __version__ = "0.1.0"
 
 __all__ = [
-    "lmm", "fit_design", "legendre", "BreedingModel", "anova", "chunked", "ChunkedData", "load", "SavedModel", "Pedigree", "RelationshipMatrix", "grm", "build_design", "parse_formula", "datasets", "Design",
+    "lmm", "fit_design", "legendre", "BreedingModel", "anova", "chunked", "ChunkedData", "load", "SavedModel", "Pedigree", "RelationshipMatrix", "grm", "gwas", "Genotypes", "read_plink", "write_plink", "manhattan", "qq", "build_design", "parse_formula", "datasets", "Design",
     "RandomTerm", "MixedModelEquations", "Objective", "LinearMixedModel",
     "FormulaError", "DataError", "PedigreeError", "HendersonError",
     "ConvergenceWarning", "RankDeficiencyWarning", "load_compiled_kernels",

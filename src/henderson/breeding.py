@@ -90,22 +90,28 @@ def average_information(model):
         model.cache["average_information"] = state
     return model.cache["average_information"]
 
-def heritability(model, group: str | None = None) -> tuple[float, float]:
-    """``h² = σ²_group / (Σ σ²_t + σ²_e)`` and its SE (delta method on AI⁻¹)."""
+def heritability(model, group=None) -> tuple[float, float]:
+    """``h² = σ²_group / (Σ σ²_t + σ²_e)`` and its SE (delta method on AI⁻¹).
+
+    ``group`` may be a list of terms, e.g. ``["id.1", "id.2"]`` for the heritability of
+    several relationship matrices on one factor together (their variances summed).
+    """
     vc = variance_components(model)
     if group is None:
         known = [t.group for t in model.design.terms if t.level_precision is not None]
         group = (known or [model.design.terms[0].group])[0]
+    chosen = [group] if isinstance(group, str) else list(group)
     values = vc["variance"].to_numpy()
     groups = [name for name in vc.index if name != "Residual"]
-    if group not in groups:
-        raise ValueError(f"heritability: {group!r} is not a random term; choose from "
-                         f"{', '.join(map(repr, groups))}")
-    i = list(vc.index).index(group)
+    absent = [g for g in chosen if g not in groups]
+    if absent or not chosen:
+        raise ValueError(f"heritability: {', '.join(map(repr, absent)) or 'nothing'} is not a "
+                         f"random term; choose from {', '.join(map(repr, groups))}")
+    index = [list(vc.index).index(g) for g in chosen]
     total = values.sum()
-    h2 = values[i] / total
-    gradient = -values[i] / total ** 2 * np.ones(len(values))
-    gradient[i] += 1.0 / total
+    h2 = values[index].sum() / total
+    gradient = -values[index].sum() / total ** 2 * np.ones(len(values))
+    gradient[index] += 1.0 / total
     covariance = variance_covariance(model)
     se = float(np.sqrt(gradient @ covariance @ gradient)) if covariance is not None else np.nan
     return float(h2), se

@@ -29,6 +29,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
+import pandas as pd
 
 DEMO_MODELS = [
     ("plants", "height ~ moisture + (1 | pot)", {}),
@@ -123,7 +124,6 @@ def _csv_options(file: Path, path: str, what: str, text_columns) -> dict:
 
 def _read_error(exc: Exception, path: str, what: str):
     """The :class:`DataError` for a file pandas or pyarrow could not read."""
-    import pandas as pd
 
     from .errors import DataError, HendersonError
 
@@ -158,7 +158,6 @@ def read_table(path: str, text_columns=(), what: str = "data file"):
         The file is absent, a folder, empty, damaged or not of its kind; the message
         names it.
     """
-    import pandas as pd
 
     from .design import text_labels
     from .errors import DataError
@@ -222,7 +221,6 @@ def read_relationship(path: str):
     DataError
         Naming the file and the row and column at fault.
     """
-    import pandas as pd
 
     from .errors import DataError, HendersonError
     from .genomic import as_relationship
@@ -703,6 +701,33 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"henderson: error: {one_line(message)} (see `{self.prog} --help`)\n")
 
 
+def gwas_command(args, out=None, err=None) -> int:
+    """``henderson gwas``: a scan of a PLINK set against one null model, streamed to a
+    CSV/TSV/Parquet file, with the null fits on stdout."""
+    from .gwas import gwas
+    from .plink import read_plink
+
+    out = sys.stdout if out is None else out
+    genotypes = read_plink(args.bfile)
+    data = read_table(args.data, text_columns=[args.id])
+    relationship = args.grm
+    if args.grm not in ("auto", "vanraden", "standardized"):
+        relationship = read_relationship(args.grm)
+    result = gwas(args.formula, data, genotypes, id=args.id, grm=relationship,
+                  loco=args.loco, test=args.test, reml=args.reml, blend=args.blend,
+                  out=args.out, progress=False if args.quiet else "auto",
+                  precision=args.precision)
+    null = pd.DataFrame(result.attrs["null"])
+    print(f"{genotypes!r}", file=out)
+    print("null model(s):", file=out)
+    print(null.to_string(index=False, float_format=lambda v: f"{v:.6g}"), file=out)
+    best = result.nsmallest(min(args.top, len(result)), "pvalue")
+    print(f"\nsmallest p-values ({args.test}):", file=out)
+    print(best.to_string(index=False, float_format=lambda v: f"{v:.4g}"), file=out)
+    print(f"\n{len(result):,} rows written to {args.out}", file=out)
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text.replace("_", "").replace(",", ""))
@@ -740,7 +765,7 @@ Every failure is one line on stderr, "henderson: error: ...", and exit code 2.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``henderson`` argument parser (``demo``, ``fit``, ``predict``)."""
+    """The ``henderson`` argument parser (``demo``, ``fit``, ``predict``, ``gwas``)."""
     from . import __version__
 
     parser = _Parser(prog="henderson", description="Linear mixed models on sparse MME.")
@@ -822,6 +847,41 @@ def build_parser() -> argparse.ArgumentParser:
                               "population prediction (default: an error, as lme4)")
     predict.add_argument("--traceback", action="store_true",
                          help="show the traceback of an error (for bug reports)")
+    scan = sub.add_parser("gwas", help="scan a PLINK set against one null mixed model",
+                          description="Test every variant of a PLINK .bed/.bim/.fam set "
+                                      "against one null linear mixed model (a random effect "
+                                      "of each person with the GRM), streaming the rows to "
+                                      "a file.")
+    scan.add_argument("formula", help='covariates, e.g. "y ~ age + sex"; "cbind(y1, y2) ~ '
+                                      'age" for several phenotypes')
+    scan.add_argument("data", help="CSV or Parquet file: one row per person")
+    scan.add_argument("--bfile", required=True, metavar="PREFIX",
+                      help="PLINK prefix (PREFIX.bed, .bim, .fam)")
+    scan.add_argument("--out", required=True, metavar="FILE",
+                      help="results file: .csv, .tsv or .parquet")
+    scan.add_argument("--id", default="iid", help="column of the data holding the .fam IIDs "
+                                                  "(default iid)")
+    scan.add_argument("--test", choices=["wald", "score", "lrt"], default="wald",
+                      help="wald (default; FaST-LMM's), score, or lrt (needs --ml)")
+    scan_method = scan.add_mutually_exclusive_group()
+    scan_method.add_argument("--reml", dest="reml", action="store_true", default=True,
+                             help="REML null fit (the default)")
+    scan_method.add_argument("--ml", dest="reml", action="store_false", help="ML null fit")
+    scan.add_argument("--grm", default="auto", metavar="KIND|FILE",
+                      help="auto (VanRaden 1 of all variants), standardized, or a CSV file "
+                           "of a labelled covariance")
+    scan.add_argument("--blend", type=float, default=0.01,
+                      help="weight of the identity in a GRM built here (default 0.01)")
+    scan.add_argument("--loco", action="store_true",
+                      help="leave one chromosome out: each chromosome's GRM and null fit "
+                           "from the others")
+    scan.add_argument("--precision", choices=["double", "single"], default="double",
+                      help="precision of the genotype rotation (single: twice as fast)")
+    scan.add_argument("--top", type=_positive_int, default=10,
+                      help="print this many smallest p-values (default 10)")
+    scan.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    scan.add_argument("--traceback", action="store_true",
+                      help="show the traceback of an error (for bug reports)")
     return parser
 
 
@@ -846,7 +906,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return demo()
-        command = fit_command if args.command == "fit" else predict_command
+        command = {"fit": fit_command, "predict": predict_command,
+                   "gwas": gwas_command}[args.command]
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning  # one line per warning, as errors
             try:

@@ -825,8 +825,11 @@ def check_columns(columns: list[str], available) -> None:
 
 
 def known_relationships(formula: ParsedFormula, relationships: dict | None) -> dict:
-    """Grouping factor -> :class:`~henderson.RelationshipMatrix`, each a factor of the
-    formula's random terms."""
+    """Grouping factor -> list of ``(name, RelationshipMatrix)``, each factor one of the
+    formula's random terms. One matrix gives one term named after the factor; several
+    on one factor (``{"id": [K1, K2]}`` or ``{"id": {"snp": K1, "dom": K2}}``, GCTA's
+    ``--mgrm``) give one variance component each, named ``id.1``, ``id.2`` (or
+    ``id.snp``, ``id.dom``)."""
     from .genomic import as_relationship
 
     if relationships is not None and not isinstance(relationships, dict):
@@ -837,7 +840,23 @@ def known_relationships(formula: ParsedFormula, relationships: dict | None) -> d
     if unknown:
         raise FormulaError(f"relationships given for {', '.join(map(repr, unknown))}, which "
                            "is not the grouping factor of any random term")
-    return {group: as_relationship(known) for group, known in relationships.items()}
+    known = {}
+    for group, given in relationships.items():
+        if isinstance(given, (list, tuple)):
+            named = [(f"{group}.{i + 1}", k) for i, k in enumerate(given)]
+        elif isinstance(given, dict):
+            named = [(f"{group}.{name}", k) for name, k in given.items()]
+        else:
+            named = [(group, given)]
+        if not named:
+            raise DataError(f"relationships[{group!r}] is empty")
+        if len(named) > 1:
+            bars = [b for b in formula.bars if b.group == group]
+            if any(b.lhs.replace(" ", "") not in ("1", "0+1") for b in bars):
+                raise FormulaError(f"several relationship matrices on {group!r} need an "
+                                   f"intercept-only term (1 | {group})")
+        known[group] = [(name, as_relationship(k)) for name, k in named]
+    return known
 
 
 def levels_not_in_relationship(group: str, labels: np.ndarray) -> DataError:
@@ -1066,16 +1085,20 @@ def build_design(
     terms: list[RandomTerm] = []
     for bar in parsed.bars:
         z, coef_names, z_spec = _model_matrix(bar.lhs, frame)
-        known = relationships.get(bar.group)
-        if known is not None:
-            labels = level_labels(frame, bar.factors)
-            levels = pd.Index(known.labels, name=bar.group)
-            codes = levels.get_indexer(labels).astype(np.int64)
-            if np.any(codes < 0):
-                raise levels_not_in_relationship(bar.group, labels[codes < 0])
-        else:
-            codes, levels = _grouping_factor(frame, bar)
-        terms.append(random_term(bar, codes, levels, z, coef_names, z_spec, known, n))
+        for name, known in relationships.get(bar.group, [(bar.group, None)]):
+            if known is not None:
+                labels = level_labels(frame, bar.factors)
+                levels = pd.Index(known.labels, name=bar.group)
+                codes = levels.get_indexer(labels).astype(np.int64)
+                if np.any(codes < 0):
+                    raise levels_not_in_relationship(bar.group, labels[codes < 0])
+            else:
+                codes, levels = _grouping_factor(frame, bar)
+            term = random_term(bar, codes, levels, z, coef_names, z_spec, known, n)
+            if name != bar.group:  # one of several matrices on this factor
+                term.group = name
+                term.label = f"{bar.text} [{name}]"
+            terms.append(term)
     if not terms:
         raise FormulaError(
             f"formula {parsed.text!r} has no random term '(... | group)'; "

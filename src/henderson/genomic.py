@@ -283,12 +283,98 @@ def _aligned_relationship(relationship, labels: pd.Index) -> np.ndarray:
     return _checked_symmetric(matrix, labels, "relationship")
 
 
-def grm(genotypes, blend: float = 0.01, relationship=None) -> RelationshipMatrix:
-    """VanRaden's genomic relationship matrix, method 1, blended for invertibility.
+GRM_METHODS = ("vanraden", "standardized")
 
+
+def _block_crossproduct(counts: np.ndarray, method: str):
+    """One block of variants' contribution to the GRM's numerator.
+
+    ``counts`` is (samples x k) float32, NaN where missing (imputed by the mean, i.e.
+    centred to 0). Returns ``(S_block, denominator, used, constant)``: ``S_block`` the
+    (samples x samples) float64 sum of centred (vanraden) or standardised products,
+    ``denominator`` this block's share of ``2 Σ p (1 − p)`` (vanraden) or its number of
+    variants (standardized), ``constant`` a mask of the variants left out.
+
+    Without missing values the raw 0/1/2 cross-product is computed in float32, where
+    it is exact (integer sums below 2^24), and centred in float64 afterwards:
+    ``MM' = XX' − s1' − 1s' + c`` with ``s = X(2p)`` and ``c = 4 p'p``. With missing
+    values the centred block is multiplied in float32 (relative error ~1e-7).
+    """
+    from .kernels import centred_genotypes, genotype_moments, weighted_row_sums
+
+    counts = np.asfortranarray(counts, dtype=np.float32)
+    n_observed, mean, variance = genotype_moments(counts)
+    constant = ~(variance > 1e-12) | (n_observed < 2)
+    keep = ~constant
+    if not keep.any():
+        return None, 0.0, 0, constant
+    if not keep.all():
+        counts, n_observed, mean, variance = (np.asfortranarray(counts[:, keep]),
+                                              n_observed[keep], mean[keep], variance[keep])
+    freq = mean / 2.0
+    complete = bool(np.all(n_observed == counts.shape[0]))
+    if method == "vanraden":
+        denominator = float(2.0 * np.sum(freq * (1.0 - freq)))
+        if complete:
+            product = (counts @ counts.T).astype(np.float64)
+            s = weighted_row_sums(counts, mean)
+            product -= s[:, None]
+            product -= s[None, :]
+            product += float(mean @ mean)
+            return product, denominator, int(keep.sum()), constant
+        scale = np.ones_like(mean)
+    else:
+        denominator = float(keep.sum())
+        scale = 1.0 / np.sqrt(variance)
+    centred = centred_genotypes(counts, mean, scale, True)
+    return (centred @ centred.T).astype(np.float64), denominator, int(keep.sum()), constant
+
+
+def genotype_crossproduct(genotypes, samples=None, variants=None, method: str = "vanraden",
+                          block: int | None = None):
+    """The GRM's numerator and denominator over a set of samples and variants.
+
+    Returns ``(S, denominator, used, constant)`` with ``K = S / denominator``
+    (see :func:`grm`); ``used`` counts the variants kept and ``constant`` holds the
+    positions of those left out for having one genotype in every sample. Frequencies
+    are those of the samples given.
+    """
+    if method not in GRM_METHODS:
+        raise ValueError(f"method must be one of {GRM_METHODS}, not {method!r}")
+    n = genotypes.n_samples if samples is None else len(np.arange(genotypes.n_samples)[samples])
+    total = np.zeros((n, n))
+    denominator, used, constant = 0.0, 0, []
+    for positions, counts in genotypes.blocks(size=block, variants=variants, samples=samples):
+        product, share, kept, flat = _block_crossproduct(counts, method)
+        if product is not None:
+            total += product
+        denominator += share
+        used += kept
+        constant.append(positions[flat])
+    return total, denominator, used, np.concatenate(constant)
+
+
+def _as_genotypes(genotypes):
+    from .plink import Genotypes
+
+    if isinstance(genotypes, Genotypes):
+        return genotypes
+    values, labels, markers = _genotype_matrix(genotypes)
+    return Genotypes.from_frame(pd.DataFrame(values, index=labels, columns=markers))
+
+
+def grm(genotypes, blend: float = 0.01, relationship=None, method: str = "vanraden",
+        cutoff: float | None = None, variants=None, block: int | None = None
+        ) -> RelationshipMatrix:
+    """A genomic relationship matrix, blended for invertibility.
+
+    ``method="vanraden"`` (VanRaden's method 1, the default):
     ``G = M M' / (2 Σ p_j (1 − p_j))`` with ``M`` the 0/1/2 genotypes centred by twice
-    the allele frequencies, then ``(1 − blend) G + blend K`` with ``K`` the identity or
-    the pedigree relationship matrix given as ``relationship``.
+    the allele frequencies. ``method="standardized"`` (GCTA's and FaST-LMM's kernel):
+    each variant centred and scaled to unit variance, ``G = Z Z' / m``. Then
+    ``(1 − blend) G + blend K`` with ``K`` the identity or the pedigree relationship
+    matrix given as ``relationship``. A missing genotype is imputed by the mean (it
+    contributes 0 after centring).
 
     Markers with the same genotype in every animal (monomorphic, or heterozygous in
     all) say nothing about relationships; they are dropped with a warning (an
@@ -297,25 +383,34 @@ def grm(genotypes, blend: float = 0.01, relationship=None) -> RelationshipMatrix
 
     Parameters
     ----------
-    genotypes : DataFrame (animals x markers, index = animal ids) or 2-D array
-        Allele counts 0, 1, 2; no missing values.
+    genotypes : DataFrame (animals x markers, index = animal ids), 2-D array or Genotypes
+        Allele counts 0, 1, 2. A table must have no missing value; a
+        :class:`~henderson.plink.Genotypes` (e.g. from :func:`read_plink`) is read a
+        block of variants at a time, with missing genotypes imputed.
     blend : float in [0, 1]
     relationship : array, DataFrame or RelationshipMatrix, optional
         A covariance over the genotyped animals: an array in their order, or labelled
         (a DataFrame or a :class:`RelationshipMatrix`, e.g. A of more animals), taken
         in their order.
+    method : {"vanraden", "standardized"}
+    cutoff : float, optional
+        Keep only off-diagonal entries above ``cutoff`` (after blending): a sparse
+        GRM, as fastGWA's ``--make-bK-sparse``, so that a model of 100,000 people is a
+        sparse Cholesky instead of a dense n x n. Computed a block of rows at a time.
+    variants : slice, positions or boolean mask, optional
+        The variants of a :class:`Genotypes` to use (all by default).
 
     Returns
     -------
-    RelationshipMatrix (a covariance)
+    RelationshipMatrix (a covariance; sparse when ``cutoff`` is given)
 
     Raises
     ------
     DataError
-        Genotypes not 2-D, missing, or not 0/1/2; no marker that varies; a
-        ``relationship`` of the wrong shape or labels, asymmetric or not finite.
+        Genotypes not 2-D, missing (in a table), or not 0/1/2; no marker that varies;
+        a ``relationship`` of the wrong shape or labels, asymmetric or not finite.
     ValueError
-        ``blend`` outside [0, 1].
+        ``blend`` outside [0, 1], an unknown ``method``.
 
     Examples
     --------
@@ -329,21 +424,93 @@ def grm(genotypes, blend: float = 0.01, relationship=None) -> RelationshipMatrix
     if (isinstance(blend, bool) or not isinstance(blend, numbers.Real)
             or not 0.0 <= blend <= 1.0):
         raise ValueError(f"blend must be a number in [0, 1], not {blend!r}")
-    M, labels, markers = _genotype_matrix(genotypes)
-    constant = M.min(axis=0) == M.max(axis=0)
-    if constant.all():
-        raise DataError(f"none of the {len(markers)} markers varies across the "
-                        f"{len(labels)} animals: a GRM needs markers whose genotypes differ")
-    if constant.any():
-        warnings.warn(f"{int(constant.sum())} of {len(markers)} markers have the same "
-                      "genotype in every animal and are left out of the GRM: "
-                      + ", ".join(map(repr, markers[constant][:5]))
-                      + (" ..." if constant.sum() > 5 else ""), UserWarning, stacklevel=2)
-        M = M[:, ~constant]
-    freq = M.mean(axis=0) / 2.0
-    centred = M - 2.0 * freq
-    scale = 2.0 * np.sum(freq * (1.0 - freq))
-    G = centred @ centred.T / scale
+    if method not in GRM_METHODS:
+        raise ValueError(f"method must be one of {GRM_METHODS}, not {method!r}")
+    if cutoff is not None and not (isinstance(cutoff, numbers.Real) and np.isfinite(cutoff)):
+        raise ValueError(f"cutoff must be a number, not {cutoff!r}")
+    genotypes = _as_genotypes(genotypes)
+    labels = pd.Index(genotypes.samples["iid"].astype(str))
+    if cutoff is not None:
+        return _sparse_grm(genotypes, blend, relationship, method, cutoff, variants, block)
+    S, denominator, used, constant = genotype_crossproduct(genotypes, variants=variants,
+                                                           method=method, block=block)
+    _check_markers(used, constant, genotypes, len(labels))
+    G = S / denominator
     other = (np.eye(len(G)) if relationship is None
-             else _aligned_relationship(relationship, pd.Index(labels)))
+             else _aligned_relationship(relationship, labels))
     return RelationshipMatrix((1.0 - blend) * G + blend * other, labels, kind="covariance")
+
+
+def _check_markers(used: int, constant: np.ndarray, genotypes, n_samples: int) -> None:
+    """Refuse a GRM without a varying marker; warn about (and name) the constant ones,
+    given by their positions in ``genotypes.variants``."""
+    if used == 0:
+        raise DataError(f"none of the {len(constant)} markers varies across the {n_samples} "
+                        "animals: a GRM needs markers whose genotypes differ")
+    if len(constant):
+        names = genotypes.variants["snp"].to_numpy()[constant]
+        warnings.warn(f"{len(constant)} of {used + len(constant)} markers have the same "
+                      "genotype in every animal and are left out of the GRM: "
+                      + ", ".join(map(repr, names[:5])) + (" ..." if len(names) > 5 else ""),
+                      UserWarning, stacklevel=3)
+
+
+def _sparse_grm(genotypes, blend, relationship, method, cutoff, variants, block):
+    """A GRM with off-diagonal entries at or below ``cutoff`` set to 0, computed a block
+    of rows at a time (the dense n x n is never held)."""
+    if relationship is not None:
+        raise ValueError("a sparse GRM (cutoff=) blends with the identity only")
+    n = genotypes.n_samples
+    positions = np.arange(genotypes.n_variants)
+    positions = positions if variants is None else positions[variants]
+    # allele frequencies (and which variants vary) first, one pass
+    size = block or genotypes.block_size()
+    stats = []
+    for _, counts in genotypes.blocks(size=size, variants=positions):
+        observed = ~np.isnan(counts)
+        n_observed = observed.sum(axis=0)
+        filled = np.where(observed, counts, 0.0).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = filled.sum(axis=0) / n_observed
+            variance = (filled ** 2).sum(axis=0) / n_observed - mean ** 2
+        stats.append((mean, variance))
+    mean = np.concatenate([m for m, _ in stats])
+    variance = np.concatenate([v for _, v in stats])
+    keep = variance > 1e-12
+    _check_markers(int(keep.sum()), positions[~keep], genotypes, n)
+    positions, mean, variance = positions[keep], mean[keep], variance[keep]
+    freq = mean / 2.0
+    if method == "vanraden":
+        scale = np.ones_like(mean)
+        denominator = float(2.0 * np.sum(freq * (1.0 - freq)))
+    else:
+        scale = 1.0 / np.sqrt(variance)
+        denominator = float(len(positions))
+    # rows at a time: a (rows x n) float32 block of G in memory at once (~512 MB)
+    row_block = int(max(256, min(n, 128 * 2**20 // max(n, 1))))
+    rows_kept, cols_kept, values_kept = [], [], []
+    for start in range(0, n, row_block):
+        stop = min(n, start + row_block)
+        part = np.zeros((stop - start, n), dtype=np.float64)
+        offset = 0
+        for chunk, counts in genotypes.blocks(size=size, variants=positions):
+            k = len(chunk)
+            mu = mean[offset:offset + k].astype(np.float32)
+            sc = scale[offset:offset + k].astype(np.float32)
+            offset += k
+            centred = np.where(np.isnan(counts), np.float32(0.0), (counts - mu) * sc)
+            centred = np.asfortranarray(centred, dtype=np.float32)
+            part += (centred[start:stop] @ centred.T).astype(np.float64)
+        part *= (1.0 - blend) / denominator
+        local = np.arange(stop - start)
+        part[local, start + local] += blend
+        keep_entry = part > cutoff
+        keep_entry[local, start + local] = True
+        r, c = np.nonzero(keep_entry)
+        rows_kept.append(r + start)
+        cols_kept.append(c)
+        values_kept.append(part[r, c])
+    rows, cols = np.concatenate(rows_kept), np.concatenate(cols_kept)
+    matrix = sp.csc_matrix((np.concatenate(values_kept), (rows, cols)), shape=(n, n))
+    labels = pd.Index(genotypes.samples["iid"].astype(str))
+    return RelationshipMatrix(matrix, labels, kind="covariance")

@@ -331,3 +331,59 @@ def selected_inverse_supernodal(indptr, indices, values):
             for a in range(c, s):
                 inv[base + a - c] = Z_JJ[a, c]
     return inv
+
+
+@numba.njit(**_NJIT)
+def genotype_moments(counts):
+    """Per column of a (samples x variants) float32 block with NaN for missing: the
+    number observed, the mean and the (population) variance of the observed values,
+    accumulated in float64."""
+    n, k = counts.shape
+    observed = np.zeros(k, dtype=np.int64)
+    mean = np.zeros(k)
+    variance = np.zeros(k)
+    for j in range(k):
+        total = 0.0
+        squares = 0.0
+        count = 0
+        for i in range(n):
+            value = counts[i, j]
+            if value == value:  # not NaN
+                total += value
+                squares += value * value
+                count += 1
+        observed[j] = count
+        if count > 0:
+            mean[j] = total / count
+            variance[j] = max(squares / count - mean[j] * mean[j], 0.0)
+    return observed, mean, variance
+
+
+@numba.njit(**_NJIT)
+def centred_genotypes(counts, mean, scale, centre):
+    """``(x − mean) · scale`` (``centre``) or ``x`` (not centred) per column, with a
+    missing value set to the column's mean (0 once centred); float32, Fortran order."""
+    n, k = counts.shape
+    out = np.empty((k, n), dtype=np.float32)  # transposed: column j of out.T is contiguous
+    for j in range(k):
+        m = mean[j]
+        s = scale[j]
+        for i in range(n):
+            value = counts[i, j]
+            if value == value:
+                out[j, i] = (value - m) * s if centre else value
+            else:
+                out[j, i] = 0.0 if centre else m
+    return out.T
+
+
+@numba.njit(**_NJIT)
+def weighted_row_sums(counts, weights):
+    """``counts @ weights`` in float64 without a float64 copy of the block."""
+    n, k = counts.shape
+    out = np.zeros(n)
+    for j in range(k):
+        w = weights[j]
+        for i in range(n):
+            out[i] += counts[i, j] * w
+    return out

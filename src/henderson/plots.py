@@ -1,7 +1,9 @@
 """Diagnostic plots (matplotlib is an optional dependency: ``pip install henderson[plot]``).
 
 * :func:`plot_residuals` — residuals against fitted values and a normal QQ plot;
-* :func:`plot_ranef` — caterpillar plot of the BLUPs with ±z·(conditional SD) bars.
+* :func:`plot_ranef` — caterpillar plot of the BLUPs with ±z·(conditional SD) bars;
+* :func:`manhattan` and :func:`qq` — a GWAS scan's p-values by position and against the
+  uniform.
 """
 from __future__ import annotations
 
@@ -60,6 +62,67 @@ def plot_ranef(model, group: str | None = None, level: float = 0.95, path=None):
         ax.set_yticklabels(labels if c == 0 else [])
         ax.set_title(values.columns[c])
     fig.suptitle(f"{group}: BLUPs ± {z:.2f} conditional SD")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def _neg_log10_p(scan):
+    """−log10 p, from the statistic where p underflows to 0."""
+    p = scan["pvalue"].to_numpy(dtype=float)
+    values = -np.log10(np.where(p > 0, p, np.nan))
+    if (p == 0).any():
+        stat = scan["stat"].to_numpy(dtype=float)
+        values = np.where(p == 0, -stats.chi2.logsf(stat, 1) / np.log(10), values)
+    return values
+
+
+def manhattan(scan, threshold: float = 5e-8, path=None, title: str | None = None):
+    """Manhattan plot of a :func:`henderson.gwas` result: −log10 p by position,
+    chromosomes side by side in alternating colours, a line at ``threshold``.
+
+    Returns the figure (saved to ``path`` when given).
+    """
+    plt = _pyplot()
+    frame = scan.assign(neglog10p=_neg_log10_p(scan)).dropna(subset=["neglog10p"])
+    chromosomes = list(dict.fromkeys(frame["chrom"].astype(str)))
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    offset, ticks = 0.0, []
+    for i, chromosome in enumerate(chromosomes):
+        part = frame[frame["chrom"].astype(str) == chromosome]
+        position = part["pos"].to_numpy(dtype=float)
+        x = offset + position - position.min()
+        ax.scatter(x, part["neglog10p"], s=4, color=("#1f4e79", "#7aa6c2")[i % 2],
+                   rasterized=True)
+        ticks.append(offset + (x.max() - offset) / 2 if len(x) else offset)
+        offset = (x.max() if len(x) else offset) + max(np.ptp(position) * 0.02, 1.0)
+    if threshold:
+        ax.axhline(-np.log10(threshold), color="#c0392b", lw=1, ls="--")
+    ax.set_xticks(ticks, chromosomes)
+    ax.set(xlabel="chromosome", ylabel=r"$-\log_{10} p$", title=title or "")
+    ax.margins(x=0.01)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def qq(scan, path=None, title: str | None = None):
+    """QQ plot of a scan's p-values against the uniform, with the genomic inflation
+    factor λ (median χ² / 0.455) in the title. Returns the figure."""
+    plt = _pyplot()
+    observed = np.sort(_neg_log10_p(scan)[np.isfinite(_neg_log10_p(scan))])[::-1]
+    n = len(observed)
+    expected = -np.log10((np.arange(1, n + 1) - 0.5) / n)
+    p = scan["pvalue"].dropna().to_numpy(dtype=float)
+    inflation = float(np.median(stats.chi2.isf(np.clip(p, 1e-300, 1), 1)) / stats.chi2.ppf(0.5, 1))
+    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    ax.scatter(expected, observed, s=5, color="#1f4e79", rasterized=True)
+    top = max(expected.max(initial=1), 1)
+    ax.plot([0, top], [0, top], color="grey", lw=1)
+    ax.set(xlabel=r"expected $-\log_{10} p$", ylabel=r"observed $-\log_{10} p$",
+           title=title or f"λ = {inflation:.3f}")
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110)

@@ -251,8 +251,10 @@ class LinearMixedModel:
         fits of one-coefficient terms); NaN SEs otherwise."""
         return breeding.variance_components(self)
 
-    def heritability(self, group: str | None = None) -> tuple[float, float]:
-        """``h² = σ²_group / (Σ σ²_t + σ²_e)`` and its SE (delta method on AI⁻¹)."""
+    def heritability(self, group=None) -> tuple[float, float]:
+        """``h² = σ²_group / (Σ σ²_t + σ²_e)`` and its SE (delta method on AI⁻¹);
+        ``group`` may list several terms (e.g. ``["id.1", "id.2"]`` for several GRMs on
+        one factor), whose variances are summed."""
         return breeding.heritability(self, group)
 
     @property

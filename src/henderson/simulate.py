@@ -2,7 +2,10 @@
 
 * :func:`crossed` — ``y ~ x + (1 + x | g1) + (1 | g2)`` with two crossed factors;
 * :func:`animal_population` — a pedigree over several generations with records,
-  sex and herd-year-season groups, breeding values by Mendelian sampling.
+  sex and herd-year-season groups, breeding values by Mendelian sampling;
+* :func:`gwas_panel` — genotypes of people in families and subpopulations on several
+  chromosomes (in memory or written as PLINK files a block at a time) with a
+  phenotype of a few causal variants, a polygenic background and covariates.
 """
 from __future__ import annotations
 
@@ -273,3 +276,152 @@ def maternal_population(n_animals: int, n_generations: int = 8, seed: int = 1,
     truth = pd.DataFrame(values, index=pedigree["animal"].to_numpy(),
                          columns=["direct", "maternal"])
     return pedigree, out, truth
+
+
+def _panel_genotypes(rng, frequencies, populations, parents_of, family_size):
+    """Genotypes (samples x k) of siblings in families: two parents per family drawn
+    from their subpopulation's frequencies, each child inheriting one of each parent's
+    alleles at random (unlinked variants)."""
+    n_families = len(populations)
+    k = frequencies.shape[1]
+    parent_freq = frequencies[populations]                       # (families, k)
+    haplotypes = rng.random((n_families, 4, k), dtype=np.float32) < parent_freq[:, None, :]
+    if family_size == 1:
+        return (haplotypes[:, 0] | False).astype(np.int8) + haplotypes[:, 1]
+    children = []
+    for _ in range(family_size):
+        pick = rng.integers(0, 2, size=(2, n_families, k), dtype=np.int8)
+        from_first = np.where(pick[0] == 0, haplotypes[:, 0], haplotypes[:, 1])
+        from_second = np.where(pick[1] == 0, haplotypes[:, 2], haplotypes[:, 3])
+        children.append(from_first.astype(np.int8) + from_second)
+    return np.stack(children, axis=1).reshape(n_families * family_size, k)
+
+
+def gwas_panel(n_samples: int, n_variants: int, n_chromosomes: int = 5, n_causal: int = 10,
+               h2: float = 0.5, family_size: int = 1, missing: float = 0.0,
+               n_populations: int = 2, causal_share: float = 0.05, seed: int = 1, path=None,
+               block: int | None = None, distinct: int | None = None):
+    """A simulated genotype panel with a phenotype, for GWAS examples and benchmarks.
+
+    People come in families of ``family_size`` full siblings (1: unrelated) from
+    ``n_populations`` subpopulations whose allele frequencies differ (Balding-Nichols,
+    F_ST 0.02); variants are spread evenly over ``n_chromosomes``. The phenotype is
+    ``y = 0.03 age + 0.5 sex + 0.2 batch + Σ causal + polygenic + e``: ``n_causal``
+    variants explaining ``causal_share`` of the variance together, a polygenic value
+    from every variant explaining ``h2 − causal_share``, and a residual for the rest.
+
+    Parameters
+    ----------
+    path : str, optional
+        Write the genotypes as a PLINK set ``path.bed/.bim/.fam`` a block of
+        ``block`` variants at a time (a genome-wide panel is never held in memory) and
+        return it opened by :func:`read_plink`; otherwise the genotypes are returned
+        in memory.
+    missing : float
+        The fraction of genotypes set missing at random.
+    distinct : int, optional
+        With ``path``: simulate only this many variants and write them again and again
+        up to ``n_variants`` (a timing panel of 100,000 people x 1M variants in minutes;
+        a scan's cost does not depend on the values). Causal variants and the polygenic
+        value come from the distinct ones.
+
+    Returns
+    -------
+    (Genotypes, DataFrame)
+        The genotypes and the phenotypes: ``iid``, ``age``, ``sex``, ``batch``, ``y``,
+        ``y2`` (a
+        second phenotype sharing the causal variants, 20% missing) and, as ``attrs``,
+        ``causal`` (the causal variants' snp ids).
+
+    Examples
+    --------
+    >>> g, pheno = gwas_panel(200, 500, seed=3)
+    >>> g.shape, list(pheno.columns)
+    ((200, 500), ['iid', 'age', 'sex', 'batch', 'y', 'y2'])
+    """
+    from .plink import Genotypes, read_plink, write_plink
+
+    rng = np.random.default_rng(seed)
+    # blocks of variants whose random draws (4 haplotypes per family) stay near 256 MB
+    block = block or int(max(256, 2**26 // max(n_samples, 1)))
+    if n_samples % family_size:
+        raise ValueError("n_samples must be a multiple of family_size")
+    n_families = n_samples // family_size
+    populations = rng.integers(0, n_populations, size=n_families)
+    sample_population = np.repeat(populations, family_size)
+    causal = np.sort(rng.choice(n_variants, size=min(n_causal, n_variants), replace=False))
+    genetic = np.zeros(n_samples)
+    causal_value = np.zeros(n_samples)
+    per_chromosome = -(-n_variants // n_chromosomes)
+    ids = [f"p{i + 1}" for i in range(n_samples)]
+    fst = 0.02
+
+    def blocks():
+        for start in range(0, n_variants, block):
+            k = min(block, n_variants - start)
+            ancestral = rng.uniform(0.05, 0.5, size=k)
+            a = ancestral * (1 - fst) / fst
+            b = (1 - ancestral) * (1 - fst) / fst
+            frequencies = rng.beta(a, b, size=(n_populations, k)).astype(np.float32)
+            counts = _panel_genotypes(rng, frequencies, populations, None, family_size)
+            standardized = (counts - 2 * ancestral) / np.sqrt(2 * ancestral * (1 - ancestral))
+            genetic[:] += standardized @ rng.normal(0.0, 1.0, size=k)
+            inside = causal[(causal >= start) & (causal < start + k)] - start
+            if len(inside):
+                causal_value[:] += standardized[:, inside] @ rng.choice([-1.0, 1.0], len(inside))
+            if missing:
+                counts = counts.astype(np.float32)
+                counts[rng.random(counts.shape) < missing] = np.nan
+            yield counts
+
+    variants = pd.DataFrame({
+        "chrom": (np.arange(n_variants) // per_chromosome + 1).astype(str),
+        "snp": [f"rs{j + 1}" for j in range(n_variants)], "cm": 0.0,
+        "pos": np.arange(n_variants) % per_chromosome * 1000 + 1000,
+        "a1": "A", "a2": "G"})
+    samples = pd.DataFrame({"fid": [f"f{i // family_size + 1}" for i in range(n_samples)],
+                            "iid": ids})
+    if path is not None and distinct is not None and distinct < n_variants:
+        from .plink import BED_MAGIC, _prefix, encode_bed_block
+
+        if n_variants % distinct or distinct % block:
+            raise ValueError("distinct must divide n_variants, and block divide distinct")
+        all_variants = n_variants
+        n_variants = distinct
+        encoded = [encode_bed_block(counts) for counts in blocks()]
+        n_variants = all_variants
+        write_plink(path, counts=np.zeros((n_samples, 0)), samples=samples,
+                    variants=variants.iloc[:0])
+        with open(_prefix(path).with_suffix(".bed"), "wb") as handle:
+            handle.write(BED_MAGIC)
+            for _ in range(n_variants // distinct):
+                for piece in encoded:
+                    handle.write(piece)
+        variants.to_csv(_prefix(path).with_suffix(".bim"), sep="\t", header=False,
+                        index=False)
+        genotypes = read_plink(path)
+    elif path is not None:
+        write_plink(path, blocks=blocks(), samples=samples, variants=variants)
+        genotypes = read_plink(path)
+    else:
+        values = np.concatenate(list(blocks()), axis=1).astype(np.float64)
+        genotypes = Genotypes(samples, variants, values=values)
+
+    def scaled(values, share):
+        sd = values.std()
+        return values / sd * np.sqrt(share) if sd > 0 else values
+
+    age = rng.normal(50, 10, size=n_samples)
+    sex = rng.integers(0, 2, size=n_samples)
+    batch = rng.integers(0, 3, size=n_samples)
+    background = (scaled(genetic, max(h2 - causal_share, 0.0))
+                  + scaled(causal_value, causal_share))
+    residual = rng.normal(0.0, np.sqrt(1.0 - h2), size=n_samples)
+    structure = 0.3 * sample_population
+    y = 0.03 * age + 0.5 * sex + 0.2 * batch + structure + background + residual
+    y2 = 0.01 * age + 0.7 * background + rng.normal(0.0, 0.8, size=n_samples)
+    y2[rng.random(n_samples) < 0.2] = np.nan
+    phenotypes = pd.DataFrame({"iid": ids, "age": age, "sex": sex, "batch": batch, "y": y,
+                               "y2": y2})
+    phenotypes.attrs["causal"] = list(variants["snp"].iloc[causal])
+    return genotypes, phenotypes
