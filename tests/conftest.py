@@ -57,3 +57,6 @@ def sleepstudy():
     import henderson as hd
 
     return hd.datasets.load("sleepstudy")
+
+# scripts that made reference data (one needs FaST-LMM) are not tests
+collect_ignore_glob = ["data/*"]

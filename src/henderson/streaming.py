@@ -496,6 +496,11 @@ def chunked_design(formula, source, weights: str | None = None, missing: str = "
         raise DataError("no rows left after dropping missing values" if missing == "drop"
                         else f"{source.name} has no rows")
     relationships = known_relationships(parsed, relationships)
+    several = [group for group, named in relationships.items() if len(named) > 1]
+    if several:
+        raise DataError(f"several relationship matrices on {several[0]!r} are fitted in "
+                        "memory only, not chunked")
+    relationships = {group: named[0][1] for group, named in relationships.items()}
     levels = []
     for b, bar in enumerate(parsed.bars):
         if bar.group in relationships:
