@@ -56,6 +56,17 @@ def _read_table(path: Path, names: list[str], what: str) -> pd.DataFrame:
     return frame
 
 
+def non_numeric_counts(frame: pd.DataFrame, row_labels, row_noun: str,
+                       column_noun: str) -> DataError:
+    """The :class:`DataError` naming the first cell of ``frame`` that is not a number
+    (for a table of allele counts that ``to_numpy(float)`` refused)."""
+    numeric = frame.apply(pd.to_numeric, errors="coerce")
+    bad = numeric.isna().to_numpy() & frame.notna().to_numpy()
+    i, j = np.argwhere(bad)[0]
+    return DataError(f"genotypes must be allele counts 0, 1 or 2, not {frame.iat[i, j]!r} "
+                     f"({row_noun} {row_labels[i]!r}, {column_noun} {frame.columns[j]!r})")
+
+
 class Genotypes:
     """Allele counts of samples at variants, read a block of variants at a time.
 
@@ -108,12 +119,7 @@ class Genotypes:
         try:
             values = frame.to_numpy(dtype=np.float64)
         except (TypeError, ValueError):
-            numeric = frame.apply(pd.to_numeric, errors="coerce")
-            bad = numeric.isna().to_numpy() & frame.notna().to_numpy()
-            i, j = np.argwhere(bad)[0]
-            raise DataError(f"genotypes must be allele counts 0, 1 or 2, not "
-                            f"{frame.iat[i, j]!r} (sample {frame.index[i]!r}, variant "
-                            f"{frame.columns[j]!r})") from None
+            raise non_numeric_counts(frame, frame.index, "sample", "variant") from None
         wrong = ~np.isnan(values) & ~np.isin(values, (0.0, 1.0, 2.0))
         if wrong.any():
             i, j = np.argwhere(wrong)[0]

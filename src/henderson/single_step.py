@@ -24,6 +24,7 @@ from scipy.linalg import blas, lapack
 from .errors import DataError
 from .genomic import RelationshipMatrix
 from .linalg import cholmod_analyze, cholmod_permutation, cholmod_refactor
+from .plink import non_numeric_counts
 from .pedigree import MIN_MENDELIAN_VARIANCE, Pedigree, _ainverse_triplets
 
 # markers per block of the genotype passes: 20,000 animals x 1,024 markers is 160 MB
@@ -256,12 +257,7 @@ def _genotype_source(genotypes) -> tuple[pd.Index, MarkerBlocks]:
             try:
                 counts = genotypes.to_numpy(dtype=np.float64, na_value=np.nan)
             except (TypeError, ValueError):
-                numeric = genotypes.apply(pd.to_numeric, errors="coerce")
-                bad = numeric.isna().to_numpy() & genotypes.notna().to_numpy()
-                i, j = np.argwhere(bad)[0]
-                raise DataError(f"genotypes must be allele counts 0, 1 or 2, not "
-                                f"{genotypes.iat[i, j]!r} (animal {ids[i]!r}, marker "
-                                f"{genotypes.columns[j]!r})") from None
+                raise non_numeric_counts(genotypes, ids, "animal", "marker") from None
         source = MarkerBlocks.from_array(counts, genotypes.columns)
     elif hasattr(genotypes, "samples") and hasattr(genotypes, "read"):
         samples = genotypes.samples
