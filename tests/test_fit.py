@@ -176,3 +176,17 @@ def test_ai_reml_does_not_stay_on_the_boundary_when_inside_is_lower():
     from_boundary = hd.fit_design(design, optimizer="ai", start=[0.0, 0.8])
     assert from_boundary.objective == pytest.approx(reference.objective, rel=1e-11)
     assert np.all(from_boundary.theta > 0.3)
+
+
+def test_first_fit_of_a_process_reports_kernel_loading_apart():
+    """The first fit's Numba kernel loading was counted as "crossproducts" (issue 16)."""
+    import subprocess
+    import sys
+    code = ("import henderson as hd\n"
+            "d = hd.datasets.load('sleepstudy')\n"
+            "a = hd.lmm('Reaction ~ Days + (1 | Subject)', d).timings\n"
+            "b = hd.lmm('Reaction ~ Days + (1 | Subject)', d).timings\n"
+            "print(list(a)[0], 'numba_kernel_load' in b, a['numba_kernel_load'] > 0)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["numba_kernel_load", "False", "True"]

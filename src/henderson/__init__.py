@@ -8,7 +8,7 @@
 from . import datasets
 from .design import Design, RandomTerm, build_design
 from .errors import (ConvergenceWarning, DataError, FormulaError, HendersonError,
-                     PedigreeError, RankDeficiencyWarning)
+                     PedigreeError, RankDeficiencyWarning, SingularFitWarning)
 from .fit import fit_design, lmm, load_compiled_kernels
 from .formula import parse_formula
 from .genomic import RelationshipMatrix, grm
@@ -32,5 +32,6 @@ __all__ = [
     "lmm", "fit_design", "legendre", "BreedingModel", "anova", "chunked", "ChunkedData", "load", "SavedModel", "Pedigree", "RelationshipMatrix", "grm", "gwas", "Genotypes", "read_plink", "write_plink", "manhattan", "qq", "single_step", "build_design", "parse_formula", "datasets", "Design",
     "RandomTerm", "MixedModelEquations", "Objective", "LinearMixedModel",
     "FormulaError", "DataError", "PedigreeError", "HendersonError",
-    "ConvergenceWarning", "RankDeficiencyWarning", "load_compiled_kernels",
+    "ConvergenceWarning", "RankDeficiencyWarning", "SingularFitWarning",
+    "load_compiled_kernels",
 ]

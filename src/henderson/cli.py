@@ -63,6 +63,24 @@ def demo(out=None) -> int:
     return 0
 
 
+def data_command(args, out=None) -> int:
+    """``henderson data [NAME] [--out FILE]``: write a bundled data set (the files the
+    README's examples use), or list them."""
+    import henderson as hd
+
+    out = sys.stdout if out is None else out
+    names = list(hd.datasets.NAMES) + list(hd.datasets.MRODE) + [
+        f"{m}_pedigree" for m in hd.datasets.MRODE]
+    if args.name is None:
+        print("\n".join(names), file=out)
+        return 0
+    if args.name not in names:
+        raise ValueError(f"unknown data set {args.name!r}; `henderson data` lists them")
+    path = hd.datasets.export(args.name, args.out or f"{args.name}.csv")
+    print(f"wrote {path} ({len(hd.datasets.load(args.name)):,} rows)", file=out)
+    return 0
+
+
 # ---------------------------------------------------------------- reading files
 def one_line(exc: BaseException) -> str:
     """An exception as one line of text."""
@@ -772,6 +790,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"henderson {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="fit the bundled example data and print the summaries")
+    data = sub.add_parser("data", help="write a bundled data set to a file (no name: list them)")
+    data.add_argument("name", nargs="?", help="the data set, e.g. sleepstudy")
+    data.add_argument("--out", metavar="FILE",
+                      help="CSV, or Parquet for a .parquet name (default NAME.csv)")
+    data.add_argument("--traceback", action="store_true",
+                      help="show the traceback of an error (for bug reports)")
     fit = sub.add_parser("fit", help="fit a model to a CSV or Parquet file",
                          description="Fit a linear mixed model to a CSV or Parquet file, "
                                      "print its summary and write the results.",
@@ -907,7 +931,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             return demo()
         command = {"fit": fit_command, "predict": predict_command,
-                   "gwas": gwas_command}[args.command]
+                   "gwas": gwas_command, "data": data_command}[args.command]
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning  # one line per warning, as errors
             try:

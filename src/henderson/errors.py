@@ -34,3 +34,8 @@ class ConvergenceWarning(UserWarning):
 
 class RankDeficiencyWarning(UserWarning):
     """Fixed-effect columns were dropped because X is rank deficient."""
+
+
+class SingularFitWarning(UserWarning):
+    """The fit is on the boundary: a variance estimated as 0 or a correlation as ±1
+    (lme4's "boundary (singular) fit" message)."""

@@ -28,9 +28,10 @@ from .design import _model_matrix as design_model_matrix
 from .design import check_new_levels, predicted_offset, spec_variables, with_categories
 from .errors import DataError, FormulaError, HendersonError
 from .formula import python_expression
-from .report import (TermTable, _normal_term, blup_contribution, check_newdata,
-                     dispersion_line, group_names, random_effects_lines, structure_lines,
-                     varcorr_table)
+from .report import (Summary, TermTable, _normal_term, blup_contribution, call_lines,
+                     check_newdata, criterion_lines, dispersion_line, group_names,
+                     groups_line, structure_lines, varcorr_lines, varcorr_table)
+from .rprint import coefficient_lines
 
 FORMAT = "henderson-model"
 VERSION = 1
@@ -341,32 +342,56 @@ class SavedModel:
             prediction += blup_contribution(newdata, term["factors"], levels, z, b)
         return prediction
 
-    def summary(self) -> str:
-        """The estimates as ``summary()`` printed them (Wald t values)."""
-        method = "REML" if self.reml else "maximum likelihood"
-        lines = [f"Linear mixed model fit by {method} ['henderson'], loaded from file",
-                 f"Formula: {self.formula}", "",
-                 f"{'AIC':>10} {'BIC':>10} {'logLik':>10} {'REML crit' if self.reml else 'deviance':>10}",
-                 f"{self.aic:10.1f} {self.bic:10.1f} {self.loglik:10.1f} {self.objective:10.1f}",
-                 ""]
-        lines += random_effects_lines([t["name"] for t in self._terms],
-                                      [t["coef_names"] for t in self._terms],
-                                      self._covariances, self.sigma,
-                                      self._header.get("residual_groups"))
-        lines += structure_lines(self.covariance_parameters)
-        if self._header.get("dispformula") is not None:
-            lines.append(dispersion_line(self._header["dispformula"], self.dispersion))
+    def summary(self) -> Summary:
+        """The estimates as the fitted model's ``summary()`` printed them, with Wald t
+        values (the Satterthwaite df need the equations, which a file does not keep)."""
         groups = dict.fromkeys((t["group"], len(lv)) for t, lv in zip(self._terms, self._levels))
-        lines.append(f"Number of obs: {self.nobs}, groups:  "
-                     + "; ".join(f"{g}, {n}" for g, n in groups))
-        se = np.sqrt(np.diag(self.vcov.to_numpy()))
-        table = pd.DataFrame({"Estimate": self.fixef.to_numpy(), "Std. Error": se,
-                              "t value": self.fixef.to_numpy() / se}, index=self.fixef.index)
-        lines += ["", "Fixed effects:", table.to_string(float_format=lambda v: f"{v:.4g}")]
-        return "\n".join(lines)
+        head = [f"Linear mixed model fit by {'REML' if self.reml else 'maximum likelihood'} "
+                "['henderson'], loaded from file"]
+        head += call_lines(self.formula, None)
+        head += [""] + criterion_lines(self.reml, self.objective, self.aic, self.bic,
+                                       self.loglik, self.nobs - self.npar, 1) + [""]
+        re_lines, columns, cells = varcorr_lines(
+            [t["name"] for t in self._terms], [t["coef_names"] for t in self._terms],
+            self._covariances, self.sigma, self._header.get("residual_groups"))
+        more = structure_lines(self.covariance_parameters)
+        if self._header.get("dispformula") is not None:
+            more.append(dispersion_line(self._header["dispformula"], self.dispersion))
+        more.append(groups_line(self.nobs, groups))
+        table = pd.DataFrame({"Estimate": self.fixef.to_numpy(), "Std. Error": self.bse,
+                              "t value": self.tvalues}, index=self.fixef.index)
+        blocks = [("text", head), ("text", re_lines), ("text", more)]
+        if len(table):
+            blocks.append(("text", ["", "Fixed effects:"] + coefficient_lines(
+                table.to_numpy(), list(table.index), list(table.columns))))
+        return Summary(blocks, {"random_effects": self.varcorr, "fixed_effects": table})
 
     def __repr__(self) -> str:
-        return self.summary()
+        return str(self.summary())
+
+    def _repr_html_(self) -> str:
+        return self.summary().as_html()
+
+    @property
+    def params(self) -> pd.Series:
+        """The fixed effects (statsmodels' name)."""
+        return self.fixef
+
+    @property
+    def bse(self) -> pd.Series:
+        """Standard errors of the fixed effects (statsmodels' name)."""
+        return pd.Series(np.sqrt(np.diag(self.vcov.to_numpy())), index=self.fixef.index,
+                         name="bse")
+
+    @property
+    def tvalues(self) -> pd.Series:
+        """Estimate / SE (statsmodels' name)."""
+        return (self.fixef / self.bse).rename("tvalues")
+
+    @property
+    def llf(self) -> float:
+        """The (restricted) log-likelihood (statsmodels' name)."""
+        return self.loglik
 
 
 def _model_matrix(spec: str, frame: pd.DataFrame, columns: list[str]) -> np.ndarray:

@@ -41,27 +41,44 @@ def plot_residuals(model, path=None):
 
 
 def plot_ranef(model, group: str | None = None, level: float = 0.95, path=None):
-    """Caterpillar plot: BLUPs sorted, with ``±z`` conditional-SD intervals."""
+    """Caterpillar plots: every grouping factor's BLUPs sorted, with ``±z``
+    conditional-SD intervals (lme4's ``dotplot(ranef(m, condVar = TRUE))``), one row of
+    panels per grouping factor (one column per coefficient); ``group`` draws one.
+
+    Examples
+    --------
+    >>> import henderson as hd
+    >>> m = hd.lmm("diameter ~ 1 + (1 | plate) + (1 | sample)", hd.datasets.load("penicillin"))
+    >>> fig = m.plot_ranef()
+    >>> [ax.get_title() for ax in fig.axes]
+    ['plate: (Intercept)', 'sample: (Intercept)']
+    """
     plt = _pyplot()
-    group = group or next(iter(model.ranef))
-    if group not in model.ranef:
+    if group is not None and group not in model.ranef:
         raise ValueError(f"plot_ranef: {group!r} is not a grouping factor of the model; "
                          f"choose from {', '.join(map(repr, model.ranef))}")
-    values, sds = model.ranef[group], model.ranef_sd[group]
+    groups = [group] if group is not None else list(model.ranef)
     z = stats.norm.ppf(0.5 + level / 2)
-    k = values.shape[1]
-    fig, axes = plt.subplots(1, k, figsize=(3.2 * k + 1, 0.22 * len(values) + 1.2),
-                             squeeze=False)
-    order = np.argsort(values.iloc[:, 0].to_numpy())
-    labels = values.index.astype(str)[order]
-    for c, ax in enumerate(axes[0]):
-        v, s = values.iloc[order, c].to_numpy(), sds.iloc[order, c].to_numpy()
-        ax.errorbar(v, np.arange(len(v)), xerr=z * s, fmt="o", ms=3, capsize=2)
-        ax.axvline(0, color="grey", lw=1)
-        ax.set_yticks(np.arange(len(v)))
-        ax.set_yticklabels(labels if c == 0 else [])
-        ax.set_title(values.columns[c])
-    fig.suptitle(f"{group}: BLUPs ± {z:.2f} conditional SD")
+    width = max(model.ranef[g].shape[1] for g in groups)
+    heights = [0.22 * len(model.ranef[g]) + 0.9 for g in groups]
+    fig, axes = plt.subplots(len(groups), width, squeeze=False,
+                             figsize=(3.2 * width + 1, sum(heights) + 0.4),
+                             gridspec_kw={"height_ratios": heights})
+    for row, name in enumerate(groups):
+        values, sds = model.ranef[name], model.ranef_sd[name]
+        order = np.argsort(values.iloc[:, 0].to_numpy())
+        labels = values.index.astype(str)[order]
+        for c, ax in enumerate(axes[row]):
+            if c >= values.shape[1]:
+                ax.set_visible(False)
+                continue
+            v, s = values.iloc[order, c].to_numpy(), sds.iloc[order, c].to_numpy()
+            ax.errorbar(v, np.arange(len(v)), xerr=z * s, fmt="o", ms=3, capsize=2)
+            ax.axvline(0, color="grey", lw=1)
+            ax.set_yticks(np.arange(len(v)))
+            ax.set_yticklabels(labels if c == 0 else [], fontsize=7 if len(v) > 40 else None)
+            ax.set_title(f"{name}: {values.columns[c]}")
+    fig.suptitle(f"BLUPs ± {z:.2f} conditional SD")
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110)

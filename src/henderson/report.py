@@ -1,14 +1,19 @@
 """What fitted and saved models print and share: lme4's names of the terms, the
-VarCorr table, the "Random effects:" lines of ``summary()``, BLUP contributions to
-predictions, and per-term tables that also answer to the term as the formula wrote it.
+VarCorr table, ``summary()`` and ``print(m)`` as lme4 prints them (R's number formatting
+from :mod:`henderson.rprint`), BLUP contributions to predictions, and per-term tables
+that also answer to the term as the formula wrote it.
 """
 from __future__ import annotations
+
+import textwrap
 
 import numpy as np
 import pandas as pd
 
 from .design import Design, level_labels
 from .errors import FormulaError
+from .rprint import (abbreviate, coefficient_lines, format_numbers, matrix_lines,
+                     named_vector_lines, round_half_even, zapsmall)
 
 
 def group_names(design: Design) -> list[str]:
@@ -60,35 +65,11 @@ def varcorr_table(names: list[str], coef_names: list[list[str]],
                  for label, variance in residuals.items()]
     else:
         rows.append(("Residual", None, None, sigma ** 2, sigma))
-    return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
-
-
-def random_effects_lines(names: list[str], coef_names: list[list[str]],
-                         covariances: list[np.ndarray], sigma: float,
-                         residuals: dict | None = None) -> list[str]:
-    """The "Random effects:" table of ``summary()``, as lme4 prints it."""
-    lines = ["Random effects:"]
-    header = f" {'Groups':<12} {'Name':<14} {'Variance':>10} {'Std.Dev.':>10}"
-    if any(len(c) > 1 for c in coef_names):
-        header += " Corr"
-    lines.append(header)
-    for name, coefs, cov in zip(names, coef_names, covariances):
-        sd = np.sqrt(np.diag(cov))
-        for a, coef in enumerate(coefs):
-            group = name if a == 0 else ""
-            line = f" {group:<12} {coef:<14} {cov[a, a]:10.4g} {sd[a]:10.4g}"
-            if a > 0:
-                corr = [cov[a, b] / (sd[a] * sd[b]) if sd[a] * sd[b] > 0 else np.nan
-                        for b in range(a)]
-                line += " " + " ".join(f"{c:5.2f}" for c in corr)
-            lines.append(line)
-    if residuals:
-        for i, (label, variance) in enumerate(residuals.items()):
-            lines.append(f" {'Residual' if i == 0 else '':<12} {label:<14} {variance:10.4g} "
-                         f"{np.sqrt(variance):10.4g}")
-    else:
-        lines.append(f" {'Residual':<12} {'':<14} {sigma ** 2:10.4g} {sigma:10.4g}")
-    return lines
+    frame = pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
+    for column in ("var1", "var2"):   # None (R's NA) in every model, never NaN
+        frame[column] = pd.Series([row[1 if column == "var1" else 2] for row in rows],
+                                  dtype=object)
+    return frame
 
 
 def _normal_term(text: str) -> str:
@@ -138,60 +119,308 @@ def dispersion_line(formula: str, dispersion: pd.Series) -> str:
             + ", ".join(f"{k} {v:.4g}" for k, v in dispersion.items()) + " (log variance)")
 
 
-def summary_text(model, timings: bool = False, ddf: str = "Satterthwaite") -> str:
+class Summary:
+    """What ``summary()`` returns: prints as lme4's (and lmerTest's) ``summary()``,
+    shows as HTML tables in a notebook, and keeps its tables as DataFrames.
+
+    ``str(s)`` / ``print(s)`` / ``repr(s)`` give the text; ``s.as_text()`` and
+    ``s.as_html()`` the two renderings (statsmodels' names); ``s.tables`` the numbers
+    behind them (``"random_effects"``, ``"fixed_effects"``, ``"residuals"``,
+    ``"correlation"`` when shown).
+    """
+
+    def __init__(self, blocks: list, tables: dict):
+        self.blocks = blocks          # ("text", [lines]) or ("table", lines, html)
+        self.tables = tables
+
+    def as_text(self) -> str:
+        lines: list[str] = []
+        for block in self.blocks:
+            lines.extend(block[1])
+        return "\n".join(lines)
+
+    def as_html(self) -> str:
+        parts = []
+        for block in self.blocks:
+            if block[0] == "table":
+                parts.append(block[2])
+            elif block[1]:
+                parts.append("<pre style=\"margin:0\">" + _escape("\n".join(block[1]))
+                             + "</pre>")
+        return "<div class=\"henderson-summary\">" + "".join(parts) + "</div>"
+
+    def __str__(self) -> str:
+        return self.as_text()
+
+    __repr__ = __str__
+
+    def _repr_html_(self) -> str:
+        return self.as_html()
+
+    def __contains__(self, text: str) -> bool:
+        return text in self.as_text()
+
+    def splitlines(self) -> list[str]:
+        return self.as_text().splitlines()
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _html_table(row_names, col_names, cells, caption: str = "") -> str:
+    head = "".join(f"<th>{_escape(c)}</th>" for c in [""] + list(col_names))
+    body = "".join("<tr><th style=\"text-align:left\">" + _escape(r) + "</th>"
+                   + "".join(f"<td style=\"text-align:right;font-family:monospace\">"
+                             f"{_escape(v.strip())}</td>" for v in row) + "</tr>"
+                   for r, row in zip(row_names, cells))
+    title = f"<caption style=\"text-align:left\">{_escape(caption)}</caption>" if caption else ""
+    return f"<table>{title}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def method_title(reml: bool, tests: str | None) -> list[str]:
+    """lme4's first line (wrapped at 80 columns as ``.prt.methTit`` does)."""
+    title = f"Linear mixed model fit by {'REML' if reml else 'maximum likelihood'}"
+    if tests:
+        title += f". t-tests use {tests}"
+    if len(title) + 5 + len("henderson") > 80:
+        return textwrap.wrap(title + " ['henderson']", width=78, subsequent_indent="  ")
+    return [f"{title} ['henderson']"]
+
+
+def call_lines(formula: str, data_name: str | None, weights: str | None = None,
+               offset: str | None = None) -> list[str]:
+    """``Formula:``, ``Data:``, ``Weights:``, ``Offset:`` lines (lme4's ``.prt.call``)."""
+    lines = [f"Formula: {formula}"]
+    if data_name:
+        lines.append(f"   Data: {data_name}")
+    if weights:
+        lines.append(f"Weights: {weights}")
+    if offset:
+        lines.append(f" Offset: {offset}")
+    return lines
+
+
+def criterion_lines(reml: bool, objective: float, aic: float, bic: float, loglik: float,
+                    df_resid: int, places: int) -> list[str]:
+    """``REML criterion at convergence: ...`` or the AIC/BIC/logLik/deviance/df.resid
+    table (lme4's ``.prt.aictab``), rounded to ``places`` (1 in summary, 4 in print)."""
+    if reml:
+        value = format_numbers([round_half_even([objective], places)[0]], 7)[0].strip()
+        return [f"REML criterion at convergence: {value}"]
+    rounded = round_half_even([aic, bic, loglik, objective, df_resid], places)
+    texts = format_numbers(rounded, 7)
+    texts[-1] = format_numbers([rounded[-1]], 7)[0]
+    return named_vector_lines(texts, ["AIC", "BIC", "logLik", "deviance", "df.resid"])
+
+
+def varcorr_lines(names, coef_names, covariances, sigma, residuals=None,
+                  digits: int = 4, variance: bool = True):
+    """lme4's ``formatVC`` + ``print``: the Random effects table (Variance and
+    Std.Dev. columns formatted together over all terms, correlations to 2 places).
+    Returns the lines and the cells (for HTML)."""
+    sds, variances, groups, coefs, corr_rows = [], [], [], [], []
+    maxlen = max([len(c) for c in coef_names] + [1])
+    for name, cnames, cov in zip(names, coef_names, covariances):
+        sd = np.sqrt(np.clip(np.diag(cov), 0, None))
+        for a, coef in enumerate(cnames):
+            groups.append(name if a == 0 else "")
+            coefs.append(coef)
+            sds.append(sd[a])
+            variances.append(cov[a, a])
+        if maxlen > 1:
+            k = len(cnames)
+            denom = np.outer(sd, sd)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                corr = np.where(denom > 0, cov / np.where(denom > 0, denom, 1), np.nan)
+            np.fill_diagonal(corr, 1.0)
+            texts = np.array(format_numbers(round_half_even(corr, 2).ravel(), 7, nsmall=2),
+                             dtype=object).reshape(k, k)
+            for a in range(k):
+                corr_rows.append([texts[a, b] if b < a else "" for b in range(maxlen - 1)])
+    residual_labels = list(residuals) if residuals else [""]
+    residual_vars = list(residuals.values()) if residuals else [sigma ** 2]
+    for i, (label, var) in enumerate(zip(residual_labels, residual_vars)):
+        groups.append("Residual" if i == 0 else "")
+        coefs.append(label)
+        sds.append(np.sqrt(var))
+        variances.append(var)
+        if maxlen > 1:
+            corr_rows.append([""] * (maxlen - 1))
+    columns = ["Groups", "Name"] + (["Variance"] if variance else []) + ["Std.Dev."]
+    cells = [list(row) for row in zip(groups, coefs)]
+    if variance:
+        for row, text in zip(cells, format_numbers(variances, digits)):
+            row.append(text)
+    for row, text in zip(cells, format_numbers(sds, digits)):
+        row.append(text)
+    if maxlen > 1:
+        columns += ["Corr"] + [""] * (maxlen - 2)
+        for row, extra in zip(cells, corr_rows):
+            row.extend(extra)
+    lines = ["Random effects:"] + matrix_lines(cells, [""] * len(cells), columns, right=False)
+    return lines, columns, cells
+
+
+def groups_line(nobs: int, groups) -> str:
+    return (f"Number of obs: {nobs}, groups:  "
+            + "; ".join(f"{g}, {n}" for g, n in groups))
+
+
+def correlation_lines(vcov: pd.DataFrame) -> tuple[list[str], pd.DataFrame | None]:
+    """``Correlation of Fixed Effects:`` as lme4 prints it (p from 2 to 20)."""
+    p = vcov.shape[0]
+    if not 1 < p <= 20:
+        return [], None
+    v = vcov.to_numpy()
+    sd = np.sqrt(np.diag(v))
+    corr = v / np.outer(sd, sd)
+    names = list(vcov.index)
+    texts = np.array(format_numbers(round_half_even(corr, 3).ravel(), 7, nsmall=3),
+                     dtype=object).reshape(p, p)
+    rows = abbreviate(names, 11)[1:]
+    cols = abbreviate(names, 6)[:-1]
+    cells = [[texts[i, j] if j < i else "" for j in range(p - 1)] for i in range(1, p)]
+    lines = ["", "Correlation of Fixed Effects:"] + matrix_lines(cells, rows, cols, right=False)
+    return lines, pd.DataFrame(corr, index=names, columns=names)
+
+
+def fixed_effects_print_lines(fixef: pd.Series, digits: int = 4) -> list[str]:
+    """``Fixed Effects:`` of lme4's ``print(m)``: the estimates under their names."""
+    return ["Fixed Effects:"] + named_vector_lines(
+        format_numbers(fixef.to_numpy(), digits), list(fixef.index), gap=2)
+
+
+def _data_name(model) -> str | None:
+    return getattr(model, "data_name", None)
+
+
+def _scaled_residual_lines(model) -> tuple[list[str], pd.Series | None]:
+    if not model.design.has_rows:
+        return [], None
+    residuals = model.residuals.to_numpy() / np.sqrt(model.R.diagonal())
+    q = zapsmall(np.quantile(residuals, [0, 0.25, 0.5, 0.75, 1]), 5)
+    names = ["Min", "1Q", "Median", "3Q", "Max"]
+    return (["Scaled residuals: "] + named_vector_lines(format_numbers(q, 4), names) + [""],
+            pd.Series(q, index=names))
+
+
+def summary_text(model, timings: bool = False, ddf: str = "Satterthwaite") -> Summary:
     """The fit as lme4's ``summary()`` prints it (with lmerTest's df and p): what
     :meth:`~henderson.results.LinearMixedModel.summary` returns."""
     if ddf not in ("Satterthwaite", "Kenward-Roger", "KR"):
         raise ValueError(f"ddf must be 'Satterthwaite' or 'Kenward-Roger', got {ddf!r}")
-    lines = [
-        f"Linear mixed model fit by {'REML' if model.reml else 'maximum likelihood'} "
-        "['henderson']",
-        f"Formula: {model.design.formula.text}",
-    ]
-    if model.design.weighted:
-        lines.append("Prior weights: yes")
-    label = "REML criterion at convergence" if model.reml else "deviance"
-    lines.append("")
-    lines.append(f"{'AIC':>10} {'BIC':>10} {'logLik':>10} {label if not model.reml else 'REML crit':>10}")
-    lines.append(f"{model.aic:10.1f} {model.bic:10.1f} {model.loglik:10.1f} {model.objective:10.1f}")
-    lines.append("")
-    lines.extend(random_effects_lines(
-        group_names(model.design), [t.coef_names for t in model.design.terms],
-        list(model.covariance_matrices().values()), model.sigma, model.residual_groups()))
-    lines.extend(structure_lines(model.covariance_parameters))
-    if model.design.residual_model is not None:
-        lines.append(dispersion_line(model.design.residual_model.formula, model.dispersion))
-    groups = dict.fromkeys((t.group, t.n_levels) for t in model.design.terms)
-    lines.append(f"Number of obs: {model.nobs}, groups:  "
-                 + "; ".join(f"{g}, {n}" for g, n in groups))
-    lines.append("")
-    cheap = (not model.known_variances and model.design.n_fixed <= 50
-             and model.design.n_random <= 100_000)
+    design = model.design
+    cheap = (not model.known_variances and design.n_fixed <= 50
+             and design.n_random <= 100_000)
     if ddf in ("Kenward-Roger", "KR"):
-        lines.append("Fixed effects (Kenward-Roger df and adjusted SEs, as pbkrtest):")
-        table = model.coefficients(ddf="Kenward-Roger")
+        tests, table = "Kenward-Roger's method", model.coefficients(ddf="Kenward-Roger")
+    elif model.known_variances:
+        tests, table = None, model.coef_table
     elif cheap:
-        lines.append("Fixed effects (Satterthwaite df, as lmerTest):")
-        table = model.coef_table
+        tests, table = "Satterthwaite's method", model.coef_table
     else:
-        lines.append("Fixed effects:")
-        table = model.coefficient_table()
-    lines.append(table.to_string(float_format=lambda v: f"{v:.4g}"))
-    if model.design.dropped_fixed:
-        lines.append("fixed-effect columns dropped (rank deficient): "
-                     + ", ".join(model.design.dropped_fixed))
+        tests, table = None, model.coefficient_table()
+    head = method_title(model.reml, tests)
+    head += call_lines(design.formula.text, _data_name(model),
+                       weights="yes" if design.weighted else None)
+    head += [""] + criterion_lines(model.reml, model.objective, model.aic, model.bic,
+                                   model.loglik, model.nobs - model.npar, 1) + [""]
+    blocks: list = [("text", head)]
+    tables: dict = {}
+    residual_lines, quantiles = _scaled_residual_lines(model)
+    if quantiles is not None:
+        blocks.append(("text", residual_lines))
+        tables["residuals"] = quantiles
+    re_lines, columns, cells = varcorr_lines(
+        group_names(design), [t.coef_names for t in design.terms],
+        list(model.covariance_matrices().values()), model.sigma, model.residual_groups())
+    blocks.append(("table", re_lines, _html_table([""] * len(cells), columns, cells,
+                                                   "Random effects")))
+    tables["random_effects"] = model.varcorr
+    more = structure_lines(model.covariance_parameters)
+    if design.residual_model is not None:
+        more.append(dispersion_line(design.residual_model.formula, model.dispersion))
+    groups = dict.fromkeys((t.group, t.n_levels) for t in design.terms)
+    more.append(groups_line(model.nobs, groups))
+    blocks.append(("text", more))
+    if len(table):
+        fixed = coefficient_lines(table.to_numpy(), list(table.index), list(table.columns))
+        html = _html_table(list(table.index), list(table.columns) + [""],
+                           _coefficient_cells(fixed, table), "Fixed effects")
+        blocks.append(("table", ["", "Fixed effects:"] + fixed, html))
+        tables["fixed_effects"] = table
+        corr_lines, corr = correlation_lines(model.vcov)
+        if corr is not None:
+            blocks.append(("text", corr_lines))
+            tables["correlation"] = corr
+    notes = []
+    if design.dropped_fixed:
+        notes.append("fixed-effect columns dropped (rank deficient): "
+                     + ", ".join(design.dropped_fixed))
     if model.singular:
-        lines.append("")
-        lines.append("boundary (singular) fit: a variance is estimated as 0 (see theta)")
+        notes.append(SINGULAR_MESSAGE)
     if not model.converged:
-        lines.append(f"optimizer did not converge: {model.optimizer_result.message}")
+        notes.append(f"optimizer did not converge: {model.optimizer_result.message}")
     if timings:
-        lines.append("")
         how = ("block elimination of the largest factor (dense Schur complement)"
                if model.mme.ordering == "schur" else
                f"CHOLMOD, {model.mme.ordering} ordering")
         method = model.optimizer_result.method if model.optimizer_result else "none (known variances)"
-        lines.append(f"Evaluations: {model.n_evaluations} ({method}); factorisation: {how}")
-        lines.append("Timings (s): " + ", ".join(
-            f"{k} {v:.3f}" for k, v in model.timings.items()))
+        result = model.optimizer_result
+        search = getattr(result, "optimizer_evaluations", None) if result else None
+        counts = (f"{model.n_evaluations}" if search is None or search >= model.n_evaluations
+                  else f"{search} ({method}) + {model.n_evaluations - search} in the "
+                       "convergence check")
+        if search is None or search >= model.n_evaluations:
+            counts += f" ({method})"
+        notes += ["", f"Evaluations: {counts}; factorisation: {how}",
+                  "Timings (s): " + ", ".join(f"{k} {v:.3f}" for k, v in model.timings.items())]
+    if notes:
+        blocks.append(("text", [""] + notes if notes[0] else notes))
+    return Summary(blocks, tables)
+
+
+def _coefficient_cells(lines: list[str], table: pd.DataFrame) -> list[list[str]]:
+    """The formatted cells of printCoefmat's lines (for the HTML table)."""
+    width = max(len(str(r)) for r in table.index)
+    header = lines[0]
+    bounds, end = [], width
+    for name in list(table.columns):
+        end = header.index(name, end) + len(name)
+        bounds.append(end)
+    cells = []
+    for line in lines[1:1 + len(table)]:
+        start, row = width, []
+        for stop in bounds:
+            row.append(line[start:stop])
+            start = stop
+        row.append(line[start:].strip())
+        cells.append(row)
+    return cells
+
+
+#: what summary() and the fit-time warning say about a fit on the boundary
+SINGULAR_MESSAGE = ("boundary (singular) fit: a variance is 0 or a correlation ±1; "
+                    "see docs/convergence.md")
+
+
+def print_text(model) -> str:
+    """``repr(m)``: lme4's ``print(m)`` — the criterion, random-effect SDs and the
+    fixed-effect estimates, without tests."""
+    design = model.design
+    lines = method_title(model.reml, None)
+    lines += call_lines(design.formula.text, _data_name(model),
+                        weights="yes" if design.weighted else None)
+    lines += criterion_lines(model.reml, model.objective, model.aic, model.bic,
+                             model.loglik, model.nobs - model.npar, 4)
+    lines += varcorr_lines(
+        group_names(design), [t.coef_names for t in design.terms],
+        list(model.covariance_matrices().values()), model.sigma, model.residual_groups(),
+        variance=False)[0]
+    groups = dict.fromkeys((t.group, t.n_levels) for t in design.terms)
+    lines.append(groups_line(model.nobs, groups))
+    lines += fixed_effects_print_lines(model.fixef)
+    if model.singular:
+        lines.append(SINGULAR_MESSAGE)
     return "\n".join(lines)

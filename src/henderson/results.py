@@ -26,8 +26,8 @@ from .mme import MixedModelEquations
 from .objective import Objective
 from .persist import save_model
 from .profile import profile_confint
-from .report import (TermTable, _normal_term, blup_contribution, check_newdata, group_names,
-                     summary_text, varcorr_table)
+from .report import (Summary, TermTable, _normal_term, blup_contribution, check_newdata,
+                     group_names, print_text, summary_text, varcorr_table)
 
 SINGULAR_TOLERANCE = 1e-4
 
@@ -155,6 +155,49 @@ class LinearMixedModel:
     @property
     def deviance(self) -> float:
         return self.objective
+
+    # ------------------------------------------------------ statsmodels' names
+    @property
+    def params(self) -> pd.Series:
+        """The fixed effects (statsmodels' ``params``; its MixedLM appends the variance
+        parameters there, henderson keeps those in ``varcorr``, ``theta`` and
+        ``covariance_parameter_table``, so ``params`` lines up with ``bse``)."""
+        return self.fixef
+
+    fe_params = params
+
+    @property
+    def bse(self) -> pd.Series:
+        """Standard errors of the fixed effects (statsmodels' ``bse``)."""
+        return pd.Series(np.sqrt(np.diag(self.vcov.to_numpy())), index=self.fixef.index,
+                         name="bse")
+
+    @property
+    def tvalues(self) -> pd.Series:
+        """Estimate / SE of every fixed effect (statsmodels' ``tvalues``)."""
+        return (self.fixef / self.bse).rename("tvalues")
+
+    @property
+    def pvalues(self) -> pd.Series:
+        """Two-sided p-values of the fixed effects with Satterthwaite df (the summary's
+        ``Pr(>|t|)``; statsmodels' MixedLM uses z tests, which are anti-conservative
+        with few groups)."""
+        return self.coef_table["Pr(>|t|)"].rename("pvalues")
+
+    @property
+    def fittedvalues(self) -> pd.Series:
+        """``X β̂ + Z b̂``: :attr:`fitted` (statsmodels' name)."""
+        return self.fitted
+
+    @property
+    def resid(self) -> pd.Series:
+        """Response minus fitted values: :attr:`residuals` (statsmodels' name)."""
+        return self.residuals
+
+    @property
+    def llf(self) -> float:
+        """The log-likelihood, restricted under REML: :attr:`loglik` (statsmodels' name)."""
+        return self.loglik
 
     @property
     def singular(self) -> bool:
@@ -533,10 +576,26 @@ class LinearMixedModel:
         """Confidence intervals for lme4's ``confint`` parameters (SDs, correlations,
         σ, fixed effects).
 
-        ``"profile"``: profile-likelihood intervals on the ML deviance, as lme4;
-        ``"wald"``: fixed effects only (NaN for variance parameters, as lme4);
-        ``"bootstrap"``: percentile intervals from a parametric bootstrap that reuses
-        the symbolic factorisation.
+        Parameters
+        ----------
+        method : {"wald", "profile", "bootstrap"}
+            ``"wald"`` (the default here; lme4's default is ``"profile"``): estimate ±
+            z·SE for the fixed effects, immediate at any size; NaN for the variance
+            parameters, as lme4's ``confint(method = "Wald")`` gives NA (a symmetric
+            interval around an SD is a poor one). ``"profile"``: profile-likelihood
+            intervals on the ML deviance for every parameter, as lme4's default; about
+            ten refits per parameter. ``"bootstrap"``: percentile intervals from
+            ``n_boot`` parametric-bootstrap refits that reuse the symbolic
+            factorisation.
+        level : float
+            Coverage, 0.95 by default.
+
+        Examples
+        --------
+        >>> import henderson as hd
+        >>> m = hd.lmm("Reaction ~ Days + (Days | Subject)", hd.datasets.load("sleepstudy"))
+        >>> m.confint().loc["Days"].round(2).tolist()
+        [7.44, 13.5]
         """
         if method not in ("wald", "bootstrap", "profile"):
             raise ValueError(f"method must be 'wald', 'bootstrap' or 'profile', got {method!r}")
@@ -590,8 +649,8 @@ class LinearMixedModel:
                              "t value": self.fixef.to_numpy() / se},
                             index=self.design.fixed_names)
 
-    def summary(self, timings: bool = False, ddf: str = "Satterthwaite") -> str:
-        """The fit as lme4's ``summary()`` prints it (with lmerTest's df and p).
+    def summary(self, timings: bool = False, ddf: str = "Satterthwaite") -> Summary:
+        """The fit as lme4's ``summary()`` prints it, with lmerTest's df and p-values.
 
         Parameters
         ----------
@@ -601,11 +660,25 @@ class LinearMixedModel:
             Degrees of freedom of the coefficient table (Satterthwaite is printed for
             models up to 50 fixed effects and 100,000 random effects; Kenward-Roger on
             request, dense, up to 5,000 rows).
+
+        Returns
+        -------
+        henderson.report.Summary
+            Prints as lme4's text (R's number formatting: estimates to lme4's digits,
+            p-values below 2.2e-16 as ``< 2e-16``), shows as HTML tables in a notebook,
+            and keeps the tables as DataFrames in ``.tables``.
+
+        Examples
+        --------
+        >>> import henderson as hd
+        >>> m = hd.lmm("Reaction ~ Days + (Days | Subject)", hd.datasets.load("sleepstudy"))
+        >>> print(str(m.summary()).split("Fixed effects:")[1].splitlines()[2])
+        (Intercept)  251.405      6.825  17.000  36.838  < 2e-16 ***
         """
         return summary_text(self, timings=timings, ddf=ddf)
 
     def __repr__(self) -> str:
-        return self.summary()
+        return print_text(self)
 
     def _repr_html_(self) -> str:
-        return "<pre>" + self.summary().replace("&", "&amp;").replace("<", "&lt;") + "</pre>"
+        return self.summary().as_html()

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from importlib import resources
 
 import pandas as pd
@@ -22,7 +23,8 @@ MRODE = ("mrode_3_1", "mrode_3_4", "mrode_4_1", "mrode_5_1", "mrode_5_2", "mrode
 
 
 def load(name: str) -> pd.DataFrame:
-    """Load a bundled data set; categorical columns carry R's level order.
+    """Load a bundled data set; categorical columns carry R's level order, and
+    ``attrs["name"]`` the set's name (a summary's ``Data:`` line).
 
     Parameters
     ----------
@@ -33,7 +35,40 @@ def load(name: str) -> pd.DataFrame:
         ``orthodont`` are nlme's Machines and Orthodont (the glmmTMB references of
         ``tests/data/covstruct``). ``mrode_*`` are the records of Mrode's textbook
         examples (``mrode_*_pedigree`` their pedigrees; see :func:`mrode`).
+
+    Examples
+    --------
+    >>> import henderson as hd
+    >>> hd.datasets.load("sleepstudy").shape
+    (180, 3)
     """
+    frame = _read(name)
+    frame.attrs["name"] = name
+    return frame
+
+
+def export(name: str, path) -> Path:
+    """Write a bundled data set to ``path`` (CSV, or Parquet for a ``.parquet`` name),
+    for the command line and the README's examples: ``henderson data sleepstudy``
+    does the same from the shell.
+
+    Examples
+    --------
+    >>> import tempfile, os, henderson as hd
+    >>> folder = tempfile.mkdtemp()
+    >>> hd.datasets.export("sleepstudy", os.path.join(folder, "sleepstudy.csv")).name
+    'sleepstudy.csv'
+    """
+    frame = load(name)
+    path = Path(path)
+    if path.suffix == ".parquet":
+        frame.to_parquet(path, index=False)
+    else:
+        frame.to_csv(path, index=False)
+    return path
+
+
+def _read(name: str) -> pd.DataFrame:
     folder = resources.files(__name__)
     if name.endswith("_pedigree") and name[:-len("_pedigree")] in MRODE:
         with resources.as_file(folder / f"{name}.csv") as path:
