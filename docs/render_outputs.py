@@ -41,7 +41,7 @@ from pathlib import Path
 
 BLOCK = re.compile(
     r"(?P<marker><!-- docs-test: (?P<directive>.*?) -->\n)?"
-    r"```(?P<lang>python|bash)\n(?P<code>.*?)```\n(?P<gap>\n?)(?P<output>```\n(?P<shown>.*?)```\n)?",
+    r"```(?P<lang>python|bash|sh)\n(?P<code>.*?)```\n(?P<gap>\n?)(?P<output>```\n(?P<shown>.*?)```\n)?",
     re.S)
 
 

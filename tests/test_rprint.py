@@ -24,16 +24,17 @@ def _by_kind(kind):
 
 
 def test_format_matches_r():
-    wrong = [(c["x"], c["digits"], c["out"], rprint.format_numbers(_values(c["x"]), c["digits"]))
+    # R's NA (a missing value) is the null of the file, printed "NA"
+    wrong = [(c["x"], c["digits"], c["out"], ours)
              for c in _by_kind("format")
-             if rprint.format_numbers(_values(c["x"]), c["digits"]) != c["out"]]
+             if (ours := rprint.format_numbers(_values(c["x"]), c["digits"], na="NA")) != c["out"]]
     assert not wrong, wrong[:5]
 
 
 def test_format_nsmall_matches_r():
     for c in _by_kind("format_nsmall"):
         x = rprint.round_half_even(_values(c["x"]), c["digits"])
-        assert rprint.format_numbers(x, 7, nsmall=c["digits"]) == c["out"], c
+        assert rprint.format_numbers(x, 7, nsmall=c["digits"], na="NA") == c["out"], c
 
 
 def test_format_pval_matches_r():
@@ -43,8 +44,24 @@ def test_format_pval_matches_r():
 
 def test_print_coefmat_matches_r():
     for c in _by_kind("coefmat"):
-        lines = rprint.coefficient_lines(_values(c["values"]), c["rows"], c["cols"], digits=4)
+        lines = rprint.coefficient_lines(_values(c["values"]), c["rows"], c["cols"], digits=4,
+                                         na="NA")
         assert lines == c["out"], (c["out"], lines)
+
+
+def test_wide_matrices_wrap_as_r_prints_them():
+    cases = _by_kind("matrix")
+    assert any(len(c["out"]) > len(c["rows"]) + 1 for c in cases)     # some do wrap
+    for c in cases:
+        k = len(c["cols"])
+        cells = [c["cells"][i * k:(i + 1) * k] for i in range(len(c["rows"]))]
+        assert rprint.matrix_lines(cells, c["rows"], c["cols"], right=c["right"]) == c["out"], c
+
+
+def test_nan_prints_as_r_prints_a_computed_nan():
+    assert rprint.format_numbers([np.nan, 0.5]) == ["NaN", "0.5"]
+    assert rprint.format_numbers([1.0, np.inf]) == ["  1", "Inf"]
+    assert rprint.format_numbers([-0.0, 3e-10]) == ["0e+00", "3e-10"]
 
 
 def test_abbreviate_matches_r():

@@ -89,3 +89,73 @@ def test_summary_and_repr_of_a_large_model_skip_satterthwaite_but_keep_lme4_layo
     text = str(m.summary())
     assert "Estimate Std. Error t value" in text and "Pr(>|t|)" not in text
     assert "Correlation of Fixed Effects" not in text          # p > 20, as lme4
+
+
+def test_repr_of_a_model_without_fixed_effects():
+    """repr(m) crashed on `0 + (1 | g)` (review of issue 16)."""
+    m = hd.lmm("Reaction ~ 0 + (1 | Subject)", hd.datasets.load("sleepstudy"))
+    assert repr(m).splitlines()[-1] == "No fixed effect coefficients"
+    assert "Fixed effects:" not in str(m.summary())
+
+
+def test_correlation_of_fixed_effects_up_to_twelve_as_lme4():
+    rng = np.random.default_rng(4)
+    frame = pd.DataFrame({"g": rng.integers(0, 20, 400).astype(str)})
+    for j in range(12):
+        frame[f"covariate{j}"] = rng.normal(size=400)
+    frame["y"] = frame.filter(like="covariate").sum(axis=1) + rng.normal(size=400)
+    twelve = " + ".join(f"covariate{j}" for j in range(11))    # + intercept = 12
+    m = hd.lmm(f"y ~ {twelve} + (1 | g)", frame)
+    text = str(m.summary())
+    assert "Correlation of Fixed Effects:" in text
+    # R wraps the 12-column matrix at 80 columns: the row names come again
+    block = text.split("Correlation of Fixed Effects:")[1].splitlines()
+    assert sum(line.startswith("covariate10") for line in block) == 2
+    assert all(len(line) < 80 for line in block)
+    m13 = hd.lmm(f"y ~ {twelve} + covariate11 + (1 | g)", frame)
+    text = str(m13.summary())
+    assert "Correlation of Fixed Effects:" not in text
+    assert "Correlation matrix not shown by default, as p = 13 > 12." in text
+    assert "Correlation of Fixed Effects:" in str(m13.summary(correlation=True))
+
+
+def test_weights_and_data_lines_name_what_the_user_gave(tmp_path, capsys):
+    weighted = hd.datasets.load("sleepstudy_weighted")
+    m = hd.lmm("Reaction ~ Days + (Days || Subject)", weighted, weights="w")
+    lines = str(m.summary()).splitlines()
+    assert "   Data: weighted" in lines and "Weights: w" in lines
+    subset = hd.lmm("Reaction ~ Days + (1 | Subject)",
+                    hd.datasets.load("sleepstudy").query("Days > 2"))
+    assert not any(line.startswith("   Data:") for line in str(subset.summary()).splitlines())
+    assert "   Data: weighted" in str(m.refit(reml=False).summary()).splitlines()
+    m.save(tmp_path / "m.npz")
+    assert "   Data: weighted" in str(hd.load(tmp_path / "m.npz").summary()).splitlines()
+    path = tmp_path / "sleep.csv"
+    hd.datasets.load("sleepstudy").to_csv(path, index=False)
+    assert main(["fit", "Reaction ~ Days + (1 | Subject)", str(path), "--quiet"]) == 0
+    assert f"   Data: {path}" in capsys.readouterr().out.splitlines()
+
+
+def test_notebook_html_has_the_legend_and_left_aligned_names():
+    m = hd.lmm("Reaction ~ Days + (Days | Subject)", hd.datasets.load("sleepstudy"))
+    html = m._repr_html_()
+    assert "Signif. codes" in html
+    assert "<td style=\"text-align:left;font-family:monospace\">Subject</td>" in html
+
+
+def test_a_given_zero_variance_does_not_warn_of_a_singular_fit():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hd.SingularFitWarning)
+        hd.lmm("Reaction ~ Days + (Days | Subject)", hd.datasets.load("sleepstudy"),
+               fixed_variances={"Subject": [[600, 0], [0, 0]], "residual": 650})
+
+
+def test_a_bad_formula_fails_before_the_first_fit_loads_the_kernels():
+    import subprocess
+    import sys
+    code = ("import henderson as hd, henderson.fit as f\n"
+            "try:\n    hd.lmm('Reaction ~ nosuch + (1 | Subject)', hd.datasets.load('sleepstudy'))\n"
+            "except hd.FormulaError:\n    print(f._KERNELS_LOADED)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "False"

@@ -662,6 +662,7 @@ def fit_command(args, out=None, err=None) -> int:
                    strategy=args.strategy, relationships=relationships or None,
                    fixed_variances=fixed_variances, verbose=False if args.quiet else 25,
                    covary=covary or None)
+    model.data_name = str(args.data)             # the summary's Data: line, as given
     print(model.summary(), file=out)
     # stage the results, then save the model, then put the results in place: a save
     # that fails (a formula that cannot be saved, a full disk) leaves --out as it was

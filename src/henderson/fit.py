@@ -502,7 +502,6 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
                                   verbose=verbose)
     if covary:
         raise ValueError("covary needs two random terms of the formula")
-    kernel_seconds = None if _KERNELS_LOADED else load_compiled_kernels()
     t0 = time.perf_counter()
     source = as_chunk_source(data)
     if source is None:
@@ -518,6 +517,9 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
             formula, source, weights=weights, missing=missing, relationships=relationships,
             sparse_fixed=sparse_fixed, verbose=bool(verbose), offset=offset)
     design_seconds = time.perf_counter() - t0
+    # after the design, so that a bad formula fails at once, also in the first call
+    kernel_seconds = None if _KERNELS_LOADED else load_compiled_kernels()
+    t0 += kernel_seconds or 0.0                 # not part of this fit's total
     model = fit_design(design, reml=reml, optimizer=optimizer, ordering=ordering,
                        verbose=verbose, method=method, fixed_variances=fixed_variances,
                        strategy=strategy, crossproducts=crossproducts)
@@ -532,7 +534,7 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
                       strategy=strategy, offset=offset, dispformula=dispformula)
     model.fit_function = lmm
     model.data_name = data_name(data, inspect.currentframe().f_back)
-    if model.singular:
+    if model.singular and not model.known_variances:   # estimated, not given
         warnings.warn(SINGULAR_MESSAGE, SingularFitWarning, stacklevel=2)
     return model
 
@@ -548,4 +550,6 @@ def data_name(data, caller=None) -> str | None:
             if value is data and not name.startswith("_"):
                 return name
     attrs = getattr(data, "attrs", None)
-    return attrs.get("name") if isinstance(attrs, dict) else None
+    if isinstance(attrs, dict) and attrs.get("rows") == len(data):   # not a subset of it
+        return attrs.get("name")
+    return None

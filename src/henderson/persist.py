@@ -126,6 +126,7 @@ def save_model(model, path, conditional_sd: bool = True) -> Path:
         "categories": categories, "terms": terms,
         "known_variances": bool(model.known_variances),
         "offsets": list(design.formula.offsets), "offset_argument": design.offset_argument,
+        "data_name": getattr(model, "data_name", None),
     }
     if design.residual_model is not None:
         groups = model.residual_groups()
@@ -348,7 +349,8 @@ class SavedModel:
         groups = dict.fromkeys((t["group"], len(lv)) for t, lv in zip(self._terms, self._levels))
         head = [f"Linear mixed model fit by {'REML' if self.reml else 'maximum likelihood'} "
                 "['henderson'], loaded from file"]
-        head += call_lines(self.formula, None)
+        name = self._header.get("data_name")
+        head += call_lines(self.formula, name if isinstance(name, str) else None)
         head += [""] + criterion_lines(self.reml, self.objective, self.aic, self.bic,
                                        self.loglik, self.nobs - self.npar, 1) + [""]
         re_lines, columns, cells = varcorr_lines(

@@ -60,7 +60,9 @@ def plot_ranef(model, group: str | None = None, level: float = 0.95, path=None):
     groups = [group] if group is not None else list(model.ranef)
     z = stats.norm.ppf(0.5 + level / 2)
     width = max(model.ranef[g].shape[1] for g in groups)
-    heights = [0.22 * len(model.ranef[g]) + 0.9 for g in groups]
+    # a row per level up to 60 levels; a factor with more gets a fixed height and no
+    # level labels (InstEval's 2,972 students made a figure 900 inches tall)
+    heights = [min(0.22 * len(model.ranef[g]), 0.22 * 60) + 0.9 for g in groups]
     fig, axes = plt.subplots(len(groups), width, squeeze=False,
                              figsize=(3.2 * width + 1, sum(heights) + 0.4),
                              gridspec_kw={"height_ratios": heights})
@@ -75,8 +77,12 @@ def plot_ranef(model, group: str | None = None, level: float = 0.95, path=None):
             v, s = values.iloc[order, c].to_numpy(), sds.iloc[order, c].to_numpy()
             ax.errorbar(v, np.arange(len(v)), xerr=z * s, fmt="o", ms=3, capsize=2)
             ax.axvline(0, color="grey", lw=1)
-            ax.set_yticks(np.arange(len(v)))
-            ax.set_yticklabels(labels if c == 0 else [], fontsize=7 if len(v) > 40 else None)
+            if len(v) <= 60:
+                ax.set_yticks(np.arange(len(v)))
+                ax.set_yticklabels(labels if c == 0 else [], fontsize=7 if len(v) > 40 else None)
+            else:
+                ax.set_yticks([])
+                ax.set_ylabel(f"{len(v):,} levels, sorted" if c == 0 else "")
             ax.set_title(f"{name}: {values.columns[c]}")
     fig.suptitle(f"BLUPs ± {z:.2f} conditional SD")
     fig.tight_layout()

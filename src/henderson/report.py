@@ -12,8 +12,8 @@ import pandas as pd
 
 from .design import Design, level_labels
 from .errors import FormulaError
-from .rprint import (abbreviate, coefficient_lines, format_numbers, matrix_lines,
-                     named_vector_lines, round_half_even, zapsmall)
+from .rprint import (SIGNIF_LEGEND, abbreviate, coefficient_lines, format_numbers,
+                     matrix_lines, named_vector_lines, round_half_even, zapsmall)
 
 
 def group_names(design: Design) -> list[str]:
@@ -65,11 +65,12 @@ def varcorr_table(names: list[str], coef_names: list[list[str]],
                  for label, variance in residuals.items()]
     else:
         rows.append(("Residual", None, None, sigma ** 2, sigma))
-    frame = pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
-    for column in ("var1", "var2"):   # None (R's NA) in every model, never NaN
-        frame[column] = pd.Series([row[1 if column == "var1" else 2] for row in rows],
-                                  dtype=object)
-    return frame
+    names, coefs, others, values, sds = zip(*rows)
+    return pd.DataFrame({"grp": list(names),   # var1/var2: None (R's NA) in every model
+                         "var1": pd.Series(coefs, dtype=object),
+                         "var2": pd.Series(others, dtype=object),
+                         "vcov": np.array(values, dtype=float),
+                         "sdcor": np.array(sds, dtype=float)})
 
 
 def _normal_term(text: str) -> str:
@@ -127,6 +128,17 @@ class Summary:
     ``s.as_html()`` the two renderings (statsmodels' names); ``s.tables`` the numbers
     behind them (``"random_effects"``, ``"fixed_effects"``, ``"residuals"``,
     ``"correlation"`` when shown).
+
+    Examples
+    --------
+    >>> import henderson as hd
+    >>> s = hd.lmm("Reaction ~ Days + (Days | Subject)", hd.datasets.load("sleepstudy")).summary()
+    >>> print(str(s).splitlines()[4])
+    REML criterion at convergence: 1743.6
+    >>> sorted(s.tables)
+    ['correlation', 'fixed_effects', 'random_effects', 'residuals']
+    >>> s._repr_html_().count("<table>")
+    2
     """
 
     def __init__(self, blocks: list, tables: dict):
@@ -168,14 +180,26 @@ def _escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def _html_table(row_names, col_names, cells, caption: str = "") -> str:
-    head = "".join(f"<th>{_escape(c)}</th>" for c in [""] + list(col_names))
-    body = "".join("<tr><th style=\"text-align:left\">" + _escape(r) + "</th>"
-                   + "".join(f"<td style=\"text-align:right;font-family:monospace\">"
-                             f"{_escape(v.strip())}</td>" for v in row) + "</tr>"
-                   for r, row in zip(row_names, cells))
+def _html_table(row_names, col_names, cells, caption: str = "", text_columns=(),
+                note: str = "") -> str:
+    """An HTML table of formatted cells: numbers right-aligned in monospace, the
+    ``text_columns`` (names, groups) left-aligned; no row-name column when
+    ``row_names`` is None; ``note`` (the significance legend) under the table."""
+    def cell(j, value):
+        align = "left" if j in text_columns else "right"
+        return (f"<td style=\"text-align:{align};font-family:monospace\">"
+                f"{_escape(value.strip())}</td>")
+    names = [] if row_names is None else [""]
+    head = "".join(f"<th>{_escape(c)}</th>" for c in names + list(col_names))
+    rows = []
+    for i, row in enumerate(cells):
+        label = "" if row_names is None else (
+            "<th style=\"text-align:left\">" + _escape(row_names[i]) + "</th>")
+        rows.append("<tr>" + label + "".join(cell(j, v) for j, v in enumerate(row)) + "</tr>")
     title = f"<caption style=\"text-align:left\">{_escape(caption)}</caption>" if caption else ""
-    return f"<table>{title}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    foot = f"<p style=\"font-size:smaller\">{_escape(note)}</p>" if note else ""
+    return (f"<table>{title}<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody>"
+            f"</table>{foot}")
 
 
 def method_title(reml: bool, tests: str | None) -> list[str]:
@@ -262,15 +286,33 @@ def varcorr_lines(names, coef_names, covariances, sigma, residuals=None,
     return lines, columns, cells
 
 
+def design_groups(design) -> list[tuple[str, int]]:
+    """(grouping factor, number of levels), once each, in the order of the terms."""
+    return list(dict.fromkeys((t.group, t.n_levels) for t in design.terms))
+
+
 def groups_line(nobs: int, groups) -> str:
+    """lme4's ``Number of obs: n, groups:  g, k; ...`` line."""
     return (f"Number of obs: {nobs}, groups:  "
             + "; ".join(f"{g}, {n}" for g, n in groups))
 
 
-def correlation_lines(vcov: pd.DataFrame) -> tuple[list[str], pd.DataFrame | None]:
-    """``Correlation of Fixed Effects:`` as lme4 prints it (p from 2 to 20)."""
+#: lme4 1.1-31's ``getOption("lme4.summary.cor.max")``
+CORRELATION_MAX = 12
+
+
+def correlation_lines(vcov: pd.DataFrame, show: bool | None = None
+                      ) -> tuple[list[str], pd.DataFrame | None]:
+    """``Correlation of Fixed Effects:`` as lme4 prints it: by default for 2 to 12
+    coefficients, and for more a note that it is not shown (lme4's message)."""
     p = vcov.shape[0]
-    if not 1 < p <= 20:
+    if show is None:
+        show = p <= CORRELATION_MAX
+        if not show:
+            return (["", f"Correlation matrix not shown by default, as p = {p} > "
+                     f"{CORRELATION_MAX}.", "Use m.summary(correlation=True) or m.vcov if "
+                     "you need it"], None)
+    if not show or p < 2:
         return [], None
     v = vcov.to_numpy()
     sd = np.sqrt(np.diag(v))
@@ -287,12 +329,22 @@ def correlation_lines(vcov: pd.DataFrame) -> tuple[list[str], pd.DataFrame | Non
 
 def fixed_effects_print_lines(fixef: pd.Series, digits: int = 4) -> list[str]:
     """``Fixed Effects:`` of lme4's ``print(m)``: the estimates under their names."""
+    if len(fixef) == 0:
+        return ["No fixed effect coefficients"]
     return ["Fixed Effects:"] + named_vector_lines(
         format_numbers(fixef.to_numpy(), digits), list(fixef.index), gap=2)
 
 
 def _data_name(model) -> str | None:
     return getattr(model, "data_name", None)
+
+
+def _weights_name(model) -> str | None:
+    """The ``Weights:`` line: the column's name, as lme4 prints the expression."""
+    if not model.design.weighted:
+        return None
+    given = getattr(model, "call", {}).get("weights")
+    return given if isinstance(given, str) else "given as an array"
 
 
 def _scaled_residual_lines(model) -> tuple[list[str], pd.Series | None]:
@@ -305,7 +357,8 @@ def _scaled_residual_lines(model) -> tuple[list[str], pd.Series | None]:
             pd.Series(q, index=names))
 
 
-def summary_text(model, timings: bool = False, ddf: str = "Satterthwaite") -> Summary:
+def summary_text(model, timings: bool = False, ddf: str = "Satterthwaite",
+                 correlation: bool | None = None) -> Summary:
     """The fit as lme4's ``summary()`` prints it (with lmerTest's df and p): what
     :meth:`~henderson.results.LinearMixedModel.summary` returns."""
     if ddf not in ("Satterthwaite", "Kenward-Roger", "KR"):
@@ -322,8 +375,7 @@ def summary_text(model, timings: bool = False, ddf: str = "Satterthwaite") -> Su
     else:
         tests, table = None, model.coefficient_table()
     head = method_title(model.reml, tests)
-    head += call_lines(design.formula.text, _data_name(model),
-                       weights="yes" if design.weighted else None)
+    head += call_lines(design.formula.text, _data_name(model), weights=_weights_name(model))
     head += [""] + criterion_lines(model.reml, model.objective, model.aic, model.bic,
                                    model.loglik, model.nobs - model.npar, 1) + [""]
     blocks: list = [("text", head)]
@@ -335,24 +387,24 @@ def summary_text(model, timings: bool = False, ddf: str = "Satterthwaite") -> Su
     re_lines, columns, cells = varcorr_lines(
         group_names(design), [t.coef_names for t in design.terms],
         list(model.covariance_matrices().values()), model.sigma, model.residual_groups())
-    blocks.append(("table", re_lines, _html_table([""] * len(cells), columns, cells,
-                                                   "Random effects")))
+    blocks.append(("table", re_lines, _html_table(None, columns, cells, "Random effects",
+                                                   text_columns=(0, 1))))
     tables["random_effects"] = model.varcorr
     more = structure_lines(model.covariance_parameters)
     if design.residual_model is not None:
         more.append(dispersion_line(design.residual_model.formula, model.dispersion))
-    groups = dict.fromkeys((t.group, t.n_levels) for t in design.terms)
-    more.append(groups_line(model.nobs, groups))
+    more.append(groups_line(model.nobs, design_groups(design)))
     blocks.append(("text", more))
     if len(table):
         fixed = coefficient_lines(table.to_numpy(), list(table.index), list(table.columns))
         html = _html_table(list(table.index), list(table.columns) + [""],
-                           _coefficient_cells(fixed, table), "Fixed effects")
+                           _coefficient_cells(fixed, table), "Fixed effects",
+                           note=SIGNIF_LEGEND if SIGNIF_LEGEND in fixed else "")
         blocks.append(("table", ["", "Fixed effects:"] + fixed, html))
         tables["fixed_effects"] = table
-        corr_lines, corr = correlation_lines(model.vcov)
+        corr_lines, corr = correlation_lines(model.vcov, correlation)
+        blocks.append(("text", corr_lines))
         if corr is not None:
-            blocks.append(("text", corr_lines))
             tables["correlation"] = corr
     notes = []
     if design.dropped_fixed:
@@ -369,11 +421,11 @@ def summary_text(model, timings: bool = False, ddf: str = "Satterthwaite") -> Su
         method = model.optimizer_result.method if model.optimizer_result else "none (known variances)"
         result = model.optimizer_result
         search = getattr(result, "optimizer_evaluations", None) if result else None
-        counts = (f"{model.n_evaluations}" if search is None or search >= model.n_evaluations
-                  else f"{search} ({method}) + {model.n_evaluations - search} in the "
-                       "convergence check")
         if search is None or search >= model.n_evaluations:
-            counts += f" ({method})"
+            counts = f"{model.n_evaluations} ({method})"
+        else:
+            counts = (f"{search} ({method}) + {model.n_evaluations - search} in the "
+                      "convergence check")
         notes += ["", f"Evaluations: {counts}; factorisation: {how}",
                   "Timings (s): " + ", ".join(f"{k} {v:.3f}" for k, v in model.timings.items())]
     if notes:
@@ -401,8 +453,7 @@ def _coefficient_cells(lines: list[str], table: pd.DataFrame) -> list[list[str]]
 
 
 #: what summary() and the fit-time warning say about a fit on the boundary
-SINGULAR_MESSAGE = ("boundary (singular) fit: a variance is 0 or a correlation ±1; "
-                    "see docs/convergence.md")
+SINGULAR_MESSAGE = "boundary (singular) fit: see help(hd.LinearMixedModel.singular)"
 
 
 def print_text(model) -> str:
@@ -410,16 +461,14 @@ def print_text(model) -> str:
     fixed-effect estimates, without tests."""
     design = model.design
     lines = method_title(model.reml, None)
-    lines += call_lines(design.formula.text, _data_name(model),
-                        weights="yes" if design.weighted else None)
+    lines += call_lines(design.formula.text, _data_name(model), weights=_weights_name(model))
     lines += criterion_lines(model.reml, model.objective, model.aic, model.bic,
                              model.loglik, model.nobs - model.npar, 4)
     lines += varcorr_lines(
         group_names(design), [t.coef_names for t in design.terms],
         list(model.covariance_matrices().values()), model.sigma, model.residual_groups(),
         variance=False)[0]
-    groups = dict.fromkeys((t.group, t.n_levels) for t in design.terms)
-    lines.append(groups_line(model.nobs, groups))
+    lines.append(groups_line(model.nobs, design_groups(design)))
     lines += fixed_effects_print_lines(model.fixef)
     if model.singular:
         lines.append(SINGULAR_MESSAGE)

@@ -181,7 +181,15 @@ class LinearMixedModel:
     def pvalues(self) -> pd.Series:
         """Two-sided p-values of the fixed effects with Satterthwaite df (the summary's
         ``Pr(>|t|)``; statsmodels' MixedLM uses z tests, which are anti-conservative
-        with few groups)."""
+        with few groups).
+
+        Examples
+        --------
+        >>> import henderson as hd
+        >>> m = hd.lmm("Reaction ~ Days + (Days | Subject)", hd.datasets.load("sleepstudy"))
+        >>> m.bse.round(3).to_dict(), float(m.pvalues["Days"]) < 1e-5
+        ({'(Intercept)': 6.825, 'Days': 1.546}, True)
+        """
         return self.coef_table["Pr(>|t|)"].rename("pvalues")
 
     @property
@@ -202,7 +210,12 @@ class LinearMixedModel:
     @property
     def singular(self) -> bool:
         """True when a variance (a diagonal element of some Λ_t, an SD of a structure)
-        is estimated ~0 (lme4's ``isSingular``)."""
+        is estimated ~0 (lme4's ``isSingular``): a variance component at 0 or a
+        correlation at ±1. The fit is valid, but the data do not support the random
+        terms as written: a term may be dropped, a correlated term made independent
+        (``||``) or a slope removed, and likelihood-ratio tests on the boundary are
+        conservative. :func:`henderson.lmm` warns (``SingularFitWarning``) when it
+        estimates such a fit; docs/convergence.md says more."""
         on_bound = np.isfinite(self.design.theta_lower_bounds())
         return bool(np.any(self.theta[on_bound] < SINGULAR_TOLERANCE))
 
@@ -415,7 +428,10 @@ class LinearMixedModel:
         call, fit = getattr(self, "call", None), getattr(self, "fit_function", None)
         if call is None or fit is None:
             raise ValueError("this model was not fitted by hd.lmm(); refit needs its call")
-        return fit(**{**call, **changes})
+        refitted = fit(**{**call, **changes})
+        if "data" not in changes:
+            refitted.data_name = getattr(self, "data_name", None)
+        return refitted
 
     def predict(self, newdata: pd.DataFrame | None = None, re: bool = True,
                 allow_new_levels: bool = False, offset=None) -> np.ndarray:
@@ -649,7 +665,8 @@ class LinearMixedModel:
                              "t value": self.fixef.to_numpy() / se},
                             index=self.design.fixed_names)
 
-    def summary(self, timings: bool = False, ddf: str = "Satterthwaite") -> Summary:
+    def summary(self, timings: bool = False, ddf: str = "Satterthwaite",
+                correlation: bool | None = None) -> Summary:
         """The fit as lme4's ``summary()`` prints it, with lmerTest's df and p-values.
 
         Parameters
@@ -660,6 +677,9 @@ class LinearMixedModel:
             Degrees of freedom of the coefficient table (Satterthwaite is printed for
             models up to 50 fixed effects and 100,000 random effects; Kenward-Roger on
             request, dense, up to 5,000 rows).
+        correlation : bool, optional
+            Show the correlation of the fixed effects; by default, as lme4, for 2 to
+            12 coefficients.
 
         Returns
         -------
@@ -675,7 +695,7 @@ class LinearMixedModel:
         >>> print(str(m.summary()).split("Fixed effects:")[1].splitlines()[2])
         (Intercept)  251.405      6.825  17.000  36.838  < 2e-16 ***
         """
-        return summary_text(self, timings=timings, ddf=ddf)
+        return summary_text(self, timings=timings, ddf=ddf, correlation=correlation)
 
     def __repr__(self) -> str:
         return print_text(self)

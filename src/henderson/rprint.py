@@ -92,9 +92,11 @@ def _layout(values: np.ndarray, digits: int, nsmall: int = 0):
     return width, decimals, exponent
 
 
-def format_numbers(values, digits: int = 7, nsmall: int = 0, na: str = "NA") -> list[str]:
+def format_numbers(values, digits: int = 7, nsmall: int = 0, na: str = "NaN") -> list[str]:
     """R's ``format(x, digits=, nsmall=)`` of a double vector: one common width and
-    number of decimals (or scientific notation when that is narrower).
+    number of decimals (or scientific notation when that is narrower). A NaN prints
+    as ``na``: ``"NaN"`` (what R prints for a NaN it computed, e.g. a correlation of a
+    zero SD), or ``"NA"`` for a value that is missing.
 
     Examples
     --------
@@ -107,6 +109,8 @@ def format_numbers(values, digits: int = 7, nsmall: int = 0, na: str = "NA") -> 
     width, decimals, exponent = _layout(values, digits, nsmall)
     if np.isnan(values).any():
         width = max(width, len(na))
+    if np.isinf(values).any():
+        width = max(width, 4 if (values == -np.inf).any() else 3)
     out = []
     for x in values:
         if np.isnan(x):
@@ -114,7 +118,7 @@ def format_numbers(values, digits: int = 7, nsmall: int = 0, na: str = "NA") -> 
         elif np.isinf(x):
             text = "Inf" if x > 0 else "-Inf"
         elif exponent:
-            text = f"{x:.{decimals}e}"
+            text = f"{x + 0.0:.{decimals}e}"     # R prints -0 as 0
             mantissa, power = text.split("e")
             sign, power = power[0], power[1:].lstrip("0")
             text = f"{mantissa}e{sign}{power.rjust(exponent + (exponent == 1), '0')}"
@@ -201,17 +205,40 @@ def format_pvalues(pvalues, digits: int = 3, eps: float = DOUBLE_EPS) -> list[st
     return out
 
 
-def matrix_lines(cells, row_names, col_names, right: bool = True) -> list[str]:
+def matrix_lines(cells, row_names, col_names, right: bool = True,
+                 width: int = 80) -> list[str]:
     """R's ``print.default`` of a character matrix (``quote = FALSE``): row names
-    left-justified, columns one space apart, justified right or left."""
+    left-justified, columns one space apart, justified right or left, and the columns
+    that do not fit in ``width`` printed below in further blocks, each with the row
+    names again.
+
+    Examples
+    --------
+    >>> print("\\n".join(matrix_lines([["1", "22"]], ["a"], ["x", "y"])))
+      x  y
+    a 1 22
+    """
     cells = [list(map(str, row)) for row in cells]
     row_width = max([len(r) for r in row_names] + [0])
     widths = [max([len(c)] + [len(row[j]) for row in cells]) for j, c in enumerate(col_names)]
     just = str.rjust if right else str.ljust
-    lines = [" " * row_width + "".join(" " + just(c, w) for c, w in zip(col_names, widths))]
-    for name, row in zip(row_names, cells):
-        lines.append(name.ljust(row_width)
-                     + "".join(" " + just(v, w) for v, w in zip(row, widths)))
+    blocks, start = [], 0
+    while start < len(widths) or not blocks:
+        stop, used = start, row_width
+        while stop < len(widths) and (stop == start or used + 1 + widths[stop] < width):
+            used += 1 + widths[stop]
+            stop += 1
+        blocks.append(range(start, stop))
+        start = stop
+        if not widths:
+            break
+    lines = []
+    for block in blocks:
+        lines.append(" " * row_width + "".join(" " + just(col_names[j], widths[j])
+                                                for j in block))
+        for name, row in zip(row_names, cells):
+            lines.append(name.ljust(row_width)
+                         + "".join(" " + just(row[j], widths[j]) for j in block))
     return lines
 
 
@@ -238,10 +265,12 @@ def _stars(p: float) -> str:
 
 
 def coefficient_lines(values, row_names, col_names, digits: int = 4,
-                      signif_stars: bool = True, legend: bool = True) -> list[str]:
+                      signif_stars: bool = True, legend: bool = True,
+                      na: str = "NaN") -> list[str]:
     """R's ``printCoefmat``: estimate, SE (and df) columns rounded and formatted
     together, the test statistic to ``digits - 1`` places, ``format.pval`` p-values with
-    stars when the last column is ``Pr(...)``.
+    stars when the last column is ``Pr(...)``; a NaN prints as ``na`` (R's ``NaN``; its
+    ``NA`` for a missing value); wide tables wrap at 80 columns, as R's.
 
     Examples
     --------
@@ -279,7 +308,7 @@ def coefficient_lines(values, row_names, col_names, digits: int = 4,
     for i, j in zip(*np.nonzero(check)):
         if (x[i, j] == 0) != (float(cells[i, j]) == 0):
             cells[i, j] = format_numbers([x[i, j]], max(1, digits - 1))[0]
-    cells[~ok] = "NA"
+    cells[~ok] = na
     names = list(col_names)
     stars = None
     if has_p:
@@ -297,10 +326,6 @@ def coefficient_lines(values, row_names, col_names, digits: int = 4,
     if stars is not None and legend:
         lines += ["---", SIGNIF_LEGEND]
     return lines
-
-
-def _is_space(c: str) -> bool:
-    return c.isspace()
 
 
 def _abbreviate_one(name: str, minlength: int) -> str:

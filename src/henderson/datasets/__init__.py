@@ -43,7 +43,7 @@ def load(name: str) -> pd.DataFrame:
     (180, 3)
     """
     frame = _read(name)
-    frame.attrs["name"] = name
+    frame.attrs.update(name=name, rows=len(frame))   # a subset keeps attrs, not its rows
     return frame
 
 

@@ -60,3 +60,24 @@ for (i in 1:100) {
   q <- setNames(zapsmall(quantile(r), 5), c("Min", "1Q", "Median", "3Q", "Max"))
   emit("quantiles", x = arr(r, num), out = arr(capture.output(print(q, digits = 4)), str))
 }
+# wide tables: R wraps a printed matrix at 80 columns
+words <- c("treatment", "high", "dose", "interaction", "level", "x", "covariate", "B")
+for (i in 1:60) {
+  p <- sample(2:5, 1)
+  m <- coefmat(p, runif(1) < 0.7)
+  rownames(m) <- make.unique(sapply(seq_len(p), function(j)
+    paste(sample(words, sample(1:6, 1), replace = TRUE), collapse = sample(c(" ", ":", "_"), 1))))
+  out <- capture.output(printCoefmat(m, digits = 4, signif.stars = TRUE))
+  emit("coefmat", rows = arr(rownames(m), str), cols = arr(colnames(m), str),
+       values = arr(as.vector(t(m)), num), out = arr(out, str))
+}
+for (i in 1:60) {
+  r <- sample(1:4, 1); k <- sample(1:14, 1)
+  cells <- matrix(replicate(r * k, strrep("x", sample(1:12, 1))), r, k)
+  rownames(cells) <- replicate(r, strrep("r", sample(0:15, 1)))
+  colnames(cells) <- replicate(k, strrep("c", sample(0:9, 1)))
+  right <- runif(1) < 0.5
+  emit("matrix", rows = arr(rownames(cells), str), cols = arr(colnames(cells), str),
+       cells = arr(as.vector(t(cells)), str), right = if (right) "true" else "false",
+       out = arr(capture.output(print(cells, quote = FALSE, right = right)), str))
+}
