@@ -28,9 +28,10 @@ from .design import _model_matrix as design_model_matrix
 from .design import check_new_levels, predicted_offset, spec_variables, with_categories
 from .errors import DataError, FormulaError, HendersonError
 from .formula import python_expression
-from .report import (Summary, TermTable, _normal_term, blup_contribution, call_lines,
-                     check_newdata, criterion_lines, dispersion_line, group_names,
-                     groups_line, structure_lines, varcorr_lines, varcorr_table)
+from .report import (StatsmodelsNames, Summary, TermTable, _normal_term,
+                    blup_contribution, call_lines, check_newdata, criterion_lines,
+                    dispersion_line, group_names, groups_line, structure_lines,
+                    varcorr_lines, varcorr_table)
 from .rprint import coefficient_lines
 
 FORMAT = "henderson-model"
@@ -211,7 +212,7 @@ def _sync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
-class SavedModel:
+class SavedModel(StatsmodelsNames):
     """A fitted model read back by :func:`load`: its estimates, BLUPs and ``predict``.
 
     Attributes
@@ -373,27 +374,6 @@ class SavedModel:
 
     def _repr_html_(self) -> str:
         return self.summary().as_html()
-
-    @property
-    def params(self) -> pd.Series:
-        """The fixed effects (statsmodels' name)."""
-        return self.fixef
-
-    @property
-    def bse(self) -> pd.Series:
-        """Standard errors of the fixed effects (statsmodels' name)."""
-        return pd.Series(np.sqrt(np.diag(self.vcov.to_numpy())), index=self.fixef.index,
-                         name="bse")
-
-    @property
-    def tvalues(self) -> pd.Series:
-        """Estimate / SE (statsmodels' name)."""
-        return (self.fixef / self.bse).rename("tvalues")
-
-    @property
-    def llf(self) -> float:
-        """The (restricted) log-likelihood (statsmodels' name)."""
-        return self.loglik
 
 
 def _model_matrix(spec: str, frame: pd.DataFrame, columns: list[str]) -> np.ndarray:

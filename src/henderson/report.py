@@ -73,6 +73,47 @@ def varcorr_table(names: list[str], coef_names: list[list[str]],
                          "sdcor": np.array(sds, dtype=float)})
 
 
+class StatsmodelsNames:
+    """statsmodels' names for the fixed-effect results, shared by fitted and saved
+    models (both have ``fixef``, ``vcov`` and ``loglik``)."""
+
+    @property
+    def params(self) -> pd.Series:
+        """The fixed effects (statsmodels' ``params``; its MixedLM appends the variance
+        parameters there, henderson keeps those in ``varcorr``, ``theta`` and
+        ``covariance_parameter_table``, so ``params`` lines up with ``bse``)."""
+        return self.fixef
+
+    @property
+    def fe_params(self) -> pd.Series:
+        """The fixed effects (statsmodels' ``fe_params``)."""
+        return self.fixef
+
+    @property
+    def bse(self) -> pd.Series:
+        """Standard errors of the fixed effects (statsmodels' ``bse``).
+
+        Examples
+        --------
+        >>> import henderson as hd
+        >>> m = hd.lmm("Reaction ~ Days + (Days | Subject)", hd.datasets.load("sleepstudy"))
+        >>> m.bse.round(3).to_dict()
+        {'(Intercept)': 6.825, 'Days': 1.546}
+        """
+        return pd.Series(np.sqrt(np.diag(self.vcov.to_numpy())), index=self.fixef.index,
+                         name="bse")
+
+    @property
+    def tvalues(self) -> pd.Series:
+        """Estimate / SE of every fixed effect (statsmodels' ``tvalues``)."""
+        return (self.fixef / self.bse).rename("tvalues")
+
+    @property
+    def llf(self) -> float:
+        """The log-likelihood, restricted under REML: ``loglik`` (statsmodels' name)."""
+        return self.loglik
+
+
 def _normal_term(text: str) -> str:
     return "".join(text.split())
 

@@ -26,13 +26,14 @@ from .mme import MixedModelEquations
 from .objective import Objective
 from .persist import save_model
 from .profile import profile_confint
-from .report import (Summary, TermTable, _normal_term, blup_contribution, check_newdata,
-                     group_names, print_text, summary_text, varcorr_table)
+from .report import (StatsmodelsNames, Summary, TermTable, _normal_term,
+                    blup_contribution, check_newdata, group_names, print_text,
+                    summary_text, varcorr_table)
 
 SINGULAR_TOLERANCE = 1e-4
 
 
-class LinearMixedModel:
+class LinearMixedModel(StatsmodelsNames):
     """A fitted linear mixed model (returned by :func:`henderson.lmm`).
 
     Attributes
@@ -156,27 +157,7 @@ class LinearMixedModel:
     def deviance(self) -> float:
         return self.objective
 
-    # ------------------------------------------------------ statsmodels' names
-    @property
-    def params(self) -> pd.Series:
-        """The fixed effects (statsmodels' ``params``; its MixedLM appends the variance
-        parameters there, henderson keeps those in ``varcorr``, ``theta`` and
-        ``covariance_parameter_table``, so ``params`` lines up with ``bse``)."""
-        return self.fixef
-
-    fe_params = params
-
-    @property
-    def bse(self) -> pd.Series:
-        """Standard errors of the fixed effects (statsmodels' ``bse``)."""
-        return pd.Series(np.sqrt(np.diag(self.vcov.to_numpy())), index=self.fixef.index,
-                         name="bse")
-
-    @property
-    def tvalues(self) -> pd.Series:
-        """Estimate / SE of every fixed effect (statsmodels' ``tvalues``)."""
-        return (self.fixef / self.bse).rename("tvalues")
-
+    # ------------------------------------- statsmodels' names (and StatsmodelsNames)
     @property
     def pvalues(self) -> pd.Series:
         """Two-sided p-values of the fixed effects with Satterthwaite df (the summary's
@@ -201,11 +182,6 @@ class LinearMixedModel:
     def resid(self) -> pd.Series:
         """Response minus fitted values: :attr:`residuals` (statsmodels' name)."""
         return self.residuals
-
-    @property
-    def llf(self) -> float:
-        """The log-likelihood, restricted under REML: :attr:`loglik` (statsmodels' name)."""
-        return self.loglik
 
     @property
     def singular(self) -> bool:
