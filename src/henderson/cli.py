@@ -643,7 +643,7 @@ def fit_command(args, out=None, err=None) -> int:
                    missing=args.missing, optimizer=args.optimizer, ordering=args.ordering,
                    strategy=args.strategy, relationships=relationships or None,
                    fixed_variances=fixed_variances, verbose=False if args.quiet else 25,
-                   covary=covary or None)
+                   covary=covary or None, threads=args.threads)
     print(model.summary(), file=out)
     # stage the results, then save the model, then put the results in place: a save
     # that fails (a formula that cannot be saved, a full disk) leaves --out as it was
@@ -716,7 +716,7 @@ def gwas_command(args, out=None, err=None) -> int:
     result = gwas(args.formula, data, genotypes, id=args.id, grm=relationship,
                   loco=args.loco, test=args.test, reml=args.reml, blend=args.blend,
                   out=args.out, progress=False if args.quiet else "auto",
-                  precision=args.precision)
+                  precision=args.precision, threads=args.threads)
     null = pd.DataFrame(result.attrs["null"])
     print(f"{genotypes!r}", file=out)
     print("null model(s):", file=out)
@@ -737,6 +737,10 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
     return value
 
+
+THREADS_HELP = ("threads of the fit, BLAS's and henderson's own (default: "
+                "$HENDERSON_THREADS, else the CPUs this process may use, or 1 when "
+                "other work holds them)")
 
 FIT_EPILOG = """\
 files:
@@ -815,6 +819,8 @@ def build_parser() -> argparse.ArgumentParser:
                                               "(default auto: measured)")
     fitting.add_argument("--strategy", choices=["auto", "schur", "cholmod"], default="auto",
                          help="how the equations are factored (default auto)")
+    fitting.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                         help=THREADS_HELP)
     fitting.add_argument("--chunked", action="store_true",
                          help="stream the file in chunks (out of core: memory bounded by "
                               "the MME, not the rows; no fitted values or residuals)")
@@ -877,6 +883,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "from the others")
     scan.add_argument("--precision", choices=["double", "single"], default="double",
                       help="precision of the genotype rotation (single: twice as fast)")
+    scan.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                      help=THREADS_HELP)
     scan.add_argument("--top", type=_positive_int, default=10,
                       help="print this many smallest p-values (default 10)")
     scan.add_argument("--quiet", action="store_true", help="no progress on stderr")
