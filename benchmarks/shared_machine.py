@@ -6,12 +6,13 @@ together when every process is ready (two fits side by side start within a
 millisecond), and each process times ``repeats`` fits one after another. Busy
 neighbours are ``python -c "while True: pass"`` processes started before the fits.
 
-    python benchmarks/shared_machine.py [--runs 5] [--threads default 1 2]
+    python benchmarks/shared_machine.py [--runs 5] [--threads default 1 2 2/1]
         [--src OTHER/src] [--blas N] [--own-threads on|off]
 
 prints a Markdown table: median fit seconds over the runs (each run's value is the
 median of its process's fits; for side by side, of both processes), the runs, and the
-1-minute load average read (``os.getloadavg``) before each run. ``--src`` imports
+1-minute load average read (``os.getloadavg``) before each run. ``2/1`` is two
+threads of henderson's own with one BLAS thread. ``--src`` imports
 another checkout (an earlier commit's ``src``) with the same data; ``--blas`` and
 ``--own-threads`` set OpenBLAS's threads and switch the block elimination's own
 threads off by hand for a version without ``threads=``.
@@ -39,14 +40,22 @@ getattr(hd, "load_compiled_kernels", lambda: None)()
 if own == "off":  # an older version: no threads in the block elimination
     import henderson.schur
     henderson.schur.THREADED_WORK = float("inf")
-kwargs = {} if threads == "default" else {"threads": int(threads)}
+import contextlib
+kwargs, outer = {}, contextlib.nullcontext()
+if "/" in threads:  # "2/1": two threads of our own, one BLAS thread
+    from henderson.threads import fit_threads
+    own, blas = map(int, threads.split("/"))
+    outer = fit_threads(own, blas=blas)
+elif threads != "default":
+    kwargs = {"threads": int(threads)}
 print("ready", flush=True)
 sys.stdin.readline()
 times = []
-for _ in range(repeats):
-    t = time.perf_counter()
-    m = hd.lmm(%r, data, **kwargs)
-    times.append(time.perf_counter() - t)
+with outer:
+    for _ in range(repeats):
+        t = time.perf_counter()
+        m = hd.lmm(%r, data, **kwargs)
+        times.append(time.perf_counter() - t)
 print(json.dumps({"fits": times, "objective": m.objective}), flush=True)
 """ % FORMULA
 

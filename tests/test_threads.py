@@ -72,19 +72,37 @@ def test_available_cpus_from_affinity_and_quota(machine, cpus, quota, expected):
     assert default_threads() == expected
 
 
-@pytest.mark.parametrize("load, runnable, expected", [
-    (0.0, 0, 4), (2.9, 2, 4), (3.0, 0, 1), (0.2, 3, 1), (7.0, 5, 1)],
+@pytest.mark.parametrize("load, runnable, busy", [
+    (0.0, 0, False), (2.9, 2, False), (3.0, 0, True), (0.2, 3, True), (7.0, 5, True)],
     ids=["idle", "below", "load-average", "runnable-now", "both"])
-def test_default_is_one_thread_on_a_busy_machine(machine, load, runnable, expected):
+def test_busy_machine_gets_one_blas_thread(machine, load, runnable, busy):
     machine(cpus=4, load=load, runnable=runnable)
-    assert default_threads() == expected
+    assert threads.machine_is_busy() is busy
+    assert default_threads() == 4  # our own threads keep the CPUs
+    assert threads.default_blas_threads(4) == (1 if busy else 4)
+    assert threads.default_blas_threads(1) == 1
 
 
 def test_two_cpus_busy_from_one_busy_core(machine):
     machine(cpus=2, load=1.0)
-    assert default_threads() == 1
+    assert threads.default_blas_threads(2) == 1
     machine(cpus=2, load=0.5, runnable=0)
-    assert default_threads() == 2
+    assert threads.default_blas_threads(2) == 2
+    machine(cpus=2, load=0.5, runnable=1)
+    assert threads.default_blas_threads(2) == 1
+
+
+def test_default_fit_on_a_busy_machine(machine, monkeypatch):
+    _libraries_present()
+    machine(cpus=2, load=5.0)
+    with fit_threads() as count:
+        assert count == 2 and active_threads() == 2
+        assert set(blas_thread_counts().values()) == {1}
+    with fit_threads(2):  # asked for: BLAS gets it, busy or not
+        assert set(blas_thread_counts().values()) == {2}
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "2")
+    with fit_threads():
+        assert set(blas_thread_counts().values()) == {2}
 
 
 def test_machine_load_reads_proc():

@@ -739,8 +739,8 @@ def _positive_int(text: str) -> int:
 
 
 THREADS_HELP = ("threads of the fit, BLAS's and henderson's own (default: "
-                "$HENDERSON_THREADS, else the CPUs this process may use, or 1 when "
-                "other work holds them)")
+                "$HENDERSON_THREADS, else the CPUs this process may use, with one BLAS "
+                "thread when other work holds them)")
 
 FIT_EPILOG = """\
 files:

@@ -469,8 +469,8 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
     threads : int, optional
         The threads the fit may use: BLAS's (NumPy, SciPy, CHOLMOD) and henderson's
         own, never both at once. By default the ``HENDERSON_THREADS`` environment
-        variable, else the CPUs this process may use (affinity mask, cgroup quota), or
-        one when other work holds the cores
+        variable, else the CPUs this process may use (affinity mask, cgroup quota),
+        with one BLAS thread when other work holds the cores
         (:func:`henderson.threads.resolve_threads`). BLAS's previous thread counts
         are restored after the fit. Estimates do not depend on it.
 

@@ -1,23 +1,23 @@
-"""Threads: how many a fit may use, and the BLAS library's set to match (issue 15).
+"""Threads: how many a fit may use, and the BLAS libraries set to match (issue 15).
 
 :func:`resolve_threads` decides the count: the ``threads=`` argument, else the
 ``HENDERSON_THREADS`` environment variable, else :func:`default_threads` (the CPUs
-this process may use, from its affinity mask and its cgroup's CPU quota, and one
-thread when the machine is busy). :func:`fit_threads` holds that count for the
-duration of a fit: BLAS (every OpenBLAS/MKL threadpoolctl finds: NumPy's, SciPy's,
-CHOLMOD's) and OpenMP are limited to it and restored afterwards, and henderson's own
-Python threads (the block elimination's two halves, bootstrap replicates, PLINK
-decoding) ask :func:`active_threads` how many they may start. Our threads and BLAS's
-run in different phases of a fit; where our threads run beside BLAS calls (bootstrap
+this process may use, from its affinity mask and its cgroup's CPU quota).
+:func:`fit_threads` holds that count for the duration of a fit: BLAS (every OpenBLAS
+or MKL threadpoolctl finds: NumPy's, SciPy's, CHOLMOD's) and OpenMP are limited to it
+and restored afterwards, and henderson's own Python threads (the block elimination's
+two halves, bootstrap replicates, PLINK decoding, the block-diagonal kernel) ask
+:func:`active_threads` how many they may start. Our threads and BLAS's run in
+different phases of a fit; where our threads run beside BLAS calls (bootstrap
 replicates), BLAS gets one thread.
 
-Why one thread when the machine is busy: OpenBLAS's threads wait for each other by
-spinning, and when another process holds a core a parallel LAPACK call waits for a
-thread that is not running. Measured on the 2-core machine of the benchmarks with one
-other busy process, n = 2,000: ``dsytrd`` 0.5 s on one thread against 11-14 s on two;
-``eigh`` 1.2-1.7 s against 4-7 s. InstEval REML beside two busy processes took 1.0-3.3 s
-(once 20 s) with two BLAS threads against 0.29-0.36 s alone (docs/benchmarks.md, the
-section on issue 15, has the figures of the policy below).
+On a busy machine (:func:`machine_is_busy`) a fit whose count nobody set runs BLAS on
+one thread: OpenBLAS's threads spin and wait for each other, and when another process
+holds a core a parallel LAPACK call waits for a thread that is not running. Measured
+on the 2-core machine of the benchmarks with one other busy process, n = 2,000:
+``dsytrd`` 0.5 s on one thread against 11-14 s on two; ``eigh`` 1.2-1.7 s against
+4-7 s; InstEval REML beside two busy processes 14-20 s on two BLAS threads against
+~2 s on one (docs/benchmarks.md, "Threads on a shared machine", has the figures).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ ENVIRONMENT_VARIABLE = "HENDERSON_THREADS"
 #: where the cgroup file systems are mounted
 CGROUP_ROOT = "/sys/fs/cgroup"
 
-#: the machine counts as busy (and the default is one thread) when the runnable
+#: the machine counts as busy (and BLAS gets one thread by default) when the runnable
 #: threads of other processes, or the 1-minute load average, reach this share of the
 #: CPUs this process may use less one: on 2 CPUs, one busy core
 BUSY_SHARE = 1.0
@@ -172,18 +172,39 @@ def machine_is_busy(cpus: int | None = None) -> bool:
 
 def default_threads() -> int:
     """The thread count of a fit when neither ``threads=`` nor ``HENDERSON_THREADS``
-    sets it: :func:`available_cpus`, or one on a busy machine (:func:`machine_is_busy`).
+    sets it: :func:`available_cpus`. On a busy machine BLAS then runs one thread
+    (:func:`default_blas_threads`) and henderson's own threads keep this count.
 
     Examples
     --------
     >>> from henderson.threads import available_cpus, default_threads
-    >>> 1 <= default_threads() <= available_cpus()
+    >>> default_threads() == available_cpus()
     True
     """
-    cpus = available_cpus()
-    if cpus > 1 and machine_is_busy(cpus):
+    return available_cpus()
+
+
+def default_blas_threads(threads: int) -> int:
+    """BLAS's threads in a fit of ``threads`` threads whose count nobody set: one when
+    the machine is busy (:func:`machine_is_busy`), else ``threads``.
+
+    Why BLAS and not our own threads: OpenBLAS's threads spin and wait for each other,
+    so a parallel LAPACK call waits for any of them another process holds (InstEval
+    REML beside two busy processes: 14-20 s on two BLAS threads, ~2 s on one); the
+    block elimination's two threads each take a fixed half and block (no spinning)
+    when done, so a held core costs them at most the half's time: with one BLAS thread,
+    two of ours did no worse than one beside busy processes and better alone
+    (docs/benchmarks.md, "Threads on a shared machine").
+
+    Examples
+    --------
+    >>> from henderson.threads import default_blas_threads
+    >>> default_blas_threads(1)
+    1
+    """
+    if threads > 1 and machine_is_busy():
         return 1
-    return cpus
+    return threads
 
 
 def check_threads(threads, name: str = "threads") -> int | None:
@@ -293,9 +314,9 @@ def fit_threads(threads: int | None = None, blas: int | None = None):
     threads (default ``threads``); their previous counts are restored on leaving.
 
     ``threads`` goes through :func:`resolve_threads` (None: the environment variable
-    or the default). When neither the argument nor the environment sets it, a library
-    already limited below the default keeps its lower count (a Dask worker's or
-    ``OPENBLAS_NUM_THREADS=1``). Inside another ``fit_threads`` block, None keeps the
+    or the default). When neither the argument nor the environment sets it, BLAS gets
+    :func:`default_blas_threads` (one on a busy machine), and a library already
+    limited lower keeps its lower count (a Dask worker's or ``OPENBLAS_NUM_THREADS=1``). Inside another ``fit_threads`` block, None keeps the
     outer count. Entering costs ~10 µs (libraries whose count is already right are
     not touched).
 
@@ -316,13 +337,17 @@ def fit_threads(threads: int | None = None, blas: int | None = None):
         return
     explicit = threads is not None or os.environ.get(ENVIRONMENT_VARIABLE, "").strip()
     count = resolve_threads(threads)
-    limit = count if blas is None else max(1, int(blas))
+    if blas is not None:
+        limit = max(1, int(blas))
+    else:
+        limit = count if explicit else default_blas_threads(count)
     changed = []
     with _LOCK:
         for lib in _libraries():
             current = lib.get_num_threads()
-            target = limit if explicit or blas is not None or current is None \
-                else min(limit, current)
+            if current is None:  # a library that does not say: left alone
+                continue
+            target = limit if explicit or blas is not None else min(limit, current)
             if current != target:
                 lib.set_num_threads(target)
                 changed.append((lib, current))
