@@ -29,6 +29,7 @@ def machine(monkeypatch):
         monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(cpus)))
         monkeypatch.setattr(threads, "_QUOTA", [quota])
         monkeypatch.setattr(threads, "machine_load", lambda: (load, runnable))
+        monkeypatch.setattr(threads, "_BUSY", [float("-inf"), None, False])
     return make
 
 
@@ -108,6 +109,15 @@ def test_default_fit_on_a_busy_machine(machine, monkeypatch):
 def test_machine_load_reads_proc():
     load, runnable = threads.machine_load()
     assert load >= 0.0 and runnable >= 0
+
+
+def test_a_reading_stands_briefly(machine, monkeypatch):
+    machine(cpus=2, load=5.0)
+    assert threads.machine_is_busy()
+    monkeypatch.setattr(threads, "machine_load", lambda: (0.0, 0))
+    assert threads.machine_is_busy()  # within BUSY_RECHECK: the last reading
+    monkeypatch.setattr(threads, "_BUSY", [float("-inf"), None, False])
+    assert not threads.machine_is_busy()
 
 
 # ----------------------------------------------------------------------------------

@@ -98,8 +98,8 @@ def bootstrap(model, n: int = 200, seed=None, n_jobs: int = 1) -> pd.DataFrame:
     2-core CI machine threads did not pay (InstEval, 4 replicates: 12.5 s with one,
     14.1 s with two: LAPACK already uses both cores and the optimiser loop holds the
     GIL), hence the default of one. ``n_jobs`` is capped by the thread count of
-    :func:`henderson.threads.active_threads` (``HENDERSON_THREADS``, the CPUs this
-    process may use, one on a busy machine; ``None``: that count); while several
+    :func:`henderson.threads.active_threads` (``HENDERSON_THREADS``, else the CPUs
+    this process may use; ``None``: that count); while several
     replicates run, BLAS runs one thread and each replicate's block elimination one.
 
     Returns a DataFrame (replicates x parameters, as :func:`parameter_vector`).

@@ -26,6 +26,7 @@ import math
 import numbers
 import os
 import threading
+import time
 
 #: the environment variable that sets the thread count when ``threads=`` is not given
 ENVIRONMENT_VARIABLE = "HENDERSON_THREADS"
@@ -37,6 +38,10 @@ CGROUP_ROOT = "/sys/fs/cgroup"
 #: threads of other processes, or the 1-minute load average, reach this share of the
 #: CPUs this process may use less one: on 2 CPUs, one busy core
 BUSY_SHARE = 1.0
+
+#: seconds for which a reading of the machine's load stands: a loop of small fits
+#: reads ``/proc/loadavg`` a few times a second, not once a fit (10-50 µs a read)
+BUSY_RECHECK = 0.1
 
 
 def cgroup_cpu_limit(root: str = CGROUP_ROOT) -> float | None:
@@ -156,7 +161,8 @@ def machine_is_busy(cpus: int | None = None) -> bool:
     runnable right now besides this one (:func:`machine_load`), reach
     ``BUSY_SHARE * (cpus - 1)``, where ``cpus`` is :func:`available_cpus`. A 2-CPU
     machine is busy from one busy core; the runnable count catches a neighbour that
-    started too recently to show in the load average (two fits started together).
+    started too recently to show in the load average (two fits started together). A
+    reading stands for ``BUSY_RECHECK`` seconds.
 
     Examples
     --------
@@ -165,9 +171,18 @@ def machine_is_busy(cpus: int | None = None) -> bool:
     True
     """
     cpus = available_cpus() if cpus is None else cpus
+    now = time.monotonic()
+    read_at, read_cpus, busy = _BUSY
+    if read_cpus == cpus and now - read_at < BUSY_RECHECK:
+        return busy
     threshold = BUSY_SHARE * (cpus - 1)
     load, runnable = machine_load()
-    return load >= threshold or runnable >= threshold
+    busy = load >= threshold or runnable >= threshold
+    _BUSY[:] = [now, cpus, busy]
+    return busy
+
+
+_BUSY = [float("-inf"), None, False]  # the last reading: when, for how many CPUs, busy?
 
 
 def default_threads() -> int:
