@@ -8,12 +8,14 @@ for the optimiser.
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from . import kernels
 from .design import Design
 from .errors import FormulaError
 from .mme import response_shift
+from .threads import active_threads
 
 
 def outermost_grouping(design: Design) -> int:
@@ -86,10 +88,16 @@ class BlockDiagonalObjective:
             k = term.n_coefs
             lam_all[t, :k, :k] = term.relative_factor(theta[sl])
         d = self.design
-        return kernels.block_diagonal_sums(
-            self.group_ptr, self.row_order, self.local_cols, self.col_base,
-            self.group_size, self.z_all, self.z_offsets, lam_all, self.term_k,
-            np.ascontiguousarray(d.X), self.y, d.weights)
+        # the kernel's prange runs on the fit's threads (henderson.threads)
+        previous = numba.get_num_threads()
+        numba.set_num_threads(max(1, min(active_threads(), numba.config.NUMBA_NUM_THREADS)))
+        try:
+            return kernels.block_diagonal_sums(
+                self.group_ptr, self.row_order, self.local_cols, self.col_base,
+                self.group_size, self.z_all, self.z_offsets, lam_all, self.term_k,
+                np.ascontiguousarray(d.X), self.y, d.weights)
+        finally:
+            numba.set_num_threads(previous)
 
     def __call__(self, theta: np.ndarray) -> float:
         self.n_evaluations += 1

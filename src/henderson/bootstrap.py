@@ -97,12 +97,16 @@ def bootstrap(model, n: int = 200, seed=None, n_jobs: int = 1) -> pd.DataFrame:
     cross-products that do not involve y. Results do not depend on ``n_jobs``. On the
     2-core CI machine threads did not pay (InstEval, 4 replicates: 12.5 s with one,
     14.1 s with two: LAPACK already uses both cores and the optimiser loop holds the
-    GIL), hence the default of one.
+    GIL), hence the default of one. ``n_jobs`` is capped by the thread count of
+    :func:`henderson.threads.active_threads` (``HENDERSON_THREADS``, else the CPUs
+    this process may use; ``None``: that count); while several
+    replicates run, BLAS runs one thread and each replicate's block elimination one.
 
     Returns a DataFrame (replicates x parameters, as :func:`parameter_vector`).
     """
-    import os
     from concurrent.futures import ThreadPoolExecutor
+
+    from .threads import active_threads, fit_threads
 
     if model.design.residual_model is not None:
         raise ValueError("the parametric bootstrap of a dispformula model is not "
@@ -110,9 +114,14 @@ def bootstrap(model, n: int = 200, seed=None, n_jobs: int = 1) -> pd.DataFrame:
     responses = simulate(model, n, seed)
     lower = model.design.theta_lower_bounds()
     scale = theta_scale(model.design, model.mme.xp)
-    n_jobs = max(1, min(n, n_jobs or os.cpu_count() or 1))  # n_jobs=None: all cores
+    allowed = active_threads()
+    n_jobs = max(1, min(n, n_jobs or allowed, allowed))  # n_jobs=None: all allowed
 
     def refit(columns):
+        with fit_threads(1, blas=1) if n_jobs > 1 else fit_threads():
+            return _refit(columns)
+
+    def _refit(columns):
         rows = []
         for r in columns:
             mme = _with_response(model.mme, responses[:, r], private=True)
@@ -130,8 +139,8 @@ def bootstrap(model, n: int = 200, seed=None, n_jobs: int = 1) -> pd.DataFrame:
     chunks = [list(range(j, n, n_jobs)) for j in range(n_jobs)]
     if n_jobs == 1:
         results = refit(chunks[0])
-    else:
-        with ThreadPoolExecutor(n_jobs) as pool:
+    else:  # our threads, so one BLAS thread each (restored afterwards)
+        with fit_threads(n_jobs, blas=1), ThreadPoolExecutor(n_jobs) as pool:
             results = [row for part in pool.map(refit, chunks) for row in part]
     results.sort(key=lambda item: item[0])
     return pd.DataFrame([row for _, row in results]).reset_index(drop=True)

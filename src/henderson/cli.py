@@ -661,7 +661,7 @@ def fit_command(args, out=None, err=None) -> int:
                    missing=args.missing, optimizer=args.optimizer, ordering=args.ordering,
                    strategy=args.strategy, relationships=relationships or None,
                    fixed_variances=fixed_variances, verbose=False if args.quiet else 25,
-                   covary=covary or None)
+                   covary=covary or None, threads=args.threads)
     model.data_name = str(args.data)             # the summary's Data: line, as given
     print(model.summary(), file=out)
     # stage the results, then save the model, then put the results in place: a save
@@ -735,7 +735,7 @@ def gwas_command(args, out=None, err=None) -> int:
     result = gwas(args.formula, data, genotypes, id=args.id, grm=relationship,
                   loco=args.loco, test=args.test, reml=args.reml, blend=args.blend,
                   out=args.out, progress=False if args.quiet else "auto",
-                  precision=args.precision)
+                  precision=args.precision, threads=args.threads)
     null = pd.DataFrame(result.attrs["null"])
     print(f"{genotypes!r}", file=out)
     print("null model(s):", file=out)
@@ -756,6 +756,10 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
     return value
 
+
+THREADS_HELP = ("threads of the fit, BLAS's and henderson's own (default: "
+                "$HENDERSON_THREADS, else the CPUs this process may use, with one BLAS "
+                "thread when other work holds them)")
 
 FIT_EPILOG = """\
 files:
@@ -840,6 +844,8 @@ def build_parser() -> argparse.ArgumentParser:
                                               "(default auto: measured)")
     fitting.add_argument("--strategy", choices=["auto", "schur", "cholmod"], default="auto",
                          help="how the equations are factored (default auto)")
+    fitting.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                         help=THREADS_HELP)
     fitting.add_argument("--chunked", action="store_true",
                          help="stream the file in chunks (out of core: memory bounded by "
                               "the MME, not the rows; no fitted values or residuals)")
@@ -902,6 +908,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "from the others")
     scan.add_argument("--precision", choices=["double", "single"], default="double",
                       help="precision of the genotype rotation (single: twice as fast)")
+    scan.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                      help=THREADS_HELP)
     scan.add_argument("--top", type=_positive_int, default=10,
                       help="print this many smallest p-values (default 10)")
     scan.add_argument("--quiet", action="store_true", help="no progress on stderr")

@@ -30,7 +30,7 @@ import scipy.sparse as sp
 import scipy.stats
 
 from .errors import DataError, FormulaError
-from .threads import blas_threads
+from .threads import blas_threads, check_threads, fit_threads
 
 TESTS = ("wald", "score", "lrt")
 #: the largest h² searched: beyond it H is within 1e-6 of a singular K (GEMMA's bound
@@ -720,7 +720,7 @@ def _relationship_for(grm, genotypes, rows: np.ndarray, variants, blend: float):
 def gwas(formula: str, data: pd.DataFrame, genotypes, id: str = "iid", grm="auto",
          loco: bool = False, test: str = "wald", reml: bool = True, blend: float = 0.01,
          variants=None, out=None, progress="auto", precision: str = "double",
-         block: int | None = None) -> pd.DataFrame:
+         block: int | None = None, threads: int | None = None) -> pd.DataFrame:
     """Test every variant against one null linear mixed model.
 
     The null model is ``formula`` (covariates only) plus a random effect of ``id`` with
@@ -770,6 +770,10 @@ def gwas(formula: str, data: pd.DataFrame, genotypes, id: str = "iid", grm="auto
     precision : {"double", "single"}
         The precision of the genotype rotation, the scan's largest cost; ``"single"``
         is twice as fast and changes log10 p-values by ~1e-6.
+    threads : int, optional
+        Threads of the scan (BLAS and PLINK decoding), as :func:`henderson.lmm`'s
+        ``threads``; the eigen- and tridiagonal decompositions of K run on one BLAS
+        thread whatever it is (they are memory-bound).
 
     Returns
     -------
@@ -815,83 +819,85 @@ def gwas(formula: str, data: pd.DataFrame, genotypes, id: str = "iid", grm="auto
     if given_grm and sp.issparse(grm.matrix) and test == "lrt":
         raise ValueError("test='lrt' needs a dense GRM (an eigendecomposition); use 'wald' "
                          "or 'score' with a sparse GRM")
-    all_phenotypes = phenotypes(formula, data, genotypes, id)
-    tested = np.arange(genotypes.n_variants)
-    tested = tested if variants is None else tested[variants]
-    several = len(all_phenotypes) > 1
-    rotate_dtype = np.float32 if precision == "single" else np.float64
-    writer = _Writer(out) if out is not None else None
-    progress_state = _Progress(len(tested) * len(all_phenotypes), progress)
-    frames, nulls = [], []
-    try:
-        # phenotypes observed on the same samples share K, its factorisation and rotations
-        by_samples: dict[bytes, list[Phenotype]] = {}
-        for phenotype in all_phenotypes:
-            by_samples.setdefault(phenotype.sample_rows.tobytes(), []).append(phenotype)
-        for group in by_samples.values():
-            rows = group[0].sample_rows
-            K, S_all, denominator_all = _relationship_for(grm, genotypes, rows, None, blend)
-            chromosomes = genotypes.variants["chrom"].astype(str).to_numpy()
-            if loco:
-                parts = [(c, tested[chromosomes[tested] == c])
-                         for c in pd.unique(chromosomes[tested])]
-            else:
-                parts = [("all", tested)]
-            for chromosome, positions in parts:
+    check_threads(threads)
+    with fit_threads(threads):
+        all_phenotypes = phenotypes(formula, data, genotypes, id)
+        tested = np.arange(genotypes.n_variants)
+        tested = tested if variants is None else tested[variants]
+        several = len(all_phenotypes) > 1
+        rotate_dtype = np.float32 if precision == "single" else np.float64
+        writer = _Writer(out) if out is not None else None
+        progress_state = _Progress(len(tested) * len(all_phenotypes), progress)
+        frames, nulls = [], []
+        try:
+            # phenotypes observed on the same samples share K, its factorisation and rotations
+            by_samples: dict[bytes, list[Phenotype]] = {}
+            for phenotype in all_phenotypes:
+                by_samples.setdefault(phenotype.sample_rows.tobytes(), []).append(phenotype)
+            for group in by_samples.values():
+                rows = group[0].sample_rows
+                K, S_all, denominator_all = _relationship_for(grm, genotypes, rows, None, blend)
+                chromosomes = genotypes.variants["chrom"].astype(str).to_numpy()
                 if loco:
-                    method = "vanraden" if grm == "auto" else grm
-                    from .genomic import genotype_crossproduct
-                    S_c, d_c, _, _ = genotype_crossproduct(
-                        genotypes, samples=rows, variants=chromosomes == chromosome,
-                        method=method)
-                    if denominator_all - d_c <= 0:
-                        raise DataError(f"loco: no varying variant outside chromosome "
-                                        f"{chromosome!r} for its GRM")
-                    K = ((1.0 - blend) * (S_all - S_c) / (denominator_all - d_c)
-                         + blend * np.eye(len(rows)))
-                # one phenotype: tridiagonal null fit + triangular solves; several (or
-                # lrt, which re-fits h² per variant): one eigendecomposition shared
-                if sp.issparse(K):
-                    space = SparseSpace(K)
-                elif test == "lrt" or len(group) > 1:
-                    space = EigenSpace(K, rotate_dtype)
+                    parts = [(c, tested[chromosomes[tested] == c])
+                             for c in pd.unique(chromosomes[tested])]
                 else:
-                    space = DenseSpace(K, rotate_dtype)
-                fits = [space.fit(ph, reml, chromosome) for ph in group]
-                nulls.extend(fits)
-                for chunk, counts in genotypes.blocks(size=block, variants=positions,
-                                                      samples=rows,
-                                                      dtype=np.float32):
-                    centred, freq = _standardized_block(counts, group[0].has_intercept)
-                    rotated = (space.rotate(centred) if isinstance(space, EigenSpace)
-                               else None)
-                    for null in fits:
-                        if isinstance(space, EigenSpace):
-                            whitened = rotated * np.sqrt(null.weights)[:, None]
-                        elif isinstance(space, DenseSpace):
-                            whitened = space.whiten(centred)
-                        else:
-                            whitened = space.whiten_at(null.h2, centred)
-                        stats = (_lrt_statistics(space, null, rotated) if test == "lrt"
-                                 else _statistics(null, whitened, test))
-                        frame = genotypes.variants.iloc[chunk][
-                            ["chrom", "snp", "pos", "a1", "a2"]].reset_index(drop=True)
-                        frame.insert(5, "af", freq)
-                        for key, value in stats.items():
-                            frame[key] = value
-                        if several:
-                            frame.insert(0, "phenotype", null.phenotype.name)
-                        if writer is not None:
-                            writer.write(frame)
-                        frames.append((null.phenotype.name, chunk[0], frame))
-                        progress_state.update(len(chunk), f" [{null.phenotype.name}"
-                                              + (f", chr {chromosome}]" if loco else "]"))
-    finally:
-        if writer is not None:
-            writer.close()
-    order = {p.name: i for i, p in enumerate(all_phenotypes)}
-    frames.sort(key=lambda item: (order[item[0]], item[1]))
-    result = pd.concat([f for _, _, f in frames], ignore_index=True)
-    # a dict of lists, not a DataFrame: pandas compares attrs when it concatenates
-    result.attrs["null"] = pd.DataFrame([n.summary_row() for n in nulls]).to_dict("list")
-    return result
+                    parts = [("all", tested)]
+                for chromosome, positions in parts:
+                    if loco:
+                        method = "vanraden" if grm == "auto" else grm
+                        from .genomic import genotype_crossproduct
+                        S_c, d_c, _, _ = genotype_crossproduct(
+                            genotypes, samples=rows, variants=chromosomes == chromosome,
+                            method=method)
+                        if denominator_all - d_c <= 0:
+                            raise DataError(f"loco: no varying variant outside chromosome "
+                                            f"{chromosome!r} for its GRM")
+                        K = ((1.0 - blend) * (S_all - S_c) / (denominator_all - d_c)
+                             + blend * np.eye(len(rows)))
+                    # one phenotype: tridiagonal null fit + triangular solves; several (or
+                    # lrt, which re-fits h² per variant): one eigendecomposition shared
+                    if sp.issparse(K):
+                        space = SparseSpace(K)
+                    elif test == "lrt" or len(group) > 1:
+                        space = EigenSpace(K, rotate_dtype)
+                    else:
+                        space = DenseSpace(K, rotate_dtype)
+                    fits = [space.fit(ph, reml, chromosome) for ph in group]
+                    nulls.extend(fits)
+                    for chunk, counts in genotypes.blocks(size=block, variants=positions,
+                                                          samples=rows,
+                                                          dtype=np.float32):
+                        centred, freq = _standardized_block(counts, group[0].has_intercept)
+                        rotated = (space.rotate(centred) if isinstance(space, EigenSpace)
+                                   else None)
+                        for null in fits:
+                            if isinstance(space, EigenSpace):
+                                whitened = rotated * np.sqrt(null.weights)[:, None]
+                            elif isinstance(space, DenseSpace):
+                                whitened = space.whiten(centred)
+                            else:
+                                whitened = space.whiten_at(null.h2, centred)
+                            stats = (_lrt_statistics(space, null, rotated) if test == "lrt"
+                                     else _statistics(null, whitened, test))
+                            frame = genotypes.variants.iloc[chunk][
+                                ["chrom", "snp", "pos", "a1", "a2"]].reset_index(drop=True)
+                            frame.insert(5, "af", freq)
+                            for key, value in stats.items():
+                                frame[key] = value
+                            if several:
+                                frame.insert(0, "phenotype", null.phenotype.name)
+                            if writer is not None:
+                                writer.write(frame)
+                            frames.append((null.phenotype.name, chunk[0], frame))
+                            progress_state.update(len(chunk), f" [{null.phenotype.name}"
+                                                  + (f", chr {chromosome}]" if loco else "]"))
+        finally:
+            if writer is not None:
+                writer.close()
+        order = {p.name: i for i, p in enumerate(all_phenotypes)}
+        frames.sort(key=lambda item: (order[item[0]], item[1]))
+        result = pd.concat([f for _, _, f in frames], ignore_index=True)
+        # a dict of lists, not a DataFrame: pandas compares attrs when it concatenates
+        result.attrs["null"] = pd.DataFrame([n.summary_row() for n in nulls]).to_dict("list")
+        return result

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import DataError
+from .threads import active_threads
 
 SAMPLE_COLUMNS = ["fid", "iid"]
 VARIANT_COLUMNS = ["chrom", "snp", "cm", "pos", "a1", "a2"]
@@ -217,10 +218,9 @@ class Genotypes:
 
 
 def _threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not on Linux
-        return os.cpu_count() or 1
+    """bed-reader's decoding threads: the fit's (``henderson.threads``); a scan
+    decodes a block, then rotates it with BLAS, never both at once."""
+    return active_threads()
 
 
 def read_plink(path) -> Genotypes:

@@ -17,7 +17,6 @@ with ``V_l = B_l A_l⁻¹`` and ``R_l`` the rows of B in level l's columns.
 from __future__ import annotations
 
 import copy
-import os
 
 import numba
 import numpy as np
@@ -26,6 +25,7 @@ import scipy.sparse as sp
 
 from .kernels import _find_row
 from .linalg import NotPositiveDefiniteError
+from .threads import active_threads
 
 #: the trailing dense block may have at most this many rows (8·m² bytes, m³/3 flops)
 SCHUR_LIMIT = 3000
@@ -124,7 +124,10 @@ _POOL = None
 
 
 def _in_two_threads(first, second):
-    """Run ``first()`` on a worker thread and ``second()`` here; both results."""
+    """Run ``first()`` on a worker thread and ``second()`` here; both results. Only
+    called when the fit may use two threads (:func:`henderson.threads.active_threads`);
+    the halves are Numba kernels without BLAS calls, so BLAS's threads are idle
+    meanwhile."""
     global _POOL
     if _POOL is None:
         from concurrent.futures import ThreadPoolExecutor
@@ -416,14 +419,15 @@ class BlockElimination:
         self._inverse_buffer = None
         # work of the passes over the levels (multiply-adds): by row of S for the
         # elimination, by level for the inverse's diagonal; two threads share a pass
-        # that is large enough, split where the work halves
+        # that is large enough, split where the work halves, when the fit may use two
+        # threads (henderson.threads)
         sizes = np.diff(self.b_ptr)
         position = np.arange(len(self.b_rows)) - np.repeat(self.b_ptr[:-1], sizes)
         after = np.repeat(sizes, sizes) - position  # updates of each B entry's row
         by_row = np.bincount(self.b_rows, weights=after * k * k, minlength=self.m)
         self._row_split = None
         self._level_split = None
-        if by_row.sum() >= THREADED_WORK and (os.cpu_count() or 1) > 1:
+        if by_row.sum() >= THREADED_WORK:
             self._row_split = max(1, min(self.m - 1, _split_by_work(by_row)))
             self._level_split = max(1, min(first.n_levels - 1,
                                            _split_by_work(sizes.astype(float) ** 2)))
@@ -447,7 +451,7 @@ class BlockElimination:
             raise NotPositiveDefiniteError("a level block of C is not positive definite")
         _start_schur(data, self.d_take, self.d_rows, self.d_cols, S)
         args = (self.b_ptr, self.b_rows, self.w, self.k, S)
-        if self._row_split is None:
+        if self._row_split is None or active_threads() < 2:
             _update_schur(*args, 0, self.m)
         else:
             _in_two_threads(lambda: _update_schur(*args, 0, self._row_split),
@@ -517,7 +521,7 @@ class BlockElimination:
         limit = self.m - self.n_fixed if random_block_only else self.m
         upper = self._schur_inverse_upper(limit, scratch=True)
         kernel = _level_inverse_diagonals
-        if self._level_split is None:
+        if self._level_split is None or active_threads() < 2:
             levels = kernel(self.level_chol, self.w, self.b_ptr, self.b_rows, upper, limit)
         else:
             half = self._level_split

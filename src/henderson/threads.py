@@ -1,25 +1,403 @@
-"""Threads of the BLAS library, limited around the calls that suffer from them.
+"""Threads: how many a fit may use, and the BLAS libraries set to match (issue 15).
 
-LAPACK's tridiagonal reduction (``?sytrd``, the first half of a symmetric
-eigendecomposition) is bound by memory traffic (matrix-vector products): a second
-OpenBLAS thread barely helps it on an idle machine, and on a machine where another
-process is busy the spinning threads wait on each other. Measured on the 2-core
-machine of the benchmarks with one other busy process, n = 2,000: ``dsytrd`` 0.5 s on
-one thread against 11-14 s on two; ``eigh`` 1.2-1.7 s against 4-7 s.
+:func:`resolve_threads` decides the count: the ``threads=`` argument, else the
+``HENDERSON_THREADS`` environment variable, else :func:`default_threads` (the CPUs
+this process may use, from its affinity mask and its cgroup's CPU quota).
+:func:`fit_threads` holds that count for the duration of a fit: BLAS (every OpenBLAS
+or MKL threadpoolctl finds: NumPy's, SciPy's, CHOLMOD's) and OpenMP are limited to it
+and restored afterwards, and henderson's own Python threads (the block elimination's
+two halves, bootstrap replicates, PLINK decoding, the block-diagonal kernel) ask
+:func:`active_threads` how many they may start. Our threads and BLAS's run in
+different phases of a fit; where our threads run beside BLAS calls (bootstrap
+replicates), BLAS gets one thread.
+
+On a busy machine (:func:`machine_is_busy`) a fit whose count nobody set runs BLAS on
+one thread: OpenBLAS's threads spin and wait for each other, and when another process
+holds a core a parallel LAPACK call waits for a thread that is not running. Measured
+on the 2-core machine of the benchmarks with one other busy process, n = 2,000:
+``dsytrd`` 0.5 s on one thread against 11-14 s on two; ``eigh`` 1.2-1.7 s against
+4-7 s; InstEval REML beside two busy processes 14-20 s on two BLAS threads against
+~2 s on one (docs/benchmarks.md, "Threads on a shared machine", has the figures).
 """
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
+import os
+import threading
+import time
+
+#: the environment variable that sets the thread count when ``threads=`` is not given
+ENVIRONMENT_VARIABLE = "HENDERSON_THREADS"
+
+#: where the cgroup file systems are mounted
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+#: the machine counts as busy (and BLAS gets one thread by default) when the runnable
+#: threads of other processes, or the 1-minute load average, reach this share of the
+#: CPUs this process may use less one: on 2 CPUs, one busy core
+BUSY_SHARE = 1.0
+
+#: seconds for which a reading of the machine's load stands: a loop of small fits
+#: reads ``/proc/loadavg`` a few times a second, not once a fit (10-50 µs a read)
+BUSY_RECHECK = 0.1
+
+
+def cgroup_cpu_limit(root: str = CGROUP_ROOT) -> float | None:
+    """The CPU quota of this process's cgroup in CPUs (``quota / period``), or None
+    when there is none.
+
+    Reads cgroup v2's ``cpu.max`` (``"max 100000"``: no quota; ``"150000 100000"``:
+    1.5 CPUs), else v1's ``cpu.cfs_quota_us`` and ``cpu.cfs_period_us`` (a quota of
+    -1: none), under ``root`` (in the process's own cgroup when ``/proc/self/cgroup``
+    names one, else at the root of the mount, as in a container).
+
+    Examples
+    --------
+    >>> from henderson.threads import cgroup_cpu_limit
+    >>> limit = cgroup_cpu_limit()
+    >>> limit is None or limit > 0
+    True
+    """
+    for folder in _cgroup_folders(root, "", "cpu.max"):
+        text = _read(os.path.join(folder, "cpu.max"))
+        if text is not None:
+            fields = text.split()
+            if len(fields) < 2 or fields[0] == "max":
+                return None
+            return _ratio(fields[0], fields[1])
+    for controller in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+        for folder in _cgroup_folders(root, controller, "cpu.cfs_quota_us"):
+            quota = _read(os.path.join(folder, "cpu.cfs_quota_us"))
+            period = _read(os.path.join(folder, "cpu.cfs_period_us"))
+            if quota is not None and period is not None:
+                return _ratio(quota, period)
+    return None
+
+
+def _cgroup_folders(root: str, controller: str, name: str) -> list[str]:
+    """The folders that may hold ``name``: the process's own cgroup (from
+    ``/proc/self/cgroup``), then the mount's root."""
+    base = os.path.join(root, controller) if controller else root
+    folders = []
+    own = _read("/proc/self/cgroup") if root == CGROUP_ROOT else None
+    for line in (own or "").splitlines():
+        hierarchy, _, path = line.partition(":")[2].partition(":")
+        if path not in ("", "/") and (hierarchy == controller
+                                      or (not controller and hierarchy == "")):
+            folders.append(os.path.join(base, path.lstrip("/")))
+    return folders + [base]
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _ratio(quota: str, period: str) -> float | None:
+    try:
+        quota_us, period_us = int(quota), int(period)
+    except ValueError:
+        return None
+    if quota_us <= 0 or period_us <= 0:  # v1 writes -1 for no quota
+        return None
+    return quota_us / period_us
+
+
+_QUOTA = []  # the cgroup quota, read once per process
+
+
+def available_cpus() -> int:
+    """The CPUs this process may use: its affinity mask (``os.sched_getaffinity``),
+    capped by its cgroup's CPU quota rounded up (joblib's rule: 1.5 CPUs of quota
+    is 2), at least 1.
+
+    Examples
+    --------
+    >>> from henderson.threads import available_cpus
+    >>> available_cpus() >= 1
+    True
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cpus = os.cpu_count() or 1
+    if not _QUOTA:
+        _QUOTA.append(cgroup_cpu_limit())
+    if _QUOTA[0] is not None:
+        cpus = min(cpus, math.ceil(_QUOTA[0]))
+    return max(1, cpus)
+
+
+def machine_load() -> tuple[float, int]:
+    """The 1-minute load average and the threads of the whole machine runnable now
+    besides the caller, from ``/proc/loadavg`` (its first and fourth fields; the
+    fourth is ``running/total``); ``(0.0, 0)`` where it cannot be read.
+
+    Examples
+    --------
+    >>> from henderson.threads import machine_load
+    >>> load, runnable = machine_load()
+    >>> load >= 0 and runnable >= 0
+    True
+    """
+    try:
+        fd = os.open("/proc/loadavg", os.O_RDONLY)
+        try:
+            fields = os.read(fd, 128).split()
+        finally:
+            os.close(fd)
+        return float(fields[0]), max(0, int(fields[3].split(b"/")[0]) - 1)
+    except (OSError, ValueError, IndexError):  # pragma: no cover - not on Linux
+        return 0.0, 0
+
+
+def machine_is_busy(cpus: int | None = None) -> bool:
+    """Whether other work holds the CPUs: the 1-minute load average, or the threads
+    runnable right now besides this one (:func:`machine_load`), reach
+    ``BUSY_SHARE * (cpus - 1)``, where ``cpus`` is :func:`available_cpus`. A 2-CPU
+    machine is busy from one busy core; the runnable count catches a neighbour that
+    started too recently to show in the load average (two fits started together). A
+    reading stands for ``BUSY_RECHECK`` seconds.
+
+    Examples
+    --------
+    >>> from henderson.threads import machine_is_busy
+    >>> machine_is_busy() in (True, False)
+    True
+    """
+    cpus = available_cpus() if cpus is None else cpus
+    now = time.monotonic()
+    read_at, read_cpus, busy = _BUSY
+    if read_cpus == cpus and now - read_at < BUSY_RECHECK:
+        return busy
+    threshold = BUSY_SHARE * (cpus - 1)
+    load, runnable = machine_load()
+    busy = load >= threshold or runnable >= threshold
+    _BUSY[:] = [now, cpus, busy]
+    return busy
+
+
+_BUSY = [float("-inf"), None, False]  # the last reading: when, for how many CPUs, busy?
+
+
+def default_threads() -> int:
+    """The thread count of a fit when neither ``threads=`` nor ``HENDERSON_THREADS``
+    sets it: :func:`available_cpus`. On a busy machine BLAS then runs one thread
+    (:func:`default_blas_threads`) and henderson's own threads keep this count.
+
+    Examples
+    --------
+    >>> from henderson.threads import available_cpus, default_threads
+    >>> default_threads() == available_cpus()
+    True
+    """
+    return available_cpus()
+
+
+def default_blas_threads(threads: int) -> int:
+    """BLAS's threads in a fit of ``threads`` threads whose count nobody set: one when
+    the machine is busy (:func:`machine_is_busy`), else ``threads``.
+
+    Why BLAS and not our own threads: OpenBLAS's threads spin and wait for each other,
+    so a parallel LAPACK call waits for any of them another process holds (InstEval
+    REML beside two busy processes: 14-20 s on two BLAS threads, ~2 s on one); the
+    block elimination's two threads each take a fixed half and block (no spinning)
+    when done, so a held core costs them at most the half's time: with one BLAS thread,
+    two of ours did no worse than one beside busy processes and better alone
+    (docs/benchmarks.md, "Threads on a shared machine").
+
+    Examples
+    --------
+    >>> from henderson.threads import default_blas_threads
+    >>> default_blas_threads(1)
+    1
+    """
+    if threads > 1 and machine_is_busy():
+        return 1
+    return threads
+
+
+def check_threads(threads, name: str = "threads") -> int | None:
+    """``threads`` as a positive int, or None; a ValueError or TypeError naming
+    ``name`` otherwise."""
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral):
+        raise TypeError(f"{name} must be a positive whole number or None, got {threads!r}")
+    value = int(threads)
+    if value < 1:
+        raise ValueError(f"{name} must be a positive whole number or None, got {threads!r}")
+    return value
+
+
+def resolve_threads(threads: int | None = None) -> int:
+    """The number of threads a fit uses: ``threads`` if given, else the
+    ``HENDERSON_THREADS`` environment variable, else :func:`default_threads`.
+
+    Parameters
+    ----------
+    threads : int, optional
+        A positive whole number; larger than the CPUs is allowed (it is what was asked).
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    ValueError, TypeError
+        ``threads`` (or the environment variable) is not a positive whole number.
+
+    Examples
+    --------
+    >>> from henderson.threads import resolve_threads
+    >>> resolve_threads(1)
+    1
+    >>> resolve_threads(0)
+    Traceback (most recent call last):
+    ...
+    ValueError: threads must be a positive whole number or None, got 0
+    """
+    if threads is not None:
+        return check_threads(threads)
+    text = os.environ.get(ENVIRONMENT_VARIABLE, "").strip()
+    if text:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ValueError(f"the environment variable {ENVIRONMENT_VARIABLE} must be a "
+                             f"positive whole number, got {text!r}")
+        return value
+    return default_threads()
+
+
+# ---------------------------------------------------------------------------------
+# the limits during a fit
+
+_LOCAL = threading.local()
+_CONTROLLER = []  # threadpoolctl's controller, built once (3.5 ms; its use ~3 µs)
+_LOCK = threading.RLock()
+
+
+def _libraries():
+    """threadpoolctl's controllers of the loaded BLAS and OpenMP libraries, found once
+    per process (after ``import henderson`` has loaded NumPy's, SciPy's and
+    CHOLMOD's)."""
+    if not _CONTROLLER:
+        try:
+            from threadpoolctl import ThreadpoolController
+            libraries = [lib for lib in ThreadpoolController().lib_controllers
+                         if lib.user_api in ("blas", "openmp")]
+        except Exception:  # pragma: no cover - threadpoolctl is a dependency
+            libraries = []
+        _CONTROLLER.append(libraries)
+    return _CONTROLLER[0]
+
+
+def active_threads() -> int:
+    """The thread count of the fit running in this thread (set by :func:`fit_threads`),
+    or :func:`resolve_threads` outside a fit. Henderson's own thread pools start at most
+    this many threads.
+
+    Examples
+    --------
+    >>> from henderson.threads import active_threads, fit_threads
+    >>> with fit_threads(1):
+    ...     active_threads()
+    1
+    """
+    active = getattr(_LOCAL, "threads", None)
+    return resolve_threads() if active is None else active
+
+
+def blas_thread_counts() -> dict[str, int]:
+    """The current thread count of each BLAS and OpenMP library, by file path."""
+    return {lib.filepath: lib.get_num_threads() for lib in _libraries()}
+
+
+@contextlib.contextmanager
+def fit_threads(threads: int | None = None, blas: int | None = None):
+    """Run the block as a fit with ``threads`` threads: :func:`active_threads` gives
+    that count in this thread, and the BLAS and OpenMP libraries run at most ``blas``
+    threads (default ``threads``); their previous counts are restored on leaving.
+
+    ``threads`` goes through :func:`resolve_threads` (None: the environment variable
+    or the default). When neither the argument nor the environment sets it, BLAS gets
+    :func:`default_blas_threads` (one on a busy machine), and a library already
+    limited lower keeps its lower count (a Dask worker's or ``OPENBLAS_NUM_THREADS=1``). Inside another ``fit_threads`` block, None keeps the
+    outer count. Entering costs ~10 µs (libraries whose count is already right are
+    not touched).
+
+    Examples
+    --------
+    >>> import henderson as hd
+    >>> from henderson.threads import blas_thread_counts, fit_threads
+    >>> before = blas_thread_counts()
+    >>> with fit_threads(1):
+    ...     set(blas_thread_counts().values())
+    {1}
+    >>> blas_thread_counts() == before
+    True
+    """
+    previous_active = getattr(_LOCAL, "threads", None)
+    if threads is None and blas is None and previous_active is not None:
+        yield previous_active  # inside a fit already: its count holds
+        return
+    explicit = threads is not None or os.environ.get(ENVIRONMENT_VARIABLE, "").strip()
+    count = resolve_threads(threads)
+    if blas is not None:
+        limit = max(1, int(blas))
+    else:
+        limit = count if explicit else default_blas_threads(count)
+    changed = []
+    with _LOCK:
+        for lib in _libraries():
+            current = lib.get_num_threads()
+            if current is None:  # a library that does not say: left alone
+                continue
+            target = limit if explicit or blas is not None else min(limit, current)
+            if current != target:
+                lib.set_num_threads(target)
+                changed.append((lib, current))
+    _LOCAL.threads = count
+    try:
+        yield count
+    finally:
+        _LOCAL.threads = previous_active
+        with _LOCK:
+            for lib, current in reversed(changed):
+                lib.set_num_threads(current)
 
 
 @contextlib.contextmanager
 def blas_threads(limit: int = 1):
-    """Run the block with at most ``limit`` BLAS threads (threadpoolctl); a no-op when
-    threadpoolctl is not installed."""
+    """Run the block with at most ``limit`` BLAS (and OpenMP) threads, keeping the
+    fit's own thread count; restored on leaving.
+
+    Examples
+    --------
+    >>> from henderson.threads import blas_thread_counts, blas_threads
+    >>> with blas_threads(1):
+    ...     set(blas_thread_counts().values())
+    {1}
+    """
+    changed = []
+    with _LOCK:
+        for lib in _libraries():
+            current = lib.get_num_threads()
+            if current is not None and current > limit:
+                lib.set_num_threads(limit)
+                changed.append((lib, current))
     try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
         yield
-        return
-    with threadpool_limits(limits=limit, user_api="blas"):
-        yield
+    finally:
+        with _LOCK:
+            for lib, current in reversed(changed):
+                lib.set_num_threads(current)
