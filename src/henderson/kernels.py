@@ -156,6 +156,99 @@ def selected_inverse(indptr, indices, values):
 
 
 @numba.njit(**_NJIT)
+def lower_triangle(indptr, indices, data):
+    """The entries with row >= column of a CSC matrix (``scipy.sparse.tril`` without
+    its COO triplets: a dense 20,000² block of H⁻¹ is 2·10⁸ of them). Rows keep their
+    order within each column; indices keep their dtype."""
+    n = len(indptr) - 1
+    out_indptr = np.zeros(n + 1, dtype=np.int64)
+    for j in range(n):
+        count = 0
+        for p in range(indptr[j], indptr[j + 1]):
+            if indices[p] >= j:
+                count += 1
+        out_indptr[j + 1] = out_indptr[j] + count
+    out_indices = np.empty(out_indptr[n], dtype=indices.dtype)
+    out_data = np.empty(out_indptr[n], dtype=data.dtype)
+    q = 0
+    for j in range(n):
+        for p in range(indptr[j], indptr[j + 1]):
+            if indices[p] >= j:
+                out_indices[q] = indices[p]
+                out_data[q] = data[p]
+                q += 1
+    return out_indptr, out_indices, out_data
+
+
+@numba.njit(**_NJIT)
+def permute_lower(indptr, indices, data, new_position):
+    """The lower triangle of ``P A P'`` from that of a symmetric A (CSC, no duplicate
+    entries): entry (i, j) goes to (max, min) of (new_position[i], new_position[j]),
+    rows sorted within each column. ``data`` travels with its entries."""
+    n = len(indptr) - 1
+    out_indptr = np.zeros(n + 1, dtype=np.int64)
+    for j in range(n):
+        b = new_position[j]
+        for p in range(indptr[j], indptr[j + 1]):
+            out_indptr[min(new_position[indices[p]], b) + 1] += 1
+    for j in range(n):
+        out_indptr[j + 1] += out_indptr[j]
+    fill = out_indptr[:n].copy()
+    out_indices = np.empty(out_indptr[n], dtype=indices.dtype)
+    out_data = np.empty(out_indptr[n], dtype=data.dtype)
+    for j in range(n):
+        b = new_position[j]
+        for p in range(indptr[j], indptr[j + 1]):
+            a = new_position[indices[p]]
+            col, row = (a, b) if a < b else (b, a)
+            q = fill[col]
+            out_indices[q] = row
+            out_data[q] = data[p]
+            fill[col] = q + 1
+    for j in range(n):
+        start, stop = out_indptr[j], out_indptr[j + 1]
+        ordered = True
+        for p in range(start + 1, stop):
+            if out_indices[p] < out_indices[p - 1]:
+                ordered = False
+                break
+        if not ordered:
+            order = np.argsort(out_indices[start:stop])
+            out_indices[start:stop] = out_indices[start:stop][order]
+            out_data[start:stop] = out_data[start:stop][order]
+    return out_indptr, out_indices, out_data
+
+
+@numba.njit(**_NJIT)
+def add_into_pattern(indptr, indices, offset, piece_indptr, piece_indices, piece_data, out):
+    """``out[slot] += value`` for every entry of a piece whose pattern lies inside a
+    larger one (both CSC, rows sorted): piece entry (i, j) is pattern entry
+    (offset + i, offset + j). One merge per column, no search."""
+    for j in range(len(piece_indptr) - 1):
+        q, stop = indptr[offset + j], indptr[offset + j + 1]
+        for p in range(piece_indptr[j], piece_indptr[j + 1]):
+            row = offset + piece_indices[p]
+            while q < stop and indices[q] < row:
+                q += 1
+            if q == stop or indices[q] != row:
+                raise ValueError("add_into_pattern: an entry of the piece is not in the pattern")
+            out[q] += piece_data[p]
+
+
+@numba.njit(**_NJIT)
+def pattern_positions(indptr, indices, rows, cols):
+    """Positions in a CSC pattern (rows sorted) of the entries (rows[t], cols[t])."""
+    out = np.empty(len(rows), dtype=np.int64)
+    for t in range(len(rows)):
+        c = cols[t]
+        pos = _find_row(indices, indptr[c], indptr[c + 1], rows[t])
+        if pos < 0:
+            raise ValueError("pattern_positions: entry not in the pattern")
+        out[t] = pos
+    return out
+
+
+@numba.njit(**_NJIT)
 def lookup_symmetric(indptr, indices, values, rows, cols):
     """Values of a symmetric matrix stored as its lower triangle at (rows, cols)."""
     out = np.empty(len(rows))
