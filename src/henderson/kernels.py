@@ -367,11 +367,34 @@ def selected_inverse_supernodal(indptr, indices, values):
     Same input and output as :func:`selected_inverse`, at the cost of the
     factorisation instead of a column-by-column sweep.
     """
+    inv = np.zeros(len(values))
+    selected_inverse_supernodal_into(indptr, indices, values, inv, len(indptr) - 1)
+    return inv
+
+
+@numba.njit(**_NJIT)
+def selected_inverse_supernodal_into(indptr, indices, values, inv, stop_column):
+    """:func:`selected_inverse_supernodal` written into ``inv`` for the supernodes
+    before ``stop_column``; from it on, ``inv`` must already hold ``C⁻¹``. ``inv``
+    may be ``values`` itself (each supernode reads its own L before writing its Z, and
+    later supernodes' Z only), which saves a copy of L the size of the factor.
+    Indices may be int32 (no int64 copy of L's pattern)."""
     starts = fundamental_supernodes(indptr, indices)
     n_super = len(starts) - 1
-    inv = np.zeros(len(values))
+    # one workspace for Z_RR, the largest it gets (up to the dense trailing block's
+    # size squared): a fresh r x r array per supernode was allocated and paged in anew
+    largest = 0
+    for sn in range(n_super):
+        first = starts[sn]
+        if first >= stop_column:
+            break
+        r = indptr[first + 1] - indptr[first] - (starts[sn + 1] - first)
+        largest = max(largest, r)
+    workspace = np.empty(largest * largest)
     for sn in range(n_super - 1, -1, -1):
         first, stop = starts[sn], starts[sn + 1]
+        if first >= stop_column:
+            continue
         s = stop - first
         col0 = indptr[first]
         total = indptr[first + 1] - col0  # rows of the first column: s + r
@@ -393,7 +416,7 @@ def selected_inverse_supernodal(indptr, indices, values):
         Z_JJ = inv_JJ.T @ inv_JJ
         if r > 0:
             Y = L_RJ @ inv_JJ
-            Z_RR = np.empty((r, r))
+            Z_RR = workspace[:r * r].reshape((r, r))
             R = rows[s:]
             for b in range(r):
                 c = R[b]
@@ -423,7 +446,70 @@ def selected_inverse_supernodal(indptr, indices, values):
             base = indptr[first + c]
             for a in range(c, s):
                 inv[base + a - c] = Z_JJ[a, c]
-    return inv
+
+
+@numba.njit(**_NJIT)
+def dense_tail_start(indptr, indices):
+    """The first column from which L (CSC, rows sorted, no duplicates) is a dense
+    lower triangle down to its last row (n when not even the last column is)."""
+    n = len(indptr) - 1
+    j = n
+    while j > 0 and indptr[j] - indptr[j - 1] == n - j + 1:
+        j -= 1
+    return j
+
+
+@numba.njit(**_NJIT)
+def dense_tail_to_array(indptr, values, start, out):
+    """Columns start.. of a CSC lower triangle that is dense there into ``out``'s
+    lower triangle (m x m, column-major)."""
+    n = len(indptr) - 1
+    for c in range(start, n):
+        base = indptr[c] - c
+        for a in range(c, n):
+            out[a - start, c - start] = values[base + a]
+
+
+@numba.njit(**_NJIT)
+def dense_tail_from_array(indptr, array, start, values):
+    """The inverse of :func:`dense_tail_to_array`: ``array``'s lower triangle into
+    columns start.. of ``values``."""
+    n = len(indptr) - 1
+    for c in range(start, n):
+        base = indptr[c] - c
+        for a in range(c, n):
+            values[base + a] = array[a - start, c - start]
+
+
+#: a dense trailing block of L at least this wide is inverted by LAPACK (dpotri)
+DENSE_TAIL_MIN = 256
+
+
+def selected_inverse_in_place(indptr, indices, values) -> np.ndarray:
+    """``C⁻¹`` on the pattern of its Cholesky factor L, written over L's values.
+
+    The dense trailing block of L (the genotyped animals of single-step: 20,000² /
+    2 entries) is ``(L_DD L_DD')⁻¹``, which LAPACK's dpotri computes blocked and in
+    place on one dense copy; the supernodes before it run the Takahashi recurrences
+    (:func:`selected_inverse_supernodal_into`), reading the trailing block's inverse
+    as they go.
+    """
+    from scipy.linalg import lapack
+
+    n = len(indptr) - 1
+    start = int(dense_tail_start(indptr, indices))
+    if n - start >= DENSE_TAIL_MIN:
+        tail = np.zeros((n - start, n - start), order="F")
+        dense_tail_to_array(indptr, values, start, tail)
+        tail, info = lapack.dpotri(tail, lower=1, overwrite_c=1)
+        if info:
+            raise ValueError(f"selected_inverse: dpotri failed (info {info})")
+        dense_tail_from_array(indptr, tail, start, values)
+        del tail
+    else:
+        start = n
+    selected_inverse_supernodal_into(indptr, indices, values, values, start)
+    return values
 
 
 @numba.njit(**_NJIT)
