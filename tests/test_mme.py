@@ -210,3 +210,31 @@ def test_selected_inverse_in_place_with_a_dense_trailing_block(seed, monkeypatch
     plain = kernels.selected_inverse_supernodal(L.indptr.astype(np.int64),
                                                 L.indices.astype(np.int64), L.data)
     assert np.allclose(values, plain, rtol=1e-12, atol=1e-15)
+
+
+def test_a_factor_given_up_for_the_selected_inverse_is_made_again(monkeypatch):
+    """A large C's selected inverse converts the factor itself; solves, log|C| and
+    new values of θ afterwards are as with the factor kept."""
+    from henderson import factor as factor_module
+
+    monkeypatch.setattr(factor_module, "RELEASE_FACTOR_NNZ", 0)
+    rng = np.random.default_rng(11)
+    n_animals = 40
+    precision = sparse_with_dense_block(rng, n_animals, n_block=15, last=True)
+    K = RelationshipMatrix(sp.csc_matrix(precision), [str(i) for i in range(n_animals)],
+                           kind="precision")
+    data = random_data(rng, n_animals, 120, n_groups=8)
+    design = hd.build_design("y ~ x + herd + (1 | animal)", data,
+                             relationships={"animal": K}, sparse_fixed=True)
+    mme = MixedModelEquations(design)
+    assert isinstance(mme.factorization, factor_module.SparseCholesky)
+    for theta in (np.array([0.7]), np.array([1.3])):
+        mme.factorize(theta)
+        C = dense_c(design, theta)
+        inverse = np.linalg.inv(C)
+        q = design.n_random
+        assert np.allclose(mme.inverse_diagonal(), np.diag(inverse)[:q], rtol=1e-10)
+        assert mme.factorization._factor is None
+        rhs = mme.rhs(theta)
+        assert np.allclose(mme.solve(rhs), np.linalg.solve(C, rhs), rtol=1e-10, atol=1e-12)
+        assert mme.logdet() == pytest.approx(np.linalg.slogdet(C)[1], rel=1e-12)

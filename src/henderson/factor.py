@@ -40,6 +40,9 @@ from .linalg import cholmod_analyze, cholmod_lower_factor, cholmod_refactor
 
 #: bytes of right-hand sides solved at once for (C⁻¹)_ββ
 SOLVE_BLOCK_BYTES = 1 << 27
+#: from this many entries in C's lower triangle (a dense block of 10,000 levels), the
+#: selected inverse is taken from the factor itself rather than from a copy of it
+RELEASE_FACTOR_NNZ = 50_000_000
 
 
 @dataclass
@@ -98,11 +101,41 @@ class SparseCholesky(_Cholmod):
         matrix = equations.matrix
         matrix.data[:] = 0.0
         matrix.data[matrix.indptr[:-1]] = 1.0  # the diagonal: any SPD values
-        self.factor = cholmod_analyze(matrix, ordering="natural", mode=mode)
+        self.mode = mode
+        self._factor = cholmod_analyze(matrix, ordering="natural", mode=mode)
         self._random_factor = None
 
+    @property
+    def factor(self):
+        """The CHOLMOD factor of C at the equations' current values; made again
+        (analysis and numbers) if :meth:`selected_inverse` gave it up."""
+        if self._factor is None:
+            matrix = self.equations.matrix
+            self._factor = cholmod_analyze(matrix, ordering="natural", mode=self.mode)
+            cholmod_refactor(self._factor, matrix)
+        return self._factor
+
+    @factor.setter
+    def factor(self, value) -> None:
+        self._factor = value
+
     def factorize(self) -> None:
-        cholmod_refactor(self.factor, self.equations.matrix)
+        matrix = self.equations.matrix
+        if self._factor is None:
+            self._factor = cholmod_analyze(matrix, ordering="natural", mode=self.mode)
+        cholmod_refactor(self._factor, matrix)
+
+    def selected_inverse(self, random_block_only: bool = False) -> SelectedInverse:
+        """As :meth:`_Cholmod.selected_inverse`; for a large C, L is taken from the
+        factor itself, which is given up (and made again if it is needed after):
+        L, a copy of it and the factor would be three times 3.2 GB for a dense
+        20,000² block."""
+        if random_block_only or self.equations.matrix.nnz < RELEASE_FACTOR_NNZ:
+            return super().selected_inverse(random_block_only)
+        lower = cholmod_lower_factor(self.factor, in_place=True)
+        self._factor = None
+        kernels.selected_inverse_in_place(lower.indptr, lower.indices, lower.data)
+        return SelectedInverse(lower, self._positions(False))
 
     def solve(self, rhs: np.ndarray) -> np.ndarray:
         eq = self.equations
