@@ -182,13 +182,16 @@ def test_lower_triangle_and_permutation_kernels(seed):
     assert not back[10:, :].any() and not back[:, 10:].any()
 
 
+@pytest.mark.parametrize("fraction", [1.0, 0.5, 0.0])
 @pytest.mark.parametrize("seed", range(6))
-def test_selected_inverse_in_place_with_a_dense_trailing_block(seed, monkeypatch):
-    """The trailing dense block by dpotri, the supernodes before it by the Takahashi
+def test_selected_inverse_in_place_with_a_dense_trailing_block(seed, fraction, monkeypatch):
+    """The trailing dense block by dpotri (mostly dense supernodes before it joined,
+    or all of L with fraction 0), the supernodes before it by the Takahashi
     recurrences reading it: C⁻¹ on L's pattern, as the dense inverse."""
     from sksparse.cholmod import cholesky
 
     monkeypatch.setattr(kernels, "DENSE_TAIL_MIN", 4)
+    monkeypatch.setattr(kernels, "DENSE_TAIL_FRACTION", fraction)
     rng = np.random.default_rng(seed)
     n = 50
     A = sp.csc_matrix(sparse_with_dense_block(rng, n, 15 + seed, density=0.04, last=True))
@@ -196,8 +199,9 @@ def test_selected_inverse_in_place_with_a_dense_trailing_block(seed, monkeypatch
     L = factor.L().tocsc()
     L.sort_indices()
     perm = factor.P()
-    start = kernels.dense_tail_start(L.indptr, L.indices)
+    start = kernels.dense_tail_start(L.indptr, L.indices, 1.0)
     assert n - start >= 15  # the dense block is ordered last
+    assert kernels.dense_tail_start(L.indptr, L.indices, 0.0) == 0
     counts = np.diff(L.indptr)
     assert np.array_equal(counts[start:], n - np.arange(start, n))  # dense from start on
     assert start == 0 or counts[start - 1] < n - start + 1

@@ -449,62 +449,72 @@ def selected_inverse_supernodal_into(indptr, indices, values, inv, stop_column):
 
 
 @numba.njit(**_NJIT)
-def dense_tail_start(indptr, indices):
-    """The first column from which L (CSC, rows sorted, no duplicates) is a dense
-    lower triangle down to its last row (n when not even the last column is)."""
+def dense_tail_start(indptr, indices, fraction=1.0):
+    """The first column of L's trailing block taken as dense: supernodes are taken
+    from the last one back while their first column holds at least ``fraction`` of
+    the rows below it (1.0: every row; n when not even the last qualifies). The block
+    starts at a supernode boundary."""
+    starts = fundamental_supernodes(indptr, indices)
     n = len(indptr) - 1
-    j = n
-    while j > 0 and indptr[j] - indptr[j - 1] == n - j + 1:
-        j -= 1
-    return j
+    start = n
+    for sn in range(len(starts) - 2, -1, -1):
+        first = starts[sn]
+        if indptr[first + 1] - indptr[first] < fraction * (n - first):
+            break
+        start = first
+    return start
 
 
 @numba.njit(**_NJIT)
-def dense_tail_to_array(indptr, values, start, out):
-    """Columns start.. of a CSC lower triangle that is dense there into ``out``'s
-    lower triangle (m x m, column-major)."""
+def dense_tail_to_array(indptr, indices, values, start, out):
+    """The entries of columns start.. of a CSC lower triangle into ``out`` (m x m,
+    zeros elsewhere: a factor's trailing block with a few structural zeros is still
+    the Cholesky factor of its Schur complement)."""
     n = len(indptr) - 1
     for c in range(start, n):
-        base = indptr[c] - c
-        for a in range(c, n):
-            out[a - start, c - start] = values[base + a]
+        for p in range(indptr[c], indptr[c + 1]):
+            out[indices[p] - start, c - start] = values[p]
 
 
 @numba.njit(**_NJIT)
-def dense_tail_from_array(indptr, array, start, values):
-    """The inverse of :func:`dense_tail_to_array`: ``array``'s lower triangle into
-    columns start.. of ``values``."""
+def dense_tail_from_array(indptr, indices, array, start, values):
+    """The inverse of :func:`dense_tail_to_array` on L's pattern."""
     n = len(indptr) - 1
     for c in range(start, n):
-        base = indptr[c] - c
-        for a in range(c, n):
-            values[base + a] = array[a - start, c - start]
+        for p in range(indptr[c], indptr[c + 1]):
+            values[p] = array[indices[p] - start, c - start]
 
 
 #: a dense trailing block of L at least this wide is inverted by LAPACK (dpotri)
 DENSE_TAIL_MIN = 256
+#: supernodes join the trailing block while their first column holds this fraction
+#: of the rows below it: a supernode just before the genotyped block, with nearly all
+#: of them among its rows, otherwise gathers their whole inverse as its Z_RR (the
+#: 4.6 GB that set the peak at 1M animals)
+DENSE_TAIL_FRACTION = 0.5
 
 
 def selected_inverse_in_place(indptr, indices, values) -> np.ndarray:
     """``C⁻¹`` on the pattern of its Cholesky factor L, written over L's values.
 
     The dense trailing block of L (the genotyped animals of single-step: 20,000² /
-    2 entries) is ``(L_DD L_DD')⁻¹``, which LAPACK's dpotri computes blocked and in
-    place on one dense copy; the supernodes before it run the Takahashi recurrences
+    2 entries, and the supernodes before them that are mostly dense) is
+    ``(L_DD L_DD')⁻¹``, which LAPACK's dpotri computes blocked and in place on one
+    dense copy; the supernodes before it run the Takahashi recurrences
     (:func:`selected_inverse_supernodal_into`), reading the trailing block's inverse
     as they go.
     """
     from scipy.linalg import lapack
 
     n = len(indptr) - 1
-    start = int(dense_tail_start(indptr, indices))
+    start = int(dense_tail_start(indptr, indices, DENSE_TAIL_FRACTION))
     if n - start >= DENSE_TAIL_MIN:
         tail = np.zeros((n - start, n - start), order="F")
-        dense_tail_to_array(indptr, values, start, tail)
+        dense_tail_to_array(indptr, indices, values, start, tail)
         tail, info = lapack.dpotri(tail, lower=1, overwrite_c=1)
         if info:
             raise ValueError(f"selected_inverse: dpotri failed (info {info})")
-        dense_tail_from_array(indptr, tail, start, values)
+        dense_tail_from_array(indptr, indices, tail, start, values)
         del tail
     else:
         start = n
