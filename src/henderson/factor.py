@@ -38,6 +38,12 @@ import scipy.sparse as sp
 from . import kernels
 from .linalg import cholmod_analyze, cholmod_lower_factor, cholmod_refactor
 
+#: bytes of right-hand sides solved at once for (C⁻¹)_ββ
+SOLVE_BLOCK_BYTES = 1 << 27
+#: from this many entries in C's lower triangle (a dense block of 10,000 levels), the
+#: selected inverse is taken from the factor itself rather than from a copy of it
+RELEASE_FACTOR_NNZ = 50_000_000
+
 
 @dataclass
 class SelectedInverse:
@@ -51,8 +57,7 @@ class SelectedInverse:
         r = self.position[np.asarray(rows, dtype=np.int64)]
         c = self.position[np.asarray(cols, dtype=np.int64)]
         m = self.matrix
-        return kernels.lookup_symmetric(m.indptr.astype(np.int64),
-                                        m.indices.astype(np.int64), m.data, r, c)
+        return kernels.lookup_symmetric(m.indptr, m.indices, m.data, r, c)
 
 
 class _Cholmod:
@@ -64,12 +69,9 @@ class _Cholmod:
 
     def selected_inverse(self, random_block_only: bool = False) -> SelectedInverse:
         """``C⁻¹`` (or ``C_zz⁻¹``) on the pattern of its Cholesky factor."""
-        eq = self.equations
-        lower = self.lower_factor(random_block_only)
-        values = kernels.selected_inverse_supernodal(
-            lower.indptr.astype(np.int64), lower.indices.astype(np.int64), lower.data)
-        matrix = sp.csc_matrix((values, lower.indices, lower.indptr), shape=lower.shape)
-        return SelectedInverse(matrix, self._positions(random_block_only))
+        lower = self.lower_factor(random_block_only)  # a copy: overwritten by C⁻¹
+        kernels.selected_inverse_in_place(lower.indptr, lower.indices, lower.data)
+        return SelectedInverse(lower, self._positions(random_block_only))
 
     def _positions(self, random_block_only: bool) -> np.ndarray:
         return self.equations.inverse_perm
@@ -99,11 +101,41 @@ class SparseCholesky(_Cholmod):
         matrix = equations.matrix
         matrix.data[:] = 0.0
         matrix.data[matrix.indptr[:-1]] = 1.0  # the diagonal: any SPD values
-        self.factor = cholmod_analyze(matrix, ordering="natural", mode=mode)
+        self.mode = mode
+        self._factor = cholmod_analyze(matrix, ordering="natural", mode=mode)
         self._random_factor = None
 
+    @property
+    def factor(self):
+        """The CHOLMOD factor of C at the equations' current values; made again
+        (analysis and numbers) if :meth:`selected_inverse` gave it up."""
+        if self._factor is None:
+            matrix = self.equations.matrix
+            self._factor = cholmod_analyze(matrix, ordering="natural", mode=self.mode)
+            cholmod_refactor(self._factor, matrix)
+        return self._factor
+
+    @factor.setter
+    def factor(self, value) -> None:
+        self._factor = value
+
     def factorize(self) -> None:
-        cholmod_refactor(self.factor, self.equations.matrix)
+        matrix = self.equations.matrix
+        if self._factor is None:
+            self._factor = cholmod_analyze(matrix, ordering="natural", mode=self.mode)
+        cholmod_refactor(self._factor, matrix)
+
+    def selected_inverse(self, random_block_only: bool = False) -> SelectedInverse:
+        """As :meth:`_Cholmod.selected_inverse`; for a large C, L is taken from the
+        factor itself, which is given up (and made again if it is needed after):
+        L, a copy of it and the factor would be three times 3.2 GB for a dense
+        20,000² block."""
+        if random_block_only or self.equations.matrix.nnz < RELEASE_FACTOR_NNZ:
+            return super().selected_inverse(random_block_only)
+        lower = cholmod_lower_factor(self.factor, in_place=True)
+        self._factor = None
+        kernels.selected_inverse_in_place(lower.indptr, lower.indices, lower.data)
+        return SelectedInverse(lower, self._positions(False))
 
     def solve(self, rhs: np.ndarray) -> np.ndarray:
         eq = self.equations
@@ -126,14 +158,22 @@ class SparseCholesky(_Cholmod):
         return float(self._random_factor.logdet())
 
     def fixed_block_inverse(self) -> np.ndarray:
-        """``(C⁻¹)_ββ`` by p solves with the factor."""
+        """``(C⁻¹)_ββ`` by p solves with the factor, a block of right-hand sides at a
+        time (all p at once were 8·size·p bytes, several times over: 4 GB at 100,000
+        animals and 1,750 herd-year-seasons)."""
         eq = self.equations
         p, q = eq.n_fixed, eq.n_random
         if p == 0:
             return np.zeros((0, 0))
-        unit = np.zeros((eq.size, p))
-        unit[q + np.arange(p), np.arange(p)] = 1.0
-        return self.solve(unit)[q:, :]
+        fixed_positions = eq.inverse_perm[q:]  # where each fixed effect sits in the factor
+        width = int(max(1, min(p, SOLVE_BLOCK_BYTES // (8 * eq.size))))
+        out = np.empty((p, p))
+        for start in range(0, p, width):
+            columns = np.arange(start, min(start + width, p))
+            unit = np.zeros((eq.size, len(columns)))
+            unit[fixed_positions[columns], np.arange(len(columns))] = 1.0
+            out[:, columns] = self.factor(unit)[fixed_positions]
+        return out
 
     def lower_factor(self, random_block_only: bool = False) -> sp.csc_matrix:
         """L with ``L L' = C[perm][:, perm]``, or the factor of C_zz."""

@@ -156,6 +156,99 @@ def selected_inverse(indptr, indices, values):
 
 
 @numba.njit(**_NJIT)
+def lower_triangle(indptr, indices, data):
+    """The entries with row >= column of a CSC matrix (``scipy.sparse.tril`` without
+    its COO triplets: a dense 20,000² block of H⁻¹ is 2·10⁸ of them). Rows keep their
+    order within each column; indices keep their dtype."""
+    n = len(indptr) - 1
+    out_indptr = np.zeros(n + 1, dtype=np.int64)
+    for j in range(n):
+        count = 0
+        for p in range(indptr[j], indptr[j + 1]):
+            if indices[p] >= j:
+                count += 1
+        out_indptr[j + 1] = out_indptr[j] + count
+    out_indices = np.empty(out_indptr[n], dtype=indices.dtype)
+    out_data = np.empty(out_indptr[n], dtype=data.dtype)
+    q = 0
+    for j in range(n):
+        for p in range(indptr[j], indptr[j + 1]):
+            if indices[p] >= j:
+                out_indices[q] = indices[p]
+                out_data[q] = data[p]
+                q += 1
+    return out_indptr, out_indices, out_data
+
+
+@numba.njit(**_NJIT)
+def permute_lower(indptr, indices, data, new_position):
+    """The lower triangle of ``P A P'`` from that of a symmetric A (CSC, no duplicate
+    entries): entry (i, j) goes to (max, min) of (new_position[i], new_position[j]),
+    rows sorted within each column. ``data`` travels with its entries."""
+    n = len(indptr) - 1
+    out_indptr = np.zeros(n + 1, dtype=np.int64)
+    for j in range(n):
+        b = new_position[j]
+        for p in range(indptr[j], indptr[j + 1]):
+            out_indptr[min(new_position[indices[p]], b) + 1] += 1
+    for j in range(n):
+        out_indptr[j + 1] += out_indptr[j]
+    fill = out_indptr[:n].copy()
+    out_indices = np.empty(out_indptr[n], dtype=indices.dtype)
+    out_data = np.empty(out_indptr[n], dtype=data.dtype)
+    for j in range(n):
+        b = new_position[j]
+        for p in range(indptr[j], indptr[j + 1]):
+            a = new_position[indices[p]]
+            col, row = (a, b) if a < b else (b, a)
+            q = fill[col]
+            out_indices[q] = row
+            out_data[q] = data[p]
+            fill[col] = q + 1
+    for j in range(n):
+        start, stop = out_indptr[j], out_indptr[j + 1]
+        ordered = True
+        for p in range(start + 1, stop):
+            if out_indices[p] < out_indices[p - 1]:
+                ordered = False
+                break
+        if not ordered:
+            order = np.argsort(out_indices[start:stop])
+            out_indices[start:stop] = out_indices[start:stop][order]
+            out_data[start:stop] = out_data[start:stop][order]
+    return out_indptr, out_indices, out_data
+
+
+@numba.njit(**_NJIT)
+def add_into_pattern(indptr, indices, offset, piece_indptr, piece_indices, piece_data, out):
+    """``out[slot] += value`` for every entry of a piece whose pattern lies inside a
+    larger one (both CSC, rows sorted): piece entry (i, j) is pattern entry
+    (offset + i, offset + j). One merge per column, no search."""
+    for j in range(len(piece_indptr) - 1):
+        q, stop = indptr[offset + j], indptr[offset + j + 1]
+        for p in range(piece_indptr[j], piece_indptr[j + 1]):
+            row = offset + piece_indices[p]
+            while q < stop and indices[q] < row:
+                q += 1
+            if q == stop or indices[q] != row:
+                raise ValueError("add_into_pattern: an entry of the piece is not in the pattern")
+            out[q] += piece_data[p]
+
+
+@numba.njit(**_NJIT)
+def pattern_positions(indptr, indices, rows, cols):
+    """Positions in a CSC pattern (rows sorted) of the entries (rows[t], cols[t])."""
+    out = np.empty(len(rows), dtype=np.int64)
+    for t in range(len(rows)):
+        c = cols[t]
+        pos = _find_row(indices, indptr[c], indptr[c + 1], rows[t])
+        if pos < 0:
+            raise ValueError("pattern_positions: entry not in the pattern")
+        out[t] = pos
+    return out
+
+
+@numba.njit(**_NJIT)
 def lookup_symmetric(indptr, indices, values, rows, cols):
     """Values of a symmetric matrix stored as its lower triangle at (rows, cols)."""
     out = np.empty(len(rows))
@@ -274,11 +367,34 @@ def selected_inverse_supernodal(indptr, indices, values):
     Same input and output as :func:`selected_inverse`, at the cost of the
     factorisation instead of a column-by-column sweep.
     """
+    inv = np.zeros(len(values))
+    selected_inverse_supernodal_into(indptr, indices, values, inv, len(indptr) - 1)
+    return inv
+
+
+@numba.njit(**_NJIT)
+def selected_inverse_supernodal_into(indptr, indices, values, inv, stop_column):
+    """:func:`selected_inverse_supernodal` written into ``inv`` for the supernodes
+    before ``stop_column``; from it on, ``inv`` must already hold ``C⁻¹``. ``inv``
+    may be ``values`` itself (each supernode reads its own L before writing its Z, and
+    later supernodes' Z only), which saves a copy of L the size of the factor.
+    Indices may be int32 (no int64 copy of L's pattern)."""
     starts = fundamental_supernodes(indptr, indices)
     n_super = len(starts) - 1
-    inv = np.zeros(len(values))
+    # one workspace for Z_RR, the largest it gets (up to the dense trailing block's
+    # size squared): a fresh r x r array per supernode was allocated and paged in anew
+    largest = 0
+    for sn in range(n_super):
+        first = starts[sn]
+        if first >= stop_column:
+            break
+        r = indptr[first + 1] - indptr[first] - (starts[sn + 1] - first)
+        largest = max(largest, r)
+    workspace = np.empty(largest * largest)
     for sn in range(n_super - 1, -1, -1):
         first, stop = starts[sn], starts[sn + 1]
+        if first >= stop_column:
+            continue
         s = stop - first
         col0 = indptr[first]
         total = indptr[first + 1] - col0  # rows of the first column: s + r
@@ -300,7 +416,7 @@ def selected_inverse_supernodal(indptr, indices, values):
         Z_JJ = inv_JJ.T @ inv_JJ
         if r > 0:
             Y = L_RJ @ inv_JJ
-            Z_RR = np.empty((r, r))
+            Z_RR = workspace[:r * r].reshape((r, r))
             R = rows[s:]
             for b in range(r):
                 c = R[b]
@@ -330,7 +446,80 @@ def selected_inverse_supernodal(indptr, indices, values):
             base = indptr[first + c]
             for a in range(c, s):
                 inv[base + a - c] = Z_JJ[a, c]
-    return inv
+
+
+@numba.njit(**_NJIT)
+def dense_tail_start(indptr, indices, fraction=1.0):
+    """The first column of L's trailing block taken as dense: supernodes are taken
+    from the last one back while their first column holds at least ``fraction`` of
+    the rows below it (1.0: every row; n when not even the last qualifies). The block
+    starts at a supernode boundary."""
+    starts = fundamental_supernodes(indptr, indices)
+    n = len(indptr) - 1
+    start = n
+    for sn in range(len(starts) - 2, -1, -1):
+        first = starts[sn]
+        if indptr[first + 1] - indptr[first] < fraction * (n - first):
+            break
+        start = first
+    return start
+
+
+@numba.njit(**_NJIT)
+def dense_tail_to_array(indptr, indices, values, start, out):
+    """The entries of columns start.. of a CSC lower triangle into ``out`` (m x m,
+    zeros elsewhere: a factor's trailing block with a few structural zeros is still
+    the Cholesky factor of its Schur complement)."""
+    n = len(indptr) - 1
+    for c in range(start, n):
+        for p in range(indptr[c], indptr[c + 1]):
+            out[indices[p] - start, c - start] = values[p]
+
+
+@numba.njit(**_NJIT)
+def dense_tail_from_array(indptr, indices, array, start, values):
+    """The inverse of :func:`dense_tail_to_array` on L's pattern."""
+    n = len(indptr) - 1
+    for c in range(start, n):
+        for p in range(indptr[c], indptr[c + 1]):
+            values[p] = array[indices[p] - start, c - start]
+
+
+#: a dense trailing block of L at least this wide is inverted by LAPACK (dpotri)
+DENSE_TAIL_MIN = 256
+#: supernodes join the trailing block while their first column holds this fraction
+#: of the rows below it: a supernode just before the genotyped block, with nearly all
+#: of them among its rows, otherwise gathers their whole inverse as its Z_RR (the
+#: 4.6 GB that set the peak at 1M animals)
+DENSE_TAIL_FRACTION = 0.5
+
+
+def selected_inverse_in_place(indptr, indices, values) -> np.ndarray:
+    """``C⁻¹`` on the pattern of its Cholesky factor L, written over L's values.
+
+    The dense trailing block of L (the genotyped animals of single-step: 20,000² /
+    2 entries, and the supernodes before them that are mostly dense) is
+    ``(L_DD L_DD')⁻¹``, which LAPACK's dpotri computes blocked and in place on one
+    dense copy; the supernodes before it run the Takahashi recurrences
+    (:func:`selected_inverse_supernodal_into`), reading the trailing block's inverse
+    as they go.
+    """
+    from scipy.linalg import lapack
+
+    n = len(indptr) - 1
+    start = int(dense_tail_start(indptr, indices, DENSE_TAIL_FRACTION))
+    if n - start >= DENSE_TAIL_MIN:
+        tail = np.zeros((n - start, n - start), order="F")
+        dense_tail_to_array(indptr, indices, values, start, tail)
+        tail, info = lapack.dpotri(tail, lower=1, overwrite_c=1)
+        if info:
+            raise ValueError(f"selected_inverse: dpotri failed (info {info})")
+        dense_tail_from_array(indptr, indices, tail, start, values)
+        del tail
+    else:
+        start = n
+    selected_inverse_supernodal_into(indptr, indices, values, values, start)
+    return values
 
 
 @numba.njit(**_NJIT)

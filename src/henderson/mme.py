@@ -407,43 +407,142 @@ def _sparse_level_crossprod(codes, z, w, X, n_levels):
 
 
 # ---------------------------------------------------------------- pattern of C
-class _PatternBuilder:
-    """Collects (row, col) coordinates of every contribution to C's lower triangle."""
+@dataclass
+class _Coordinates:
+    """(row, col) in C, original order, of every cross-product entry that ``fill``
+    writes: the level blocks of Z'WZ (``diagonal[t]``, (n_levels, k, k)), Z'WX
+    (``zx[t]``) and crossed terms (``crossed[(t, s)]``), shaped as their blocks; and
+    the lower triangle of X'WX (``xx``: rows, cols, values)."""
 
-    def __init__(self):
-        self.rows: list[np.ndarray] = []
-        self.cols: list[np.ndarray] = []
-        self.sizes: list[int] = []
+    diagonal: list
+    zx: list
+    crossed: dict
+    xx: tuple
 
-    def add(self, rows: np.ndarray, cols: np.ndarray) -> int:
-        self.rows.append(rows.ravel().astype(np.int64))
-        self.cols.append(cols.ravel().astype(np.int64))
-        self.sizes.append(rows.size)
-        return len(self.sizes) - 1
+    @classmethod
+    def of(cls, design: Design, xp: CrossProducts) -> "_Coordinates":
+        q, p = design.n_random, design.n_fixed
+        offsets = design.column_offsets()
+        diagonal, zx = [], []
+        for t, term in enumerate(design.terms):
+            k = term.n_coefs
+            diagonal.append(term.level_block_indices(offsets[t]))
+            pairs, _ = xp.zx[t]
+            level_cols = offsets[t] + pairs[:, 0][:, None, None] * k + np.arange(k)[None, :, None]
+            zx.append((q + pairs[:, 1][:, None, None] + 0 * level_cols, level_cols))
+        crossed = {}
+        for (t, s), (pairs, blocks) in xp.crossed.items():
+            kt, ks = design.terms[t].n_coefs, design.terms[s].n_coefs
+            cols = offsets[t] + pairs[:, 0][:, None, None] * kt + np.arange(kt)[None, :, None]
+            rows = offsets[s] + pairs[:, 1][:, None, None] * ks + np.arange(ks)[None, None, :]
+            crossed[(t, s)] = (np.broadcast_to(rows, blocks.shape),
+                               np.broadcast_to(cols, blocks.shape))
+        if sp.issparse(xp.xx):
+            xx_lower = sp.tril(xp.xx).tocoo()
+            xx = (q + xx_lower.row, q + xx_lower.col, xx_lower.data)
+        else:
+            xr, xc = np.tril_indices(p)
+            xx = (q + xr, q + xc, np.asarray(xp.xx)[xr, xc])
+        return cls(diagonal, zx, crossed, xx)
 
-    def build(self, inverse_perm: np.ndarray, size: int):
-        # one key per contribution, (column, row) of the lower triangle, built piece by
-        # piece and the pieces freed as they go: the pattern of a million-row crossed
-        # design is ~3M contributions, and whole-array temporaries set the peak memory
-        keys = np.empty(sum(self.sizes), dtype=np.int64)
-        start = 0
-        while self.rows:
-            rows = inverse_perm[self.rows.pop(0)]
-            cols = inverse_perm[self.cols.pop(0)]
-            piece = keys[start:start + len(rows)]
-            np.minimum(rows, cols, out=piece)
-            piece *= size
-            piece += np.maximum(rows, cols, out=rows)
-            start += len(rows)
-            del rows, cols
-        unique_keys, slot = np.unique(keys, return_inverse=True)
-        del keys
-        indptr = np.zeros(size + 1, dtype=np.int64)
-        np.add.at(indptr, (unique_keys // size) + 1, 1)
-        indptr = np.cumsum(indptr)
-        indices = (unique_keys % size).astype(np.int64)
-        slots = np.split(slot.astype(np.int64, copy=False), np.cumsum(self.sizes)[:-1])
-        return indptr, indices, slots
+    def pairs(self):
+        """Every (rows, cols) pair of arrays."""
+        yield from self.diagonal
+        yield from self.zx
+        yield from self.crossed.values()
+        yield self.xx[:2]
+
+
+def _ones_pattern(rows: np.ndarray, cols: np.ndarray, size: int) -> sp.csc_matrix:
+    """The lower-triangle pattern (boolean CSC, duplicates merged) of some entries."""
+    rows, cols = np.ravel(rows), np.ravel(cols)
+    lower_rows, lower_cols = np.maximum(rows, cols), np.minimum(rows, cols)
+    return sp.csc_matrix((np.ones(len(rows), dtype=bool), (lower_rows, lower_cols)),
+                         shape=(size, size))
+
+
+def _precision_lower(term) -> sp.csc_matrix:
+    """The lower triangle of ``K_t⁻¹ ⊗ I_k`` (the levels' precision for each of the
+    term's coefficients), CSC with sorted rows, without triplets of its entries."""
+    precision = sp.csc_matrix(term.level_precision)
+    if not precision.has_canonical_format:
+        precision = precision.copy()
+        precision.sum_duplicates()
+    indptr, indices, data = kernels.lower_triangle(precision.indptr, precision.indices,
+                                                   np.asarray(precision.data, dtype=np.float64))
+    n = precision.shape[0]
+    if len(indices) < np.iinfo(np.int32).max:
+        indptr = indptr.astype(indices.dtype, copy=False)
+    lower = sp.csc_matrix((data, indices, indptr), shape=(n, n), copy=False)
+    lower.has_sorted_indices = True
+    if term.n_coefs > 1:
+        lower = sp.kron(lower, sp.identity(term.n_coefs, format="csc"), format="csc")
+        lower.sort_indices()
+    return lower
+
+
+def _embedded_ones(piece: sp.csc_matrix, offset: int, size: int) -> sp.csc_matrix:
+    """A square piece's pattern (boolean) placed at rows and columns offset.. of a
+    size x size matrix; shares the piece's indices when the offset is 0."""
+    m = piece.shape[0]
+    indptr = np.concatenate([np.zeros(offset, dtype=piece.indptr.dtype), piece.indptr,
+                             np.full(size - offset - m, piece.indptr[-1],
+                                     dtype=piece.indptr.dtype)])
+    indices = piece.indices + piece.indices.dtype.type(offset) if offset else piece.indices
+    out = sp.csc_matrix((np.ones(piece.nnz, dtype=bool), indices, indptr),
+                        shape=(size, size), copy=False)
+    out.has_sorted_indices = piece.has_sorted_indices
+    return out
+
+
+def _lower_pattern(design: Design, coordinates: _Coordinates, size: int):
+    """The pattern of C's lower triangle in the original order (boolean CSC, rows
+    sorted) and, on it, the values of the level precisions ``P_t`` (the identity for a
+    term without a known covariance; zeros elsewhere).
+
+    The pieces (level blocks, Z'WX, crossed blocks, X'WX, each ``K_t⁻¹``) are added as
+    sparse matrices of ones with int32 indices where they fit: a dense 20,000² block
+    of H⁻¹ costs 5 bytes per entry here, where int64 keys sorted by ``np.unique``
+    took ~75.
+    """
+    offsets = design.column_offsets()
+    pattern = None
+    precisions = []
+    for rows, cols in coordinates.pairs():
+        piece = _ones_pattern(rows, cols, size)
+        pattern = piece if pattern is None else pattern + piece
+    for t, term in enumerate(design.terms):
+        if term.level_precision is None:  # the identity: on the level blocks' diagonal
+            lower = sp.identity(term.n_columns, format="csc")
+        else:
+            lower = _precision_lower(term)
+            pattern = pattern + _embedded_ones(lower, int(offsets[t]), size)
+        precisions.append((int(offsets[t]), lower))
+        del lower
+    pattern.sum_duplicates()  # sorted rows (sums of canonical matrices already are)
+    values = np.zeros(pattern.nnz)
+    while precisions:
+        offset, lower = precisions.pop()
+        kernels.add_into_pattern(pattern.indptr, pattern.indices, offset, lower.indptr,
+                                 lower.indices, lower.data, values)
+        del lower
+    return pattern, values
+
+
+def _permuted_lower(lower: sp.csc_matrix, data: np.ndarray, new_position: np.ndarray):
+    """The lower triangle of ``P A P'`` (CSC, rows sorted) from A's lower triangle,
+    with ``data`` moved along; entry (i, j) of A goes to (new_position[i],
+    new_position[j])."""
+    indptr, indices, values = kernels.permute_lower(lower.indptr, lower.indices, data,
+                                                    np.asarray(new_position, dtype=np.int64))
+    if len(indices) < np.iinfo(np.int32).max:
+        indptr = indptr.astype(np.int32)
+        indices = indices.astype(np.int32, copy=False)
+    else:
+        indices = indices.astype(np.int64, copy=False)
+    out = sp.csc_matrix((values, indices, indptr), shape=lower.shape, copy=False)
+    out.has_sorted_indices = True
+    return out
 
 
 #: a fixed-effect column with nonzeros in more than this fraction of rows is dense
@@ -461,10 +560,14 @@ NATURAL_SCHUR_BYTES = 1 << 30
 
 
 def _ordering_candidates(design: Design, xp: CrossProducts, ordering: str,
-                         include_fixed: bool = False):
+                         include_fixed: bool = False, lower: sp.csc_matrix | None = None):
     """Fill-reducing orderings to choose from: of the random-effect block, or of all
     of C when the fixed effects are sparse and belong in the ordering (a fixed factor
-    with thousands of levels placed last would make a dense trailing block)."""
+    with thousands of levels placed last would make a dense trailing block).
+
+    ``lower`` is the pattern of C's lower triangle in the original order
+    (:func:`_lower_pattern`); the pattern ordered is its block on the random effects
+    and the fixed effects in the ordering, not built a second time."""
     q = design.n_random
     # dense fixed columns (intercept, sex, ...) touch most rows: they go last, outside
     # the ordering (they only slow AMD/METIS down: 44 s vs 3 s at 1M animals)
@@ -476,8 +579,6 @@ def _ordering_candidates(design: Design, xp: CrossProducts, ordering: str,
         else np.zeros(0, dtype=np.int64)
     size = q + len(ordered_fixed)
     natural = np.arange(size, dtype=np.int64)
-    local = np.full(design.n_fixed, -1, dtype=np.int64)
-    local[ordered_fixed] = q + np.arange(len(ordered_fixed))
 
     def to_original(perm):
         original = np.concatenate([np.arange(q), q + ordered_fixed])[perm]
@@ -491,34 +592,23 @@ def _ordering_candidates(design: Design, xp: CrossProducts, ordering: str,
     natural_ok = not has_precision and 4.0 * trailing ** 2 < NATURAL_SCHUR_BYTES
     if ordering == "auto" and size > MEASURE_ORDERINGS_LIMIT and natural_ok:
         return {"natural": to_original(natural)}
-    # a diagonally dominant matrix with the pattern of C_zz, to let CHOLMOD order it
-    builder = _PatternBuilder()
-    offsets = design.column_offsets()
-    for t, term in enumerate(design.terms):
-        k = term.n_coefs
-        builder.add(*term.level_block_indices(offsets[t]))
-        if term.level_precision is not None:
-            prec = sp.tril(term.level_precision).tocoo()
-            for a in range(k):
-                builder.add(offsets[t] + prec.row * k + a, offsets[t] + prec.col * k + a)
-    for (t, s), (pairs, _) in xp.crossed.items():
-        builder.add(offsets[s] + pairs[:, 1] * design.terms[s].n_coefs,
-                    offsets[t] + pairs[:, 0] * design.terms[t].n_coefs)
+    # a diagonally dominant matrix with the pattern of C_zz (and of the fixed effects
+    # in the ordering), to let CHOLMOD order it
     if len(ordered_fixed):
-        for t, term in enumerate(design.terms):
-            pairs, _ = xp.zx[t]
-            keep = local[pairs[:, 1]] >= 0
-            builder.add(local[pairs[keep, 1]], offsets[t] + pairs[keep, 0] * term.n_coefs)
-        xx = sp.tril(sp.csc_matrix(xp.xx)).tocoo()
-        keep = (local[xx.row] >= 0) & (local[xx.col] >= 0)
-        builder.add(local[xx.row[keep]], local[xx.col[keep]])
-        builder.add(local[ordered_fixed], local[ordered_fixed])
-    indptr, indices, _ = builder.build(natural, size)
+        keep = np.concatenate([np.arange(q), q + ordered_fixed])
+        block = lower[keep][:, keep] + sp.identity(size, dtype=bool, format="csc")
+    else:
+        block = lower[:q, :q]
+    block.sum_duplicates()
+    indptr, indices = block.indptr, block.indices
+    del block
     values = -np.ones(len(indices))
     degree = np.bincount(indices, minlength=size) + np.diff(indptr)
     diag_pos = indptr[:-1]  # the diagonal is the first entry of each column
     values[diag_pos] = degree + 1.0
-    pattern = sp.csc_matrix((values, indices, indptr), shape=(size, size))
+    del degree
+    pattern = sp.csc_matrix((values, indices, indptr), shape=(size, size), copy=False)
+    del values, indices, indptr
     if ordering == "auto" and size > MEASURE_ORDERINGS_LIMIT:
         methods = ["amd"]
     else:
@@ -540,8 +630,9 @@ def _factor_cost(pattern: sp.csc_matrix, perm: np.ndarray) -> tuple[float, int]:
     """Measured seconds of a numeric factorisation of the permuted pattern (best of
     two) and nnz(L): orderings are chosen by what they cost, not by fill alone
     (on InstEval METIS gives the fewest nonzeros but AMD the fastest factor)."""
-    full = pattern + sp.tril(pattern, -1).T
-    permuted = sp.tril(full[perm][:, perm]).tocsc()
+    inverse = np.empty_like(perm)
+    inverse[perm] = np.arange(len(perm))
+    permuted = _permuted_lower(pattern, pattern.data, inverse)
     factor = cholmod_analyze(permuted, ordering="natural")
     seconds = np.inf
     for _ in range(2):
@@ -605,8 +696,10 @@ class MixedModelEquations:
         if dense_fixed is None:
             dense_fixed = p <= self.DENSE_FIXED_LIMIT and not sp.issparse(design.X)
         self.dense_fixed = dense_fixed
+        coordinates = _Coordinates.of(design, self.xp)
+        lower, precision_values = _lower_pattern(design, coordinates, self.size)
         candidates = _ordering_candidates(design, self.xp, ordering,
-                                          include_fixed=not dense_fixed)
+                                          include_fixed=not dense_fixed, lower=lower)
         pattern_and_map = candidates.pop("_pattern", None)
         self.ordering_costs: dict[str, tuple[float, int]] = {}
         if pattern_and_map is not None:
@@ -615,22 +708,22 @@ class MixedModelEquations:
                 self.ordering_costs[name] = _factor_cost(pattern, perm)
             self.ordering = min(self.ordering_costs, key=lambda k: self.ordering_costs[k][0])
             self.perm = to_original(candidates[self.ordering])
+            del pattern, pattern_and_map
         else:
             self.ordering = next(iter(candidates))
             self.perm = candidates[self.ordering]
+        del candidates
         if dense_fixed:
             self.perm = np.concatenate([self.perm, q + np.arange(p, dtype=np.int64)])
         self.inverse_perm = np.empty_like(self.perm)
         self.inverse_perm[self.perm] = np.arange(self.size)
-        self._build_pattern()
+        # C's lower triangle in the fill-reducing order, the precisions' values on it;
+        # the original-order pattern goes before the numeric arrays are made
+        self.matrix = _permuted_lower(lower, precision_values, self.inverse_perm)
+        del lower, precision_values
+        self._build_pattern(coordinates)
         self.timings["pattern"] = time.perf_counter() - start
         start = time.perf_counter()
-        index_type = np.int32 if len(self.indices) < 2**31 - 1 else np.int64
-        self.matrix = sp.csc_matrix(
-            (np.zeros(len(self.indices)), self.indices.astype(index_type),
-             self.indptr.astype(index_type)),
-            shape=(self.size, self.size),
-        )
         self.timings["numeric"] = 0.0
         self.n_factorizations = 0
         self.theta = None
@@ -644,59 +737,43 @@ class MixedModelEquations:
         self.timings["symbolic"] = time.perf_counter() - start
 
     # -- pattern
-    def _build_pattern(self) -> None:
+    @property
+    def indptr(self) -> np.ndarray:
+        """Column pointers of C's lower triangle (permuted order)."""
+        return self.matrix.indptr
+
+    @property
+    def indices(self) -> np.ndarray:
+        """Row indices of C's lower triangle (permuted order, sorted in each column)."""
+        return self.matrix.indices
+
+    def _build_pattern(self, coordinates: _Coordinates) -> None:
+        """Where each cross-product entry goes in ``C.data``, and the values that do
+        not depend on θ (the precisions, already in ``matrix.data``, and X'WX)."""
         design, xp = self.design, self.xp
-        q, p = self.n_random, self.n_fixed
-        offsets = design.column_offsets()
-        builder = _PatternBuilder()
-        diag_ids, cross_ids, zx_ids, prec_ids = [], {}, [], []
-        for t, term in enumerate(design.terms):
-            k = term.n_coefs
-            diag_ids.append(builder.add(*term.level_block_indices(offsets[t])))
-            pairs, blocks = xp.zx[t]
-            level_cols = offsets[t] + pairs[:, 0][:, None, None] * k + np.arange(k)[None, :, None]
-            x_rows = q + pairs[:, 1][:, None, None] + 0 * level_cols
-            zx_ids.append(builder.add(x_rows, level_cols))
-            if term.level_precision is None:
-                idx = offsets[t] + np.arange(term.n_columns)
-                prec_ids.append((builder.add(idx, idx), np.ones(term.n_columns)))
-            else:
-                prec = sp.tril(term.level_precision).tocoo()
-                rows = offsets[t] + prec.row[:, None] * k + np.arange(k)[None, :]
-                cols = offsets[t] + prec.col[:, None] * k + np.arange(k)[None, :]
-                vals = np.repeat(prec.data, k)
-                prec_ids.append((builder.add(rows, cols), vals))
-        for (t, s), (pairs, blocks) in xp.crossed.items():
-            kt, ks = design.terms[t].n_coefs, design.terms[s].n_coefs
-            cols = offsets[t] + pairs[:, 0][:, None, None] * kt + np.arange(kt)[None, :, None]
-            rows = offsets[s] + pairs[:, 1][:, None, None] * ks + np.arange(ks)[None, None, :]
-            shape = blocks.shape
-            cross_ids[(t, s)] = builder.add(np.broadcast_to(rows, shape), np.broadcast_to(cols, shape))
-        if sp.issparse(xp.xx):
-            xx_lower = sp.tril(xp.xx).tocoo()
-            xr, xc, xx_values = xx_lower.row, xx_lower.col, xx_lower.data
-        else:
-            xr, xc = np.tril_indices(p)
-            xx_values = xp.xx[xr, xc]
-        xx_id = builder.add(q + xr, q + xc)
-        self.indptr, self.indices, slots = builder.build(self.inverse_perm, self.size)
-        nnz = len(self.indices)
-        self._precision_data = np.zeros(nnz)
-        for ident, vals in prec_ids:
-            np.add.at(self._precision_data, slots[ident], vals)
-        self._xx_slots, self._xx_index = slots[xx_id], (xr, xc)
-        self.constant_data = self._precision_data.copy()
+        matrix = self.matrix
+        self.constant_data = matrix.data
+        matrix.data = np.zeros(matrix.nnz)
+
+        def slots(rows, cols):
+            rows = self.inverse_perm[np.ravel(rows)]
+            cols = self.inverse_perm[np.ravel(cols)]
+            return kernels.pattern_positions(matrix.indptr, matrix.indices,
+                                             np.maximum(rows, cols), np.minimum(rows, cols))
+
+        xr, xc, xx_values = coordinates.xx
+        self._xx_slots, self._xx_index = slots(xr, xc), (xr - self.n_random, xc - self.n_random)
         np.add.at(self.constant_data, self._xx_slots, xx_values)
         self.diag_positions = []
         for t, term in enumerate(design.terms):
             k = term.n_coefs
-            pos = slots[diag_ids[t]].reshape(term.n_levels, k, k).copy()
+            pos = slots(*coordinates.diagonal[t]).reshape(term.n_levels, k, k)
             pos[:, np.triu_indices(k, 1)[0], np.triu_indices(k, 1)[1]] = -1
             self.diag_positions.append(pos)
-        self.zx_positions = [slots[zx_ids[t]].reshape(xp.zx[t][1].shape)
+        self.zx_positions = [slots(*coordinates.zx[t]).reshape(xp.zx[t][1].shape)
                              for t in range(len(design.terms))]
-        self.cross_positions = {key: slots[ident].reshape(xp.crossed[key][1].shape)
-                                for key, ident in cross_ids.items()}
+        self.cross_positions = {key: slots(*coordinates.crossed[key]).reshape(
+            xp.crossed[key][1].shape) for key in xp.crossed}
 
     def split_pattern(self) -> None:
         """Index maps from C's entries to C_zz (CSC), C_xz (dense) and C_xx (dense),
@@ -753,7 +830,8 @@ class MixedModelEquations:
         rows, cols = self._xx_index
         xx = crossproducts.xx
         values = np.asarray(xx.tocsr()[rows, cols]).ravel() if sp.issparse(xx) else xx[rows, cols]
-        self.constant_data = self._precision_data.copy()
+        # X'WX's slots hold nothing else (the precisions are in the random block)
+        self.constant_data[self._xx_slots] = 0.0
         np.add.at(self.constant_data, self._xx_slots, values)
         self.theta = None
 
