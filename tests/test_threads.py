@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -356,3 +359,61 @@ def test_bootstrap_respects_the_thread_count(monkeypatch):
     assert _CountingPool.created == [2]
     assert seen and all(s[0] == 1 and s[1] <= {1} for s in seen)
     np.testing.assert_allclose(parallel.to_numpy(), single.to_numpy(), rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------------
+# large dense SYRK / Cholesky: one BLAS thread where OpenBLAS's threaded SYRK crashes
+
+
+def test_dense_blas_threads_limits_only_large_results():
+    from henderson.threads import LARGE_DENSE_BYTES, dense_blas_threads
+
+    first64 = int(np.ceil(np.sqrt(LARGE_DENSE_BYTES / 8)))
+    first32 = int(np.ceil(np.sqrt(LARGE_DENSE_BYTES / 4)))
+    with fit_threads(2):
+        outside = blas_thread_counts()
+        assert max(outside.values()) == 2
+        with dense_blas_threads(first64 - 1):
+            assert blas_thread_counts() == outside
+        with dense_blas_threads(first64):
+            assert set(blas_thread_counts().values()) == {1}
+        with dense_blas_threads(first64, itemsize=4):
+            assert blas_thread_counts() == outside
+        with dense_blas_threads(first32, itemsize=4):
+            assert set(blas_thread_counts().values()) == {1}
+        assert blas_thread_counts() == outside
+
+
+_LARGE_CHOLESKY = """
+import numpy as np
+import pandas as pd
+from henderson.single_step import _cholesky_in_place
+from henderson.threads import blas_thread_counts
+n = {n}
+assert max(blas_thread_counts().values()) == 2
+A = np.full((n, n), 0.5, order="F")            # 0.5 J + 0.5 I: positive definite
+A[np.diag_indices(n)] += 0.5
+L = _cholesky_in_place(A, "A", pd.RangeIndex(n), "")
+print("ok", repr(float(L[n - 1, n - 1])))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs for two BLAS threads")
+def test_large_dense_cholesky_does_not_crash_on_two_blas_threads():
+    """dpotrf of order 16,000 on two OpenBLAS threads crashed with a segmentation fault
+    here (single_step at 20,000 genotyped animals); the guard runs it on one."""
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        available = 0
+    if available < 6e9:
+        pytest.skip("needs 6 GB of free memory")
+    n = 16_000
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="2", HENDERSON_THREADS="2")
+    run = subprocess.run([sys.executable, "-c", _LARGE_CHOLESKY.format(n=n)], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, (run.returncode, run.stderr[-2000:])
+    # a J + b I with a = b = 1/2: the last pivot is sqrt(b (1 + n a / b) / (1 + (n-1) a / b))
+    last = float(run.stdout.split()[-1])
+    assert abs(last - np.sqrt(0.5 * (1 + n) / n)) < 1e-10

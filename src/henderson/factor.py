@@ -37,6 +37,7 @@ import scipy.sparse as sp
 
 from . import kernels
 from .linalg import cholmod_analyze, cholmod_lower_factor, cholmod_refactor
+from .threads import dense_blas_threads
 
 #: bytes of right-hand sides solved at once for (C⁻¹)_ββ
 SOLVE_BLOCK_BYTES = 1 << 27
@@ -224,8 +225,9 @@ class DenseFixedBlock(_Cholmod):
         schur = np.zeros((p, p))
         schur[eq.xx_rows, eq.xx_cols] = data[eq.xx_take]
         schur = np.tril(schur) + np.tril(schur, -1).T
-        schur -= self.cross_factor.T @ self.cross_factor
-        self.fixed_factor = np.linalg.cholesky(schur) if p else schur  # R_X (lower)
+        with dense_blas_threads(p):
+            schur -= self.cross_factor.T @ self.cross_factor
+            self.fixed_factor = np.linalg.cholesky(schur) if p else schur  # R_X (lower)
 
     def _solve_lower(self, rhs):
         return self.factor.solve_L(rhs, use_LDLt_decomposition=False)

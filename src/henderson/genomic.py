@@ -16,6 +16,7 @@ import scipy.linalg
 import scipy.sparse as sp
 
 from .errors import DataError
+from .threads import dense_blas_threads
 
 # |K − K'| up to this times max |K| is rounding (K is then made exactly symmetric);
 # more is an error
@@ -129,7 +130,8 @@ class RelationshipMatrix:
             else:
                 dense = self.matrix.toarray() if sp.issparse(self.matrix) else np.asarray(self.matrix)
                 try:
-                    factor = scipy.linalg.cho_factor(dense, lower=True)
+                    with dense_blas_threads(len(dense)):
+                        factor = scipy.linalg.cho_factor(dense, lower=True)
                 except (np.linalg.LinAlgError, ValueError) as exc:
                     raise DataError("relationship matrix is not positive definite; blend "
                                     "it (e.g. hd.grm(..., blend=0.05))") from exc
@@ -316,7 +318,8 @@ def _block_crossproduct(counts: np.ndarray, method: str):
     if method == "vanraden":
         denominator = float(2.0 * np.sum(freq * (1.0 - freq)))
         if complete:
-            product = (counts @ counts.T).astype(np.float64)
+            with dense_blas_threads(len(counts), itemsize=4):
+                product = (counts @ counts.T).astype(np.float64)
             s = weighted_row_sums(counts, mean)
             product -= s[:, None]
             product -= s[None, :]
@@ -327,7 +330,9 @@ def _block_crossproduct(counts: np.ndarray, method: str):
         denominator = float(keep.sum())
         scale = 1.0 / np.sqrt(variance)
     centred = centred_genotypes(counts, mean, scale, True)
-    return (centred @ centred.T).astype(np.float64), denominator, int(keep.sum()), constant
+    with dense_blas_threads(len(centred), itemsize=4):
+        product = (centred @ centred.T).astype(np.float64)
+    return product, denominator, int(keep.sum()), constant
 
 
 def genotype_crossproduct(genotypes, samples=None, variants=None, method: str = "vanraden",

@@ -30,7 +30,7 @@ import scipy.sparse as sp
 import scipy.stats
 
 from .errors import DataError, FormulaError
-from .threads import blas_threads, check_threads, fit_threads
+from .threads import blas_threads, check_threads, dense_blas_threads, fit_threads
 
 TESTS = ("wald", "score", "lrt")
 #: the largest h² searched: beyond it H is within 1e-6 of a singular K (GEMMA's bound
@@ -356,8 +356,9 @@ class DenseSpace:
         _warn_ml_bound(phenotype, h2, reml)
         H = h2 * self.K
         H[np.diag_indices_from(H)] += 1.0 - h2
-        self.cholesky = scipy.linalg.cholesky(H, lower=True, overwrite_a=True,
-                                              check_finite=False)
+        with dense_blas_threads(len(H)):
+            self.cholesky = scipy.linalg.cholesky(H, lower=True, overwrite_a=True,
+                                                  check_finite=False)
         self._cholesky_rotate = self.cholesky.astype(self.rotate_dtype, copy=False)
         both = scipy.linalg.solve_triangular(self.cholesky,
                                              np.column_stack([phenotype.y, phenotype.X]),

@@ -25,7 +25,7 @@ import scipy.sparse as sp
 
 from .kernels import _find_row
 from .linalg import NotPositiveDefiniteError
-from .threads import active_threads
+from .threads import active_threads, dense_blas_threads
 
 #: the trailing dense block may have at most this many rows (8·m² bytes, m³/3 flops)
 SCHUR_LIMIT = 3000
@@ -457,7 +457,8 @@ class BlockElimination:
             _in_two_threads(lambda: _update_schur(*args, 0, self._row_split),
                             lambda: _update_schur(*args, self._row_split, self.m))
         # U = S' row-major is S column-major: LAPACK factors it in place, no copy
-        factor, info = scipy.linalg.lapack.dpotrf(S.T, lower=1, clean=0, overwrite_a=1)
+        with dense_blas_threads(len(S)):
+            factor, info = scipy.linalg.lapack.dpotrf(S.T, lower=1, clean=0, overwrite_a=1)
         if info != 0:
             raise NotPositiveDefiniteError("the Schur complement is not positive definite")
         self.schur_factor = factor

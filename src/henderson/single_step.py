@@ -25,6 +25,7 @@ from .errors import DataError
 from .genomic import RelationshipMatrix
 from .linalg import cholmod_analyze, cholmod_permutation, cholmod_refactor
 from .plink import non_numeric_counts
+from .threads import dense_blas_threads
 from .pedigree import MIN_MENDELIAN_VARIANCE, Pedigree, _ainverse_triplets
 
 # markers per block of the genotype passes: 20,000 animals x 1,024 markers is 160 MB
@@ -183,7 +184,8 @@ def single_step(pedigree: Pedigree, genotypes, blend: float = 0.05, tune: str | 
     if tau != 1.0 or omega != 1.0:
         logdet_H = logdet_A - logdet_A22 - _logdet_genotyped_schur(block, L22, omega, genotyped)
     # block := τ G*⁻¹ − ω A22⁻¹ (lower triangle), A22⁻¹ = L22 L22'
-    block = blas.dsyrk(-omega, L22, beta=1.0, c=block, lower=1, overwrite_c=1)
+    with dense_blas_threads(len(block)):
+        block = blas.dsyrk(-omega, L22, beta=1.0, c=block, lower=1, overwrite_c=1)
     del L22
     clock.lap("block")
     Hinv = assemble_precision(pedigree.inverse(), positions, block)
@@ -436,12 +438,14 @@ def genomic_relationships(counts, row_order: np.ndarray | None = None,
             continue
         block = np.asarray(source.read(start, stop))[np.ix_(rows, np.flatnonzero(kept))]
         if exact32:
-            G = blas.ssyrk(1.0, np.asfortranarray(block, dtype=np.float32), beta=1.0, c=G,
-                           lower=1, overwrite_c=1)
+            with dense_blas_threads(n, itemsize=4):
+                G = blas.ssyrk(1.0, np.asfortranarray(block, dtype=np.float32), beta=1.0,
+                               c=G, lower=1, overwrite_c=1)
         else:
             centred = np.asfortranarray(block, dtype=np.float64) - 2.0 * freq[start:stop][kept]
             centred[np.isnan(centred)] = 0.0
-            G = blas.dsyrk(1.0, centred, beta=1.0, c=G, lower=1, overwrite_c=1)
+            with dense_blas_threads(n):
+                G = blas.dsyrk(1.0, centred, beta=1.0, c=G, lower=1, overwrite_c=1)
     if exact32:
         G = G.astype(np.float64, order="F")
         # ZZ' = MM' − u1' − 1u' + 4p'p, on the lower triangle that syrk wrote
@@ -637,7 +641,8 @@ def _means(trace: float, total: float, n: int) -> tuple[float, float]:
 
 
 def _cholesky_in_place(matrix: np.ndarray, what: str, labels: pd.Index, hint: str) -> np.ndarray:
-    factor, info = lapack.dpotrf(matrix, lower=1, clean=0, overwrite_a=1)
+    with dense_blas_threads(len(matrix)):
+        factor, info = lapack.dpotrf(matrix, lower=1, clean=0, overwrite_a=1)
     if info > 0:
         raise DataError(f"{what} is not positive definite (pivot {info} of {len(labels)}, "
                         f"genotyped animal {labels[info - 1]!r}); {hint}")
@@ -691,8 +696,9 @@ def apy_inverse(G: np.ndarray, core: np.ndarray, genotyped: pd.Index) -> tuple[n
     out[:] = 0.0
     if len(other):
         scaled = solved / np.sqrt(m)
-        core_inverse = blas.dsyrk(1.0, np.asfortranarray(scaled), beta=1.0, c=core_inverse,
-                                  lower=1, overwrite_c=1)
+        with dense_blas_threads(len(core_inverse)):
+            core_inverse = blas.dsyrk(1.0, np.asfortranarray(scaled), beta=1.0,
+                                      c=core_inverse, lower=1, overwrite_c=1)
         _mirror_lower(core_inverse)
         off = -(solved / m)                # the core x non-core block
         out[np.ix_(core, other)] = off
@@ -706,8 +712,9 @@ def _logdet_genotyped_schur(block: np.ndarray, L22: np.ndarray, omega: float,
                             genotyped: pd.Index) -> float:
     """``log|τ G*⁻¹ + (1 − ω) A22⁻¹|``, the Schur complement of ``H⁻¹`` onto the
     genotyped animals (``|H⁻¹| = |A⁻¹| / |A22⁻¹| · |that|``)."""
-    schur = blas.dsyrk(1.0 - omega, L22, beta=1.0, c=block.copy(order="F"), lower=1,
-                       overwrite_c=1)
+    with dense_blas_threads(len(block)):
+        schur = blas.dsyrk(1.0 - omega, L22, beta=1.0, c=block.copy(order="F"), lower=1,
+                           overwrite_c=1)
     factor = _cholesky_in_place(schur, "H⁻¹ (with these tau and omega)", genotyped,
                                 "use tau and omega closer to 1")
     return 2.0 * float(np.sum(np.log(np.diag(factor))))

@@ -401,3 +401,32 @@ def blas_threads(limit: int = 1):
         with _LOCK:
             for lib, current in reversed(changed):
                 lib.set_num_threads(current)
+
+
+# OpenBLAS 0.3.30 (SciPy's wheels) and 0.3.31 (NumPy's) crash with a segmentation fault
+# in their threaded SYRK (dsyrk_thread_LN/LT -> inner_thread -> dgemm_o?copy), which
+# DPOTRF also calls, once the result passes ~2 GB; on one thread every size runs.
+# Measured on this 2-core machine with two BLAS threads: dpotrf crashed at order 16,000
+# (2.0 GB) and 20,000 and ran at 8,192-15,000 (1.8 GB); dsyrk crashed at 20,000 (3.2 GB;
+# k = 256 and 2,048) and ran at 16,500 (2.2 GB); numpy's ``X @ X.T`` (a SYRK) crashed at
+# 20,000; ssyrk ran at 20,000 and 24,000 (2.3 GB) and crashed at 33,000 (4.4 GB).
+LARGE_DENSE_BYTES = 1.2e9
+
+
+def dense_blas_threads(order: int, itemsize: int = 8):
+    """A context for a SYRK or dense Cholesky (DPOTRF, ``np.linalg.cholesky``,
+    ``X.T @ X``) whose result is ``order`` x ``order`` of ``itemsize`` bytes: one BLAS
+    thread once the result reaches :data:`LARGE_DENSE_BYTES` (float64 from order
+    12,248, float32 from 17,321), where OpenBLAS's threaded SYRK crashes; below,
+    nothing changes.
+
+    Examples
+    --------
+    >>> from henderson.threads import blas_thread_counts, dense_blas_threads
+    >>> with dense_blas_threads(20_000):
+    ...     set(blas_thread_counts().values())
+    {1}
+    """
+    if float(order) * float(order) * itemsize >= LARGE_DENSE_BYTES:
+        return blas_threads(1)
+    return contextlib.nullcontext()
