@@ -26,6 +26,14 @@ def sparse_with_dense_block(rng, n, n_block, density=0.05, last=False):
     return A
 
 
+def animal_data(rng, n_animals, n_block, n_records, n_groups, last=False):
+    """A precision K⁻¹ with a dense block over ``n_animals`` and records on them."""
+    precision = sparse_with_dense_block(rng, n_animals, n_block=n_block, last=last)
+    K = RelationshipMatrix(sp.csc_matrix(precision), [str(i) for i in range(n_animals)],
+                           kind="precision")
+    return K, random_data(rng, n_animals, n_records, n_groups=n_groups)
+
+
 def random_data(rng, n_animals, n_records, n_groups):
     return pd.DataFrame({
         "animal": rng.integers(0, n_animals, n_records).astype(str),
@@ -87,10 +95,7 @@ def test_c_blups_and_pevs_equal_the_dense_twin(case, ordering, seed, monkeypatch
     rng = np.random.default_rng(seed)
     formula, options, _ = CASES[case]
     n_animals = 40
-    precision = sparse_with_dense_block(rng, n_animals, n_block=12 + seed, last=seed > 0)
-    K = RelationshipMatrix(sp.csc_matrix(precision), [str(i) for i in range(n_animals)],
-                           kind="precision")
-    data = random_data(rng, n_animals, 150, n_groups=9)
+    K, data = animal_data(rng, n_animals, 12 + seed, 150, 9, last=seed > 0)
     design = hd.build_design(formula, data, relationships={"animal": K}, **options)
     mme = MixedModelEquations(design, ordering=ordering)
     theta = design.theta_start() * rng.uniform(0.5, 1.5, design.n_theta) + 0.2
@@ -114,10 +119,7 @@ def test_c_blups_and_pevs_equal_the_dense_twin(case, ordering, seed, monkeypatch
 def test_pevs_and_ebvs_of_a_fit_equal_the_dense_twin():
     rng = np.random.default_rng(7)
     n_animals = 60
-    precision = sparse_with_dense_block(rng, n_animals, n_block=25)
-    ids = [str(i) for i in range(n_animals)]
-    K = RelationshipMatrix(sp.csc_matrix(precision), ids, kind="precision")
-    data = random_data(rng, n_animals, 200, n_groups=12)
+    K, data = animal_data(rng, n_animals, 25, 200, 12)
     m = hd.lmm("y ~ herd + (1 | animal)", data, relationships={"animal": K},
                fixed_variances={"animal": 2.0, "residual": 3.0}, sparse_fixed=True)
     design = m.design
@@ -136,10 +138,7 @@ def test_set_crossproducts_replaces_only_the_fixed_block():
     """New weights (a residual model's W(γ)) rewrite X'WX in C and leave K⁻¹ alone."""
     rng = np.random.default_rng(3)
     n_animals = 30
-    precision = sparse_with_dense_block(rng, n_animals, n_block=10)
-    K = RelationshipMatrix(sp.csc_matrix(precision), [str(i) for i in range(n_animals)],
-                           kind="precision")
-    data = random_data(rng, n_animals, 100, n_groups=5)
+    K, data = animal_data(rng, n_animals, 10, 100, 5)
     design = hd.build_design("y ~ x + herd + (1 | animal)", data,
                              relationships={"animal": K}, sparse_fixed=True)
     mme = MixedModelEquations(design)
@@ -224,10 +223,7 @@ def test_a_factor_given_up_for_the_selected_inverse_is_made_again(monkeypatch):
     monkeypatch.setattr(factor_module, "RELEASE_FACTOR_NNZ", 0)
     rng = np.random.default_rng(11)
     n_animals = 40
-    precision = sparse_with_dense_block(rng, n_animals, n_block=15, last=True)
-    K = RelationshipMatrix(sp.csc_matrix(precision), [str(i) for i in range(n_animals)],
-                           kind="precision")
-    data = random_data(rng, n_animals, 120, n_groups=8)
+    K, data = animal_data(rng, n_animals, 15, 120, 8, last=True)
     design = hd.build_design("y ~ x + herd + (1 | animal)", data,
                              relationships={"animal": K}, sparse_fixed=True)
     mme = MixedModelEquations(design)
