@@ -356,24 +356,14 @@ def fit_threads(threads: int | None = None, blas: int | None = None):
         limit = max(1, int(blas))
     else:
         limit = count if explicit else default_blas_threads(count)
-    changed = []
-    with _LOCK:
-        for lib in _libraries():
-            current = lib.get_num_threads()
-            if current is None:  # a library that does not say: left alone
-                continue
-            target = limit if explicit or blas is not None else min(limit, current)
-            if current != target:
-                lib.set_num_threads(target)
-                changed.append((lib, current))
+    forced = explicit or blas is not None
+    changed = _set_library_threads(lambda current: limit if forced else min(limit, current))
     _LOCAL.threads = count
     try:
         yield count
     finally:
         _LOCAL.threads = previous_active
-        with _LOCK:
-            for lib, current in reversed(changed):
-                lib.set_num_threads(current)
+        _restore_library_threads(changed)
 
 
 @contextlib.contextmanager
@@ -388,19 +378,33 @@ def blas_threads(limit: int = 1):
     ...     set(blas_thread_counts().values())
     {1}
     """
+    changed = _set_library_threads(lambda current: min(limit, current))
+    try:
+        yield
+    finally:
+        _restore_library_threads(changed)
+
+
+def _set_library_threads(target) -> list:
+    """Give each BLAS/OpenMP library ``target(its current count)`` threads (a library
+    that does not say its count is left alone); the changed ones, with their counts."""
     changed = []
     with _LOCK:
         for lib in _libraries():
             current = lib.get_num_threads()
-            if current is not None and current > limit:
-                lib.set_num_threads(limit)
+            if current is None:
+                continue
+            wanted = target(current)
+            if current != wanted:
+                lib.set_num_threads(wanted)
                 changed.append((lib, current))
-    try:
-        yield
-    finally:
-        with _LOCK:
-            for lib, current in reversed(changed):
-                lib.set_num_threads(current)
+    return changed
+
+
+def _restore_library_threads(changed: list) -> None:
+    with _LOCK:
+        for lib, current in reversed(changed):
+            lib.set_num_threads(current)
 
 
 # OpenBLAS 0.3.30 (SciPy's wheels) and 0.3.31 (NumPy's) crash with a segmentation fault
