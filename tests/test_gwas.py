@@ -313,3 +313,51 @@ def test_tridiagonal_route_equals_the_dense_forms():
         assert value == pytest.approx(_dense_minus2ll(h2, K, y, X, True), abs=1e-8)
     # an indefinite H is refused, not mis-factored
     assert np.isinf(_tridiagonal_forms(2.0, d - 10, e, rotated)[0])
+
+
+def test_tridiagonal_reduction_is_scipys_dsytrd():
+    """The GIL-free dsytrd (ctypes into SciPy's LAPACK) returns what SciPy's wrapper
+    does, bit for bit, alone and two at a time on two threads."""
+    import scipy.linalg.lapack as lapack
+
+    from henderson.gwas import reduce_side_by_side
+    from henderson.linalg import _lapack_routine, tridiagonal_reduction
+    from henderson.threads import blas_threads
+
+    assert _lapack_routine("dsytrd") is not None  # the route that releases the GIL
+    rng = np.random.default_rng(5)
+    matrices = []
+    for n in (2, 7, 150, 401):
+        A = rng.normal(size=(n, n + 3))
+        K = A @ A.T / n
+        matrices.append(K)
+        lwork = int(lapack.dsytrd_lwork(n, lower=1)[0])
+        reflectors, d, e, tau, info = lapack.dsytrd(K, lower=1, lwork=max(lwork, 1))
+        ours = tridiagonal_reduction(K)
+        assert info == 0 and ours[0].flags.f_contiguous
+        assert np.array_equal(np.tril(ours[0], -1), np.tril(reflectors, -1))
+        for a, b in zip(ours[1:], (d, e, tau)):
+            assert np.array_equal(a, b)
+        assert np.array_equal(K, K.T)  # the input is left alone
+    with blas_threads(1):  # as reduce_side_by_side runs each (threads change the bits)
+        one_at_a_time = [tridiagonal_reduction(K) for K in matrices[2:]]
+    side_by_side = reduce_side_by_side(matrices[2:])
+    for a, b in zip(one_at_a_time, side_by_side):
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_loco_reductions_side_by_side_change_nothing(panel, monkeypatch):
+    """LOCO's K₋c reduced a few at a time gives the scan of one at a time, bit for bit."""
+    import importlib
+
+    gwas_module = importlib.import_module("henderson.gwas")  # hd.gwas is the function
+    genotypes, pheno = panel
+    scans = {}
+    for batch in (1, 2):  # 2: a batch of two and a remainder of one
+        monkeypatch.setattr(gwas_module, "side_by_side_reductions",
+                            lambda order, count, batch=batch: min(batch, count))
+        scans[batch] = hd.gwas("y ~ age + sex", pheno, genotypes, loco=True,
+                               progress=False)
+    assert genotypes.variants["chrom"].nunique() == 3
+    pd.testing.assert_frame_equal(scans[1], scans[2], check_exact=True)
+    assert scans[1].attrs["null"] == scans[2].attrs["null"]

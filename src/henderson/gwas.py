@@ -30,7 +30,9 @@ import scipy.sparse as sp
 import scipy.stats
 
 from .errors import DataError, FormulaError
-from .threads import blas_threads, check_threads, dense_blas_threads, fit_threads
+from .linalg import tridiagonal_reduction
+from .threads import (active_threads, available_memory, blas_threads, check_threads,
+                      dense_blas_threads, fit_threads)
 
 TESTS = ("wald", "score", "lrt")
 #: the largest h² searched: beyond it H is within 1e-6 of a singular K (GEMMA's bound
@@ -330,18 +332,14 @@ class DenseSpace:
     of ``H = h² K + (1 − h²) I`` at the fitted h² (a triangular solve: half the work
     of a rotation by eigenvectors)."""
 
-    def __init__(self, K: np.ndarray, rotate_dtype=np.float64):
+    def __init__(self, K: np.ndarray, rotate_dtype=np.float64, reduction=None):
         self.K = np.asarray(K, dtype=np.float64)
         self.n = len(self.K)
         self.rotate_dtype = rotate_dtype
-        lwork = int(scipy.linalg.lapack.dsytrd_lwork(self.n, lower=1)[0])
-        with blas_threads(1):  # memory-bound: see henderson.threads
-            reflectors, diagonal, offdiagonal, tau, info = scipy.linalg.lapack.dsytrd(
-                self.K, lower=1, lwork=max(lwork, 1))
-        if info != 0:
-            raise np.linalg.LinAlgError(f"dsytrd failed (info {info})")
-        self._reflectors, self._tau = np.asfortranarray(reflectors), tau
-        self._diagonal, self._offdiagonal = diagonal, offdiagonal
+        if reduction is None:  # else given by reduce_side_by_side
+            with blas_threads(1):  # memory-bound: see henderson.threads
+                reduction = tridiagonal_reduction(self.K)
+        self._reflectors, self._diagonal, self._offdiagonal, self._tau = reduction
 
     def fit(self, phenotype: Phenotype, reml: bool, chromosome: str = "all") -> NullFit:
         R = _apply_reflectors(self._reflectors, self._tau,
@@ -371,6 +369,31 @@ class DenseSpace:
         return scipy.linalg.solve_triangular(
             self._cholesky_rotate, block.astype(self.rotate_dtype, copy=False), lower=True,
             overwrite_b=True, check_finite=False)
+
+
+def side_by_side_reductions(order: int, count: int) -> int:
+    """How many tridiagonal reductions of order-``order`` matrices to run at once:
+    one per thread of the fit (:func:`~henderson.threads.active_threads`), as many as
+    there are (``count``), and as many as half the free memory holds (each holds K,
+    its reduction and, once fitted, a Cholesky factor of H: three n² doubles)."""
+    per_reduction = 3 * 8 * float(order) ** 2
+    fits_in_memory = int(0.5 * available_memory() // per_reduction)
+    return max(1, min(active_threads(), count, fits_in_memory))
+
+
+def reduce_side_by_side(matrices: list[np.ndarray]) -> list[tuple]:
+    """The tridiagonal reductions of ``matrices``, run side by side on one Python
+    thread each (:func:`~henderson.linalg.tridiagonal_reduction` releases the GIL)
+    and one BLAS thread each: a reduction is half matrix-vector products, which a
+    second BLAS thread speeds up little and which stall on a busy machine, while two
+    reductions on two cores take the time of one (LOCO's 22 reductions of K₋c)."""
+    with blas_threads(1):
+        if len(matrices) == 1:
+            return [tridiagonal_reduction(matrices[0])]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(matrices)) as pool:
+            return list(pool.map(tridiagonal_reduction, matrices))
 
 
 def _warn_ml_bound(phenotype: Phenotype, h2: float, reml: bool) -> None:
@@ -844,26 +867,52 @@ def gwas(formula: str, data: pd.DataFrame, genotypes, id: str = "iid", grm="auto
                              for c in pd.unique(chromosomes[tested])]
                 else:
                     parts = [("all", tested)]
-                for chromosome, positions in parts:
-                    if loco:
-                        method = "vanraden" if grm == "auto" else grm
-                        from .genomic import genotype_crossproduct
-                        S_c, d_c, _, _ = genotype_crossproduct(
-                            genotypes, samples=rows, variants=chromosomes == chromosome,
-                            method=method)
-                        if denominator_all - d_c <= 0:
-                            raise DataError(f"loco: no varying variant outside chromosome "
-                                            f"{chromosome!r} for its GRM")
-                        K = ((1.0 - blend) * (S_all - S_c) / (denominator_all - d_c)
-                             + blend * np.eye(len(rows)))
-                    # one phenotype: tridiagonal null fit + triangular solves; several (or
-                    # lrt, which re-fits h² per variant): one eigendecomposition shared
+                # one phenotype: tridiagonal null fit + triangular solves; several (or
+                # lrt, which re-fits h² per variant): one eigendecomposition shared
+                tridiagonal = test != "lrt" and len(group) == 1
+
+                def space_of(K, reduction=None):
                     if sp.issparse(K):
-                        space = SparseSpace(K)
-                    elif test == "lrt" or len(group) > 1:
-                        space = EigenSpace(K, rotate_dtype)
-                    else:
-                        space = DenseSpace(K, rotate_dtype)
+                        return SparseSpace(K)
+                    if not tridiagonal:
+                        return EigenSpace(K, rotate_dtype)
+                    return DenseSpace(K, rotate_dtype, reduction)
+
+                def without(chromosome):
+                    """K of the variants off ``chromosome`` (LOCO)."""
+                    from .genomic import genotype_crossproduct
+
+                    method = "vanraden" if grm == "auto" else grm
+                    S_c, d_c, _, _ = genotype_crossproduct(
+                        genotypes, samples=rows, variants=chromosomes == chromosome,
+                        method=method)
+                    if denominator_all - d_c <= 0:
+                        raise DataError(f"loco: no varying variant outside chromosome "
+                                        f"{chromosome!r} for its GRM")
+                    return ((1.0 - blend) * (S_all - S_c) / (denominator_all - d_c)
+                            + blend * np.eye(len(rows)))
+
+                def chromosome_spaces():
+                    if not loco:
+                        yield "all", tested, space_of(K)
+                        return
+                    # LOCO: the K₋c of a few chromosomes at once, their tridiagonal
+                    # reductions side by side (the scan's largest cost at n = 5,000)
+                    batch = (side_by_side_reductions(len(rows), len(parts))
+                             if tridiagonal else 1)
+                    for start in range(0, len(parts), batch):
+                        chunk = parts[start:start + batch]
+                        matrices = [without(c) for c, _ in chunk]
+                        reductions = (reduce_side_by_side(matrices) if tridiagonal
+                                      else [None] * len(chunk))
+                        for (c, positions), K_c, reduction in zip(chunk, matrices,
+                                                                   reductions):
+                            yield c, positions, space_of(K_c, reduction)
+                        matrices = reductions = None
+
+                if loco:
+                    K = None  # each chromosome has its own
+                for chromosome, positions, space in chromosome_spaces():
                     fits = [space.fit(ph, reml, chromosome) for ph in group]
                     nulls.extend(fits)
                     for chunk, counts in genotypes.blocks(size=block, variants=positions,
@@ -893,6 +942,7 @@ def gwas(formula: str, data: pd.DataFrame, genotypes, id: str = "iid", grm="auto
                             frames.append((null.phenotype.name, chunk[0], frame))
                             progress_state.update(len(chunk), f" [{null.phenotype.name}"
                                                   + (f", chr {chromosome}]" if loco else "]"))
+                    space = None  # its n² arrays go before the next batch's are made
         finally:
             if writer is not None:
                 writer.close()

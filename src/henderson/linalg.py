@@ -51,6 +51,86 @@ class NotPositiveDefiniteError(np.linalg.LinAlgError):
     pass
 
 
+# ------------------------------------------------------------- LAPACK without the GIL
+_LAPACK_ROUTINES: dict = {}
+
+
+def _lapack_routine(name: str):
+    """SciPy's own LAPACK routine ``name`` (from ``scipy.linalg.cython_lapack``) as a
+    ctypes function: a ctypes call releases the GIL, which SciPy's f2py wrappers
+    (``scipy.linalg.lapack``) hold for the whole call. None when it cannot be had."""
+    if name not in _LAPACK_ROUTINES:
+        routine = None
+        try:
+            import ctypes
+
+            import scipy.linalg.cython_lapack as cython_lapack
+
+            capsule = cython_lapack.__pyx_capi__[name]
+            api = ctypes.pythonapi
+            api.PyCapsule_GetName.restype = ctypes.c_char_p
+            api.PyCapsule_GetName.argtypes = [ctypes.py_object]
+            api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+            api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+            address = api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule))
+            routine = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 10))(address)
+        except (ImportError, KeyError, AttributeError, ValueError):  # pragma: no cover
+            routine = None
+        _LAPACK_ROUTINES[name] = routine
+    return _LAPACK_ROUTINES[name]
+
+
+def tridiagonal_reduction(matrix: np.ndarray):
+    """LAPACK ``dsytrd`` of a symmetric matrix (its lower triangle): ``K = Q T Q'``.
+
+    Returns ``(reflectors, diagonal, offdiagonal, tau)`` as
+    ``scipy.linalg.lapack.dsytrd(K, lower=1)`` does (``reflectors`` in Fortran order,
+    holding the Householder vectors below its first subdiagonal), bit for bit. The call
+    releases the GIL, so that two reductions run side by side on two Python threads
+    (each on one BLAS thread: the reduction is half matrix-vector products, which one
+    thread per core runs best; see :func:`henderson.threads.dense_blas_threads`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from henderson.linalg import tridiagonal_reduction
+    >>> K = np.array([[2.0, 1.0, 0.5], [1.0, 3.0, 0.2], [0.5, 0.2, 1.0]])
+    >>> _, diagonal, offdiagonal, _ = tridiagonal_reduction(K)
+    >>> T = np.diag(diagonal) + np.diag(offdiagonal, 1) + np.diag(offdiagonal, -1)
+    >>> bool(np.allclose(np.linalg.eigvalsh(T), np.linalg.eigvalsh(K)))
+    True
+    """
+    import ctypes
+
+    import scipy.linalg
+
+    n = len(matrix)
+    routine = _lapack_routine("dsytrd")
+    if routine is None or n < 2:  # pragma: no cover - SciPy without cython_lapack
+        lwork = int(scipy.linalg.lapack.dsytrd_lwork(n, lower=1)[0])
+        reflectors, diagonal, offdiagonal, tau, info = scipy.linalg.lapack.dsytrd(
+            matrix, lower=1, lwork=max(lwork, 1))
+        if info != 0:
+            raise np.linalg.LinAlgError(f"dsytrd failed (info {info})")
+        return np.asfortranarray(reflectors), diagonal, offdiagonal, tau
+    reflectors = np.array(matrix, dtype=np.float64, order="F")
+    diagonal, offdiagonal, tau = np.empty(n), np.empty(n - 1), np.empty(n - 1)
+    order, info = ctypes.c_int(n), ctypes.c_int(0)
+    query, size = np.empty(1), ctypes.c_int(-1)
+
+    def call(work, size):
+        routine(b"L", ctypes.byref(order), reflectors.ctypes.data, ctypes.byref(order),
+                diagonal.ctypes.data, offdiagonal.ctypes.data, tau.ctypes.data,
+                work.ctypes.data, ctypes.byref(size), ctypes.byref(info))
+
+    call(query, size)
+    work = np.empty(max(int(query[0]), 1))
+    call(work, ctypes.c_int(len(work)))
+    if info.value != 0:
+        raise np.linalg.LinAlgError(f"dsytrd failed (info {info.value})")
+    return reflectors, diagonal, offdiagonal, tau
+
+
 
 def independent_columns(gram, tol: float = 1e-7, block: int = 256) -> list[int]:
     """Columns to keep of a Gram matrix X'WX (dense or sparse): a column goes when its

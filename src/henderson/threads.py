@@ -156,6 +156,27 @@ def machine_load() -> tuple[float, int]:
         return 0.0, 0
 
 
+def available_memory() -> float:
+    """Bytes of memory available to new allocations without swapping: ``MemAvailable``
+    of ``/proc/meminfo`` (free pages and the page cache the kernel can drop); +inf where
+    it cannot be read.
+
+    Examples
+    --------
+    >>> from henderson.threads import available_memory
+    >>> available_memory() > 0
+    True
+    """
+    try:
+        with open("/proc/meminfo", "rb") as meminfo:
+            for line in meminfo:
+                if line.startswith(b"MemAvailable:"):
+                    return float(line.split()[1]) * 1024.0
+    except (OSError, ValueError, IndexError):  # pragma: no cover - not on Linux
+        pass
+    return math.inf  # pragma: no cover
+
+
 def machine_is_busy(cpus: int | None = None) -> bool:
     """Whether other work holds the CPUs: the 1-minute load average, or the threads
     runnable right now besides this one (:func:`machine_load`), reach
