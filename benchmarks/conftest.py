@@ -15,14 +15,16 @@ SIZES = {
            "stream_rows": 2_000_000, "stream_g1": 20_000, "stream_g2": 50,
            "ss_animals": 20_000, "ss_genotyped": 1_000, "ss_markers": 2_000, "ss_core": 250,
            "gwas_samples": 1_000, "gwas_variants": 10_000, "gwas_chromosomes": 22,
-           "gwas_big_samples": 10_000, "gwas_big_variants": 20_000},
+           "gwas_big_samples": 10_000, "gwas_big_variants": 20_000,
+           "movie_rows": 1_000_000, "movie_users": 7_000, "movie_items": 1_000},
     "full": {"crossed_rows": 1_000_000, "crossed_g1": 100_000, "crossed_g2": 1_000,
              "big_rows": 10_000_000, "big_g1": 1_000_000, "animals": 1_000_000,
              "stream_rows": 50_000_000, "stream_g1": 100_000, "stream_g2": 50,
              "ss_animals": 1_000_000, "ss_genotyped": 20_000, "ss_markers": 50_000,
              "ss_core": 5_000,
              "gwas_samples": 5_000, "gwas_variants": 100_000, "gwas_chromosomes": 22,
-             "gwas_big_samples": 100_000, "gwas_big_variants": 1_000_000},
+             "gwas_big_samples": 100_000, "gwas_big_variants": 1_000_000,
+             "movie_rows": 10_000_000, "movie_users": 70_000, "movie_items": 10_000},
 }[SCALE]
 
 

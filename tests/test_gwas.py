@@ -361,3 +361,22 @@ def test_loco_reductions_side_by_side_change_nothing(panel, monkeypatch):
     assert genotypes.variants["chrom"].nunique() == 3
     pd.testing.assert_frame_equal(scans[1], scans[2], check_exact=True)
     assert scans[1].attrs["null"] == scans[2].attrs["null"]
+
+
+def test_side_by_side_reductions_are_capped_by_threads_and_memory(monkeypatch):
+    import importlib
+
+    from henderson.threads import fit_threads
+
+    gwas_module = importlib.import_module("henderson.gwas")
+    monkeypatch.setattr(gwas_module, "available_memory", lambda: 1e12)
+    with fit_threads(2):
+        assert gwas_module.side_by_side_reductions(5_000, 22) == 2
+        assert gwas_module.side_by_side_reductions(5_000, 1) == 1
+    with fit_threads(1):
+        assert gwas_module.side_by_side_reductions(5_000, 22) == 1
+    # three n² doubles each within half the free memory: 20,000² needs 9.6 GB each
+    monkeypatch.setattr(gwas_module, "available_memory", lambda: 25e9)
+    with fit_threads(2):
+        assert gwas_module.side_by_side_reductions(20_000, 22) == 1
+        assert gwas_module.side_by_side_reductions(5_000, 22) == 2

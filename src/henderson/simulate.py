@@ -1,6 +1,7 @@
 """Simulated data sets for benchmarks and examples, reproducible from a seed.
 
 * :func:`crossed` — ``y ~ x + (1 + x | g1) + (1 | g2)`` with two crossed factors;
+* :func:`ratings` — users by items with power-law level frequencies (MovieLens' shape);
 * :func:`animal_population` — a pedigree over several generations with records,
   sex and herd-year-season groups, breeding values by Mendelian sampling;
 * :func:`gwas_panel` — genotypes of people in families and subpopulations on several
@@ -37,6 +38,45 @@ def crossed(n_rows: int, n_g1: int, n_g2: int, seed: int = 1) -> pd.DataFrame:
         "y": y, "x": x,
         "g1": pd.Categorical.from_codes(g1.astype(np.int32), categories=[f"a{i}" for i in range(n_g1)]),
         "g2": pd.Categorical.from_codes(g2.astype(np.int32), categories=[f"b{i}" for i in range(n_g2)]),
+    })
+
+
+def ratings(n_rows: int, n_users: int, n_items: int, seed: int = 1,
+            user_exponent: float = 0.4, item_exponent: float = 0.45) -> pd.DataFrame:
+    """Ratings of items by users, shaped as MovieLens: two crossed factors whose level
+    frequencies follow power laws, for ``y ~ 1 + (1 | user) + (1 | item)``.
+
+    The k-th most active user rates with weight ``k^-user_exponent``, the k-th most
+    popular item is rated with weight ``k^-item_exponent`` (every level at least once).
+    The defaults give MovieLens 10M's shape at its size (10M rows, 70,000 users x
+    10,000 items): the busiest user holds 0.07% of the rows and the most rated item
+    0.35%, as in MovieLens 10M. ``y = 3.5 + u_user + v_item + e`` with standard
+    deviations 0.4, 0.5 and 0.9.
+
+    Examples
+    --------
+    >>> data = ratings(10_000, 700, 100)
+    >>> data.shape, data["user"].nunique(), data["item"].nunique()
+    ((10000, 3), 700, 100)
+    >>> int(data["item"].value_counts().iloc[0]) > 4 * 10_000 // 100  # a popular item
+    True
+    """
+    rng = np.random.default_rng(seed)
+
+    def draws(n_levels, exponent):
+        weights = np.arange(1, n_levels + 1, dtype=np.float64) ** -exponent
+        levels = np.searchsorted(np.cumsum(weights / weights.sum()),
+                                 rng.random(n_rows - n_levels), side="right")
+        codes = np.concatenate([np.arange(n_levels), np.minimum(levels, n_levels - 1)])
+        return rng.permutation(codes).astype(np.int32)
+
+    user, item = draws(n_users, user_exponent), draws(n_items, item_exponent)
+    y = (3.5 + rng.normal(scale=0.4, size=n_users)[user]
+         + rng.normal(scale=0.5, size=n_items)[item] + rng.normal(scale=0.9, size=n_rows))
+    return pd.DataFrame({
+        "y": y,
+        "user": pd.Categorical.from_codes(user, categories=[f"u{i}" for i in range(n_users)]),
+        "item": pd.Categorical.from_codes(item, categories=[f"i{i}" for i in range(n_items)]),
     })
 
 
