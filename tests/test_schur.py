@@ -167,3 +167,15 @@ def test_one_right_hand_side_is_the_column_solve():
         vector = equations.solve(rhs)
         np.testing.assert_array_equal(vector, equations.solve(rhs[:, None])[:, 0])
         assert np.allclose(vector, np.linalg.solve(_dense_C(equations), rhs), rtol=1e-10)
+
+
+def test_one_right_hand_side_without_a_trailing_block():
+    """One term and no fixed effects: S is empty and the levels solve alone."""
+    design = hd.build_design("distance ~ 0 + (age | Subject)", hd.datasets.load("orthodont"))
+    equations = BlockEliminationEquations(design)
+    assert equations.factorization.m == 0
+    equations.factorize(np.array([0.9, -0.1, 0.2]))
+    rhs = np.random.default_rng(4).normal(size=equations.size)
+    assert np.allclose(equations.solve(rhs), np.linalg.solve(_dense_C(equations), rhs),
+                       rtol=1e-10)
+    np.testing.assert_array_equal(equations.solve(rhs), equations.solve(rhs[:, None])[:, 0])

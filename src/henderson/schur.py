@@ -476,9 +476,12 @@ class BlockElimination:
             y1, r2 = _forward(self.level_chol, self.w, self.b_ptr, self.b_rows,
                               np.ascontiguousarray(rhs[:q1]).reshape(-1, k),
                               np.ascontiguousarray(rhs[q1:]))
-            x2, info = _POTRS(self.schur_factor, r2, lower=1)
-            if info != 0:
-                raise ValueError(f"LAPACK potrs failed (info {info})")
+            if self.m == 0:      # one term and no fixed effects: nothing left in S
+                x2 = r2
+            else:
+                x2, info = _POTRS(self.schur_factor, r2, lower=1)
+                if info != 0:
+                    raise ValueError(f"LAPACK potrs failed (info {info})")
             x1 = _backward(self.level_chol, self.w, self.b_ptr, self.b_rows, y1, x2)
             return np.concatenate([x1.ravel(), x2])
         columns = rhs if rhs.ndim == 2 else rhs[:, None]
