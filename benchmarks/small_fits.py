@@ -6,7 +6,8 @@ of a process.
 Each run starts fresh processes, one per tool (and one per ``--src`` tree), one after
 the other: the process times its import (``import henderson``; ``library(lme4)``), the
 first fit (for henderson with the Numba kernels' load, ``timings["numba_kernel_load"]``,
-shown apart) and then ``--fits`` fits in a loop on the same data.
+shown apart) and then ``--fits`` fits in a loop on the same data, in wall and in CPU
+seconds (user + system of the process: less sensitive to a busy machine's load).
 
     python benchmarks/small_fits.py [--runs 5] [--fits 100] [--src NAME=PATH ...]
         [--no-lme4]
@@ -43,12 +44,12 @@ start = time.perf_counter()
 m = hd.lmm(formula, data)
 first = time.perf_counter() - start
 kernels = m.timings.get("numba_kernel_load", float("nan"))
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 for _ in range(fits):
     m = hd.lmm(formula, data)
-loop = time.perf_counter() - start
+loop, loop_cpu = time.perf_counter() - start, time.process_time() - cpu
 print(json.dumps({"import": imported, "first": first, "kernels": kernels, "loop": loop,
-                  "objective": m.objective}))
+                  "loop_cpu": loop_cpu, "objective": m.objective}))
 """ % FORMULA
 
 R_CHILD = r"""
@@ -64,11 +65,13 @@ f <- distance ~ age + Sex + (age | Subject)
 t0 <- proc.time()[["elapsed"]]
 m <- lmer(f, d)
 first <- proc.time()[["elapsed"]] - t0
-t0 <- proc.time()[["elapsed"]]
+t0 <- proc.time()
 for (i in seq_len(fits)) m <- lmer(f, d)
-loop <- proc.time()[["elapsed"]] - t0
-cat(sprintf('{"import": %.4f, "first": %.4f, "loop": %.4f, "objective": %.10f}\n',
-            imported, first, loop, REMLcrit(m)))
+t1 <- proc.time()
+loop <- t1[["elapsed"]] - t0[["elapsed"]]
+loop_cpu <- (t1[["user.self"]] + t1[["sys.self"]]) - (t0[["user.self"]] + t0[["sys.self"]])
+cat(sprintf('{"import": %.4f, "first": %.4f, "loop": %.4f, "loop_cpu": %.4f, "objective": %.10f}\n',
+            imported, first, loop, loop_cpu, REMLcrit(m)))
 """
 
 
@@ -131,8 +134,8 @@ def main(argv=None) -> None:
           f"(fresh processes, tools one after the other in each run); 1-minute load "
           f"before each run: {', '.join(f'{v:.2f}' for v in loads)}.\n")
     print("| tool | import (s) | first fit (s) | of which Numba kernels (s) "
-          f"| {args.fits} fits (s) | per fit (ms) | objective |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          f"| {args.fits} fits (s) | per fit (ms) | {args.fits} fits, CPU (s) | objective |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, runs in results.items():
         kernels = [r.get("kernels", float("nan")) for r in runs]
         per_fit = statistics.median(r["loop"] for r in runs) / args.fits * 1e3
@@ -140,11 +143,13 @@ def main(argv=None) -> None:
               f"| {summary([r['first'] for r in runs])} "
               f"| {summary(kernels) if name != 'lme4' else '—'} "
               f"| {summary([r['loop'] for r in runs])} | {per_fit:.1f} "
-              f"| {runs[-1]['objective']:.4f} |")
+              f"| {summary([r['loop_cpu'] for r in runs])} | {runs[-1]['objective']:.4f} |")
     if with_r:
         ratios = [h["loop"] / r["loop"] for h, r in zip(results["henderson"], results["lme4"])]
-        print(f"\nhenderson / lme4, loop of {args.fits} (each run's own ratio): "
-              f"{summary(ratios)}")
+        cpu = [h["loop_cpu"] / r["loop_cpu"]
+               for h, r in zip(results["henderson"], results["lme4"])]
+        print(f"\nhenderson / lme4, loop of {args.fits} (each run's own ratio): wall "
+              f"{summary(ratios)}; CPU {summary(cpu)}")
 
 
 if __name__ == "__main__":
