@@ -1,3 +1,5 @@
+import zlib
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -187,3 +189,75 @@ def test_text_ids_written_as_floats_are_read_as_r_writes_them():
     frame = pd.DataFrame({"g": ["12.0", "001", "1.5", "-3.00", None, "1.05", "12.0x"]})
     assert text_labels(frame, ["g"]).g.tolist()[:4] == ["12", "001", "1.5", "-3"]
     assert text_labels(frame, ["g"]).g.tolist()[5:] == ["1.05", "12.0x"]
+
+
+PLAIN_SPECS = ["x + f", "0 + x + f", "x * f", "f * g", "x:z + f:g:x", "x * z * f",
+               "f + g - 1", "1", "z + x:f"]
+NOT_PLAIN_SPECS = ["log(z) + f", "C(f) + x", "I(x ** 2) + g", "poly(x, 2)"]
+
+
+def _design_frame(rng, n, levels=(3, 4)):
+    """Numbers (float and integer) and two categoricals of R's level order."""
+    frame = pd.DataFrame({
+        "x": rng.normal(size=n) * rng.choice([1.0, -1.0, 0.0], size=n),   # −0.0 too
+        "z": rng.integers(1, 9, size=n),                                   # integers
+        "f": pd.Categorical(rng.choice([f"a{i}" for i in range(levels[0])], size=n)),
+        "g": pd.Categorical(rng.choice([f"b{i}" for i in range(levels[1])], size=n)),
+    })
+    return frame
+
+
+@pytest.mark.parametrize("spec", PLAIN_SPECS + NOT_PLAIN_SPECS)
+def test_reused_model_spec_gives_formulaic_matrix_bit_for_bit(spec):
+    """A plain spec's model matrix is built without formulaic from the spec of an
+    earlier fit: on new rows (other values, other categories) it must be formulaic's
+    own matrix to the bit, with its names and its column-major layout; a spec with
+    functions is never reused."""
+    import formulaic
+
+    from henderson.design import PLAIN_SPECS as reused, PlainSpecs, _model_matrix, _r_numbers
+    from henderson.formula import R_FUNCTIONS
+
+    rng = np.random.default_rng(zlib.crc32(spec.encode()))
+    for levels in [(3, 4), (3, 4), (2, 5), (3, 4)]:
+        frame = _design_frame(rng, int(rng.integers(20, 60)), levels)
+        values, names, model_spec = _model_matrix(spec, frame)
+        numbers = _r_numbers(spec, frame)
+        truth = formulaic.model_matrix(spec, numbers, na_action="raise", context=R_FUNCTIONS)
+        np.testing.assert_array_equal(values, np.asarray(truth, dtype=np.float64))
+        assert np.array_equal(np.signbit(values), np.signbit(np.asarray(truth, dtype=float)))
+        assert values.flags.f_contiguous
+        assert names == [hd.design.lme4_column_name(c) for c in truth.model_spec.column_names]
+        assert list(model_spec.column_names) == list(truth.model_spec.column_names)
+        stored = reused._plans.get(PlainSpecs.key(spec, numbers))
+        assert (stored is not None) == (spec in PLAIN_SPECS)
+
+
+def test_reused_spec_reports_missing_values_as_formulaic_does():
+    from henderson.design import _model_matrix
+
+    frame = _design_frame(np.random.default_rng(1), 30)
+    _model_matrix("x + f", frame)                      # the plan is stored
+    frame.loc[3, "x"] = np.nan
+    with pytest.raises(FormulaError):
+        _model_matrix("x + f", frame)
+
+
+def test_a_repeated_fit_is_identical_bit_for_bit():
+    """The second fit of a model reuses the first's model specs (and the process's
+    caches): every number must be the first fit's, and a fit with the reuse emptied."""
+    from henderson.design import PLAIN_SPECS as reused
+
+    data = hd.datasets.load("orthodont")
+    formula = "distance ~ age + Sex + (age | Subject)"
+    first, second = hd.lmm(formula, data), hd.lmm(formula, data)
+    reused._plans.clear()
+    third = hd.lmm(formula, data)
+    for other in (second, third):
+        assert other.objective == first.objective
+        np.testing.assert_array_equal(other.theta, first.theta)
+        np.testing.assert_array_equal(other.fixef, first.fixef)
+        np.testing.assert_array_equal(other.vcov, first.vcov)
+        np.testing.assert_array_equal(other.ranef["Subject"], first.ranef["Subject"])
+        np.testing.assert_array_equal(other.design.X, first.design.X)
+        np.testing.assert_array_equal(other.design.terms[0].z, first.design.terms[0].z)

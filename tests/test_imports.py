@@ -46,3 +46,19 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_cycles():
     assert cycles(import_graph()) == []
+
+
+def test_import_leaves_heavy_modules_for_their_first_use():
+    """``import henderson`` does not load scipy.stats, scipy.optimize or the plotting
+    and CHOLMOD libraries (~0.6 s of a 1.9 s import, docs/benchmarks.md): the
+    functions that need them import them."""
+    import os
+    import subprocess
+    import sys
+
+    heavy = ["scipy.stats", "scipy.optimize", "matplotlib", "sksparse", "nlopt"]
+    code = ("import sys, henderson; print(','.join(m for m in %r if m in sys.modules))"
+            % (heavy,))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)})
+    assert out.stdout.strip() == ""

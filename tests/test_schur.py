@@ -150,3 +150,32 @@ def test_two_threads_give_the_one_thread_numbers(formula, data, monkeypatch):
     np.testing.assert_array_equal(threaded.factorization.schur_factor,
                                   serial.factorization.schur_factor)
     np.testing.assert_array_equal(threaded.inverse_diagonal(), serial.inverse_diagonal())
+
+
+def test_one_right_hand_side_is_the_column_solve():
+    """A vector right-hand side (each evaluation of the objective) goes to LAPACK
+    potrs directly: the same numbers, to the bit, as the same column solved as a
+    matrix through cho_solve, and the dense solution."""
+    design = hd.build_design("distance ~ age + Sex + (age | Subject)",
+                             hd.datasets.load("orthodont"))
+    equations = BlockEliminationEquations(design)
+    rng = np.random.default_rng(3)
+    theta = np.array([0.9, -0.1, 0.2])
+    equations.factorize(theta)
+    for _ in range(3):
+        rhs = rng.normal(size=equations.size)
+        vector = equations.solve(rhs)
+        np.testing.assert_array_equal(vector, equations.solve(rhs[:, None])[:, 0])
+        assert np.allclose(vector, np.linalg.solve(_dense_C(equations), rhs), rtol=1e-10)
+
+
+def test_one_right_hand_side_without_a_trailing_block():
+    """One term and no fixed effects: S is empty and the levels solve alone."""
+    design = hd.build_design("distance ~ 0 + (age | Subject)", hd.datasets.load("orthodont"))
+    equations = BlockEliminationEquations(design)
+    assert equations.factorization.m == 0
+    equations.factorize(np.array([0.9, -0.1, 0.2]))
+    rhs = np.random.default_rng(4).normal(size=equations.size)
+    assert np.allclose(equations.solve(rhs), np.linalg.solve(_dense_C(equations), rhs),
+                       rtol=1e-10)
+    np.testing.assert_array_equal(equations.solve(rhs), equations.solve(rhs[:, None])[:, 0])

@@ -14,7 +14,6 @@ import warnings
 
 import numpy as np
 import pandas as pd
-import scipy.stats
 
 from .errors import ConvergenceWarning, DataError, RankDeficiencyWarning
 from .multivariate import (MultivariateREML, build_multivariate_design, fit_ai_reml,
@@ -387,6 +386,8 @@ class BreedingModel:
         return pd.Series(np.sqrt(diag), index=self.design.fixed_names, name="std_error")
 
     def coefficient_table(self) -> pd.DataFrame:
+        import scipy.stats
+
         est, se = self.fixef, self.fixed_standard_errors
         z = est / se
         return pd.DataFrame({"estimate": est, "std_error": se, "z": z,

@@ -34,17 +34,26 @@ the levels: ``G_t = σ² K ⊗ Λ_t Λ_t'``; it lives beside the structure on th
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 #: structures a formula may name, as glmmTMB spells them
 STRUCTURES = ("us", "diag", "cs", "ar1", "toep")
 
 
+@functools.lru_cache(maxsize=None)
 def _lower_order(k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, cols) of a k x k lower triangle, column by column (lme4's θ order)."""
+    """(rows, cols) of a k x k lower triangle, column by column (lme4's θ order).
+
+    Made once per k and shared (read-only): building it took ~12 µs, twice per
+    evaluation of the objective, a quarter of an evaluation on a small model."""
     rows, cols = np.tril_indices(k)
     order = np.lexsort((rows, cols))
-    return rows[order], cols[order]
+    rows, cols = rows[order], cols[order]
+    rows.flags.writeable = False
+    cols.flags.writeable = False
+    return rows, cols
 
 
 def _bounded_correlation(phi: float) -> tuple[float, float]:

@@ -25,9 +25,7 @@ import numba
 import numpy as np
 import pandas as pd
 import scipy.linalg
-import scipy.optimize
 import scipy.sparse as sp
-import scipy.stats
 
 from .errors import DataError, FormulaError
 from .linalg import tridiagonal_reduction
@@ -151,6 +149,8 @@ def fit_variance_ratio(criterion, upper: float = MAX_H2) -> tuple[float, float]:
     """The h² in [0, upper] minimising ``criterion`` (−2 log-likelihood): a grid of 61
     points (dense near 1), then bounded Brent between the best point's neighbours to
     :data:`H2_TOLERANCE`. Returns ``(h2, value)``."""
+    import scipy.optimize
+
     grid = np.concatenate([[0.0], 1.0 - np.geomspace(1.0, 1.0 - upper, 40)[1:], [upper]])
     grid = np.unique(np.clip(np.concatenate([grid, np.linspace(0, upper, 21)]), 0, upper))
     values = np.array([criterion(h) for h in grid])
@@ -488,6 +488,8 @@ def _whitened_products(Xw, yw, G):
 
 def _statistics(null: NullFit, whitened: np.ndarray, test: str) -> dict[str, np.ndarray]:
     """beta, se, stat, pvalue of whitened variants (n x k) under a null fit."""
+    import scipy.stats
+
     n, p = null.Xw.shape
     gg, XtG, yg = _whitened_products(np.ascontiguousarray(null.Xw), null.yw,
                                      np.asfortranarray(whitened))
@@ -638,6 +640,8 @@ def _lrt_block(s, yr, Xr, G, upper, tol):
 
 
 def _lrt_statistics(space: EigenSpace, null: NullFit, rotated: np.ndarray) -> dict:
+    import scipy.stats
+
     n, p = null.Xw.shape
     yr = space.U.T @ null.phenotype.y
     Xr = np.ascontiguousarray(space.U.T @ null.phenotype.X)

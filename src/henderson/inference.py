@@ -6,7 +6,6 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from .bootstrap import variance_parameters
 from .design import _model_matrix, r_factor_columns, spec_variables
@@ -32,6 +31,8 @@ def anova(*models, refit: bool = True) -> pd.DataFrame:
     >>> round(float(hd.anova(m0, m1)["Chisq"].iloc[1]), 3)
     42.139
     """
+    from scipy import stats
+
     if len(models) < 2:
         raise ValueError("anova needs at least two models")
     if not isinstance(refit, (bool, np.bool_)):
@@ -199,6 +200,8 @@ def satterthwaite(model, contrasts: np.ndarray | None = None) -> pd.DataFrame:
     contrasts (default: each fixed effect). With known variances (``fixed_variances``)
     nothing in vcov(β̂) is estimated: df is ∞ (z tests).
     """
+    from scipy import stats
+
     p = model.design.n_fixed
     L = np.eye(p) if contrasts is None else _contrast_matrix(contrasts, model.design.fixed_names)
     estimates = L @ model.fixef.to_numpy()
@@ -265,6 +268,8 @@ def f_test(model, contrasts) -> pd.Series:
     Series with ``Sum Sq, Mean Sq, NumDF, DenDF, F value, Pr(>F)``; with known
     variances DenDF is ∞ (a Wald χ² test).
     """
+    from scipy import stats
+
     L = _contrast_matrix(contrasts, model.design.fixed_names)
     beta = model.fixef.to_numpy()
     if model.known_variances:  # Wald χ²: nothing in vcov(β̂) is estimated
@@ -358,6 +363,8 @@ def kenward_roger(model, contrasts=None) -> pd.DataFrame:
     -------
     DataFrame with ``Estimate, Std. Error (adjusted), df, t value, Pr(>|t|)``.
     """
+    from scipy import stats
+
     if not model.reml:
         raise ValueError("Kenward-Roger needs a REML fit")
     design = model.design

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats
 
 
 def _pyplot():
@@ -24,6 +23,8 @@ def _pyplot():
 
 def plot_residuals(model, path=None):
     """Residuals vs fitted values and a normal QQ plot; returns the figure."""
+    from scipy import stats
+
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
     fitted, residuals = model.fitted.to_numpy(), model.residuals.to_numpy()
@@ -53,6 +54,8 @@ def plot_ranef(model, group: str | None = None, level: float = 0.95, path=None):
     >>> [ax.get_title() for ax in fig.axes]
     ['plate: (Intercept)', 'sample: (Intercept)']
     """
+    from scipy import stats
+
     plt = _pyplot()
     if group is not None and group not in model.ranef:
         raise ValueError(f"plot_ranef: {group!r} is not a grouping factor of the model; "
@@ -93,6 +96,8 @@ def plot_ranef(model, group: str | None = None, level: float = 0.95, path=None):
 
 def _neg_log10_p(scan):
     """−log10 p, from the statistic where p underflows to 0."""
+    from scipy import stats
+
     p = scan["pvalue"].to_numpy(dtype=float)
     values = -np.log10(np.where(p > 0, p, np.nan))
     if (p == 0).any():
@@ -134,6 +139,8 @@ def manhattan(scan, threshold: float = 5e-8, path=None, title: str | None = None
 def qq(scan, path=None, title: str | None = None):
     """QQ plot of a scan's p-values against the uniform, with the genomic inflation
     factor λ (median χ² / 0.455) in the title. Returns the figure."""
+    from scipy import stats
+
     plt = _pyplot()
     observed = np.sort(_neg_log10_p(scan)[np.isfinite(_neg_log10_p(scan))])[::-1]
     n = len(observed)

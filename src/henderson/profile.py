@@ -13,7 +13,6 @@ import dataclasses
 
 import numpy as np
 import pandas as pd
-from scipy import optimize, stats
 
 from .bootstrap import parameter_vector, variance_parameters
 from .mme import MixedModelEquations
@@ -38,6 +37,8 @@ def _theta_from_flat(design, values, sigma):
 def profile_confint(model, level: float = 0.95) -> pd.DataFrame:
     """Profile-likelihood intervals for lme4's parameters (the terms' SDs and
     correlations, σ, β)."""
+    from scipy import optimize, stats
+
     if model.design.residual_model is not None:
         raise ValueError("profile intervals of a dispformula model are not available; "
                          "use confint(method='wald')")

@@ -27,6 +27,8 @@ from .kernels import _find_row
 from .linalg import NotPositiveDefiniteError
 from .threads import active_threads, dense_blas_threads
 
+_POTRS = scipy.linalg.lapack.dpotrs
+
 #: the trailing dense block may have at most this many rows (8·m² bytes, m³/3 flops)
 SCHUR_LIMIT = 3000
 
@@ -465,8 +467,24 @@ class BlockElimination:
 
     def solve(self, rhs: np.ndarray) -> np.ndarray:
         rhs = np.asarray(rhs, dtype=np.float64)
-        columns = rhs if rhs.ndim == 2 else rhs[:, None]
         q1, k = self.first, self.k
+        if rhs.ndim == 1:
+            # one right-hand side (every evaluation of the objective): LAPACK potrs on
+            # S's factor directly, no copies of the halves (the kernels do not write
+            # their inputs); cho_solve's checks and wrapping were a tenth of a small
+            # model's evaluation
+            y1, r2 = _forward(self.level_chol, self.w, self.b_ptr, self.b_rows,
+                              np.ascontiguousarray(rhs[:q1]).reshape(-1, k),
+                              np.ascontiguousarray(rhs[q1:]))
+            if self.m == 0:      # one term and no fixed effects: nothing left in S
+                x2 = r2
+            else:
+                x2, info = _POTRS(self.schur_factor, r2, lower=1)
+                if info != 0:
+                    raise ValueError(f"LAPACK potrs failed (info {info})")
+            x1 = _backward(self.level_chol, self.w, self.b_ptr, self.b_rows, y1, x2)
+            return np.concatenate([x1.ravel(), x2])
+        columns = rhs if rhs.ndim == 2 else rhs[:, None]
         forward = [_forward(self.level_chol, self.w, self.b_ptr, self.b_rows,
                             columns[:q1, j].reshape(-1, k).copy(), columns[q1:, j].copy())
                    for j in range(columns.shape[1])]
