@@ -456,11 +456,19 @@ class SparseSpace:
         frequencies, straight from packed .bed rows (variants x bytes; see
         :func:`_sparse_whitened_products`); ``sample_rows`` are the genotype sample
         positions of the null model's rows."""
+        from .threads import active_threads
+
         lower, permutation = self.lower_factor(null.h2)
-        return _sparse_whitened_products(
-            packed, np.ascontiguousarray(sample_rows[permutation], dtype=np.int64), centre,
-            lower.indptr.astype(np.int64), lower.indices.astype(np.int64), lower.data,
-            np.ascontiguousarray(null.Xw), np.ascontiguousarray(null.yw))
+        # the kernel's prange runs on the scan's threads (henderson.threads)
+        previous = numba.get_num_threads()
+        numba.set_num_threads(max(1, min(active_threads(), numba.config.NUMBA_NUM_THREADS)))
+        try:
+            return _sparse_whitened_products(
+                packed, np.ascontiguousarray(sample_rows[permutation], dtype=np.int64),
+                centre, lower.indptr.astype(np.int64), lower.indices.astype(np.int64),
+                lower.data, np.ascontiguousarray(null.Xw), np.ascontiguousarray(null.yw))
+        finally:
+            numba.set_num_threads(previous)
 
 
 @numba.njit(cache=True, parallel=True)
