@@ -171,3 +171,67 @@ def test_bad_relationships_are_named_by_lmm():
                                     list("abc"), kind="precision")
     with pytest.raises(DataError, match="not positive definite"):
         hd.lmm("y ~ 1 + (1 | g)", data, relationships={"g": indefinite})
+
+
+def _thresholded_dense_grm(counts, blend, cutoff, method):
+    """The dense GRM (mean-imputed, constant variants out) with off-diagonal entries at
+    or below the cutoff set to 0: a plain NumPy twin of the tiled sparse GRM."""
+    mean = np.nanmean(counts, axis=0)
+    variance = np.nanvar(counts, axis=0)
+    keep = variance > 1e-12
+    M = np.where(np.isnan(counts), 0.0, counts - mean)[:, keep]
+    if method == "vanraden":
+        p = mean[keep] / 2
+        G = M @ M.T / (2 * np.sum(p * (1 - p)))
+    else:
+        Z = M / np.sqrt(variance[keep])
+        G = Z @ Z.T / keep.sum()
+    K = (1 - blend) * G + blend * np.eye(len(G))
+    expected = np.where(K > cutoff, K, 0.0)
+    np.fill_diagonal(expected, np.diag(K))
+    return expected
+
+
+@pytest.mark.parametrize("tile", [7, 40, 1000], ids=["tiles-of-7", "tiles-of-40", "one-tile"])
+@pytest.mark.parametrize("method", ["vanraden", "standardized"])
+def test_tiled_sparse_grm_equals_the_dense_grm_thresholded(monkeypatch, tile, method):
+    """Siblings (families of 3) on generated genotypes with 5% missing and a constant
+    variant; tiles that do not divide the samples, so that diagonal and off-diagonal
+    tiles and a short last tile all occur."""
+    import henderson.genomic
+
+    from henderson.simulate import gwas_panel
+
+    monkeypatch.setattr(henderson.genomic, "sparse_grm_tile_rows", lambda n, m: tile)
+    g, _ = gwas_panel(93, 1500, family_size=3, missing=0.05, seed=8)
+    counts = g.read()
+    counts[:, 3] = 1.0  # constant: left out with a warning
+    g = hd.Genotypes.from_frame(pd.DataFrame(counts, index=g.samples["iid"]))
+    with pytest.warns(UserWarning, match="of 1500 markers have the same genotype"):
+        K = hd.grm(g, blend=0.03, method=method, cutoff=0.15)
+    assert sp.issparse(K.matrix)
+    expected = _thresholded_dense_grm(counts, 0.03, 0.15, method)
+    assert K.matrix.nnz == np.count_nonzero(expected)
+    np.testing.assert_allclose(K.matrix.toarray(), expected, rtol=0, atol=1e-6)
+    # the siblings are what is kept: every pair within a family, nearly nothing else
+    family = np.arange(93) // 3
+    kept = K.matrix.toarray() != 0
+    assert kept[family[:, None] == family[None, :]].all()
+    assert kept[family[:, None] != family[None, :]].mean() < 0.01
+
+
+def test_sparse_grm_warns_when_the_cutoff_is_inside_the_noise():
+    """From 60 variants the GRM's noise (sd ~0.13) passes a cutoff of 0.02 for most of
+    300 unrelated people: the warning says so; 0.6 keeps the diagonal only, quietly."""
+    import warnings
+
+    from henderson.simulate import gwas_panel
+
+    g, _ = gwas_panel(300, 60, seed=3)
+    with pytest.warns(UserWarning, match="entries per person above cutoff 0.02"):
+        noisy = hd.grm(g, cutoff=0.02)
+    assert (noisy.matrix.nnz - 300) / 300 > 50
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = hd.grm(g, cutoff=0.6)
+    assert quiet.matrix.nnz == 300

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numbers
 import warnings
 
+import numba
 import numpy as np
 import pandas as pd
 import scipy.linalg
@@ -460,62 +461,142 @@ def _check_markers(used: int, constant: np.ndarray, genotypes, n_samples: int) -
                       UserWarning, stacklevel=3)
 
 
+#: more off-diagonal entries per person than this above a sparse GRM's cutoff means the
+#: cutoff is inside the GRM's sampling noise (sd ~ 1/sqrt(variants)), not at relatives
+SPARSE_ENTRIES_PER_PERSON = 50
+
+
+@numba.njit(cache=True)
+def _code_moments(codes):
+    """Per column of int8 counts (-1 missing): the number observed, the mean and the
+    (population) variance of the observed values, in float64."""
+    n, k = codes.shape
+    observed = np.zeros(k, dtype=np.int64)
+    mean = np.zeros(k)
+    variance = np.zeros(k)
+    for j in range(k):
+        total = 0
+        squares = 0
+        count = 0
+        for i in range(n):
+            value = codes[i, j]
+            if value >= 0:
+                total += value
+                squares += value * value
+                count += 1
+        observed[j] = count
+        if count > 0:
+            mean[j] = total / count
+            variance[j] = max(squares / count - mean[j] * mean[j], 0.0)
+    return observed, mean, variance
+
+
+@numba.njit(cache=True)
+def _centred_rows(codes, start, stop, mean, scale):
+    """Rows ``start:stop`` of int8 counts centred and scaled as float32 (Fortran
+    order); a missing count (-1) is imputed by the mean, i.e. 0 once centred."""
+    k = codes.shape[1]
+    out = np.empty((k, stop - start), dtype=np.float32).T
+    for j in range(k):
+        m = mean[j]
+        s = scale[j]
+        for i in range(start, stop):
+            value = codes[i, j]
+            out[i - start, j] = np.float32((value - m) * s) if value >= 0 else np.float32(0.0)
+    return out
+
+
+@numba.njit(cache=True)
+def _entries_above(product, factor, cutoff, row_start, col_start, diagonal_tile):
+    """The entries of a tile of ``factor * product`` above ``cutoff`` as (rows, cols,
+    values), rows and columns offset to the whole matrix and given in both triangles;
+    a diagonal tile contributes its strict upper triangle (mirrored) only."""
+    rows_in, cols_in = product.shape
+    count = 0
+    for i in range(rows_in):
+        first = i + 1 if diagonal_tile else 0
+        for j in range(first, cols_in):
+            if factor * product[i, j] > cutoff:
+                count += 1
+    rows = np.empty(2 * count, dtype=np.int32)
+    cols = np.empty(2 * count, dtype=np.int32)
+    values = np.empty(2 * count)
+    at = 0
+    for i in range(rows_in):
+        first = i + 1 if diagonal_tile else 0
+        for j in range(first, cols_in):
+            value = factor * product[i, j]
+            if value > cutoff:
+                rows[at], cols[at], values[at] = row_start + i, col_start + j, value
+                rows[at + 1], cols[at + 1], values[at + 1] = col_start + j, row_start + i, value
+                at += 2
+    return rows, cols, values
+
+
+def sparse_grm_tile_rows(n_samples: int, n_variants: int) -> int:
+    """Rows per tile of a sparse GRM: a tile of centred variants (rows x variants,
+    float32) near 256 MB, its product with another (rows², float32) at most 256 MB."""
+    return int(min(max(n_samples, 1), 8192, max(1024, 2**26 // max(n_variants, 1))))
+
+
 def _sparse_grm(genotypes, blend, relationship, method, cutoff, variants, block):
-    """A GRM with off-diagonal entries at or below ``cutoff`` set to 0, computed a block
-    of rows at a time (the dense n x n is never held)."""
+    """A GRM with off-diagonal entries at or below ``cutoff`` set to 0, computed in
+    tiles of rows: the genotypes are held once as int8 counts, each pair of row tiles
+    (upper triangle only) is centred to float32 and multiplied, and only the entries
+    above the cutoff are kept (int32 indices); the dense n x n never exists."""
     if relationship is not None:
         raise ValueError("a sparse GRM (cutoff=) blends with the identity only")
     n = genotypes.n_samples
     positions = np.arange(genotypes.n_variants)
     positions = positions if variants is None else positions[variants]
-    # allele frequencies (and which variants vary) first, one pass
-    size = block or genotypes.block_size()
-    stats = []
-    for _, counts in genotypes.blocks(size=size, variants=positions):
-        observed = ~np.isnan(counts)
-        n_observed = observed.sum(axis=0)
-        filled = np.where(observed, counts, 0.0).astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = filled.sum(axis=0) / n_observed
-            variance = (filled ** 2).sum(axis=0) / n_observed - mean ** 2
-        stats.append((mean, variance))
-    mean = np.concatenate([m for m, _ in stats])
-    variance = np.concatenate([v for _, v in stats])
-    keep = variance > 1e-12
+    codes = genotypes.codes(positions)
+    n_observed, mean, variance = _code_moments(codes)
+    keep = (variance > 1e-12) & (n_observed >= 2)
     _check_markers(int(keep.sum()), positions[~keep], genotypes, n)
-    positions, mean, variance = positions[keep], mean[keep], variance[keep]
+    if not keep.all():
+        codes = np.asfortranarray(codes[:, keep])
+        mean, variance = mean[keep], variance[keep]
     freq = mean / 2.0
     if method == "vanraden":
         scale = np.ones_like(mean)
         denominator = float(2.0 * np.sum(freq * (1.0 - freq)))
     else:
         scale = 1.0 / np.sqrt(variance)
-        denominator = float(len(positions))
-    # rows at a time: a (rows x n) float32 block of G in memory at once (~512 MB)
-    row_block = int(max(256, min(n, 128 * 2**20 // max(n, 1))))
+        denominator = float(codes.shape[1])
+    factor = (1.0 - blend) / denominator
+    tile = sparse_grm_tile_rows(n, codes.shape[1])
+    diagonal = np.empty(n)
     rows_kept, cols_kept, values_kept = [], [], []
-    for start in range(0, n, row_block):
-        stop = min(n, start + row_block)
-        part = np.zeros((stop - start, n), dtype=np.float64)
-        offset = 0
-        for chunk, counts in genotypes.blocks(size=size, variants=positions):
-            k = len(chunk)
-            mu = mean[offset:offset + k].astype(np.float32)
-            sc = scale[offset:offset + k].astype(np.float32)
-            offset += k
-            centred = np.where(np.isnan(counts), np.float32(0.0), (counts - mu) * sc)
-            centred = np.asfortranarray(centred, dtype=np.float32)
-            part += (centred[start:stop] @ centred.T).astype(np.float64)
-        part *= (1.0 - blend) / denominator
-        local = np.arange(stop - start)
-        part[local, start + local] += blend
-        keep_entry = part > cutoff
-        keep_entry[local, start + local] = True
-        r, c = np.nonzero(keep_entry)
-        rows_kept.append(r + start)
-        cols_kept.append(c)
-        values_kept.append(part[r, c])
-    rows, cols = np.concatenate(rows_kept), np.concatenate(cols_kept)
-    matrix = sp.csc_matrix((np.concatenate(values_kept), (rows, cols)), shape=(n, n))
+    for row_start in range(0, n, tile):
+        row_stop = min(n, row_start + tile)
+        left = _centred_rows(codes, row_start, row_stop, mean, scale)
+        for col_start in range(row_start, n, tile):
+            col_stop = min(n, col_start + tile)
+            right = left if col_start == row_start else _centred_rows(
+                codes, col_start, col_stop, mean, scale)
+            with dense_blas_threads(tile, itemsize=4):
+                product = left @ right.T
+            if col_start == row_start:
+                diagonal[row_start:row_stop] = factor * np.diag(product).astype(np.float64)
+            r, c, v = _entries_above(product, factor, cutoff, row_start, col_start,
+                                     col_start == row_start)
+            rows_kept.append(r)
+            cols_kept.append(c)
+            values_kept.append(v)
+            del product, right
+    per_person = sum(len(r) for r in rows_kept) / max(n, 1)
+    if per_person > SPARSE_ENTRIES_PER_PERSON:
+        warnings.warn(
+            f"the sparse GRM keeps {per_person:.0f} entries per person above cutoff "
+            f"{cutoff:g}: relatives are rarely that many, so the cutoff is inside the GRM's "
+            f"noise (sd about {1 / np.sqrt(codes.shape[1]):.3g} from "
+            f"{codes.shape[1]:,} variants); raise the cutoff or use more variants",
+            UserWarning, stacklevel=3)
+    everything = np.arange(n, dtype=np.int32)
+    rows = np.concatenate(rows_kept + [everything])
+    cols = np.concatenate(cols_kept + [everything])
+    values = np.concatenate(values_kept + [diagonal + blend])
+    matrix = sp.csc_matrix((values, (rows, cols)), shape=(n, n))
+    matrix.sort_indices()
     labels = pd.Index(genotypes.samples["iid"].astype(str))
     return RelationshipMatrix(matrix, labels, kind="covariance")

@@ -29,6 +29,7 @@ import scipy.sparse as sp
 
 from .errors import DataError, FormulaError
 from .linalg import tridiagonal_reduction
+from .plink import bed_count
 from .threads import (active_threads, available_memory, blas_threads, check_threads,
                       dense_blas_threads, fit_threads)
 
@@ -417,6 +418,7 @@ class SparseSpace:
         self.identity = sp.identity(self.n, format="csc")
         self._factor = cholmod_analyze(self._H(0.5), ordering="amd", mode="supernodal")
         self._h2 = None
+        self._lowers = {}
 
     def _H(self, h2: float) -> sp.csc_matrix:
         return (h2 * self.K + (1.0 - h2) * self.identity).tocsc()
@@ -461,6 +463,88 @@ class SparseSpace:
         return NullFit(phenotype, h2, value, reml, None, both[:, 0], both[:, 1:],
                        chromosome=chromosome)
 
+    def lower_factor(self, h2: float) -> tuple[sp.csc_matrix, np.ndarray]:
+        """``(L, P)`` with ``L L' = P H P'`` at ``h2`` (L as sorted CSC, P as
+        positions: ``(P b)[i] = b[P[i]]``), kept per h² for the scan kernel."""
+        from .linalg import cholmod_lower_factor, cholmod_permutation
+
+        if h2 not in self._lowers:
+            factor = self._refactor(h2)
+            self._lowers[h2] = (cholmod_lower_factor(factor), cholmod_permutation(factor))
+        return self._lowers[h2]
+
+    def scan_products(self, null: NullFit, packed: np.ndarray, sample_rows: np.ndarray,
+                      centre: bool):
+        """``g'g``, ``X'g``, ``y'g`` of the whitened variants ``g = L⁻¹ P x`` and the a1
+        frequencies, straight from packed .bed rows (variants x bytes; see
+        :func:`_sparse_whitened_products`); ``sample_rows`` are the genotype sample
+        positions of the null model's rows."""
+        from .threads import active_threads
+
+        lower, permutation = self.lower_factor(null.h2)
+        # the kernel's prange runs on the scan's threads (henderson.threads)
+        previous = numba.get_num_threads()
+        numba.set_num_threads(max(1, min(active_threads(), numba.config.NUMBA_NUM_THREADS)))
+        try:
+            return _sparse_whitened_products(
+                packed, np.ascontiguousarray(sample_rows[permutation], dtype=np.int64),
+                centre, lower.indptr.astype(np.int64), lower.indices.astype(np.int64),
+                lower.data, np.ascontiguousarray(null.Xw), np.ascontiguousarray(null.yw))
+        finally:
+            numba.set_num_threads(previous)
+
+
+@numba.njit(cache=True, parallel=True)
+def _sparse_whitened_products(packed, samples, centre, indptr, indices, values, Xw, yw):
+    """The score scan's kernel for a sparse K, one variant per iteration (in
+    parallel): decode the variant's .bed bytes for ``samples`` (the null model's rows
+    in the factor's order, so that the decoded vector is already ``P x``), impute a
+    missing count by the mean (centred to 0 with an intercept), solve ``L g = P x``
+    column by column (L lower, CSC, diagonal first) and accumulate ``g'g``, ``X'g``
+    and ``y'g`` as each ``g_i`` is final. Only one float64 vector of n per thread is
+    ever held: no dense block of genotypes. Returns ``(gg, Xg, yg, freq)``."""
+    k = packed.shape[0]
+    n = len(samples)
+    p = Xw.shape[1]
+    gg = np.zeros(k)
+    Xg = np.zeros((p, k))
+    yg = np.zeros(k)
+    freq = np.zeros(k)
+    for j in numba.prange(k):
+        x = np.empty(n)
+        total = 0.0
+        count = 0
+        for i in range(n):
+            c = bed_count(packed, j, samples[i])
+            x[i] = c
+            if c >= 0:
+                total += c
+                count += 1
+        mean = total / count if count > 0 else 0.0
+        freq[j] = mean / 2.0
+        for i in range(n):
+            if x[i] < 0.0:
+                x[i] = 0.0 if centre else mean
+            elif centre:
+                x[i] -= mean
+        sum_gg = 0.0
+        sum_yg = 0.0
+        sums_xg = np.zeros(p)
+        for col in range(n):
+            first = indptr[col]
+            value = x[col] / values[first]
+            for q in range(first + 1, indptr[col + 1]):
+                x[indices[q]] -= values[q] * value
+            sum_gg += value * value
+            sum_yg += yw[col] * value
+            for a in range(p):
+                sums_xg[a] += Xw[col, a] * value
+        gg[j] = sum_gg
+        yg[j] = sum_yg
+        for a in range(p):
+            Xg[a, j] = sums_xg[a]
+    return gg, Xg, yg, freq
+
 
 # ----------------------------------------------------------------------- the tests
 @numba.njit(cache=True)
@@ -488,11 +572,17 @@ def _whitened_products(Xw, yw, G):
 
 def _statistics(null: NullFit, whitened: np.ndarray, test: str) -> dict[str, np.ndarray]:
     """beta, se, stat, pvalue of whitened variants (n x k) under a null fit."""
+    gg, XtG, yg = _whitened_products(np.ascontiguousarray(null.Xw), null.yw,
+                                     np.asfortranarray(whitened))
+    return _statistics_from_products(null, gg, XtG, yg, test)
+
+
+def _statistics_from_products(null: NullFit, gg: np.ndarray, XtG: np.ndarray,
+                              yg: np.ndarray, test: str) -> dict[str, np.ndarray]:
+    """beta, se, stat, pvalue from the whitened products ``g'g``, ``X'g``, ``y'g``."""
     import scipy.stats
 
     n, p = null.Xw.shape
-    gg, XtG, yg = _whitened_products(np.ascontiguousarray(null.Xw), null.yw,
-                                     np.asfortranarray(whitened))
     solved = scipy.linalg.cho_solve(null.XtX_factor, XtG)
     gPg = gg - np.einsum("ij,ij->j", XtG, solved)
     beta_x = scipy.linalg.cho_solve(null.XtX_factor, null.Xty)
@@ -745,6 +835,24 @@ def _relationship_for(grm, genotypes, rows: np.ndarray, variants, blend: float):
     return np.asarray(matrix)[np.ix_(position, position)], None, None
 
 
+#: a sparse-GRM scan reads blocks of packed .bed rows of about this many bytes
+SPARSE_SCAN_BYTES = 64 * 2**20
+
+
+def _scan_blocks(genotypes, space, block, positions, rows):
+    """``(positions, data)`` per block of tested variants: float32 counts of the
+    samples at ``rows`` (NaN missing), or for a sparse K the packed .bed rows of all
+    samples (variants x bytes), which the fused kernel decodes itself."""
+    if not isinstance(space, SparseSpace):
+        yield from genotypes.blocks(size=block, variants=positions, samples=rows,
+                                    dtype=np.float32)
+        return
+    size = block or int(max(64, SPARSE_SCAN_BYTES // max(genotypes.bed_width(), 1)))
+    for start in range(0, len(positions), size):
+        chunk = positions[start:start + size]
+        yield chunk, genotypes.bed_bytes(chunk)
+
+
 def gwas(formula: str, data: pd.DataFrame, genotypes, id: str = "iid", grm="auto",
          loco: bool = False, test: str = "wald", reml: bool = True, blend: float = 0.01,
          variants=None, out=None, progress="auto", precision: str = "double",
@@ -919,21 +1027,32 @@ def gwas(formula: str, data: pd.DataFrame, genotypes, id: str = "iid", grm="auto
                 for chromosome, positions, space in chromosome_spaces():
                     fits = [space.fit(ph, reml, chromosome) for ph in group]
                     nulls.extend(fits)
-                    for chunk, counts in genotypes.blocks(size=block, variants=positions,
-                                                          samples=rows,
-                                                          dtype=np.float32):
-                        centred, freq = _standardized_block(counts, group[0].has_intercept)
+                    for chunk, counts in _scan_blocks(genotypes, space, block, positions,
+                                                      rows):
+                        if isinstance(space, SparseSpace):
+                            centred = rotated = None
+                        else:
+                            centred, freq = _standardized_block(counts,
+                                                                group[0].has_intercept)
                         rotated = (space.rotate(centred) if isinstance(space, EigenSpace)
                                    else None)
                         for null in fits:
-                            if isinstance(space, EigenSpace):
+                            if isinstance(space, SparseSpace):
+                                gg, XtG, yg, freq = space.scan_products(
+                                    null, counts, rows, group[0].has_intercept)
+                                whitened = None
+                            elif isinstance(space, EigenSpace):
                                 whitened = rotated * np.sqrt(null.weights)[:, None]
                             elif isinstance(space, DenseSpace):
                                 whitened = space.whiten(centred)
                             else:
                                 whitened = space.whiten_at(null.h2, centred)
-                            stats = (_lrt_statistics(space, null, rotated) if test == "lrt"
-                                     else _statistics(null, whitened, test))
+                            if test == "lrt":
+                                stats = _lrt_statistics(space, null, rotated)
+                            elif whitened is None:
+                                stats = _statistics_from_products(null, gg, XtG, yg, test)
+                            else:
+                                stats = _statistics(null, whitened, test)
                             frame = genotypes.variants.iloc[chunk][
                                 ["chrom", "snp", "pos", "a1", "a2"]].reset_index(drop=True)
                             frame.insert(5, "af", freq)
