@@ -298,6 +298,42 @@ def _level_inverse_diagonals(chol, W, b_ptr, b_rows, upper_inverse, limit):
 
 
 @numba.njit(**_NJIT)
+def _level_inverse_blocks(chol, W, b_ptr, b_rows, upper_inverse, limit):
+    """The Z_ll blocks themselves (n_levels, k, k), ``A_l⁻¹ + V_l' S⁻¹[R_l,R_l] V_l``,
+    with S⁻¹ given by its upper triangle (row-major, as for
+    :func:`_level_inverse_diagonals`); B rows at or beyond ``limit`` are left out
+    (C_zz⁻¹). All that the interior gradient of a vector-valued term needs."""
+    n_levels, k, _ = chol.shape
+    out = np.zeros((n_levels, k, k))
+    Linv, V, rows, slots = _level_buffers(b_ptr, k)
+    SV = np.empty_like(V)
+    for lev in range(n_levels):
+        c = _level_rows(chol, lev, W, b_ptr, b_rows, limit, Linv, V, rows, slots)
+        for i in range(c):
+            row = upper_inverse[rows[i]]
+            sii = row[rows[i]]
+            for a in range(k):
+                SV[i, a] = sii * V[i, a]
+        for i in range(c):
+            row = upper_inverse[rows[i]]
+            for j in range(i + 1, c):
+                sij = row[rows[j]]
+                for a in range(k):
+                    SV[i, a] += sij * V[j, a]
+                    SV[j, a] += sij * V[i, a]
+        for a in range(k):
+            for b in range(a + 1):
+                s = 0.0
+                for d in range(a, k):   # (L⁻¹)'L⁻¹, L⁻¹ lower triangular
+                    s += Linv[d, a] * Linv[d, b]
+                for i in range(c):
+                    s += V[i, a] * SV[i, b]
+                out[lev, a, b] = s
+                out[lev, b, a] = s
+    return out
+
+
+@numba.njit(**_NJIT)
 def _lookup(rows, cols, first, k, diag, cross, b_ptr, b_rows, s_inverse):
     out = np.empty(len(rows))
     for t in range(len(rows)):
@@ -533,6 +569,34 @@ class BlockElimination:
                                self.b_rows, upper, limit)))
         rest = np.diag(upper)[:self.m - self.n_fixed]
         return np.concatenate([levels.ravel(), rest])
+
+    def inverse_level_blocks(self, random_block_only: bool = False) -> list[np.ndarray]:
+        """Per random term, the k x k diagonal blocks of ``C⁻¹`` (or ``C_zz⁻¹``), one per
+        level, shape (n_levels, k, k): the first term's from the level kernel, the
+        others' from S⁻¹ (no entries off the diagonal blocks are formed)."""
+        limit = self.m - self.n_fixed if random_block_only else self.m
+        upper = self._schur_inverse_upper(limit, scratch=True)
+        kernel = _level_inverse_blocks
+        if self._level_split is None or active_threads() < 2:
+            first = kernel(self.level_chol, self.w, self.b_ptr, self.b_rows, upper, limit)
+        else:
+            half = self._level_split
+            first = np.concatenate(_in_two_threads(
+                lambda: kernel(self.level_chol[:half], self.w, self.b_ptr[:half + 1],
+                               self.b_rows, upper, limit),
+                lambda: kernel(self.level_chol[half:], self.w, self.b_ptr[half:],
+                               self.b_rows, upper, limit)))
+        blocks = [first]
+        design = self.equations.design
+        offsets = design.column_offsets() - self.first
+        for t, term in enumerate(design.terms[1:], start=1):
+            k = term.n_coefs
+            index = offsets[t] + np.arange(term.n_columns).reshape(term.n_levels, k)
+            entries = upper[index[:, :, None], index[:, None, :]]
+            # only the upper triangle of S⁻¹ is filled (a <= b reads it)
+            below = np.tril(np.ones((k, k), dtype=bool), -1)
+            blocks.append(np.where(below, entries.swapaxes(1, 2), entries))
+        return blocks
 
     def selected_inverse(self, random_block_only: bool = False) -> SchurSelectedInverse:
         limit = self.m - self.n_fixed if random_block_only else self.m
