@@ -18,7 +18,8 @@ from scipy.sparse import issparse as sp_issparse
 
 from .design import Design, build_design
 from .formula import parse_formula
-from .aireml import ai_convergence_check, optimize_ai_reml
+from .aireml import (ai_convergence_check, newton_applies, newton_convergence_check,
+                     optimize_ai_reml, optimize_newton, vector_moment_start)
 from .blockdiag import BlockDiagonalObjective
 from .errors import ConvergenceWarning, DataError, SingularFitWarning
 from .mme import MixedModelEquations, check_residual_variation
@@ -212,7 +213,8 @@ def _check_choice(name: str, value, choices) -> None:
 
 
 #: the values of lmm()'s options
-OPTIMIZERS = ("auto", "ai", "bobyqa", "lbfgs", "Powell", "Nelder-Mead", "L-BFGS-B")
+OPTIMIZERS = ("auto", "ai", "newton", "bobyqa", "lbfgs", "Powell", "Nelder-Mead",
+              "L-BFGS-B")
 
 
 def check_options(reml=True, optimizer="auto", ordering="auto", method="mme",
@@ -305,12 +307,17 @@ def _fit_design(design, reml, optimizer, ordering, start, verbose, method,
         if (has_known or large) and one_coef and reml and method == "mme" \
                 and design.residual_model is None:
             optimizer = "ai"
+        elif method == "mme" and large and newton_applies(design):
+            optimizer = "newton"
         elif method == "mme" and large:
             optimizer = "lbfgs"
         else:
             optimizer = "bobyqa"
-    if optimizer == "lbfgs" and method != "mme":
-        raise ValueError("optimizer='lbfgs' needs method='mme'")
+    if optimizer in ("lbfgs", "newton") and method != "mme":
+        raise ValueError(f"optimizer={optimizer!r} needs method='mme'")
+    if optimizer == "newton" and not newton_applies(design):
+        raise ValueError("optimizer='newton' needs random terms without a known level "
+                         "covariance and no dispformula; use 'lbfgs' or 'ai'")
     n_params = design.n_theta + design.n_dispersion
     problem = ScaledProblem(objective, np.concatenate(
         [theta_scale(design, mme.xp), np.ones(design.n_dispersion)]), search)
@@ -319,9 +326,12 @@ def _fit_design(design, reml, optimizer, ordering, start, verbose, method,
         if start.shape != (n_params,) or not np.all(np.isfinite(start)):
             raise ValueError(f"start must be {n_params} finite values of θ (and γ), got "
                              f"{start}")
-    elif optimizer in ("ai", "lbfgs") and method == "mme" and design.residual_model is None:
+    elif optimizer in ("ai", "lbfgs", "newton") and method == "mme" \
+            and design.residual_model is None:
         # the Newton-type optimisers gain most from a start near the optimum
         start = moment_start(design, mme.xp)
+        if start is None and optimizer == "newton":
+            start = vector_moment_start(design, mme.xp)
     # lme4 starts at Λ_t = I; here Λ̃_t = I, the same for intercepts and, for slopes,
     # a start on the scale of the covariate
     scaled_start = problem.to_scaled(start) if start is not None else design.parameter_start()
@@ -330,6 +340,9 @@ def _fit_design(design, reml, optimizer, ordering, start, verbose, method,
     else:
         if optimizer == "bobyqa":
             result = optimize_bobyqa(problem.value, scaled_start, lower, verbose=verbose,
+                                     settings=settings, upper=upper_bounds(lower, settings))
+        elif optimizer == "newton":
+            result = optimize_newton(problem, scaled_start, lower, verbose=verbose,
                                      settings=settings, upper=upper_bounds(lower, settings))
         elif optimizer == "lbfgs":
             result = optimize_lbfgs(problem, scaled_start, lower, verbose=verbose,
@@ -346,6 +359,11 @@ def _fit_design(design, reml, optimizer, ordering, start, verbose, method,
         ai_result = result
         first_check = lambda scaled: ai_convergence_check(  # noqa: E731
             objective, problem.to_theta(scaled), ai_result)
+    elif optimizer == "newton" and getattr(result, "newton_state", None) is not None:
+        newton_result = result
+        first_check = lambda scaled: (  # noqa: E731
+            newton_convergence_check(problem, problem.to_theta(scaled), newton_result)
+            or check_convergence(problem, scaled, lower, settings))
     # exploration's loose BOBYQA runs from lme4's start would retrace a BOBYQA fit, not
     # another optimiser's (Nelder-Mead stopped at a boundary point 0.05 units up from
     # where BOBYQA went from the same start)

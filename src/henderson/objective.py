@@ -161,7 +161,7 @@ def _scalar_gradient(objective: Objective, theta: np.ndarray) -> tuple[float, np
 INTERIOR_DIAGONAL = 1e-6
 
 
-def _interior(design, lams: list[np.ndarray]) -> bool:
+def interior_applies(design, lams: list[np.ndarray]) -> bool:
     """Every term has identity K and an invertible (lower-triangular) Λ_t."""
     for term, lam in zip(design.terms, lams):
         if term.level_precision is not None or np.any(np.triu(lam, 1) != 0):
@@ -182,6 +182,13 @@ def _interior_gradient(objective: Objective, theta: np.ndarray,
     part without a pass over the crossed pairs. With ``U_t = Σ_l ũ_l ũ_l'``:
     ``∂f/∂Λ_t = 2 Λ_t⁻ᵀ (n_t I − Σ_l B_l − ν U_t / r²)`` (ML: blocks of C_zz⁻¹).
     """
+    evaluation, gradient = interior_parts(objective, theta, lams)
+    return evaluation.objective, gradient
+
+
+def interior_parts(objective: Objective, theta: np.ndarray,
+                   lams: list[np.ndarray]) -> tuple[Evaluation, np.ndarray]:
+    """The :class:`Evaluation` at θ and :func:`_interior_gradient`'s gradient."""
     mme = objective.mme
     design = mme.design
     evaluation = objective.evaluate(theta, fixed_inverse=False)
@@ -196,7 +203,7 @@ def _interior_gradient(objective: Objective, theta: np.ndarray,
         by_factor = 2.0 * np.linalg.solve(lams[t].T, inner)              # ∂f/∂Λ_t
         jacobian = term.structure.factor_jacobian(theta[sl])               # ∂Λ_t/∂θ_t
         gradient.append(np.einsum("jab,ab->j", jacobian, by_factor))
-    return evaluation.objective, np.concatenate(gradient)
+    return evaluation, np.concatenate(gradient)
 
 
 #: pairs of levels (or of level and fixed column) handled at once in the gradient
@@ -244,7 +251,7 @@ def covariance_gradient(objective: Objective, theta: np.ndarray) -> tuple[float,
     if scalar_terms(design) and np.all(theta > 0):
         return _scalar_gradient(objective, theta)
     lams = mme.relative_factors(theta)
-    if _interior(design, lams):
+    if interior_applies(design, lams):
         return _interior_gradient(objective, theta, lams)
     evaluation = objective.evaluate(theta, fixed_inverse=False)
     selected = mme.selected_inverse(random_block_only=not objective.reml)
