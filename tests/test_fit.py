@@ -76,14 +76,20 @@ def test_auto_optimizer_is_newton_type_from_50000_rows(sleepstudy):
     reference = hd.lmm("y ~ service + (1 | s) + (1 | d)", insteval, optimizer="bobyqa")
     assert m.objective == pytest.approx(reference.objective, rel=1e-11)
     np.testing.assert_allclose(m.theta, reference.theta, rtol=1e-4)
-    # ML: quasi-Newton, stopping at the first evaluated point that is optimal; L-BFGS-B
-    # alone idled at the objective's noise floor for as many evaluations again
+    # ML: Newton steps with the average information (L-BFGS-B took 9 evaluations)
     m = hd.lmm("y ~ service + (1 | s) + (1 | d)", insteval, reml=False)
+    assert m.optimizer_result.method == "newton" and m.converged
+    assert m.mme.n_factorizations <= 7
+    reference = hd.lmm("y ~ service + (1 | s) + (1 | d)", insteval, reml=False,
+                       optimizer="bobyqa")
+    assert m.objective == pytest.approx(reference.objective, rel=1e-10)
+    np.testing.assert_allclose(m.theta, reference.theta, rtol=1e-4)
+    # the quasi-Newton optimiser stays selectable: it stops at the first evaluated
+    # point that is optimal; L-BFGS-B alone idled at the objective's noise floor
+    m = hd.lmm("y ~ service + (1 | s) + (1 | d)", insteval, reml=False, optimizer="lbfgs")
     assert m.optimizer_result.method == "lbfgs" and m.converged
     assert m.optimizer_result.message == "projected gradient below tolerance"
     assert m.optimizer_result.optimizer_evaluations <= 12
-    reference = hd.lmm("y ~ service + (1 | s) + (1 | d)", insteval, reml=False,
-                       optimizer="bobyqa")
     assert m.objective == pytest.approx(reference.objective, rel=1e-10)
 
 

@@ -61,6 +61,15 @@ def test_block_elimination_equals_cholmod(design):
         assert np.allclose(equations.inverse_diagonal(), np.diag(dense)[:q], rtol=1e-9)
         assert np.allclose(equations.inverse_diagonal(random_block_only=True),
                            np.diag(np.linalg.inv(_dense_C(b)[:q, :q])), rtol=1e-9)
+        # the k x k diagonal blocks per level (the interior gradient's), C⁻¹ and C_zz⁻¹
+        offsets = design.column_offsets()
+        for random_only, inverse in ((False, dense), (True, np.linalg.inv(_dense_C(b)[:q, :q]))):
+            blocks = equations.inverse_level_blocks(random_only)
+            assert len(blocks) == len(design.terms)
+            for t, term in enumerate(design.terms):
+                rows, cols = term.level_block_indices(offsets[t])
+                assert blocks[t].shape == (term.n_levels, term.n_coefs, term.n_coefs)
+                assert np.allclose(blocks[t], inverse[rows, cols], rtol=1e-9, atol=1e-12)
     block = rng.normal(size=(a.size, 3))
     assert np.allclose(a.solve(block), np.column_stack([a.solve(c) for c in block.T]),
                        rtol=1e-12, atol=1e-14)

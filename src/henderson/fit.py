@@ -447,13 +447,17 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
         Prior weights: ``R = σ² W⁻¹``.
     missing : {"raise", "drop"}
         Rows with NaN/inf in a used column raise a ``DataError`` or are dropped.
-    optimizer : {"auto", "ai", "bobyqa", "lbfgs", "Powell", "Nelder-Mead", "L-BFGS-B"}
+    optimizer : {"auto", "ai", "newton", "bobyqa", "lbfgs", "Powell", "Nelder-Mead", "L-BFGS-B"}
         ``"ai"``: average-information REML (the default for REML models with one
         coefficient per term that have a known level covariance or at least 50,000
-        rows); ``"lbfgs"``: quasi-Newton on the analytic gradient (the default for
-        other models from 50,000 rows, where its ~25 evaluations beat BOBYQA's ~135);
-        ``"bobyqa"``: lme4's derivative-free optimiser (the default otherwise); or a
-        bounded scipy method with finite differences.
+        rows); ``"newton"``: Newton steps in θ with the average information as Hessian,
+        REML or ML, any number of coefficients per term, from a moment start (the
+        default for other models from 50,000 rows whose terms have no known level
+        covariance: 200k rows with random slopes in 2 steps); ``"lbfgs"``:
+        quasi-Newton on the analytic gradient (the default for the remaining models
+        from 50,000 rows, where its ~25 evaluations beat BOBYQA's ~135); ``"bobyqa"``:
+        lme4's derivative-free optimiser (the default otherwise); or a bounded scipy
+        method with finite differences.
     ordering : {"auto", "natural", "amd", "metis"}
         Fill-reducing ordering for CHOLMOD (``auto`` measures the candidates).
     verbose : bool or int
