@@ -480,13 +480,16 @@ def optimize_newton(problem, start: np.ndarray, lower: np.ndarray,
             scale = min(1.0, float(np.min(room / -step[shrinking])))
         if scale == 1.0 and decrement < settings.newton_final_decrement:
             # near the optimum the full step is the last when the objective falls by
-            # what the quadratic model predicts (½ g'H⁻¹g): what is left is the model's
-            # error times the decrement (200k slopes: 9.7e-4 -> 1e-9), and the state
+            # what the quadratic model predicts (½ g'H⁻¹g): with AI = (1 + ε)H the fall
+            # misses the prediction by ~ε·gain and leaves ~ε²·gain = mismatch²/gain
+            # above the optimum (200k slopes: 1e-12; InstEval REML 3e-9), and the state
             # (gradient, AI) at the new point is not computed
             candidate = theta + step
             value = objective(candidate)
-            if abs((state.objective - value) - 0.5 * decrement) \
-                    < settings.newton_final_mismatch * decrement + 1e-12 * abs(value):
+            gain = 0.5 * decrement
+            mismatch = abs((state.objective - value) - gain)
+            if mismatch < settings.newton_final_mismatch * gain and mismatch ** 2 / gain \
+                    < max(settings.newton_final_gap, 1e-13 * abs(value)):
                 history.append((iteration, "Newton (last)", value, candidate.copy()))
                 result = OptimizerResult(problem.to_scaled(candidate), value,
                                          problem.n_evaluations, True,

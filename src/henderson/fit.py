@@ -48,7 +48,7 @@ def load_compiled_kernels() -> float:
 
     The first call of a Numba function in a process sets up Numba's CPU target and
     each kernel's first call loads its machine code from the cache; this fits a 60-row
-    crossed model through the block elimination and AI-REML (the kernels and the exact
+    crossed model through the block elimination and Newton steps (the kernels and the exact
     signatures of a real fit). Measured in fresh processes (median of 5): it costs
     ~0.3 s and saves the first fit ~0.25 s (sleepstudy 0.28 -> 0.04 s, InstEval 0.62
     -> 0.36 s), so importing henderson does not do it (a fit hidden in the import moved
@@ -74,7 +74,7 @@ def _warm_up_fit():
     frame["y"] = frame["x"] + rng.normal(size=60) + 0.5 * rng.normal(size=12)[frame["g1"]]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return lmm("y ~ x + (1 | g1) + (1 | g2)", frame, optimizer="ai", strategy="schur")
+        return lmm("y ~ x + (1 | g1) + (1 | g2)", frame, optimizer="newton", strategy="schur")
 
 
 def moment_start(design: Design, xp) -> np.ndarray | None:
@@ -304,11 +304,13 @@ def _fit_design(design, reml, optimizer, ordering, start, verbose, method,
         has_known = any(t.level_precision is not None for t in design.terms)
         one_coef = all(t.n_coefs == 1 for t in design.terms)
         large = design.n_obs >= settings.lbfgs_min_rows
-        if (has_known or large) and one_coef and reml and method == "mme" \
+        # Newton in θ before AI-REML in the variances where both apply: from the
+        # moment start InstEval takes 2 states and a last step, AI-REML 3 and one
+        if method == "mme" and large and newton_applies(design):
+            optimizer = "newton"
+        elif (has_known or large) and one_coef and reml and method == "mme" \
                 and design.residual_model is None:
             optimizer = "ai"
-        elif method == "mme" and large and newton_applies(design):
-            optimizer = "newton"
         elif method == "mme" and large:
             optimizer = "lbfgs"
         else:
@@ -448,12 +450,13 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
     missing : {"raise", "drop"}
         Rows with NaN/inf in a used column raise a ``DataError`` or are dropped.
     optimizer : {"auto", "ai", "newton", "bobyqa", "lbfgs", "Powell", "Nelder-Mead", "L-BFGS-B"}
-        ``"ai"``: average-information REML (the default for REML models with one
-        coefficient per term that have a known level covariance or at least 50,000
-        rows); ``"newton"``: Newton steps in θ with the average information as Hessian,
+        ``"newton"``: Newton steps in θ with the average information as Hessian,
         REML or ML, any number of coefficients per term, from a moment start (the
-        default for other models from 50,000 rows whose terms have no known level
-        covariance: 200k rows with random slopes in 2 steps); ``"lbfgs"``:
+        default from 50,000 rows for terms without a known level covariance: 200k
+        rows with random slopes, or InstEval, in 2 steps); ``"ai"``:
+        average-information REML in the variances (the default for REML models with
+        one coefficient per term and a known level covariance, or from 50,000 rows
+        with a dispformula); ``"lbfgs"``:
         quasi-Newton on the analytic gradient (the default for the remaining models
         from 50,000 rows, where its ~25 evaluations beat BOBYQA's ~135); ``"bobyqa"``:
         lme4's derivative-free optimiser (the default otherwise); or a bounded scipy

@@ -130,9 +130,11 @@ class OptimizerSettings:
     newton_decrement : float
         Newton ends where ``g'H⁻¹g`` (twice the gain its quadratic model predicts) is
         below this.
-    newton_final_decrement, newton_final_mismatch : float
-        Below this decrement a full Newton step is the last when the objective falls
-        by ½ g'H⁻¹g to within this fraction of the decrement (no state at its point).
+    newton_final_decrement, newton_final_mismatch, newton_final_gap : float
+        Below this decrement a full Newton step is the last (no state at its point)
+        when the objective falls by the predicted ½ g'H⁻¹g to within this fraction of
+        it, and the objective this leaves above the optimum, mismatch² / gain, is below
+        ``max(newton_final_gap, 1e-13 |f|)``.
     """
 
     bobyqa_tolerance: float = 1e-10
@@ -166,6 +168,7 @@ class OptimizerSettings:
     newton_decrement: float = 1e-6
     newton_final_decrement: float = 0.01
     newton_final_mismatch: float = 0.1
+    newton_final_gap: float = 1e-8
 
 
 #: the settings every fit uses
