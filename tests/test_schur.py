@@ -159,3 +159,20 @@ def test_two_threads_give_the_one_thread_numbers(formula, data, monkeypatch):
     np.testing.assert_array_equal(threaded.factorization.schur_factor,
                                   serial.factorization.schur_factor)
     np.testing.assert_array_equal(threaded.inverse_diagonal(), serial.inverse_diagonal())
+
+
+@pytest.mark.parametrize("design", list(designs()), ids=[m[1] for m in MODELS] + ["crossed"])
+def test_level_slots_without_a_sort_equal_the_sorted_ones(design):
+    """The B slots read as column tails (sorted row indices) are the (level, row, coef)
+    lexsort's."""
+    from henderson.schur import _level_b_slots
+
+    equations = BlockEliminationEquations(design)
+    first = design.terms[0]
+    args = (equations.indptr, equations.indices, first.n_columns, first.n_coefs,
+            first.n_levels)
+    assert equations.matrix.has_sorted_indices
+    ranges, lexsorted = _level_b_slots(*args, True), _level_b_slots(*args, False)
+    for a, b in zip(ranges, lexsorted):
+        np.testing.assert_array_equal(a, b)
+    assert len(ranges[1]) > 0 or len(design.terms) == 1 and design.n_fixed == 0
