@@ -153,6 +153,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-10m", action="store_true")
     parser.add_argument("--rounds", type=int, default=3,
                         help="fits per tool and case, taking turns (default 3)")
+    parser.add_argument("--large-rounds", type=int, default=1,
+                        help="rounds of the --large cases (default 1: lme4 takes minutes)")
     parser.add_argument("--only", default=None,
                         help="semicolon-separated case labels to run (default all)")
     parser.add_argument("--no-statsmodels", action="store_true")
@@ -191,6 +193,7 @@ def main(argv=None) -> int:
     script.write_text(LME4)
     rows = []
     for label, formula, criterion, source, factors, henderson_only in cases:
+        large = isinstance(source, tuple) and source[1] >= 1_000_000
         if isinstance(source, tuple):
             _, n_rows, n_g1 = source
             frame = crossed(n_rows, n_g1, 1_000, seed=1)
@@ -212,7 +215,7 @@ def main(argv=None) -> int:
         if mixedlm and not henderson_only:
             commands["mixedlm"] = ([mixedlm, "-c", MIXEDLM, str(csv), formula, criterion,
                                     factors], 3600)
-        rows.append(run_rounds(label, commands, args.rounds))
+        rows.append(run_rounds(label, commands, args.large_rounds if large else args.rounds))
     if have_statsmodels() and not args.no_statsmodels and not args.only:
         subset = hd.datasets.load("insteval").iloc[:20_000]
         csv = work / "insteval20k.csv"
@@ -299,7 +302,7 @@ def write_report(rows, path: Path, quick: bool, lme4: bool, mixedlm) -> None:
         + (", mixedlm via HENDERSON_MIXEDLM_PYTHON" if mixedlm else ", mixedlm not installed")
         + ").",
         f"Every fit runs in its own process on the same data; {rounds} rounds in which the "
-        "tools take turns (statsmodels: one).",
+        "tools take turns (1,000,000 rows and more, and statsmodels: one).",
         "'fit' is the model call alone, the median over the rounds (the rounds' figures "
         "follow it; henderson's process loads its compiled kernels first, "
         "`hd.load_compiled_kernels()`, once per process as R's `library(lme4)` and "
