@@ -455,8 +455,7 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
         default from 50,000 rows for terms without a known level covariance: 200k
         rows with random slopes, or InstEval, in 2 steps); ``"ai"``:
         average-information REML in the variances (the default for REML models with
-        one coefficient per term and a known level covariance, or from 50,000 rows
-        with a dispformula); ``"lbfgs"``:
+        one coefficient per term and a known level covariance); ``"lbfgs"``:
         quasi-Newton on the analytic gradient (the default for the remaining models
         from 50,000 rows, where its ~25 evaluations beat BOBYQA's ~135); ``"bobyqa"``:
         lme4's derivative-free optimiser (the default otherwise); or a bounded scipy
