@@ -436,7 +436,8 @@ def _bad_input(tmp_path, case):
     if case == "--out is a file":
         return fit + ["--out", str(good)], ["--out", "not a folder"]
     if case == "bad --optimizer":
-        return fit + ["--optimizer", "newton"], ["'newton'"]
+        return fit + ["--optimizer", "newtonian"], ["'newtonian'", "'newton'", "'lbfgs'",
+                                                    "'bobyqa'", "'ai'"]
     if case == "bad --format":
         return fit + ["--format", "xlsx"], ["--format", "'xlsx'"]
     if case == "bad --chunk-rows":

@@ -105,7 +105,7 @@ def designs(draw):
 
 
 def fit_all(formula, frame, weights, reml):
-    optimizers = ["bobyqa", "lbfgs", "Nelder-Mead"]
+    optimizers = ["bobyqa", "lbfgs", "newton", "Nelder-Mead"]
     one_coefficient = "x |" not in formula and "x||" not in formula.replace(" ", "") \
         and "x ||" not in formula and "f |" not in formula
     if reml and one_coefficient:

@@ -68,22 +68,32 @@ def test_auto_optimizer_is_newton_type_from_50000_rows(sleepstudy):
     assert hd.lmm("Reaction ~ Days + (Days | Subject)", sleepstudy) \
         .optimizer_result.method == "bobyqa"
     insteval = hd.datasets.load("insteval")
-    # REML with one-coefficient terms: AI-REML from the moment start (three AI states,
-    # four factorisations; lme4 takes 31 BOBYQA evaluations)
+    # REML with one-coefficient terms: Newton steps from the moment start (two states
+    # and a last step, three factorisations; AI-REML takes four, lme4 31 BOBYQA
+    # evaluations)
     m = hd.lmm("y ~ service + (1 | s) + (1 | d)", insteval)
-    assert m.optimizer_result.method == "ai-reml" and m.converged
-    assert m.mme.n_factorizations <= 5
+    assert m.optimizer_result.method == "newton" and m.converged
+    assert m.mme.n_factorizations <= 4
+    ai = hd.lmm("y ~ service + (1 | s) + (1 | d)", insteval, optimizer="ai")
+    assert ai.optimizer_result.method == "ai-reml" and ai.mme.n_factorizations <= 5
     reference = hd.lmm("y ~ service + (1 | s) + (1 | d)", insteval, optimizer="bobyqa")
-    assert m.objective == pytest.approx(reference.objective, rel=1e-11)
-    np.testing.assert_allclose(m.theta, reference.theta, rtol=1e-4)
-    # ML: quasi-Newton, stopping at the first evaluated point that is optimal; L-BFGS-B
-    # alone idled at the objective's noise floor for as many evaluations again
+    for fit in (m, ai):
+        assert fit.objective == pytest.approx(reference.objective, rel=1e-11)
+        np.testing.assert_allclose(fit.theta, reference.theta, rtol=1e-4)
+    # ML: Newton steps with the average information (L-BFGS-B took 9 evaluations)
     m = hd.lmm("y ~ service + (1 | s) + (1 | d)", insteval, reml=False)
+    assert m.optimizer_result.method == "newton" and m.converged
+    assert m.mme.n_factorizations <= 7
+    reference = hd.lmm("y ~ service + (1 | s) + (1 | d)", insteval, reml=False,
+                       optimizer="bobyqa")
+    assert m.objective == pytest.approx(reference.objective, rel=1e-10)
+    np.testing.assert_allclose(m.theta, reference.theta, rtol=1e-4)
+    # the quasi-Newton optimiser stays selectable: it stops at the first evaluated
+    # point that is optimal; L-BFGS-B alone idled at the objective's noise floor
+    m = hd.lmm("y ~ service + (1 | s) + (1 | d)", insteval, reml=False, optimizer="lbfgs")
     assert m.optimizer_result.method == "lbfgs" and m.converged
     assert m.optimizer_result.message == "projected gradient below tolerance"
     assert m.optimizer_result.optimizer_evaluations <= 12
-    reference = hd.lmm("y ~ service + (1 | s) + (1 | d)", insteval, reml=False,
-                       optimizer="bobyqa")
     assert m.objective == pytest.approx(reference.objective, rel=1e-10)
 
 
@@ -136,7 +146,7 @@ def test_the_kernel_warm_up_fits_through_the_common_path():
     from henderson.fit import _warm_up_fit
 
     model = _warm_up_fit()
-    assert model.mme.ordering == "schur" and model.optimizer_result.method == "ai-reml"
+    assert model.mme.ordering == "schur" and model.optimizer_result.method == "newton"
     assert model.converged and np.all(model.theta > 0)
 
 
@@ -156,11 +166,14 @@ def test_ai_reml_on_nested_terms_reaches_the_derivative_free_optimum():
     overshooting variance pushed the other below zero, the line search clipped it to 0
     and AI-REML kept it there, 780 above the optimum, reported as converged."""
     frame = _nested_60k()
-    ai = hd.lmm("y ~ x + (1|g1) + (1|g3)", frame)
+    ai = hd.lmm("y ~ x + (1|g1) + (1|g3)", frame, optimizer="ai")
     assert ai.optimizer_result.method == "ai-reml" and ai.converged
+    newton = hd.lmm("y ~ x + (1|g1) + (1|g3)", frame)
+    assert newton.optimizer_result.method.startswith("newton") and newton.converged
     reference = hd.lmm("y ~ x + (1|g1) + (1|g3)", frame, optimizer="bobyqa")
-    assert ai.objective == pytest.approx(reference.objective, rel=1e-11)
-    np.testing.assert_allclose(ai.theta, reference.theta, rtol=1e-4)
+    for fit in (ai, newton):
+        assert fit.objective == pytest.approx(reference.objective, rel=1e-11)
+        np.testing.assert_allclose(fit.theta, reference.theta, rtol=1e-4)
     # the start the one-way estimates gave before they knew about nesting
     poor = hd.fit_design(hd.build_design("y ~ x + (1|g1) + (1|g3)", frame), optimizer="ai",
                          start=[1.94, 1.75])

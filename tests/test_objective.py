@@ -85,3 +85,52 @@ def test_one_coefficient_gradient_equals_the_general_formula(formula, data, weig
     general_value, general = objective_gradient(objective, theta)
     assert value == general_value
     assert np.allclose(fast, general, rtol=1e-9, atol=1e-9 * np.abs(general).max())
+
+
+@pytest.mark.parametrize("formula,data,weights", MODELS + [
+    ("y ~ x + (1 + x | g1) + (1 | g2)", "crossed", None)])
+@pytest.mark.parametrize("reml", [True, False])
+@pytest.mark.parametrize("strategy", ["schur", "cholmod"])
+def test_interior_gradient_equals_the_general_formula_and_finite_differences(
+        formula, data, weights, reml, strategy, monkeypatch):
+    """Inside the parameter space the gradient takes only the diagonal blocks of C⁻¹
+    per level; the selected-inverse formula (on the whole pattern of C) and central
+    differences must give the same numbers, for vector-valued and scalar terms."""
+    from henderson import objective as objective_module
+    from henderson.simulate import crossed
+
+    frame = crossed(1500, 150, 12, seed=7) if data == "crossed" else hd.datasets.load(data)
+    design = hd.build_design(formula, frame, weights=weights)
+    objective = Objective(MixedModelEquations(design, strategy=strategy), reml)
+    rng = np.random.default_rng(11)
+    theta = design.theta_start() * rng.uniform(0.4, 1.3, design.n_theta) + 0.1 * (
+        design.theta_start() != 0) + 0.05 * rng.normal(size=design.n_theta) * (
+        design.theta_start() == 0)
+    assert objective_module.interior_applies(design, objective.mme.relative_factors(theta))
+    evaluation, interior = objective_module.interior_parts(
+        objective, theta, objective.mme.relative_factors(theta))
+    monkeypatch.setattr(objective_module, "interior_applies", lambda *args: False)
+    monkeypatch.setattr(objective_module, "scalar_terms", lambda design: False)
+    value, general = objective_gradient(objective, theta)
+    assert evaluation.objective == pytest.approx(value, rel=1e-13)
+    np.testing.assert_allclose(interior, general, rtol=1e-7, atol=1e-8 * np.abs(general).max())
+    h = 1e-5
+    numeric = np.array([(objective(theta + h * e) - objective(theta - h * e)) / (2 * h)
+                        for e in np.eye(len(theta))])
+    np.testing.assert_allclose(interior, numeric, rtol=1e-5, atol=1e-5 * np.abs(numeric).max())
+
+
+def test_interior_gradient_is_not_used_at_a_singular_factor():
+    from henderson import objective as objective_module
+
+    design = hd.build_design("Reaction ~ Days + (Days | Subject)", hd.datasets.load("sleepstudy"))
+    mme = MixedModelEquations(design)
+    assert objective_module.interior_applies(design, mme.relative_factors(np.array([1.0, 0.1, 0.2])))
+    assert not objective_module.interior_applies(design, mme.relative_factors(np.array([1.0, 0.1, 0.0])))
+    # the gradient there is the selected-inverse one, and still matches differences
+    objective = Objective(mme, reml=True)
+    theta = np.array([1.0, 0.1, 0.0])
+    _, gradient = objective_gradient(objective, theta)
+    h = 1e-6
+    numeric = (objective(theta + h * np.eye(3)[0]) - objective(theta - h * np.eye(3)[0])) / (2 * h)
+    assert gradient[0] == pytest.approx(numeric, rel=1e-5)

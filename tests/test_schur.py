@@ -61,6 +61,15 @@ def test_block_elimination_equals_cholmod(design):
         assert np.allclose(equations.inverse_diagonal(), np.diag(dense)[:q], rtol=1e-9)
         assert np.allclose(equations.inverse_diagonal(random_block_only=True),
                            np.diag(np.linalg.inv(_dense_C(b)[:q, :q])), rtol=1e-9)
+        # the k x k diagonal blocks per level (the interior gradient's), C⁻¹ and C_zz⁻¹
+        offsets = design.column_offsets()
+        for random_only, inverse in ((False, dense), (True, np.linalg.inv(_dense_C(b)[:q, :q]))):
+            blocks = equations.inverse_level_blocks(random_only)
+            assert len(blocks) == len(design.terms)
+            for t, term in enumerate(design.terms):
+                rows, cols = term.level_block_indices(offsets[t])
+                assert blocks[t].shape == (term.n_levels, term.n_coefs, term.n_coefs)
+                assert np.allclose(blocks[t], inverse[rows, cols], rtol=1e-9, atol=1e-12)
     block = rng.normal(size=(a.size, 3))
     assert np.allclose(a.solve(block), np.column_stack([a.solve(c) for c in block.T]),
                        rtol=1e-12, atol=1e-14)
@@ -179,3 +188,20 @@ def test_one_right_hand_side_without_a_trailing_block():
     assert np.allclose(equations.solve(rhs), np.linalg.solve(_dense_C(equations), rhs),
                        rtol=1e-10)
     np.testing.assert_array_equal(equations.solve(rhs), equations.solve(rhs[:, None])[:, 0])
+
+
+@pytest.mark.parametrize("design", list(designs()), ids=[m[1] for m in MODELS] + ["crossed"])
+def test_level_slots_without_a_sort_equal_the_sorted_ones(design):
+    """The B slots read as column tails (sorted row indices) are the (level, row, coef)
+    lexsort's."""
+    from henderson.schur import _level_b_slots
+
+    equations = BlockEliminationEquations(design)
+    first = design.terms[0]
+    args = (equations.indptr, equations.indices, first.n_columns, first.n_coefs,
+            first.n_levels)
+    assert equations.matrix.has_sorted_indices
+    ranges, lexsorted = _level_b_slots(*args, True), _level_b_slots(*args, False)
+    for a, b in zip(ranges, lexsorted):
+        np.testing.assert_array_equal(a, b)
+    assert len(ranges[1]) > 0 or len(design.terms) == 1 and design.n_fixed == 0

@@ -837,8 +837,8 @@ def build_parser() -> argparse.ArgumentParser:
                             ".json file")
     fitting = fit.add_argument_group("fitting")
     fitting.add_argument("--optimizer", default="auto", metavar="NAME",
-                         help="auto (default), ai, bobyqa, lbfgs, or a scipy method: "
-                              "Powell, Nelder-Mead, L-BFGS-B")
+                         help="auto (default), ai, newton, bobyqa, lbfgs, or a scipy "
+                              "method: Powell, Nelder-Mead, L-BFGS-B")
     fitting.add_argument("--ordering", choices=["auto", "natural", "amd", "metis"],
                          default="auto", help="fill-reducing ordering of CHOLMOD "
                                               "(default auto: measured)")

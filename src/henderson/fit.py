@@ -18,7 +18,8 @@ from scipy.sparse import issparse as sp_issparse
 
 from .design import Design, build_design
 from .formula import parse_formula
-from .aireml import ai_convergence_check, optimize_ai_reml
+from .aireml import (ai_convergence_check, newton_applies, newton_convergence_check,
+                     optimize_ai_reml, optimize_newton, vector_moment_start)
 from .blockdiag import BlockDiagonalObjective
 from .errors import ConvergenceWarning, DataError, SingularFitWarning
 from .mme import MixedModelEquations, check_residual_variation
@@ -47,7 +48,7 @@ def load_compiled_kernels() -> float:
 
     The first call of a Numba function in a process sets up Numba's CPU target and
     each kernel's first call loads its machine code from the cache; this fits a 60-row
-    crossed model through the block elimination and AI-REML (the kernels and the exact
+    crossed model through the block elimination and Newton steps (the kernels and the exact
     signatures of a real fit). Measured in fresh processes (median of 5): it costs
     ~0.3 s and saves the first fit ~0.25 s (sleepstudy 0.28 -> 0.04 s, InstEval 0.62
     -> 0.36 s), so importing henderson does not do it (a fit hidden in the import moved
@@ -73,7 +74,7 @@ def _warm_up_fit():
     frame["y"] = frame["x"] + rng.normal(size=60) + 0.5 * rng.normal(size=12)[frame["g1"]]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return lmm("y ~ x + (1 | g1) + (1 | g2)", frame, optimizer="ai", strategy="schur")
+        return lmm("y ~ x + (1 | g1) + (1 | g2)", frame, optimizer="newton", strategy="schur")
 
 
 def moment_start(design: Design, xp) -> np.ndarray | None:
@@ -212,7 +213,8 @@ def _check_choice(name: str, value, choices) -> None:
 
 
 #: the values of lmm()'s options
-OPTIMIZERS = ("auto", "ai", "bobyqa", "lbfgs", "Powell", "Nelder-Mead", "L-BFGS-B")
+OPTIMIZERS = ("auto", "ai", "newton", "bobyqa", "lbfgs", "Powell", "Nelder-Mead",
+              "L-BFGS-B")
 
 
 def check_options(reml=True, optimizer="auto", ordering="auto", method="mme",
@@ -302,15 +304,22 @@ def _fit_design(design, reml, optimizer, ordering, start, verbose, method,
         has_known = any(t.level_precision is not None for t in design.terms)
         one_coef = all(t.n_coefs == 1 for t in design.terms)
         large = design.n_obs >= settings.lbfgs_min_rows
-        if (has_known or large) and one_coef and reml and method == "mme" \
+        # Newton in θ before AI-REML in the variances where both apply: from the
+        # moment start InstEval takes 2 states and a last step, AI-REML 3 and one
+        if method == "mme" and large and newton_applies(design):
+            optimizer = "newton"
+        elif (has_known or large) and one_coef and reml and method == "mme" \
                 and design.residual_model is None:
             optimizer = "ai"
         elif method == "mme" and large:
             optimizer = "lbfgs"
         else:
             optimizer = "bobyqa"
-    if optimizer == "lbfgs" and method != "mme":
-        raise ValueError("optimizer='lbfgs' needs method='mme'")
+    if optimizer in ("lbfgs", "newton") and method != "mme":
+        raise ValueError(f"optimizer={optimizer!r} needs method='mme'")
+    if optimizer == "newton" and not newton_applies(design):
+        raise ValueError("optimizer='newton' needs random terms without a known level "
+                         "covariance and no dispformula; use 'lbfgs' or 'ai'")
     n_params = design.n_theta + design.n_dispersion
     problem = ScaledProblem(objective, np.concatenate(
         [theta_scale(design, mme.xp), np.ones(design.n_dispersion)]), search)
@@ -319,9 +328,12 @@ def _fit_design(design, reml, optimizer, ordering, start, verbose, method,
         if start.shape != (n_params,) or not np.all(np.isfinite(start)):
             raise ValueError(f"start must be {n_params} finite values of θ (and γ), got "
                              f"{start}")
-    elif optimizer in ("ai", "lbfgs") and method == "mme" and design.residual_model is None:
+    elif optimizer in ("ai", "lbfgs", "newton") and method == "mme" \
+            and design.residual_model is None:
         # the Newton-type optimisers gain most from a start near the optimum
         start = moment_start(design, mme.xp)
+        if start is None and optimizer == "newton":
+            start = vector_moment_start(design, mme.xp)
     # lme4 starts at Λ_t = I; here Λ̃_t = I, the same for intercepts and, for slopes,
     # a start on the scale of the covariate
     scaled_start = problem.to_scaled(start) if start is not None else design.parameter_start()
@@ -330,6 +342,9 @@ def _fit_design(design, reml, optimizer, ordering, start, verbose, method,
     else:
         if optimizer == "bobyqa":
             result = optimize_bobyqa(problem.value, scaled_start, lower, verbose=verbose,
+                                     settings=settings, upper=upper_bounds(lower, settings))
+        elif optimizer == "newton":
+            result = optimize_newton(problem, scaled_start, lower, verbose=verbose,
                                      settings=settings, upper=upper_bounds(lower, settings))
         elif optimizer == "lbfgs":
             result = optimize_lbfgs(problem, scaled_start, lower, verbose=verbose,
@@ -346,6 +361,11 @@ def _fit_design(design, reml, optimizer, ordering, start, verbose, method,
         ai_result = result
         first_check = lambda scaled: ai_convergence_check(  # noqa: E731
             objective, problem.to_theta(scaled), ai_result)
+    elif optimizer == "newton" and getattr(result, "newton_state", None) is not None:
+        newton_result = result
+        first_check = lambda scaled: (  # noqa: E731
+            newton_convergence_check(problem, problem.to_theta(scaled), newton_result)
+            or check_convergence(problem, scaled, lower, settings))
     # exploration's loose BOBYQA runs from lme4's start would retrace a BOBYQA fit, not
     # another optimiser's (Nelder-Mead stopped at a boundary point 0.05 units up from
     # where BOBYQA went from the same start)
@@ -429,13 +449,17 @@ def lmm(formula: str, data: pd.DataFrame, reml: bool = True,
         Prior weights: ``R = σ² W⁻¹``.
     missing : {"raise", "drop"}
         Rows with NaN/inf in a used column raise a ``DataError`` or are dropped.
-    optimizer : {"auto", "ai", "bobyqa", "lbfgs", "Powell", "Nelder-Mead", "L-BFGS-B"}
-        ``"ai"``: average-information REML (the default for REML models with one
-        coefficient per term that have a known level covariance or at least 50,000
-        rows); ``"lbfgs"``: quasi-Newton on the analytic gradient (the default for
-        other models from 50,000 rows, where its ~25 evaluations beat BOBYQA's ~135);
-        ``"bobyqa"``: lme4's derivative-free optimiser (the default otherwise); or a
-        bounded scipy method with finite differences.
+    optimizer : {"auto", "ai", "newton", "bobyqa", "lbfgs", "Powell", "Nelder-Mead", "L-BFGS-B"}
+        ``"newton"``: Newton steps in θ with the average information as Hessian,
+        REML or ML, any number of coefficients per term, from a moment start (the
+        default from 50,000 rows for terms without a known level covariance: 200k
+        rows with random slopes, or InstEval, in 2 steps); ``"ai"``:
+        average-information REML in the variances (the default for REML models with
+        one coefficient per term and a known level covariance); ``"lbfgs"``:
+        quasi-Newton on the analytic gradient (the default for the remaining models
+        from 50,000 rows, where its ~25 evaluations beat BOBYQA's ~135); ``"bobyqa"``:
+        lme4's derivative-free optimiser (the default otherwise); or a bounded scipy
+        method with finite differences.
     ordering : {"auto", "natural", "amd", "metis"}
         Fill-reducing ordering for CHOLMOD (``auto`` measures the candidates).
     verbose : bool or int

@@ -935,6 +935,21 @@ class MixedModelEquations:
         """The diagonal of ``C⁻¹`` (or ``C_zz⁻¹``) on the random effects, original order."""
         return self.factorization.inverse_diagonal(random_block_only)
 
+    def inverse_level_blocks(self, random_block_only: bool = False) -> list[np.ndarray]:
+        """Per random term, the k x k diagonal blocks of ``C⁻¹`` (or ``C_zz⁻¹``), one per
+        level: shape (n_levels, k, k), original order. The block elimination forms
+        only these; otherwise they are read off the selected inverse."""
+        own = getattr(self.factorization, "inverse_level_blocks", None)
+        if own is not None:
+            return own(random_block_only)
+        selected = self.selected_inverse(random_block_only)
+        offsets = self.design.column_offsets()
+        blocks = []
+        for t, term in enumerate(self.design.terms):
+            rows, cols = term.level_block_indices(offsets[t])
+            blocks.append(selected.entries(rows.ravel(), cols.ravel()).reshape(rows.shape))
+        return blocks
+
     def inverse_entries(self, selected, rows, cols) -> np.ndarray:
         """Entries of a selected inverse at original (unpermuted) coordinates."""
         return selected.entries(rows, cols)

@@ -156,6 +156,56 @@ def _scalar_gradient(objective: Objective, theta: np.ndarray) -> tuple[float, np
     return evaluation.objective, gradient
 
 
+#: a Λ_t whose diagonal entries are all above this fraction of its largest entry is
+#: inverted for the interior gradient (below it the selected-inverse form is exact)
+INTERIOR_DIAGONAL = 1e-6
+
+
+def interior_applies(design, lams: list[np.ndarray]) -> bool:
+    """Every term has identity K and an invertible (lower-triangular) Λ_t."""
+    for term, lam in zip(design.terms, lams):
+        if term.level_precision is not None or np.any(np.triu(lam, 1) != 0):
+            return False
+        if np.min(np.abs(np.diag(lam))) <= INTERIOR_DIAGONAL * max(np.max(np.abs(lam)), 1e-300):
+            return False
+    return True
+
+
+def _interior_gradient(objective: Objective, theta: np.ndarray,
+                       lams: list[np.ndarray]) -> tuple[float, np.ndarray]:
+    """The gradient inside the parameter space (every Λ_t invertible, K = I).
+
+    ``C Λ̃⁻¹ = Λ̃'M + J Λ̃⁻¹`` turns ``∂ log|C| = 2 tr(C⁻¹ Λ̃'M dΛ̃)`` into
+    ``2 tr((I − C⁻¹J) Λ̃⁻¹ dΛ̃)``, and Λ̃⁻¹dΛ̃ is block diagonal by level: only the k x k
+    diagonal blocks ``B_l`` of C⁻¹ are needed, not C⁻¹ on the pattern of C. The random
+    rows of the normal equations, ``Λ_t'(M[b; β] − m)_l = −ũ_l``, give the residual
+    part without a pass over the crossed pairs. With ``U_t = Σ_l ũ_l ũ_l'``:
+    ``∂f/∂Λ_t = 2 Λ_t⁻ᵀ (n_t I − Σ_l B_l − ν U_t / r²)`` (ML: blocks of C_zz⁻¹).
+    """
+    evaluation, gradient = interior_parts(objective, theta, lams)
+    return evaluation.objective, gradient
+
+
+def interior_parts(objective: Objective, theta: np.ndarray,
+                   lams: list[np.ndarray]) -> tuple[Evaluation, np.ndarray]:
+    """The :class:`Evaluation` at θ and :func:`_interior_gradient`'s gradient."""
+    mme = objective.mme
+    design = mme.design
+    evaluation = objective.evaluate(theta, fixed_inverse=False)
+    blocks = mme.inverse_level_blocks(random_block_only=not objective.reml)
+    offsets = design.column_offsets()
+    scale = objective.dof / evaluation.penalized_rss
+    gradient = []
+    for t, (term, sl) in enumerate(zip(design.terms, design.theta_slices())):
+        k = term.n_coefs
+        spherical = evaluation.solution[offsets[t]:offsets[t + 1]].reshape(term.n_levels, k)
+        inner = term.n_levels * np.eye(k) - blocks[t].sum(axis=0) - scale * (spherical.T @ spherical)
+        by_factor = 2.0 * np.linalg.solve(lams[t].T, inner)              # ∂f/∂Λ_t
+        jacobian = term.structure.factor_jacobian(theta[sl])               # ∂Λ_t/∂θ_t
+        gradient.append(np.einsum("jab,ab->j", jacobian, by_factor))
+    return evaluation, np.concatenate(gradient)
+
+
 #: pairs of levels (or of level and fixed column) handled at once in the gradient
 PAIR_SLICE = 1 << 16
 
@@ -200,9 +250,11 @@ def covariance_gradient(objective: Objective, theta: np.ndarray) -> tuple[float,
     theta = np.asarray(theta, dtype=float)
     if scalar_terms(design) and np.all(theta > 0):
         return _scalar_gradient(objective, theta)
+    lams = mme.relative_factors(theta)
+    if interior_applies(design, lams):
+        return _interior_gradient(objective, theta, lams)
     evaluation = objective.evaluate(theta, fixed_inverse=False)
     selected = mme.selected_inverse(random_block_only=not objective.reml)
-    lams = mme.relative_factors(theta)
     offsets = design.column_offsets()
     q = design.n_random
     spherical = [evaluation.solution[offsets[t]:offsets[t + 1]].reshape(term.n_levels, term.n_coefs)

@@ -124,6 +124,17 @@ class OptimizerSettings:
     hessian_rows : int
         From this many rows the convergence check takes the optimiser's BFGS curvature
         instead of a finite-difference Hessian (:func:`check_convergence`).
+    newton_max_iterations : int
+        Newton steps (:func:`henderson.aireml.optimize_newton`) before L-BFGS-B takes
+        over.
+    newton_decrement : float
+        Newton ends where ``g'H⁻¹g`` (twice the gain its quadratic model predicts) is
+        below this.
+    newton_final_decrement, newton_final_mismatch, newton_final_gap : float
+        Below this decrement a full Newton step is the last (no state at its point)
+        when the objective falls by the predicted ½ g'H⁻¹g to within this fraction of
+        it, and the objective this leaves above the optimum, mismatch² / gain, is below
+        ``max(newton_final_gap, 1e-13 |f|)``.
     """
 
     bobyqa_tolerance: float = 1e-10
@@ -153,6 +164,11 @@ class OptimizerSettings:
     ai_overshoot_keep: float = 0.01
     ai_min_step: float = 1e-3
     hessian_rows: int = 50_000
+    newton_max_iterations: int = 30
+    newton_decrement: float = 1e-6
+    newton_final_decrement: float = 0.01
+    newton_final_mismatch: float = 0.1
+    newton_final_gap: float = 1e-8
 
 
 #: the settings every fit uses
