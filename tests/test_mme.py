@@ -264,3 +264,24 @@ def test_values_follow_theta_changed_in_place(strategy):
         assert np.allclose(rhs, dense_rhs, rtol=1e-12, atol=1e-10)
         assert np.allclose(mme.solve(rhs), np.linalg.solve(C, dense_rhs), rtol=1e-9)
         theta[:] = first if step == 2 else rng.uniform(0.1, 2.0, 3)  # in place
+
+
+def test_orderings_of_a_large_pattern_are_not_timed(monkeypatch):
+    """Past MEASURE_ORDERINGS_ENTRIES the natural ordering is taken without trial
+    factorisations (each costs seconds to minutes at that size), and the fit is the
+    one the timed choice gives."""
+    import henderson.mme as mme_module
+    from henderson.simulate import ratings
+
+    data = ratings(20_000, 700, 150, seed=4)
+    formula = "y ~ 1 + (1 | user) + (1 | item)"
+    design = hd.build_design(formula, data)
+    timed = hd.MixedModelEquations(design)
+    assert len(timed.ordering_costs) >= 2  # natural, AMD (and METIS) were timed
+    monkeypatch.setattr(mme_module, "MEASURE_ORDERINGS_ENTRIES", 1_000)
+    untimed = hd.MixedModelEquations(design)
+    assert untimed.ordering == "natural" and untimed.ordering_costs == {}
+    theta = np.array([0.4, 0.6])
+    timed.factorize(theta)
+    untimed.factorize(theta)
+    assert untimed.logdet() == pytest.approx(timed.logdet(), rel=1e-12)

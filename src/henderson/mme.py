@@ -554,6 +554,11 @@ DENSE_COLUMN_FRACTION = 0.1
 #: METIS is never taken unmeasured: on a 300k-animal pedigree with herds it gave
 #: 416 GFlop factorisations against AMD's 2.9.
 MEASURE_ORDERINGS_LIMIT = 200_000
+#: nor when the random-effect block of C has more than this many entries in its lower
+#: triangle: a trial factorisation then costs seconds to minutes, and each candidate
+#: took two (10M movie ratings, 70,000 x 10,000 levels: ~8M entries, the timing of
+#: natural, AMD and METIS ran for more than 10 minutes and chose natural)
+MEASURE_ORDERINGS_ENTRIES = 2_000_000
 #: the natural ordering is a candidate only when the dense Schur complement it implies
 #: (all terms but the first) stays below this many bytes
 NATURAL_SCHUR_BYTES = 1 << 30
@@ -590,7 +595,9 @@ def _ordering_candidates(design: Design, xp: CrossProducts, ordering: str,
         return {"natural": to_original(natural)}
     trailing = size - design.terms[0].n_columns
     natural_ok = not has_precision and 4.0 * trailing ** 2 < NATURAL_SCHUR_BYTES
-    if ordering == "auto" and size > MEASURE_ORDERINGS_LIMIT and natural_ok:
+    entries = int(lower.indptr[q]) if lower is not None else 0
+    too_large = size > MEASURE_ORDERINGS_LIMIT or entries > MEASURE_ORDERINGS_ENTRIES
+    if ordering == "auto" and too_large and natural_ok:
         return {"natural": to_original(natural)}
     # a diagonally dominant matrix with the pattern of C_zz (and of the fixed effects
     # in the ordering), to let CHOLMOD order it
@@ -609,7 +616,7 @@ def _ordering_candidates(design: Design, xp: CrossProducts, ordering: str,
     del degree
     pattern = sp.csc_matrix((values, indices, indptr), shape=(size, size), copy=False)
     del values, indices, indptr
-    if ordering == "auto" and size > MEASURE_ORDERINGS_LIMIT:
+    if ordering == "auto" and too_large:
         methods = ["amd"]
     else:
         methods = ["amd", "metis"] if ordering == "auto" else [ordering]
