@@ -467,31 +467,6 @@ SPARSE_ENTRIES_PER_PERSON = 50
 
 
 @numba.njit(cache=True)
-def _code_moments(codes):
-    """Per column of int8 counts (-1 missing): the number observed, the mean and the
-    (population) variance of the observed values, in float64."""
-    n, k = codes.shape
-    observed = np.zeros(k, dtype=np.int64)
-    mean = np.zeros(k)
-    variance = np.zeros(k)
-    for j in range(k):
-        total = 0
-        squares = 0
-        count = 0
-        for i in range(n):
-            value = codes[i, j]
-            if value >= 0:
-                total += value
-                squares += value * value
-                count += 1
-        observed[j] = count
-        if count > 0:
-            mean[j] = total / count
-            variance[j] = max(squares / count - mean[j] * mean[j], 0.0)
-    return observed, mean, variance
-
-
-@numba.njit(cache=True)
 def _centred_rows(codes, start, stop, mean, scale):
     """Rows ``start:stop`` of int8 counts centred and scaled as float32 (Fortran
     order); a missing count (-1) is imputed by the mean, i.e. 0 once centred."""
@@ -550,7 +525,9 @@ def _sparse_grm(genotypes, blend, relationship, method, cutoff, variants, block)
     positions = np.arange(genotypes.n_variants)
     positions = positions if variants is None else positions[variants]
     codes = genotypes.codes(positions)
-    n_observed, mean, variance = _code_moments(codes)
+    from .kernels import genotype_moments
+
+    n_observed, mean, variance = genotype_moments(codes)
     keep = (variance > 1e-12) & (n_observed >= 2)
     _check_markers(int(keep.sum()), positions[~keep], genotypes, n)
     if not keep.all():

@@ -524,9 +524,9 @@ def selected_inverse_in_place(indptr, indices, values) -> np.ndarray:
 
 @numba.njit(**_NJIT)
 def genotype_moments(counts):
-    """Per column of a (samples x variants) float32 block with NaN for missing: the
-    number observed, the mean and the (population) variance of the observed values,
-    accumulated in float64."""
+    """Per column of a (samples x variants) block of allele counts, missing as NaN
+    (float32) or -1 (int8 codes): the number observed, the mean and the (population)
+    variance of the observed values, accumulated in float64 (exact for integer sums)."""
     n, k = counts.shape
     observed = np.zeros(k, dtype=np.int64)
     mean = np.zeros(k)
@@ -537,7 +537,7 @@ def genotype_moments(counts):
         count = 0
         for i in range(n):
             value = counts[i, j]
-            if value == value:  # not NaN
+            if value >= 0:  # neither NaN nor the code -1
                 total += value
                 squares += value * value
                 count += 1
