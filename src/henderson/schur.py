@@ -592,19 +592,22 @@ class BlockElimination:
             raise NotPositiveDefiniteError("the Schur complement could not be inverted")
         return inverse.T  # row-major; its upper triangle is the lower one of S⁻¹
 
+    def _per_level(self, kernel, upper: np.ndarray, limit: int) -> np.ndarray:
+        """``kernel`` (a per-level selected-inverse kernel) over the first term's levels,
+        in two threads of two halves of the levels when the fit has two."""
+        if self._level_split is None or active_threads() < 2:
+            return kernel(self.level_chol, self.w, self.b_ptr, self.b_rows, upper, limit)
+        half = self._level_split
+        return np.concatenate(_in_two_threads(
+            lambda: kernel(self.level_chol[:half], self.w, self.b_ptr[:half + 1],
+                           self.b_rows, upper, limit),
+            lambda: kernel(self.level_chol[half:], self.w, self.b_ptr[half:],
+                           self.b_rows, upper, limit)))
+
     def inverse_diagonal(self, random_block_only: bool = False) -> np.ndarray:
         limit = self.m - self.n_fixed if random_block_only else self.m
         upper = self._schur_inverse_upper(limit, scratch=True)
-        kernel = _level_inverse_diagonals
-        if self._level_split is None or active_threads() < 2:
-            levels = kernel(self.level_chol, self.w, self.b_ptr, self.b_rows, upper, limit)
-        else:
-            half = self._level_split
-            levels = np.concatenate(_in_two_threads(
-                lambda: kernel(self.level_chol[:half], self.w, self.b_ptr[:half + 1],
-                               self.b_rows, upper, limit),
-                lambda: kernel(self.level_chol[half:], self.w, self.b_ptr[half:],
-                               self.b_rows, upper, limit)))
+        levels = self._per_level(_level_inverse_diagonals, upper, limit)
         rest = np.diag(upper)[:self.m - self.n_fixed]
         return np.concatenate([levels.ravel(), rest])
 
@@ -614,17 +617,7 @@ class BlockElimination:
         others' from S⁻¹ (no entries off the diagonal blocks are formed)."""
         limit = self.m - self.n_fixed if random_block_only else self.m
         upper = self._schur_inverse_upper(limit, scratch=True)
-        kernel = _level_inverse_blocks
-        if self._level_split is None or active_threads() < 2:
-            first = kernel(self.level_chol, self.w, self.b_ptr, self.b_rows, upper, limit)
-        else:
-            half = self._level_split
-            first = np.concatenate(_in_two_threads(
-                lambda: kernel(self.level_chol[:half], self.w, self.b_ptr[:half + 1],
-                               self.b_rows, upper, limit),
-                lambda: kernel(self.level_chol[half:], self.w, self.b_ptr[half:],
-                               self.b_rows, upper, limit)))
-        blocks = [first]
+        blocks = [self._per_level(_level_inverse_blocks, upper, limit)]
         design = self.equations.design
         offsets = design.column_offsets() - self.first
         for t, term in enumerate(design.terms[1:], start=1):
