@@ -4,6 +4,7 @@ a smaller instance of the same simulator so that CI exercises them."""
 from __future__ import annotations
 
 import os
+import resource
 
 import pytest
 
@@ -36,3 +37,22 @@ def sizes():
 def run_once(benchmark, func, *args, **kwargs):
     """One timed round: these fits take seconds to minutes."""
     return benchmark.pedantic(func, args=args, kwargs=kwargs, rounds=1, iterations=1)
+
+
+def reset_peak() -> None:
+    """Start this process's peak resident memory afresh (Linux ≥ 4.0), so that a
+    benchmark's peak is its own, not the simulation's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def peak_gb() -> float:
+    """The peak resident memory since the last reset (VmHWM), in GiB."""
+    try:
+        with open("/proc/self/status") as handle:
+            return int(handle.read().split("VmHWM:")[1].split()[0]) / 2**20
+    except (OSError, IndexError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -36,24 +36,13 @@ from pathlib import Path
 
 import numpy as np
 
+from conftest import peak_gb, reset_peak  # benchmarks/ is this script's folder
+
 SIZES = {
     "ci": {"samples": 10_000, "variants": 40_000, "distinct": 20_000},
     "full": {"samples": 100_000, "variants": 1_000_000, "distinct": 20_000},
 }
 COVARIATES = "y ~ age + sex + batch"
-
-
-def _reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    except OSError:
-        pass
-
-
-def _peak_gb() -> float:
-    with open("/proc/self/status") as handle:
-        return int(handle.read().split("VmHWM:")[1].split()[0]) / 2**20
 
 
 class _LoadSampler:
@@ -80,12 +69,12 @@ class _LoadSampler:
 
 def stage(name: str, rows: list, func, *args, **kwargs):
     """Run one stage; print and keep its seconds, peak memory and load."""
-    _reset_peak()
+    reset_peak()
     with _LoadSampler() as load:
         start = time.perf_counter()
         result = func(*args, **kwargs)
         seconds = time.perf_counter() - start
-    row = {"stage": name, "seconds": round(seconds, 1), "peak_gb": round(_peak_gb(), 2),
+    row = {"stage": name, "seconds": round(seconds, 1), "peak_gb": round(peak_gb(), 2),
            "load_min": round(min(load.values), 2), "load_max": round(max(load.values), 2)}
     rows.append(row)
     print(json.dumps(row), flush=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import textwrap
@@ -23,7 +22,7 @@ import pytest
 import henderson as hd
 from henderson.simulate import gwas_panel
 
-from conftest import run_once
+from conftest import peak_gb, reset_peak, run_once
 
 COVARIATES = ["age", "sex", "batch"]
 
@@ -52,25 +51,6 @@ def _fastlmm_python() -> str | None:
     except ImportError:
         return None
     return sys.executable
-
-
-def _reset_peak() -> None:
-    """Start this process's peak resident memory afresh (Linux ≥ 4.0), so that a
-    benchmark's peak is its own, not the simulation's."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    except OSError:
-        pass
-
-
-def _peak_gb() -> float:
-    """The peak resident memory since the last reset (VmHWM), in GiB."""
-    try:
-        with open("/proc/self/status") as handle:
-            return int(handle.read().split("VmHWM:")[1].split()[0]) / 2**20
-    except (OSError, IndexError, ValueError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 @pytest.fixture(scope="module")
@@ -107,12 +87,12 @@ def test_wald_scan_beside_fastlmm(benchmark, panel, loco):
     log10, with and without LOCO (same kernel: unit-standardised SNPs, unblended)."""
     prefix, genotypes, pheno = panel
     formula = "y ~ " + " + ".join(COVARIATES)
-    _reset_peak()
+    reset_peak()
     result = run_once(benchmark, hd.gwas, formula, pheno, genotypes, grm="standardized",
                       blend=0.0, loco=loco, precision="single", progress=False)
     ours = benchmark.stats.stats.max
     info = {"samples": genotypes.n_samples, "variants": genotypes.n_variants,
-            "henderson_seconds": ours, "henderson_peak_gb": _peak_gb(),
+            "henderson_seconds": ours, "henderson_peak_gb": peak_gb(),
             "load": os.getloadavg()[0]}
     try:
         theirs, reference = _run_fastlmm(prefix, loco)
@@ -132,12 +112,12 @@ def test_exact_lrt_scan(benchmark, panel):
     """Every variant's ML variance ratio re-fitted (target: 100,000 SNPs in < 10 min)."""
     _, genotypes, pheno = panel
     formula = "y ~ " + " + ".join(COVARIATES)
-    _reset_peak()
+    reset_peak()
     result = run_once(benchmark, hd.gwas, formula, pheno, genotypes, test="lrt", reml=False,
                       precision="single", progress=False)
     assert result["pvalue"].notna().mean() > 0.99
     info = {"variants": genotypes.n_variants, "seconds": benchmark.stats.stats.max,
-            "peak_gb": _peak_gb(), "load": os.getloadavg()[0]}
+            "peak_gb": peak_gb(), "load": os.getloadavg()[0]}
     benchmark.extra_info.update(info)
     print(json.dumps(info))
 
@@ -157,7 +137,7 @@ def test_score_scan_with_a_sparse_grm(benchmark, sizes, tmp_path):
                                   path=tmp_path / "big", distinct=distinct)
     simulated = time.perf_counter() - start
     start = time.perf_counter()
-    _reset_peak()
+    reset_peak()
     K = hd.grm(genotypes, cutoff=0.05, variants=np.arange(distinct))
     grm_seconds = time.perf_counter() - start
     result = run_once(benchmark, hd.gwas, "y ~ age + sex + batch", pheno, genotypes, grm=K,
@@ -165,7 +145,7 @@ def test_score_scan_with_a_sparse_grm(benchmark, sizes, tmp_path):
     assert len(result) == m
     info = {"samples": n, "variants": m, "simulate_seconds": simulated,
             "grm_seconds": grm_seconds, "grm_nnz": int(K.matrix.nnz),
-            "scan_seconds": benchmark.stats.stats.max, "peak_gb": _peak_gb(),
+            "scan_seconds": benchmark.stats.stats.max, "peak_gb": peak_gb(),
             "load": os.getloadavg()[0]}
     benchmark.extra_info.update(info)
     print(json.dumps(info))

@@ -10,12 +10,7 @@ import pytest
 import henderson as hd
 from henderson.simulate import ratings
 
-from conftest import run_once
-
-
-def _peak_gb() -> float:
-    with open("/proc/self/status") as handle:
-        return int(handle.read().split("VmHWM:")[1].split()[0]) / 2**20
+from conftest import peak_gb, run_once
 
 
 def test_ratings_crossed_power_law(benchmark, sizes):
@@ -27,5 +22,5 @@ def test_ratings_crossed_power_law(benchmark, sizes):
     assert sd["user"] == pytest.approx(0.4, rel=0.05)
     assert sd["item"] == pytest.approx(0.5, rel=0.1)
     benchmark.extra_info.update(rows=len(data), evaluations=m.n_evaluations,
-                                ordering=m.mme.ordering, peak_gb=round(_peak_gb(), 2),
+                                ordering=m.mme.ordering, peak_gb=round(peak_gb(), 2),
                                 **{k: round(v, 4) for k, v in m.timings.items()})
