@@ -403,13 +403,8 @@ print("ok", repr(float(L[n - 1, n - 1])))
 def test_large_dense_cholesky_does_not_crash_on_two_blas_threads():
     """dpotrf of order 16,000 on two OpenBLAS threads crashed with a segmentation fault
     here (single_step at 20,000 genotyped animals); the guard runs it on one."""
-    try:
-        with open("/proc/meminfo") as meminfo:   # MemAvailable counts reclaimable cache
-            available = next(int(line.split()[1]) * 1024 for line in meminfo
-                             if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        available = 0
-    if available < 6e9:
+    available = threads.available_memory()  # MemAvailable: counts reclaimable cache
+    if not 6e9 <= available < float("inf"):  # inf: /proc/meminfo unreadable
         pytest.skip("needs 6 GB of free memory")
     n = 16_000
     env = dict(os.environ, OPENBLAS_NUM_THREADS="2", HENDERSON_THREADS="2")
