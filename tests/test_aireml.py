@@ -49,7 +49,9 @@ def _dense_hessian(design, theta, reml):
     dof = len(y) - X.shape[1] if reml else len(y)
     sigma2 = float(r @ Vinv @ r) / dof
     Vinv = Vinv / sigma2
-    P = Vinv - Vinv @ X @ np.linalg.solve(X.T @ Vinv @ X, X.T @ Vinv) if reml else Vinv
+    # REML's projection for ML too: with β profiled, the mean of ML's observed and
+    # expected information is ½ y'PV_iPV_jPy (not y'PV_iV⁻¹V_jPy)
+    P = Vinv - Vinv @ X @ np.linalg.solve(X.T @ Vinv @ X, X.T @ Vinv)
     Py = Vinv @ r
     derivatives = []
     for Z, t, lam, sl in zip(Zs, design.terms, lams, design.theta_slices()):

@@ -221,6 +221,7 @@ def test_reused_model_spec_gives_formulaic_matrix_bit_for_bit(spec):
     rng = np.random.default_rng(zlib.crc32(spec.encode()))
     for levels in [(3, 4), (3, 4), (2, 5), (3, 4)]:
         frame = _design_frame(rng, int(rng.integers(20, 60)), levels)
+        _model_matrix(spec, frame)  # a spec is learnt the second time formulaic builds it
         values, names, model_spec = _model_matrix(spec, frame)
         numbers = _r_numbers(spec, frame)
         truth = formulaic.model_matrix(spec, numbers, na_action="raise", context=R_FUNCTIONS)
@@ -234,10 +235,13 @@ def test_reused_model_spec_gives_formulaic_matrix_bit_for_bit(spec):
 
 
 def test_reused_spec_reports_missing_values_as_formulaic_does():
-    from henderson.design import _model_matrix
+    from henderson.design import PLAIN_SPECS, PlainSpecs, _model_matrix
 
     frame = _design_frame(np.random.default_rng(1), 30)
-    _model_matrix("x + f", frame)                      # the plan is stored
+    _model_matrix("x + f", frame)
+    _model_matrix("x + f", frame)                      # the plan is stored the 2nd time
+    key = PlainSpecs.key("x + f", frame)
+    assert PLAIN_SPECS._plans.get(key) is not None
     frame.loc[3, "x"] = np.nan
     with pytest.raises(FormulaError):
         _model_matrix("x + f", frame)

@@ -32,6 +32,7 @@ def machine(monkeypatch):
         monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(cpus)))
         monkeypatch.setattr(threads, "_QUOTA", [quota])
         monkeypatch.setattr(threads, "machine_load", lambda: (load, runnable))
+        monkeypatch.setattr(threads, "own_share", lambda: (0.0, 0))
         monkeypatch.setattr(threads, "_BUSY", [float("-inf"), None, False])
     return make
 
@@ -107,6 +108,54 @@ def test_default_fit_on_a_busy_machine(machine, monkeypatch):
     monkeypatch.setenv(ENVIRONMENT_VARIABLE, "2")
     with fit_threads():
         assert set(blas_thread_counts().values()) == {2}
+
+
+def test_own_threads_and_load_are_not_a_busy_neighbour(machine, monkeypatch):
+    """What this process adds to the machine's load is not other work: its own
+    runnable threads (OpenBLAS's spinning workers: a fresh process's first fit took
+    them for a neighbour) and its own share of the load average."""
+    machine(cpus=2, load=0.2, runnable=1)
+    monkeypatch.setattr(threads, "own_share", lambda: (0.0, 1))
+    assert not threads.machine_is_busy()
+    machine(cpus=2, load=1.3, runnable=0)
+    monkeypatch.setattr(threads, "own_share", lambda: (0.9, 0))
+    assert not threads.machine_is_busy()          # 0.4 of the load is someone else's
+    machine(cpus=2, load=2.1, runnable=0)
+    monkeypatch.setattr(threads, "own_share", lambda: (0.9, 0))
+    assert threads.machine_is_busy()              # 1.2 is
+
+
+def test_own_share_counts_this_process_threads():
+    """A thread of this process busy in NumPy (the GIL released) is runnable, and it
+    is counted as this process's; a second reading's share of the load follows the
+    CPU this process used since the first."""
+    import threading
+    import time
+
+    stop = threading.Event()
+    started = threading.Event()
+
+    def busy():
+        a = np.random.default_rng(0).random((300, 300))
+        started.set()
+        while not stop.is_set():
+            np.linalg.eigvalsh(a)
+
+    with blas_threads(1):
+        worker = threading.Thread(target=busy)
+        worker.start()
+        started.wait()
+        try:
+            seen = 0
+            for _ in range(20):
+                share, runnable = threads.own_share()
+                seen = max(seen, runnable)
+                time.sleep(0.01)
+        finally:
+            stop.set()
+            worker.join()
+    assert seen >= 1
+    assert 0.0 < share < os.cpu_count() + 1
 
 
 def test_machine_load_reads_proc():

@@ -331,7 +331,7 @@ def _grouping_factor(data: pd.DataFrame, bar: RandomBar) -> tuple[np.ndarray, pd
     labels: list[np.ndarray] = []
     for name in bar.factors:
         col_codes, col_labels = factor_codes(data[name], numbers_as_text=True)
-        used, codes = np.unique(codes * len(col_labels) + col_codes, return_inverse=True)
+        used, codes = _used_levels(codes * len(col_labels) + col_codes)
         parts = [part[used // len(col_labels)] for part in parts] + [used % len(col_labels)]
         labels.append(col_labels)
     pieces = [lab[part].astype(str) for lab, part in zip(labels, parts)]
@@ -343,6 +343,21 @@ def _grouping_factor(data: pd.DataFrame, bar: RandomBar) -> tuple[np.ndarray, pd
                         f"{', '.join(map(repr, bar.factors))} are all labelled {clash!r} "
                         "(the values hold ':'); recode them")
     return codes.astype(np.int64).ravel(), index
+
+
+def _used_levels(combined: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(combined, return_inverse=True)``: the values that occur, ascending,
+    and each row's index among them. Non-negative values below a few times the rows
+    are counted (a pass, not a sort: 5 ms -> 0.3 ms for InstEval's 73,421 students)."""
+    if len(combined) and combined.min() >= 0 and combined.max() < 4 * len(combined) + 1024:
+        present = np.bincount(combined) > 0
+        used = np.flatnonzero(present)
+        if len(used) == len(present):
+            return used, combined.copy()
+        index = np.cumsum(present) - 1
+        return used, index[combined]
+    used, inverse = np.unique(combined, return_inverse=True)
+    return used, inverse.ravel()
 
 
 def _r_numbers(spec: str, data: pd.DataFrame, keep=()) -> pd.DataFrame:
@@ -398,12 +413,15 @@ class PlainSpecs:
     spec to parse and materialise, two specs for a model with a random slope: a
     quarter of a small model's fit. Each entry is checked on the rows that make it: a
     plan that does not give formulaic's matrix bit for bit is stored as not plain, and
-    formulaic builds that spec every time.
+    formulaic builds that spec every time. A spec is learnt the second time formulaic
+    builds it: checking a plan costs about what it saves once (InstEval's
+    ``service * dept``: 13 ms), which a process that fits a model once never gets back.
     """
 
     def __init__(self, size: int = 256):
         self.size = size
         self._plans: OrderedDict = OrderedDict()
+        self._seen: OrderedDict = OrderedDict()   # keys built once, not learnt yet
 
     @staticmethod
     def key(spec: str, data: pd.DataFrame):
@@ -438,6 +456,12 @@ class PlainSpecs:
         not plain), once it is checked against formulaic's ``values``."""
         if key in self._plans:
             return
+        if key not in self._seen:
+            self._seen[key] = None
+            while len(self._seen) > self.size:
+                self._seen.popitem(last=False)
+            return
+        del self._seen[key]
         plan = _plain_plan(model_spec, data)
         if plan is not None:
             mine = _plain_values(plan, data)

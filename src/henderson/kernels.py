@@ -40,15 +40,20 @@ def grouped_crossprod(group_codes, left, right, weights, n_groups):
 def grouped_crossprod_columns(group_codes, left, right_columns, weights, n_groups):
     """:func:`grouped_crossprod` with the right factor given by columns (``right_columns``
     is ``right.T``, row-major): a column-major X is read as it lies, one column per pass,
-    instead of being copied to row-major first (16 MB for InstEval's X)."""
+    instead of being copied to row-major first (16 MB for InstEval's X). Zeros of X
+    are skipped (adding 0·z changes no sum of finite values): dummy columns are mostly
+    zeros (InstEval's X: 90%; 6 -> 3 ms a term)."""
     n, kl = left.shape
     kr = right_columns.shape[0]
     out = np.zeros((n_groups, kl, kr))
     for b in range(kr):
         column = right_columns[b]
         for i in range(n):
+            value = column[i]
+            if value == 0.0:
+                continue
             g = group_codes[i]
-            wc = weights[i] * column[i]
+            wc = weights[i] * value
             for a in range(kl):
                 out[g, a, b] += wc * left[i, a]
     return out

@@ -177,13 +177,73 @@ def available_memory() -> float:
     return math.inf  # pragma: no cover
 
 
+#: the load average's time constant in seconds (the kernel's 1-minute average)
+LOAD_WINDOW = 60.0
+
+_OWN = []  # this process's share of the load average: [when, CPU seconds, share]
+
+
+def own_share() -> tuple[float, int]:
+    """What this process itself adds to :func:`machine_load`: its share of the 1-minute
+    load average and its threads runnable now besides the caller.
+
+    The runnable threads are those of ``/proc/self/task`` in state R: OpenBLAS's
+    workers spin for a while after a BLAS call and count as running, so a fresh
+    process's first fit took its own idle pool for a busy neighbour and ran BLAS on
+    one thread (InstEval ML's ``dpotri``: 58 ms instead of 15 ms). The share of the
+    load is this process's CPU time averaged as the kernel averages the load (an
+    exponential window of :data:`LOAD_WINDOW` seconds), from its start the first time
+    and from the previous reading after: a loop of fits in one process raises the
+    load average by about one and is not another process's work. ``(0.0, 0)`` where
+    ``/proc`` cannot be read.
+
+    Examples
+    --------
+    >>> from henderson.threads import own_share
+    >>> share, runnable = own_share()
+    >>> share >= 0.0 and runnable >= 0
+    True
+    """
+    try:
+        running = 0
+        for task in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{task}/stat", "rb") as stat:
+                    text = stat.read()
+            except OSError:  # the thread ended meanwhile
+                continue
+            # the state follows the command, which may hold spaces and parentheses
+            if text[text.rindex(b")") + 2:text.rindex(b")") + 3] == b"R":
+                running += 1
+        now = time.monotonic()
+        cpu = time.process_time()
+        if not _OWN:
+            with open("/proc/self/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+            with open("/proc/uptime", "rb") as uptime:
+                up = float(uptime.read().split()[0])
+            # field 22 of stat, the start in clock ticks after boot (the 20th after ")")
+            started = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+            elapsed, spent, share = max(up - started, 1e-3), cpu, 0.0
+        else:
+            read_at, spent_before, share = _OWN
+            elapsed, spent = max(now - read_at, 1e-3), cpu - spent_before
+        decay = math.exp(-elapsed / LOAD_WINDOW)
+        share = share * decay + min(spent / elapsed, float(os.cpu_count() or 1)) * (1 - decay)
+        _OWN[:] = [now, cpu, share]
+        return share, max(0, running - 1)
+    except (OSError, ValueError, IndexError):  # pragma: no cover - not on Linux
+        return 0.0, 0
+
+
 def machine_is_busy(cpus: int | None = None) -> bool:
     """Whether other work holds the CPUs: the 1-minute load average, or the threads
-    runnable right now besides this one (:func:`machine_load`), reach
-    ``BUSY_SHARE * (cpus - 1)``, where ``cpus`` is :func:`available_cpus`. A 2-CPU
-    machine is busy from one busy core; the runnable count catches a neighbour that
-    started too recently to show in the load average (two fits started together). A
-    reading stands for ``BUSY_RECHECK`` seconds.
+    runnable right now besides this one (:func:`machine_load`), less what this
+    process adds to each (:func:`own_share`), reach ``BUSY_SHARE * (cpus - 1)``,
+    where ``cpus`` is :func:`available_cpus`. A 2-CPU machine is busy from one busy
+    core; the runnable count catches a neighbour that started too recently to show in
+    the load average (two fits started together). A reading stands for
+    ``BUSY_RECHECK`` seconds.
 
     Examples
     --------
@@ -198,7 +258,8 @@ def machine_is_busy(cpus: int | None = None) -> bool:
         return busy
     threshold = BUSY_SHARE * (cpus - 1)
     load, runnable = machine_load()
-    busy = load >= threshold or runnable >= threshold
+    own_load, own_runnable = own_share()
+    busy = load - own_load >= threshold or runnable - own_runnable >= threshold
     _BUSY[:] = [now, cpus, busy]
     return busy
 
