@@ -125,6 +125,37 @@ def test_own_threads_and_load_are_not_a_busy_neighbour(machine, monkeypatch):
     assert threads.machine_is_busy()              # 1.2 is
 
 
+def test_a_fit_in_another_thread_of_this_process_is_a_neighbour(machine):
+    """Fits in threads of one process (a Dask worker, a thread pool): their threads
+    are this process's own, so the second fit sees the first through fit_threads'
+    count and runs BLAS on one thread, on an idle machine."""
+    import threading
+
+    _libraries_present()
+    machine(cpus=2, load=0.0, runnable=0)
+    entered, release = threading.Event(), threading.Event()
+
+    def first_fit():
+        with fit_threads():
+            entered.set()
+            release.wait(10)
+
+    worker = threading.Thread(target=first_fit)
+    worker.start()
+    try:
+        entered.wait(10)
+        with fit_threads() as count:
+            assert count == 2
+            assert set(blas_thread_counts().values()) == {1}
+    finally:
+        release.set()
+        worker.join()
+    assert threads._FITS[0] == 0
+    before = blas_thread_counts()
+    with fit_threads():       # alone again: BLAS keeps up to both threads
+        assert blas_thread_counts() == {lib: min(2, n) for lib, n in before.items()}
+
+
 def test_own_share_counts_this_process_threads():
     """A thread of this process busy in NumPy (the GIL released) is runnable, and it
     is counted as this process's; a second reading's share of the load follows the

@@ -189,8 +189,9 @@ def own_share() -> tuple[float, int]:
 
     The runnable threads are those of ``/proc/self/task`` in state R: OpenBLAS's
     workers spin for a while after a BLAS call and count as running, so a fresh
-    process's first fit took its own idle pool for a busy neighbour and ran BLAS on
-    one thread (InstEval ML's ``dpotri``: 58 ms instead of 15 ms). The share of the
+    process's first fit took its own pool for a busy neighbour and ran BLAS on one
+    thread on an idle machine. Other fits running in threads of this process are
+    counted by :func:`fit_threads` instead (:func:`default_blas_threads`). The share of the
     load is this process's CPU time averaged as the kernel averages the load (an
     exponential window of :data:`LOAD_WINDOW` seconds), from its start the first time
     and from the previous reading after: a loop of fits in one process raises the
@@ -283,7 +284,9 @@ def default_threads() -> int:
 
 def default_blas_threads(threads: int) -> int:
     """BLAS's threads in a fit of ``threads`` threads whose count nobody set: one when
-    the machine is busy (:func:`machine_is_busy`), else ``threads``.
+    the machine is busy (:func:`machine_is_busy`) or another fit runs in a thread of
+    this process (threads a Dask worker or a thread pool runs fits in), else
+    ``threads``.
 
     Why BLAS and not our own threads: OpenBLAS's threads spin and wait for each other,
     so a parallel LAPACK call waits for any of them another process holds (InstEval
@@ -299,9 +302,12 @@ def default_blas_threads(threads: int) -> int:
     >>> default_blas_threads(1)
     1
     """
-    if threads > 1 and machine_is_busy():
+    if threads > 1 and (machine_is_busy() or _FITS[0] > 1):
         return 1
     return threads
+
+
+_FITS = [0]  # fits running in this process (fit_threads blocks), in any thread
 
 
 def check_threads(threads, name: str = "threads") -> int | None:
@@ -434,18 +440,24 @@ def fit_threads(threads: int | None = None, blas: int | None = None):
         return
     explicit = threads is not None or os.environ.get(ENVIRONMENT_VARIABLE, "").strip()
     count = resolve_threads(threads)
-    if blas is not None:
-        limit = max(1, int(blas))
-    else:
-        limit = count if explicit else default_blas_threads(count)
-    forced = explicit or blas is not None
-    changed = _set_library_threads(lambda current: limit if forced else min(limit, current))
-    _LOCAL.threads = count
+    with _LOCK:
+        _FITS[0] += 1
     try:
-        yield count
+        if blas is not None:
+            limit = max(1, int(blas))
+        else:
+            limit = count if explicit else default_blas_threads(count)
+        forced = explicit or blas is not None
+        changed = _set_library_threads(lambda current: limit if forced else min(limit, current))
+        _LOCAL.threads = count
+        try:
+            yield count
+        finally:
+            _LOCAL.threads = previous_active
+            _restore_library_threads(changed)
     finally:
-        _LOCAL.threads = previous_active
-        _restore_library_threads(changed)
+        with _LOCK:
+            _FITS[0] -= 1
 
 
 @contextlib.contextmanager
