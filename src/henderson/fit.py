@@ -306,7 +306,8 @@ def _fit_design(design, reml, optimizer, ordering, start, verbose, method,
         large = design.n_obs >= settings.lbfgs_min_rows
         # Newton in θ before AI-REML in the variances where both apply: from the
         # moment start InstEval takes 2 states and a last step, AI-REML 3 and one
-        if method == "mme" and large and newton_applies(design):
+        if method == "mme" and design.n_obs >= settings.newton_min_rows \
+                and newton_applies(design):
             optimizer = "newton"
         elif (has_known or large) and one_coef and reml and method == "mme" \
                 and design.residual_model is None:
