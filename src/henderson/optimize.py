@@ -676,7 +676,8 @@ def check_convergence(problem: ScaledProblem, scaled: np.ndarray, lower: np.ndar
 
 def ensure_convergence(problem: ScaledProblem, result: OptimizerResult, lower: np.ndarray,
                        settings: OptimizerSettings = SETTINGS, warn: bool = True,
-                       first_check=None, tried_starts=()) -> OptimizerResult:
+                       first_check=None, tried_starts=(),
+                       local_search=None) -> OptimizerResult:
     """Check the optimiser's point; where the check fails, restart (L-BFGS-B from the
     point and from the flipped or probed ones it suggests, then BOBYQA with a small
     first step from the best), keep the lowest, and check again. Diagonal elements of
@@ -686,7 +687,9 @@ def ensure_convergence(problem: ScaledProblem, result: OptimizerResult, lower: n
     ``result.theta`` is in θ; the check runs in θ̃. ``first_check(θ̃)``, when given,
     makes the first check instead of :func:`check_convergence` (AI-REML's, from its
     score and average information, with no finite differences). ``tried_starts`` (θ̃)
-    are not explored again.
+    are not explored again. ``local_search(θ̃)``, when given, runs a fit from lme4's
+    start where the exploration is not thorough (the caller's Newton steps) instead of
+    a loose BOBYQA run.
     """
     scaled = problem.to_scaled(result.theta)
     value = result.objective
@@ -731,7 +734,8 @@ def ensure_convergence(problem: ScaledProblem, result: OptimizerResult, lower: n
                 or round_ == settings.max_recoveries:
             break
         better = _explore_boundaries(problem, scaled, value, lower, settings, tried_starts,
-                                     _explore_thoroughly(problem, scaled, settings))
+                                     _explore_thoroughly(problem, scaled, settings),
+                                     local_search)
         if better is None:
             break
         scaled, value = _snap_to_boundary(problem, *better, lower, settings)
@@ -848,7 +852,7 @@ def _explore_thoroughly(problem: ScaledProblem, scaled: np.ndarray,
 
 def _explore_boundaries(problem: ScaledProblem, scaled: np.ndarray, value: float,
                         lower: np.ndarray, settings: OptimizerSettings, tried_starts=(),
-                        thorough: bool = True):
+                        thorough: bool = True, local_search=None):
     """L-BFGS-B from lme4's start (Λ̃ = I), from the point with each diagonal element
     of Λ moved across its bound's side (a nonzero one to 0, a zero one to 1), and with
     each structure's correlation parameter at 0 and at its opposite:
@@ -856,21 +860,18 @@ def _explore_boundaries(problem: ScaledProblem, scaled: np.ndarray, value: float
     another inside, and which one an optimiser finds depends on where it starts
     (BOBYQA from lme4's start and L-BFGS-B from the moment start ended in different
     ones). Returns the lowest (θ̃, value) found when it is lower than ``value``, else
-    None. Not ``thorough`` (:func:`_explore_thoroughly`): one loose run from lme4's
-    start, none where that start was tried."""
+    None. Not ``thorough`` (:func:`_explore_thoroughly`): one run from lme4's start
+    (``local_search``, else a loose BOBYQA), none where that start was tried."""
     design = problem.objective.mme.design
     if not thorough:
-        from .aireml import newton_applies, optimize_newton
-
         start = design.parameter_start()
         if np.array_equal(start, scaled) or any(np.array_equal(start, t) for t in tried_starts):
             return None
-        if newton_applies(design) and problem.search is problem.objective:
-            # Newton steps from lme4's start where they apply: 20,000 rows of
-            # y ~ x + (1 + x | g1) + (1 | g2) with 1,000 g2 levels, a loose BOBYQA run
-            # took 45 evaluations (1.0 s), 4x the fit
-            trial = optimize_newton(problem, start, lower, settings=settings,
-                                    upper=upper_bounds(lower, settings))
+        if local_search is not None:
+            # the caller's Newton steps: 20,000 rows of y ~ x + (1 + x | g1) + (1 | g2)
+            # with 1,000 g2 levels, a loose BOBYQA run took 45 evaluations (1.0 s), 4x
+            # the fit
+            trial = local_search(start)
         else:
             trial = optimize_bobyqa(problem.value, start, lower,
                                     tolerance=settings.explore_tolerance, initial_step=0.5,
