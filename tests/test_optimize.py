@@ -326,3 +326,60 @@ def test_converged_means_the_check_passed():
     assert m.converged and m.optimizer_result.check.passed
     assert np.max(m.optimizer_result.check.scaled_gradient) < 2e-3
     assert m.optimizer_result.check.min_eigenvalue > 0
+
+
+# ----------------------------------------------------------------------------------
+# mid-size fits (5,000-50,000 rows): Newton by default, exploration where it has reason
+
+
+def _mid_size_problem(formula, data):
+    from henderson.fit import theta_scale
+    from henderson.mme import MixedModelEquations
+    from henderson.objective import Objective
+    from henderson.optimize import ScaledProblem
+
+    design = hd.build_design(formula, data)
+    mme = MixedModelEquations(design)
+    return design, ScaledProblem(Objective(mme, reml=True), theta_scale(design, mme.xp))
+
+
+def test_mid_size_exploration_is_thorough_only_where_the_minimum_gives_a_reason():
+    from henderson.optimize import SETTINGS, _explore_thoroughly
+    from henderson.simulate import crossed
+
+    design, problem = _mid_size_problem("y ~ x + (1 + x | g1) + (1 | g2)",
+                                        crossed(6_000, 600, 100, seed=2))
+    # an interior minimum with many levels: lme4's start only
+    interior = problem.to_scaled(np.array([1.0, 0.3, 0.6, 0.7]))
+    assert not _explore_thoroughly(problem, interior)
+    # Σ_t nearly singular (slope SD ~0 or a correlation near ±1), a scalar variance near 0
+    for theta in ([1.0, 0.3, 1e-4, 0.7], [1.0, 5.0, 0.1, 0.7], [1.0, 0.3, 0.6, 1e-6]):
+        assert _explore_thoroughly(problem, problem.to_scaled(np.array(theta))), theta
+    # few levels, or fewer rows than SETTINGS.explore_all_rows: every start
+    _, few_levels = _mid_size_problem("y ~ x + (1 + x | g1) + (1 | g2)",
+                                      crossed(6_000, 600, 20, seed=2))
+    assert _explore_thoroughly(few_levels, interior)
+    _, small = _mid_size_problem("y ~ x + (1 + x | g1) + (1 | g2)",
+                                 crossed(SETTINGS.explore_all_rows - 1, 600, 100, seed=2))
+    assert _explore_thoroughly(small, small.to_scaled(np.array([1.0, 0.3, 0.6, 0.7])))
+
+
+@pytest.mark.parametrize("formula", ["y ~ x + (1 + x | g1) + (1 | g2)",
+                                     "y ~ x + (1 | g1) + (1 | g2)"])
+@pytest.mark.parametrize("reml", [True, False], ids=["REML", "ML"])
+def test_mid_size_default_fit_is_bobyqas_optimum_at_a_fraction_of_the_cost(
+        formula, reml, monkeypatch):
+    """From 5,000 rows the default is Newton with one check from lme4's start; it must
+    reach the optimum of BOBYQA explored from every start (as below 5,000 rows), at a
+    fraction of the evaluations (20,000 rows of the slope model: 255 before, 15 now)."""
+    import henderson.optimize as optimize
+    from henderson.simulate import crossed
+
+    data = crossed(8_000, 800, 100, seed=4)
+    default = hd.lmm(formula, data, reml=reml)
+    monkeypatch.setattr(optimize, "_explore_thoroughly", lambda *args, **kwargs: True)
+    reference = hd.lmm(formula, data, reml=reml, optimizer="bobyqa")
+    assert default.converged and default.optimizer_result.method.startswith("newton")
+    assert default.objective == pytest.approx(reference.objective, rel=1e-10, abs=1e-6)
+    np.testing.assert_allclose(default.theta, reference.theta, rtol=1e-4, atol=1e-5)
+    assert default.n_evaluations < reference.n_evaluations / 3

@@ -306,7 +306,8 @@ def _fit_design(design, reml, optimizer, ordering, start, verbose, method,
         large = design.n_obs >= settings.lbfgs_min_rows
         # Newton in θ before AI-REML in the variances where both apply: from the
         # moment start InstEval takes 2 states and a last step, AI-REML 3 and one
-        if method == "mme" and large and newton_applies(design):
+        if method == "mme" and design.n_obs >= settings.newton_min_rows \
+                and newton_applies(design):
             optimizer = "newton"
         elif (has_known or large) and one_coef and reml and method == "mme" \
                 and design.residual_model is None:
@@ -366,10 +367,16 @@ def _fit_design(design, reml, optimizer, ordering, start, verbose, method,
         first_check = lambda scaled: (  # noqa: E731
             newton_convergence_check(problem, problem.to_theta(scaled), newton_result)
             or check_convergence(problem, scaled, lower, settings))
+    # where the other-minima search is not thorough, lme4's start by Newton steps
+    local_search = None
+    if method == "mme" and newton_applies(design):
+        local_search = lambda scaled: optimize_newton(  # noqa: E731
+            problem, scaled, lower, settings=settings, upper=upper_bounds(lower, settings))
     # exploration's loose BOBYQA runs from lme4's start would retrace a BOBYQA fit, not
     # another optimiser's (Nelder-Mead stopped at a boundary point 0.05 units up from
     # where BOBYQA went from the same start)
     result = ensure_convergence(problem, result, lower, settings, first_check=first_check,
+                                local_search=local_search,
                                 tried_starts=[scaled_start] if optimizer == "bobyqa" else [])
     timings["convergence_check"] = time.perf_counter() - t0
     theta = np.maximum(result.theta, lower)
