@@ -156,8 +156,8 @@ class SparseCholesky(_Cholmod):
         over a copy of the factor's values, or, for a large C, over the factor's own
         values, the factor then given up (and made again if it is needed after). No
         simplicial L is made: at 1M animals with 20,000 genotyped, CHOLMOD's
-        conversion held the factor, a copy of it and the simplicial L at once
-        (22.0 GB for the process, against 14.6 GB with the factor alone).
+        conversion held the factor, a copy of it and the simplicial L at once (BLUP +
+        every PEV peaked at 22.0 GB that way, 16.6 GB this way; docs/benchmarks.md).
 
         Otherwise L comes from CHOLMOD's conversion, for a large C of the factor
         itself (L, a copy of it and the factor would be three times 3.2 GB for a

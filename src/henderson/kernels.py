@@ -3,7 +3,8 @@
 * cross-products of the random-effect columns by level (block diagonal) and by pairs
   of levels (crossed terms), and of levels with dense columns (``Z'WX``, ``Z'Wy``);
 * writing ``Λ_a' B Λ_b`` blocks into the fixed pattern of ``C``;
-* the Takahashi selected inverse of a sparse Cholesky factor.
+* the Takahashi selected inverse of a sparse Cholesky factor, as a simplicial L (CSC)
+  or in CHOLMOD's supernodal storage.
 
 Each kernel has a dense NumPy twin in ``tests/test_kernels.py``.
 """
