@@ -47,3 +47,16 @@ def test_selected_inverse_kernel(benchmark):
     mme.factorize(np.array([0.28, 0.44]))
     selected = benchmark(mme.selected_inverse)
     assert selected.matrix.nnz > 0
+
+
+def test_supernodal_selected_inverse_kernel(benchmark):
+    """The same on CHOLMOD's supernodes (fixed effects in the sparse factor), written
+    over a copy of the factor's values."""
+    from henderson.factor import SupernodalInverse
+
+    data = hd.datasets.load("insteval")
+    d = hd.build_design("y ~ service * dept + (1 | s) + (1 | d)", data)
+    mme = hd.MixedModelEquations(d, mode="supernodal", dense_fixed=False)
+    mme.factorize(np.array([0.28, 0.44]))
+    selected = benchmark(mme.selected_inverse)
+    assert isinstance(selected, SupernodalInverse)

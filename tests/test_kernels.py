@@ -160,3 +160,72 @@ def test_centred_genotypes_equal_numpy(centre):
     rows = np.random.default_rng(1).normal(size=counts.shape[1])
     complete = np.nan_to_num(counts)
     assert np.allclose(kernels.weighted_row_sums(complete, rows), complete @ rows, atol=1e-10)
+
+
+@pytest.mark.parametrize("workspace_bytes", [1 << 28, 64])
+@pytest.mark.parametrize("fraction", [1.0, 0.5, 0.0])
+@pytest.mark.parametrize("seed", range(8))
+def test_selected_inverse_on_cholmods_supernodes_equals_the_dense_inverse(
+        seed, fraction, workspace_bytes, monkeypatch):
+    """The inverse written over CHOLMOD's supernodal storage: the dense last
+    supernode by dpotri in place, the supernodes with many of its columns among their
+    rows by dsymm on it (all of them with fraction 0), Z_RR whole or in row panels
+    (64 bytes: panels of one row); on L's pattern it is the dense inverse."""
+    from sksparse.cholmod import cholesky
+
+    from henderson.linalg import cholmod_supernodes
+
+    monkeypatch.setattr(kernels, "DENSE_TAIL_MIN", 4)
+    monkeypatch.setattr(kernels, "DENSE_TAIL_FRACTION", fraction)
+    monkeypatch.setattr(kernels, "SUPERNODE_WORKSPACE_BYTES", workspace_bytes)
+    rng = np.random.default_rng(seed)
+    n, n_block = 90, 20 + 2 * seed
+    A = random_spd_sparse(rng, n, 0.03).toarray()
+    B = rng.normal(size=(n_block, n_block + 2))
+    block = np.arange(n - n_block, n)  # dense and last, as genotyped animals in H⁻¹
+    A[np.ix_(block, block)] += B @ B.T
+    A = sp.csc_matrix(A)
+    ordering = "natural" if seed % 2 else "amd"
+    factor = cholesky(A, ordering_method=ordering, mode="supernodal")
+    nodes = cholmod_supernodes(factor)
+    assert nodes is not None
+    L = factor.L().tocoo()  # L L' = P A P'
+    perm = factor.P()
+    column_node = kernels.supernodal_selected_inverse_in_place(nodes)
+    dense_inverse = np.linalg.inv(A.toarray()[np.ix_(perm, perm)])
+    values = kernels.supernodal_lookup_symmetric(
+        nodes.first_column, nodes.row_pointer, nodes.value_pointer, nodes.rows,
+        column_node, nodes.values, L.row.astype(np.int64), L.col.astype(np.int64))
+    assert np.allclose(values, dense_inverse[L.row, L.col], rtol=1e-10,
+                       atol=1e-13 * np.abs(dense_inverse).max())
+    # an entry outside L's pattern is refused, not read from another column
+    outside = np.argwhere(np.tril(factor.L().toarray() == 0))
+    if len(outside):
+        with pytest.raises(ValueError):
+            kernels.supernodal_lookup_symmetric(
+                nodes.first_column, nodes.row_pointer, nodes.value_pointer, nodes.rows,
+                column_node, nodes.values, outside[:1, 0], outside[:1, 1])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_supernodal_gather_equals_the_dense_submatrix(seed):
+    from sksparse.cholmod import cholesky
+
+    from henderson.linalg import cholmod_supernodes
+
+    rng = np.random.default_rng(seed)
+    n = 40
+    A = random_spd_sparse(rng, n, 0.05).toarray()
+    A[-25:, -25:] += np.eye(25) + 0.1  # a dense trailing block
+    factor = cholesky(sp.csc_matrix(A), ordering_method="natural", mode="supernodal")
+    nodes = cholmod_supernodes(factor)
+    column_node = np.repeat(np.arange(len(nodes.first_column) - 1),
+                            np.diff(nodes.first_column))
+    L = factor.L().toarray()
+    left = np.sort(rng.choice(np.arange(15, n), 6, replace=False))
+    right = np.sort(rng.choice(np.arange(15, n), 9, replace=False))
+    out = kernels.supernodal_gather(nodes.first_column, nodes.row_pointer,
+                                    nodes.value_pointer, nodes.rows, column_node,
+                                    nodes.values, left, right)
+    symmetric = np.tril(L) + np.tril(L, -1).T  # L's values, read as a symmetric matrix
+    assert np.array_equal(out, symmetric[np.ix_(left, right)])

@@ -285,3 +285,43 @@ def test_orderings_of_a_large_pattern_are_not_timed(monkeypatch):
     timed.factorize(theta)
     untimed.factorize(theta)
     assert untimed.logdet() == pytest.approx(timed.logdet(), rel=1e-12)
+
+
+@pytest.mark.parametrize("release", [False, True], ids=["copy", "release"])
+@pytest.mark.parametrize("case", ["animal-sparse-x", "animal-and-pen", "slope-on-animal"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pevs_on_cholmods_supernodes_equal_the_dense_twin(case, seed, release, monkeypatch):
+    """The selected inverse written over CHOLMOD's supernodal factor (its own values
+    when C is large: ``release``): entries on C's pattern, PEVs and EBVs of a fit at
+    known variances equal the dense inverse and solve; a released factor is made
+    again for what comes after."""
+    from henderson import factor as factor_module
+
+    monkeypatch.setattr(kernels, "DENSE_TAIL_MIN", 3)
+    monkeypatch.setattr(factor_module, "RELEASE_FACTOR_NNZ", 0 if release else 10 ** 12)
+    rng = np.random.default_rng(seed)
+    formula, options, _ = CASES[case]
+    K, data = animal_data(rng, 50, 20 + seed, 180, 9, last=True)
+    design = hd.build_design(formula, data, relationships={"animal": K}, **options)
+    mme = MixedModelEquations(design, mode="supernodal", dense_fixed=False)
+    assert isinstance(mme.factorization, factor_module.SparseCholesky)
+    theta = design.theta_start() * rng.uniform(0.5, 1.5, design.n_theta) + 0.2
+    mme.factorize(theta)
+    C = dense_c(design, theta)
+    inverse = np.linalg.inv(C)
+    selected = mme.selected_inverse()
+    assert isinstance(selected, factor_module.SupernodalInverse)
+    assert (mme.factorization._factor is None) == release
+    rows, cols = np.tril_indices(mme.size)
+    in_pattern = np.abs(C[rows, cols]) > 0
+    rows, cols = rows[in_pattern], cols[in_pattern]
+    assert np.allclose(mme.inverse_entries(selected, rows, cols), inverse[rows, cols],
+                       rtol=1e-10, atol=1e-12 * np.abs(inverse).max())
+    rhs = mme.rhs(theta)
+    assert np.allclose(mme.solve(rhs), np.linalg.solve(C, rhs), rtol=1e-10, atol=1e-12)
+    assert np.allclose(mme.fixed_block_inverse(), inverse[design.n_random:, design.n_random:],
+                       rtol=1e-10, atol=1e-14)
+    # the inverse survives the factor being made again and refactored elsewhere
+    mme.factorize(theta * 1.1)
+    assert np.allclose(mme.inverse_entries(selected, rows, cols), inverse[rows, cols],
+                       rtol=1e-10, atol=1e-12 * np.abs(inverse).max())

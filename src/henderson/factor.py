@@ -29,6 +29,7 @@ eliminated, a dense Cholesky of the rest). Every call into CHOLMOD goes through
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +37,7 @@ import scipy.linalg
 import scipy.sparse as sp
 
 from . import kernels
-from .linalg import cholmod_analyze, cholmod_lower_factor, cholmod_refactor
+from .linalg import cholmod_analyze, cholmod_lower_factor, cholmod_refactor, cholmod_supernodes
 from .threads import dense_blas_threads
 
 #: bytes of right-hand sides solved at once for (C⁻¹)_ββ
@@ -59,6 +60,29 @@ class SelectedInverse:
         c = self.position[np.asarray(cols, dtype=np.int64)]
         m = self.matrix
         return kernels.lookup_symmetric(m.indptr, m.indices, m.data, r, c)
+
+
+@dataclass
+class SupernodalInverse:
+    """An inverse known on the pattern of a supernodal Cholesky factor, in the
+    factor's own storage (``nodes``: :class:`henderson.linalg.Supernodes`, whose
+    values hold the inverse), and the map from original indices to its coordinates."""
+
+    nodes: object
+    column_node: np.ndarray
+    position: np.ndarray
+
+    def entries(self, rows, cols) -> np.ndarray:
+        r = self.position[np.asarray(rows, dtype=np.int64)]
+        c = self.position[np.asarray(cols, dtype=np.int64)]
+        nodes = self.nodes
+        return kernels.supernodal_lookup_symmetric(
+            nodes.first_column, nodes.row_pointer, nodes.value_pointer, nodes.rows,
+            self.column_node, nodes.values, r, c)
+
+
+def _identity(permutation) -> bool:
+    return bool(np.array_equal(permutation, np.arange(len(permutation))))
 
 
 class _Cholmod:
@@ -126,12 +150,32 @@ class SparseCholesky(_Cholmod):
             self._factor = cholmod_analyze(matrix, ordering="natural", mode=self.mode)
         cholmod_refactor(self._factor, matrix)
 
-    def selected_inverse(self, random_block_only: bool = False) -> SelectedInverse:
-        """As :meth:`_Cholmod.selected_inverse`; for a large C, L is taken from the
-        factor itself, which is given up (and made again if it is needed after):
-        L, a copy of it and the factor would be three times 3.2 GB for a dense
-        20,000² block."""
-        if random_block_only or self.equations.matrix.nnz < RELEASE_FACTOR_NNZ:
+    def selected_inverse(self, random_block_only: bool = False):
+        """As :meth:`_Cholmod.selected_inverse`, on CHOLMOD's supernodes where they can
+        be read (:func:`henderson.linalg.cholmod_supernodes`): the inverse is written
+        over a copy of the factor's values, or, for a large C, over the factor's own
+        values, the factor then given up (and made again if it is needed after). No
+        simplicial L is made: at 1M animals with 20,000 genotyped, CHOLMOD's
+        conversion held the factor, a copy of it and the simplicial L at once (BLUP +
+        every PEV peaked at 22.0 GB that way, 16.6 GB this way; docs/benchmarks.md).
+
+        Otherwise L comes from CHOLMOD's conversion, for a large C of the factor
+        itself (L, a copy of it and the factor would be three times 3.2 GB for a
+        dense 20,000² block)."""
+        if random_block_only:
+            return super().selected_inverse(random_block_only)
+        release = self.equations.matrix.nnz >= RELEASE_FACTOR_NNZ
+        nodes = cholmod_supernodes(self.factor)
+        if nodes is not None and not _identity(self.factor.P()):
+            nodes = None  # analysed in the natural order, so never here
+        if nodes is not None:
+            if release:
+                self._factor = None  # its values become the inverse's
+            else:
+                nodes = dataclasses.replace(nodes, values=nodes.values.copy(), owner=None)
+            column_node = kernels.supernodal_selected_inverse_in_place(nodes)
+            return SupernodalInverse(nodes, column_node, self._positions(False))
+        if not release:
             return super().selected_inverse(random_block_only)
         lower = cholmod_lower_factor(self.factor, in_place=True)
         self._factor = None

@@ -3,7 +3,8 @@
 * cross-products of the random-effect columns by level (block diagonal) and by pairs
   of levels (crossed terms), and of levels with dense columns (``Z'WX``, ``Z'Wy``);
 * writing ``Λ_a' B Λ_b`` blocks into the fixed pattern of ``C``;
-* the Takahashi selected inverse of a sparse Cholesky factor.
+* the Takahashi selected inverse of a sparse Cholesky factor, as a simplicial L (CSC)
+  or in CHOLMOD's supernodal storage.
 
 Each kernel has a dense NumPy twin in ``tests/test_kernels.py``.
 """
@@ -525,6 +526,265 @@ def selected_inverse_in_place(indptr, indices, values) -> np.ndarray:
         start = n
     selected_inverse_supernodal_into(indptr, indices, values, values, start)
     return values
+
+
+# ------------------------------------------------- the selected inverse on supernodes
+# L as CHOLMOD stores a supernodal factor (linalg.Supernodes): supernode k holds columns
+# first_column[k] .. first_column[k + 1], rows rows[row_pointer[k]:row_pointer[k + 1]]
+# (sorted, its own columns first), values column-major from value_pointer[k] with as
+# many rows. The inverse is written over L in that storage: no simplicial copy of L.
+
+@numba.njit(**_NJIT)
+def _supernodal_position(first_column, row_pointer, value_pointer, rows, column_node,
+                         row, col):
+    """Where entry (row, col), row >= col, of L's pattern sits in the values; -1 if
+    it is not in the pattern."""
+    node = column_node[col]
+    start, stop = row_pointer[node], row_pointer[node + 1]
+    height = stop - start
+    offset = col - first_column[node]
+    if rows[stop - 1] - rows[start] == height - 1:  # contiguous rows: jump
+        pos = row - rows[start]
+        if pos < offset or pos >= height:
+            return -1
+    else:
+        found = _find_row(rows, start + offset, stop, row)
+        if found < 0:
+            return -1
+        pos = found - start
+    return value_pointer[node] + offset * height + pos
+
+
+@numba.njit(**_NJIT)
+def supernodal_lookup_symmetric(first_column, row_pointer, value_pointer, rows,
+                                column_node, values, query_rows, query_cols):
+    """:func:`lookup_symmetric` on supernodal storage."""
+    out = np.empty(len(query_rows))
+    for t in range(len(query_rows)):
+        r, c = query_rows[t], query_cols[t]
+        if r < c:
+            r, c = c, r
+        pos = _supernodal_position(first_column, row_pointer, value_pointer, rows,
+                                   column_node, r, c)
+        if pos < 0:
+            raise ValueError("lookup_symmetric: entry not in pattern")
+        out[t] = values[pos]
+    return out
+
+
+@numba.njit(**_NJIT)
+def _gather_column(first_column, row_pointer, value_pointer, rows, column_node, values,
+                   col, targets, out, out_stride, out_offset):
+    """``out[out_offset + i * out_stride] = Z[targets[i], col]`` for rows ``targets``
+    (ascending, each >= col) of one column, walking down its rows."""
+    node = column_node[col]
+    start, stop = row_pointer[node], row_pointer[node + 1]
+    height = stop - start
+    offset = col - first_column[node]
+    base = value_pointer[node] + offset * height
+    contiguous = rows[stop - 1] - rows[start] == height - 1
+    q = start + offset
+    for i in range(len(targets)):
+        target = targets[i]
+        if contiguous:
+            pos = target - rows[start]
+            if pos < offset or pos >= height:
+                raise ValueError("selected_inverse: L's pattern is not closed under fill")
+        else:
+            while q < stop and rows[q] < target:
+                q += 1
+            if q == stop or rows[q] != target:
+                raise ValueError("selected_inverse: L's pattern is not closed under fill")
+            pos = q - start
+        out[out_offset + i * out_stride] = values[base + pos]
+
+
+@numba.njit(**_NJIT)
+def supernodal_gather(first_column, row_pointer, value_pointer, rows, column_node, values,
+                      left, right):
+    """``Z[left, right]`` (both ascending) of the symmetric matrix held on L's pattern."""
+    m, r = len(left), len(right)
+    out = np.empty((m, r))
+    flat = out.reshape(m * r)
+    for a in range(m):
+        # right[b] >= left[a]: column left[a], rows right[b]
+        first = np.searchsorted(right, left[a])
+        _gather_column(first_column, row_pointer, value_pointer, rows, column_node, values,
+                       left[a], right[first:], flat, 1, a * r + first)
+    for b in range(r):
+        # left[a] > right[b]: column right[b], rows left[a]
+        first = np.searchsorted(left, right[b], side="right")
+        if first < m:
+            _gather_column(first_column, row_pointer, value_pointer, rows, column_node,
+                           values, right[b], left[first:], flat, r, first * r + b)
+    return out
+
+
+@numba.njit(**_NJIT)
+def supernodal_selected_inverse_range(first_column, row_pointer, value_pointer, rows,
+                                      column_node, values, low, high, workspace_bytes):
+    """The Takahashi recurrences of :func:`selected_inverse_supernodal_into` on
+    supernodal storage, for supernodes ``high - 1`` down to ``low``: each reads its own
+    L before writing its Z over it, and the Z of later supernodes only, which must be
+    there already. ``Z_RR`` is gathered whole up to ``workspace_bytes``, in row panels
+    beyond (a supernode just before a dense block can have its 20,000 rows)."""
+    largest = 0
+    for node in range(low, high):
+        width = first_column[node + 1] - first_column[node]
+        largest = max(largest, row_pointer[node + 1] - row_pointer[node] - width)
+    whole_limit = max(1, int(np.sqrt(workspace_bytes / 8.0)))
+    workspace = np.empty(min(largest, whole_limit) * largest)
+    for node in range(high - 1, low - 1, -1):
+        first = first_column[node]
+        s = first_column[node + 1] - first
+        start = row_pointer[node]
+        height = row_pointer[node + 1] - start
+        r = height - s
+        base = value_pointer[node]
+        L_JJ = np.zeros((s, s))
+        L_RJ = np.empty((r, s))
+        for c in range(s):
+            for a in range(c, s):
+                L_JJ[a, c] = values[base + c * height + a]
+            for a in range(r):
+                L_RJ[a, c] = values[base + c * height + s + a]
+        inv_JJ = np.linalg.inv(L_JJ)
+        for a in range(s):
+            for c in range(a + 1, s):
+                inv_JJ[a, c] = 0.0
+        Z_JJ = inv_JJ.T @ inv_JJ
+        if r > 0:
+            Y = L_RJ @ inv_JJ
+            R = rows[start + s:start + height]
+            Z_RJ = np.empty((r, s))
+            if r <= whole_limit:
+                Z_RR = workspace[:r * r].reshape((r, r))
+                flat = workspace[:r * r]
+                for b in range(r):  # lower triangle by columns, mirrored
+                    _gather_column(first_column, row_pointer, value_pointer, rows,
+                                   column_node, values, R[b], R[b:], flat, r, b * r + b)
+                    for a in range(b + 1, r):
+                        Z_RR[b, a] = Z_RR[a, b]
+                Z_RJ[:, :] = -(Z_RR @ Y)
+            else:
+                panel = max(1, (whole_limit * whole_limit) // r)
+                for a0 in range(0, r, panel):
+                    a1 = min(a0 + panel, r)
+                    rows_here = a1 - a0
+                    Z_panel = workspace[:rows_here * r].reshape((rows_here, r))
+                    flat = workspace[:rows_here * r]
+                    for a in range(a0, a1):  # Z[R[b], R[a]], b >= a: column R[a]
+                        _gather_column(first_column, row_pointer, value_pointer, rows,
+                                       column_node, values, R[a], R[a:], flat, 1,
+                                       (a - a0) * r + a)
+                    for b in range(0, a1):  # Z[R[a], R[b]], a > b: column R[b]
+                        lo = max(a0, b + 1)
+                        if lo < a1:
+                            _gather_column(first_column, row_pointer, value_pointer, rows,
+                                           column_node, values, R[b], R[lo:a1], flat, r,
+                                           (lo - a0) * r + b)
+                    Z_RJ[a0:a1, :] = -(Z_panel @ Y)
+            Z_JJ -= Y.T @ Z_RJ
+            for c in range(s):
+                for a in range(r):
+                    values[base + c * height + s + a] = Z_RJ[a, c]
+        for c in range(s):
+            for a in range(c, s):
+                values[base + c * height + a] = Z_JJ[a, c]
+
+
+#: bytes of Z_RR gathered at once for one supernode (row panels beyond)
+SUPERNODE_WORKSPACE_BYTES = 1 << 28
+
+
+def _dense_tail_step(nodes, column_node, tail, tail_first, node) -> None:
+    """One supernode whose rows hold many of the dense trailing supernode's columns:
+    ``Z_RR Y`` with that supernode's inverse (``tail``, lower triangle, in place) by
+    one BLAS ``dsymm`` instead of gathering it."""
+    from scipy.linalg import blas
+
+    first_column, row_pointer, value_pointer, rows, values = (
+        nodes.first_column, nodes.row_pointer, nodes.value_pointer, nodes.rows, nodes.values)
+    first = first_column[node]
+    s = first_column[node + 1] - first
+    start = row_pointer[node]
+    height = row_pointer[node + 1] - start
+    r = height - s
+    block = values[value_pointer[node]:value_pointer[node] + height * s].reshape(
+        (height, s), order="F")
+    inv_JJ = np.linalg.inv(np.tril(block[:s]))
+    inv_JJ = np.tril(inv_JJ)
+    Y = block[s:] @ inv_JJ
+    R = rows[start + s:start + height].astype(np.int64)
+    k = int(np.searchsorted(R, tail_first))  # R[:k] before the tail, R[k:] in it
+    in_tail = R[k:] - tail_first
+    padded = np.zeros((len(tail), s), order="F")
+    padded[in_tail] = Y[k:]
+    product = blas.dsymm(1.0, tail, padded, side=0, lower=1)
+    Z_RJ = np.empty((r, s))
+    Z_RJ[k:] = product[in_tail]
+    del padded, product
+    if k:
+        cross = supernodal_gather(first_column, row_pointer, value_pointer, rows,
+                                  column_node, values, R[:k], R)
+        Z_RJ[:k] = cross @ Y
+        Z_RJ[k:] += cross[:, k:].T @ Y[:k]
+    Z_RJ = -Z_RJ
+    Z_JJ = inv_JJ.T @ inv_JJ - Y.T @ Z_RJ
+    block[s:] = Z_RJ
+    lower = np.tril_indices(s)
+    block[lower] = Z_JJ[lower]
+
+
+def supernodal_selected_inverse_in_place(nodes) -> np.ndarray:
+    """``C⁻¹`` on the pattern of its supernodal Cholesky factor, written over the
+    factor's values (``nodes``: :class:`henderson.linalg.Supernodes`, or an object with
+    the same arrays). Returns the map from a column to its supernode.
+
+    A dense last supernode (the genotyped animals of single-step, stored as a full
+    square) is inverted in place by LAPACK's dpotri; a supernode with at least
+    :data:`DENSE_TAIL_FRACTION` of that square's columns among its rows multiplies by
+    it with BLAS (``dsymm``) in place; the others run the Takahashi recurrences
+    (:func:`supernodal_selected_inverse_range`). No copy of the square is made.
+    """
+    from scipy.linalg import lapack
+
+    first_column, row_pointer, value_pointer, rows, values = (
+        nodes.first_column, nodes.row_pointer, nodes.value_pointer, nodes.rows, nodes.values)
+    n_nodes = len(first_column) - 1
+    widths = np.diff(first_column)
+    column_node = np.repeat(np.arange(n_nodes, dtype=np.int64), widths)
+    last = n_nodes - 1
+    t = int(widths[last])
+    stop = n_nodes
+    tail = None
+    if t >= DENSE_TAIL_MIN and row_pointer[last + 1] - row_pointer[last] == t:
+        tail = values[value_pointer[last]:value_pointer[last] + t * t].reshape(
+            (t, t), order="F")
+        tail_out, info = lapack.dpotri(tail, lower=1, overwrite_c=1)
+        if info:
+            raise ValueError(f"selected_inverse: dpotri failed (info {info})")
+        if not np.shares_memory(tail_out, tail):  # pragma: no cover - a copy was made
+            tail[...] = tail_out
+        del tail_out
+        stop = last
+    dense = np.zeros(stop, dtype=bool)
+    if tail is not None and stop:
+        tail_first = first_column[last]
+        in_tail = np.add.reduceat((rows[:row_pointer[stop]] >= tail_first).astype(np.int64),
+                                  row_pointer[:stop])
+        dense = in_tail >= DENSE_TAIL_FRACTION * t
+    high = stop
+    for node in np.flatnonzero(dense)[::-1]:
+        supernodal_selected_inverse_range(first_column, row_pointer, value_pointer, rows,
+                                          column_node, values, node + 1, high,
+                                          SUPERNODE_WORKSPACE_BYTES)
+        _dense_tail_step(nodes, column_node, tail, first_column[last], node)
+        high = node
+    supernodal_selected_inverse_range(first_column, row_pointer, value_pointer, rows,
+                                      column_node, values, 0, high,
+                                      SUPERNODE_WORKSPACE_BYTES)
+    return column_node
 
 
 @numba.njit(**_NJIT)

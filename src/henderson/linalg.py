@@ -8,6 +8,7 @@ every call here is what lets either be supported.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
@@ -45,6 +46,107 @@ def cholmod_lower_factor(factor, in_place: bool = False) -> sp.csc_matrix:
 
 def cholmod_permutation(factor) -> np.ndarray:
     return np.asarray(factor.P(), dtype=np.int64)
+
+
+@dataclass
+class Supernodes:
+    """A numeric supernodal LL' factor as CHOLMOD stores it: supernode k holds columns
+    ``first_column[k]`` .. ``first_column[k + 1]`` of L, its rows are
+    ``rows[row_pointer[k]:row_pointer[k + 1]]`` (sorted, its own columns first) and its
+    values the column-major block ``values[value_pointer[k]:]`` of that many rows (the
+    upper triangle of its diagonal block is not part of L). ``values`` is a view on the
+    factor's memory, which ``owner`` keeps alive; the integer arrays are copies."""
+
+    first_column: np.ndarray
+    row_pointer: np.ndarray
+    value_pointer: np.ndarray
+    rows: np.ndarray
+    values: np.ndarray
+    owner: object
+
+
+def _cholmod_factor_struct():
+    import ctypes
+
+    size_t, pointer, integer = ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int
+
+    class CholmodFactor(ctypes.Structure):  # cholmod_core.h of SuiteSparse 4 to 5
+        _fields_ = [("n", size_t), ("minor", size_t), ("Perm", pointer),
+                    ("ColCount", pointer), ("IPerm", pointer), ("nzmax", size_t),
+                    ("p", pointer), ("i", pointer), ("x", pointer), ("z", pointer),
+                    ("nz", pointer), ("next", pointer), ("prev", pointer),
+                    ("nsuper", size_t), ("ssize", size_t), ("xsize", size_t),
+                    ("maxcsize", size_t), ("maxesize", size_t), ("super", pointer),
+                    ("pi", pointer), ("px", pointer), ("s", pointer),
+                    ("ordering", integer), ("is_ll", integer), ("is_super", integer),
+                    ("is_monotonic", integer), ("itype", integer), ("xtype", integer),
+                    ("dtype", integer), ("useGPU", integer)]
+
+    return CholmodFactor
+
+
+def cholmod_supernodes(factor) -> Supernodes | None:
+    """The supernodes of a numeric supernodal factor of scikit-sparse 0.4
+    (``sksparse.cholmod.Factor``), read in place, or None when they cannot be had
+    safely (another scikit-sparse, a simplicial or int64 factor). They are those of
+    ``L L' = P A P'`` (``P = factor.P()``).
+
+    scikit-sparse 0.4 gives L only through ``Factor.L()``, which copies the factor
+    and converts the copy to a simplicial one: for a dense 20,000² block, two more
+    copies of L at once. Its ``Factor`` object is ``PyObject_HEAD``, then its
+    ``Common``, then the ``cholmod_factor *``; that layout is checked against what
+    the object says about itself (its ``_common``, the address of ``P()``) before
+    the pointer is trusted, and the struct against the factor's size and flags.
+    """
+    import ctypes
+
+    try:
+        from sksparse.cholmod import Factor
+    except ImportError:  # pragma: no cover - scikit-sparse 0.5
+        return None
+    if type(factor) is not Factor:
+        return None
+    try:
+        words = (ctypes.c_void_p * 4).from_address(id(factor))
+        if words[2] != id(factor._common):
+            return None
+        permutation = factor.P()
+        n = len(permutation)
+        struct = _cholmod_factor_struct().from_address(words[3])
+        if not (struct.n == n and struct.Perm == permutation.ctypes.data
+                and struct.is_super == 1 and struct.is_ll == 1 and struct.itype == 0
+                and struct.xtype == 1 and struct.dtype == 0 and struct.minor == n
+                and struct.x and struct.nsuper > 0):
+            return None
+
+        def view(address, size, ctype):
+            return np.ctypeslib.as_array(ctypes.cast(address, ctypes.POINTER(ctype)),
+                                         shape=(size,))
+
+        nsuper = struct.nsuper
+        first_column = view(struct.super, nsuper + 1, ctypes.c_int).astype(np.int64)
+        row_pointer = view(struct.pi, nsuper + 1, ctypes.c_int).astype(np.int64)
+        value_pointer = view(struct.px, nsuper + 1, ctypes.c_int).astype(np.int64)
+        rows = view(struct.s, struct.ssize, ctypes.c_int).copy()
+        values = view(struct.x, struct.xsize, ctypes.c_double)
+    except (AttributeError, TypeError, ValueError, OverflowError):  # pragma: no cover
+        return None
+    widths = np.diff(first_column)
+    heights = np.diff(row_pointer)
+    if not (first_column[0] == 0 and first_column[-1] == n and np.all(widths > 0)
+            and np.all(heights >= widths) and row_pointer[-1] <= len(rows)
+            and value_pointer[0] == 0
+            and np.array_equal(np.diff(value_pointer), widths * heights)
+            and value_pointer[-1] <= len(values)):
+        return None
+    # rows sorted within each supernode, its own columns first
+    step = np.diff(rows[:row_pointer[-1]])
+    inside = np.ones(len(step), dtype=bool)
+    inside[row_pointer[1:-1] - 1] = False
+    own = np.repeat(row_pointer[:-1] - first_column[:-1], widths) + np.arange(n)
+    if not (np.all(step[inside] > 0) and np.array_equal(rows[own], np.arange(n))):
+        return None
+    return Supernodes(first_column, row_pointer, value_pointer, rows, values, factor)
 
 
 class NotPositiveDefiniteError(np.linalg.LinAlgError):
