@@ -494,3 +494,25 @@ def test_large_dense_cholesky_does_not_crash_on_two_blas_threads():
     # a J + b I with a = b = 1/2: the last pivot is sqrt(b (1 + n a / b) / (1 + (n-1) a / b))
     last = float(run.stdout.split()[-1])
     assert abs(last - np.sqrt(0.5 * (1 + n) / n)) < 1e-10
+
+
+def test_pevs_after_the_fit_keep_the_fit_thread_rule(machine, monkeypatch):
+    """The selected inverse behind PEVs and conditional variances runs after the fit,
+    when the user asks for them: on a busy machine it too gets one BLAS thread (on two
+    beside a busy process its dpotri took 40-75 s instead of 3.5 s at 200,000 animals)."""
+    _libraries_present()
+    model = hd.lmm("Reaction ~ Days + (Days | Subject)", hd.datasets.load("sleepstudy"))
+    seen = []
+    original = type(model.mme).selected_inverse
+
+    def recording(self, *args, **kwargs):
+        seen.append(set(blas_thread_counts().values()))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model.mme), "selected_inverse", recording)
+    machine(cpus=2, load=5.0)
+    before = blas_thread_counts()
+    model.prediction_error_variances
+    model._compute_conditional_variances()
+    assert seen == [{1}, {1}]
+    assert blas_thread_counts() == before
