@@ -379,6 +379,19 @@ def selected_inverse_supernodal(indptr, indices, values):
 
 
 @numba.njit(**_NJIT)
+def _supernode_diagonal_inverse(L_JJ):
+    """``L_JJ⁻¹`` of a supernode's lower-triangular diagonal block (its upper triangle
+    set to exact zeros: the inverse is lower triangular, the rounding is cleaned) and
+    ``Z_JJ = L_JJ⁻ᵀ L_JJ⁻¹``, the start of its block of the inverse."""
+    inv_JJ = np.linalg.inv(L_JJ)
+    s = L_JJ.shape[0]
+    for a in range(s):
+        for c in range(a + 1, s):
+            inv_JJ[a, c] = 0.0
+    return inv_JJ, inv_JJ.T @ inv_JJ
+
+
+@numba.njit(**_NJIT)
 def selected_inverse_supernodal_into(indptr, indices, values, inv, stop_column):
     """:func:`selected_inverse_supernodal` written into ``inv`` for the supernodes
     before ``stop_column``; from it on, ``inv`` must already hold ``C⁻¹``. ``inv``
@@ -414,12 +427,7 @@ def selected_inverse_supernodal_into(indptr, indices, values, inv, stop_column):
                 L_JJ[a, c] = values[base + a - c]
             for a in range(r):
                 L_RJ[a, c] = values[base + s - c + a]
-        inv_JJ = np.linalg.inv(L_JJ)
-        # the inverse of a lower-triangular matrix is lower triangular; clean rounding
-        for a in range(s):
-            for c in range(a + 1, s):
-                inv_JJ[a, c] = 0.0
-        Z_JJ = inv_JJ.T @ inv_JJ
+        inv_JJ, Z_JJ = _supernode_diagonal_inverse(L_JJ)
         if r > 0:
             Y = L_RJ @ inv_JJ
             Z_RR = workspace[:r * r].reshape((r, r))
@@ -648,11 +656,7 @@ def supernodal_selected_inverse_range(first_column, row_pointer, value_pointer, 
                 L_JJ[a, c] = values[base + c * height + a]
             for a in range(r):
                 L_RJ[a, c] = values[base + c * height + s + a]
-        inv_JJ = np.linalg.inv(L_JJ)
-        for a in range(s):
-            for c in range(a + 1, s):
-                inv_JJ[a, c] = 0.0
-        Z_JJ = inv_JJ.T @ inv_JJ
+        inv_JJ, Z_JJ = _supernode_diagonal_inverse(L_JJ)
         if r > 0:
             Y = L_RJ @ inv_JJ
             R = rows[start + s:start + height]

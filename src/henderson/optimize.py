@@ -863,25 +863,42 @@ def _explore_boundaries(problem: ScaledProblem, scaled: np.ndarray, value: float
     None. Not ``thorough`` (:func:`_explore_thoroughly`): one run from lme4's start
     (``local_search``, else a loose BOBYQA), none where that start was tried."""
     design = problem.objective.mme.design
-    if not thorough:
-        start = design.parameter_start()
+    starts = _exploration_starts(design, scaled, lower) if thorough \
+        else [design.parameter_start()]
+    # a loose run (BOBYQA: evaluations without gradients, ~5x cheaper on small data)
+    # tells which basin a start leads to; only a lower one is polished
+    best = None
+    for number, start in enumerate(starts):
         if np.array_equal(start, scaled) or any(np.array_equal(start, t) for t in tried_starts):
-            return None
-        if local_search is not None:
+            continue  # (a default fit has run BOBYQA from lme4's start: both runs skipped)
+        if not thorough and local_search is not None:
             # the caller's Newton steps: 20,000 rows of y ~ x + (1 + x | g1) + (1 | g2)
             # with 1,000 g2 levels, a loose BOBYQA run took 45 evaluations (1.0 s), 4x
             # the fit
             trial = local_search(start)
         else:
+            # from lme4's start, the run a default fit makes (BOBYQA to its own
+            # tolerance): a loose run stopped there at 13.07 on a 9-row cs fit whose
+            # minimum from that start is 2.18, and L-BFGS-B's fit kept 4.01. (After a
+            # default fit this start is among tried_starts and costs nothing.)
+            tight = thorough and number == 0
             trial = optimize_bobyqa(problem.value, start, lower,
-                                    tolerance=settings.explore_tolerance, initial_step=0.5,
-                                    settings=settings, upper=upper_bounds(lower, settings))
-        if trial.objective < value - settings.explore_gain * max(1.0, abs(value)):
+                                    tolerance=None if tight else settings.explore_tolerance,
+                                    initial_step=None if tight else 0.5, settings=settings,
+                                    upper=upper_bounds(lower, settings))
+        target = value if best is None else best[1]
+        if trial.objective < target - settings.explore_gain * max(1.0, abs(target)):
             trial = optimize_lbfgs(problem, trial.theta, lower, settings=settings,
                                    upper=upper_bounds(lower, settings))
-            if trial.objective < value - settings.explore_gain * max(1.0, abs(value)):
-                return trial.theta, trial.objective
-        return None
+            if trial.objective < target - settings.explore_gain * max(1.0, abs(target)):
+                best = (trial.theta, trial.objective)
+    return best
+
+
+def _exploration_starts(design, scaled: np.ndarray, lower: np.ndarray) -> list[np.ndarray]:
+    """The starts of a thorough exploration (θ̃): lme4's (tight, then loose), each
+    bounded parameter moved across its bound's side, and each structure's
+    correlations moved (:func:`_explore_boundaries`)."""
     starts = [design.parameter_start(), design.parameter_start()]  # tight, then loose
     for i in np.flatnonzero(np.isfinite(lower)):
         start = np.array(scaled, dtype=float)
@@ -910,27 +927,7 @@ def _explore_boundaries(problem: ScaledProblem, scaled: np.ndarray, value: float
                 start = np.array(design.parameter_start(), dtype=float)
                 start[group] = moved
                 starts.append(start)
-    # a loose run (BOBYQA: evaluations without gradients, ~5x cheaper on small data)
-    # tells which basin a start leads to; only a lower one is polished
-    best = None
-    for number, start in enumerate(starts):
-        if np.array_equal(start, scaled) or any(np.array_equal(start, t) for t in tried_starts):
-            continue  # (a default fit has run BOBYQA from lme4's start: both runs skipped)
-        # from lme4's start, the run a default fit makes (BOBYQA to its own tolerance):
-        # a loose run stopped there at 13.07 on a 9-row cs fit whose minimum from that
-        # start is 2.18, and L-BFGS-B's fit kept 4.01. (After a default fit this start
-        # is among tried_starts and costs nothing.)
-        trial = optimize_bobyqa(problem.value, start, lower,
-                                tolerance=None if number == 0 else settings.explore_tolerance,
-                                initial_step=None if number == 0 else 0.5, settings=settings,
-                                upper=upper_bounds(lower, settings))
-        target = value if best is None else best[1]
-        if trial.objective < target - settings.explore_gain * max(1.0, abs(target)):
-            trial = optimize_lbfgs(problem, trial.theta, lower, settings=settings,
-                                   upper=upper_bounds(lower, settings))
-            if trial.objective < target - settings.explore_gain * max(1.0, abs(target)):
-                best = (trial.theta, trial.objective)
-    return best
+    return starts
 
 
 def _correlation_parameters_by_term(design) -> list[np.ndarray]:

@@ -571,10 +571,10 @@ class BlockElimination:
         ``y ~ x + (1|g1) + (1|g2)``, 6,000 × n₂ levels, 4 fits each way, one against two
         BLAS threads: n₂ = 1,200 0.237 against 0.243 s, 2,000 0.70 against 0.61 s,
         2,900 1.76 against 1.50 s."""
-        if len(self._schur_buffer) < SCHUR_SHARED_BLAS_FROM and self._row_split is not None \
+        if self.m < SCHUR_SHARED_BLAS_FROM and self._row_split is not None \
                 and active_threads() >= 2:
             return blas_threads(1)
-        return dense_blas_threads(len(self._schur_buffer))
+        return dense_blas_threads(self.m)
 
     def solve(self, rhs: np.ndarray) -> np.ndarray:
         rhs = np.asarray(rhs, dtype=np.float64)

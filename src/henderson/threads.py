@@ -214,7 +214,8 @@ def own_share() -> tuple[float, int]:
             except OSError:  # the thread ended meanwhile
                 continue
             # the state follows the command, which may hold spaces and parentheses
-            if text[text.rindex(b")") + 2:text.rindex(b")") + 3] == b"R":
+            state = text.rindex(b")") + 2
+            if text[state:state + 1] == b"R":
                 running += 1
         now = time.monotonic()
         cpu = time.process_time()
