@@ -1,6 +1,7 @@
 """Single-step GBLUP benchmarks: H⁻¹ (``hd.single_step``), BLUP with known variances and
 the PEVs of every animal on a simulated population (1,000,000 animals, 20,000 genotyped
-for 50,000 SNPs at full scale), and H⁻¹ with APY.
+for 50,000 SNPs at full scale), H⁻¹ with APY, and, for 60,000 genotyped animals, APY's
+H⁻¹ as an operator with BLUP by PCG and approximate PEVs.
 
 Genotypes are simulated by gene dropping through the genotyped animals' ancestors:
 founder haplotypes from allele frequencies drawn from a Beta(2, 2) (in 1/256 steps),
@@ -216,3 +217,59 @@ def test_single_step_blup_and_pev(benchmark, genotyped_population):
         mean_pev_genotyped=float(bv.loc[H.genotyped, "pev"].mean()),
         tuning=[round(v, 5) for v in H.tuning],
         **{f"lmm_{k}_s": round(v, 2) for k, v in m.timings.items()})
+
+
+@pytest.fixture(scope="module")
+def apy_population(sizes):
+    frame, records, truth = animal_population(sizes["ss_animals"], n_generations=8, seed=1)
+    ped = hd.Pedigree.from_dataframe(frame)
+    last_two_generations = frame["animal"].to_numpy()[-len(frame) // 4:]
+    chosen = np.random.default_rng(2).choice(last_two_generations,
+                                             size=sizes["ss_apy_genotyped"], replace=False)
+    stages: dict = {}
+    with _stage(stages, "genotype_simulation"):
+        genotypes = simulate_genotypes(ped, chosen, sizes["ss_markers"], seed=3)
+    return ped, records, truth, genotypes, stages["genotype_simulation_s"]
+
+
+def test_single_step_apy_implicit_blup_and_pev(benchmark, apy_population, sizes):
+    """Issue 14: single-step with APY for 60,000 genotyped animals (full scale): H⁻¹ as
+    an operator (``hd.implicit_single_step``), BLUP by PCG (``hd.solve_blup``) and
+    approximate PEVs of every animal, < 20 min and < 20 GB."""
+    ped, records, truth, genotypes, simulation_seconds = apy_population
+    stages: dict = {}
+
+    def evaluate():
+        with _stage(stages, "implicit_single_step"):
+            H = hd.implicit_single_step(ped, genotypes, apy=sizes["ss_apy_core"], seed=1)
+        print("implicit_single_step stages:", {k: round(v, 1) for k, v in H.timings.items()},
+              flush=True)
+        with _stage(stages, "blup"):
+            blup = hd.solve_blup("y ~ sex + hys + (1 | animal)", records, {"animal": H},
+                                 {"animal": 30.0, "residual": 70.0})
+        print(blup, {k: round(v, 1) for k, v in blup.timings.items()}, flush=True)
+        with _stage(stages, "pev"):
+            bv = blup.breeding_values()
+        return H, blup, bv
+
+    H, blup, bv = run_once(benchmark, evaluate)
+    stages["total_s"] = round(sum(stages[k] for k in ("implicit_single_step_s", "blup_s",
+                                                      "pev_s")), 2)
+    print("total", stages["total_s"], "s", flush=True)
+    assert blup.relative_residual < 1e-10
+    assert bv["pev"].notna().all() and len(bv) == len(ped)
+    assert (bv["pev"] > 0).all() and (bv["pev"] < 30.0 * 2).all()
+    accuracy = np.corrcoef(bv["ebv"], truth.loc[bv.index])[0, 1]
+    genotyped = bv["genotyped"].to_numpy()
+    benchmark.extra_info.update(
+        animals=len(ped), genotyped=len(H.genotyped), core=len(H.core),
+        markers=genotypes.shape[1], records=len(records), iterations=blup.iterations,
+        relative_residual=blup.relative_residual, accuracy=float(accuracy),
+        accuracy_genotyped=float(np.corrcoef(bv["ebv"][genotyped],
+                                             truth.loc[bv.index][genotyped])[0, 1]),
+        mean_reliability_genotyped=float(bv["reliability"][genotyped].mean()),
+        genotype_simulation_s=round(simulation_seconds, 2),
+        peak_rss_gb=round(_peak_rss_gb(), 2),
+        load_average=[round(v, 2) for v in os.getloadavg()], **stages,
+        **{f"implicit_single_step_{k}_s": round(v, 2) for k, v in H.timings.items()},
+        **{f"solve_blup_{k}_s": round(v, 2) for k, v in blup.timings.items()})

@@ -24,12 +24,14 @@ from .mme import MixedModelEquations
 from .objective import Objective
 from .results import LinearMixedModel
 from .single_step import single_step
+from .apy import ImplicitSingleStep, implicit_single_step
+from .iterative import IterativeBlup, solve_blup
 from .streaming import ChunkedData, chunked
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "lmm", "fit_design", "legendre", "BreedingModel", "anova", "chunked", "ChunkedData", "load", "SavedModel", "Pedigree", "RelationshipMatrix", "grm", "gwas", "Genotypes", "read_plink", "write_plink", "manhattan", "qq", "single_step", "build_design", "parse_formula", "datasets", "Design",
+    "lmm", "fit_design", "legendre", "BreedingModel", "anova", "chunked", "ChunkedData", "load", "SavedModel", "Pedigree", "RelationshipMatrix", "grm", "gwas", "Genotypes", "read_plink", "write_plink", "manhattan", "qq", "single_step", "implicit_single_step", "ImplicitSingleStep", "solve_blup", "IterativeBlup", "build_design", "parse_formula", "datasets", "Design",
     "RandomTerm", "MixedModelEquations", "Objective", "LinearMixedModel",
     "FormulaError", "DataError", "PedigreeError", "HendersonError",
     "ConvergenceWarning", "RankDeficiencyWarning", "SingularFitWarning",

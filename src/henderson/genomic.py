@@ -188,6 +188,11 @@ def as_relationship(known) -> RelationshipMatrix:
 
     if isinstance(known, RelationshipMatrix):
         return known
+    if getattr(known, "kind", None) == "implicit precision":
+        raise DataError("this H⁻¹ (hd.implicit_single_step) is an operator, not a matrix: "
+                        "REML and exact PEVs need a factor of the equations, which its dense "
+                        "genotyped block rules out; solve with known variances by "
+                        "hd.solve_blup(formula, data, {group: H}, variances)")
     if isinstance(known, Pedigree):
         # A⁻¹ is symmetric and finite by construction: no check of its millions of entries
         return RelationshipMatrix(known.inverse(), known.ids, kind="precision",

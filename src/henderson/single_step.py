@@ -38,6 +38,10 @@ A22_COLUMN_BLOCK = 256
 # below 2^24 (4 per marker at most), hence exact
 FLOAT32_EXACT_MARKERS = 2 ** 24 // 4
 TUNE_OPTIONS = ("a22", None)
+#: a non-core animal whose conditional variance given the APY core is below this
+#: fraction of its g_ii (a twin of a core animal without a blend) is an error: 1/m
+#: would be rounding
+CONDITIONAL_VARIANCE_FLOOR = 1e-10
 
 
 class SingleStepRelationship(RelationshipMatrix):
@@ -217,7 +221,7 @@ def _number_in(name: str, value, low: float, high: float, lower_open: bool = Fal
           and (value < high if upper_open else value <= high))
     if not ok:
         interval = (("(" if lower_open else "[") + f"{low:g}, {high:g}"
-                    + (")" if upper_open else "]"))
+                    + (")" if upper_open or not np.isfinite(high) else "]"))
         raise DataError(f"{name} must be a number in {interval}, not {value!r}")
     return float(value)
 
@@ -319,6 +323,8 @@ def _pedigree_positions(pedigree: Pedigree, ids: pd.Index) -> np.ndarray:
 def _apy_core(apy, genotyped: pd.Index, seed) -> np.ndarray:
     """Sorted slots (in the pedigree order of the genotyped) of the APY core."""
     n = len(genotyped)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise DataError(f"seed must be an integer or None, not {seed!r}")
     if isinstance(apy, numbers.Integral) and not isinstance(apy, bool):
         if not 1 <= apy <= n:
             raise DataError(f"apy must be a number of core animals between 1 and the "
@@ -374,28 +380,55 @@ def marker_summary(counts, row_order: np.ndarray | None = None,
     has_missing = False
     for start in range(0, n_markers, MARKER_BLOCK):
         stop = min(start + MARKER_BLOCK, n_markers)
-        block = np.asarray(np.asarray(source.read(start, stop))[rows], dtype=np.float64)
-        missing = np.isnan(block)
-        wrong = ~(missing | (block == 0.0) | (block == 1.0) | (block == 2.0))
+        block = np.asarray(source.read(start, stop))[rows]
+        if block.dtype.kind in "iu":
+            # integer counts (int8 from a simulation or a PLINK reader): no float copy
+            # of the block (60,000 animals x 1,024 markers are 490 MB in float64)
+            wrong = (block < 0) | (block > 2)
+            missing = None
+        else:
+            block = np.asarray(block, dtype=np.float64)
+            missing = np.isnan(block)
+            wrong = ~(missing | (block == 0.0) | (block == 1.0) | (block == 2.0))
         if wrong.any():
             i, j = np.argwhere(wrong)[0]
             raise DataError(f"genotypes must be allele counts 0, 1 or 2 (NaN missing), not "
                             f"{block[i, j]:g} (animal {animals[rows[i]]!r}, marker "
                             f"{markers[start + j]!r})")
-        observed = (~missing).sum(axis=0)
-        has_missing |= bool(missing.any())
-        low = np.where(missing, np.inf, block).min(axis=0)
-        high = np.where(missing, -np.inf, block).max(axis=0)
+        if missing is None:
+            observed = np.full(block.shape[1], block.shape[0])
+            low, high = block.min(axis=0), block.max(axis=0)
+            totals = block.sum(axis=0, dtype=np.int64)
+        else:
+            observed = (~missing).sum(axis=0)
+            has_missing |= bool(missing.any())
+            low = np.where(missing, np.inf, block).min(axis=0)
+            high = np.where(missing, -np.inf, block).max(axis=0)
+            totals = np.nansum(block, axis=0)
         with np.errstate(invalid="ignore", divide="ignore"):
-            p = np.where(observed > 0, np.nansum(block, axis=0) / (2.0 * observed), 0.0)
+            p = np.where(observed > 0, totals / (2.0 * observed), 0.0)
         frequency[start:stop] = p
         varies[start:stop] = high > low
-        block[missing] = 0.0
-        u += block @ np.where(high > low, 2.0 * p, 0.0)
+        weights = np.where(high > low, 2.0 * p, 0.0)
+        if missing is None:
+            _add_row_products(block, weights, u)
+        else:
+            block[missing] = 0.0
+            u += block @ weights
     if not varies.any():
         raise DataError(f"none of the {n_markers} markers varies across the {n} genotyped "
                         "animals: G needs markers whose genotypes differ")
     return MarkerSummary(frequency, varies, u, has_missing)
+
+
+@numba.njit(cache=True, nogil=True)
+def _add_row_products(block, weights, out):
+    """``out += block @ weights`` for an integer block, without a float copy of it."""
+    for i in range(block.shape[0]):
+        total = 0.0
+        for j in range(block.shape[1]):
+            total += block[i, j] * weights[j]
+        out[i] += total
 
 
 def genomic_relationships(counts, row_order: np.ndarray | None = None,
@@ -448,13 +481,20 @@ def genomic_relationships(counts, row_order: np.ndarray | None = None,
                 G = blas.dsyrk(1.0, centred, beta=1.0, c=G, lower=1, overwrite_c=1)
     if exact32:
         G = G.astype(np.float64, order="F")
-        # ZZ' = MM' − u1' − 1u' + 4p'p, on the lower triangle that syrk wrote
-        G -= u[:, None]
-        G -= u[None, :]
-        G += 4.0 * float(p @ p)
+        centre_count_products(G, u, u, p)    # on the lower triangle that syrk wrote
     G /= scale
     _mirror_lower(G)
     return G
+
+
+def centre_count_products(products: np.ndarray, u_rows: np.ndarray, u_columns: np.ndarray,
+                          p: np.ndarray) -> None:
+    """Raw count products ``M_r M_c'`` to centred ``Z_r Z_c'`` in place:
+    ``Z_r Z_c' = M_r M_c' − u_r 1' − 1 u_c' + 4 p'p`` with ``u = M 2p`` (the markers
+    that vary, ``p`` their frequencies)."""
+    products -= u_rows[:, None]
+    products -= u_columns[None, :]
+    products += 4.0 * float(p @ p)
 
 
 def _mirror_lower(matrix: np.ndarray, block: int = 2048) -> None:
@@ -555,6 +595,36 @@ def a22(sire: np.ndarray, dam: np.ndarray, d: np.ndarray, genotyped: np.ndarray)
     return out
 
 
+def ainverse_of(sire: np.ndarray, dam: np.ndarray, d: np.ndarray,
+                lower: bool = False) -> sp.csc_matrix:
+    """``A⁻¹`` of a pedigree given as parent positions (parents first) and
+    Mendelian-sampling variances (Henderson's rules), CSC with sorted rows: the whole
+    symmetric matrix, or its lower triangle (diagonal first in each column)."""
+    n = len(sire)
+    rows, cols, vals = _ainverse_triplets(sire, dam, d)
+    triangle = sp.csc_matrix((vals, (rows, cols)), shape=(n, n))   # duplicates summed
+    triangle.sort_indices()
+    if lower:
+        return triangle
+    full = (triangle + sp.tril(triangle, -1).T).tocsc()
+    full.sort_indices()
+    return full
+
+
+def check_conditional_variances(m: np.ndarray, g_diagonal: np.ndarray,
+                                names: pd.Index) -> None:
+    """APY: every non-core animal's conditional variance given the core above
+    ``CONDITIONAL_VARIANCE_FLOOR`` of its ``g_ii`` (``names``: the non-core ids)."""
+    floor = CONDITIONAL_VARIANCE_FLOOR * g_diagonal
+    if len(m) and not np.all(m > floor):
+        i = int(np.flatnonzero(~(m > floor))[0])
+        raise DataError(f"APY: the conditional variance of non-core animal {names[i]!r} "
+                        f"given the core is {m[i]:.3g}, not above "
+                        f"{CONDITIONAL_VARIANCE_FLOOR:g} of its g_ii (its genotypes are "
+                        "those of core animals, or nearly); use a larger blend or another "
+                        "core")
+
+
 def a22_inverse_factor(sire: np.ndarray, dam: np.ndarray, d: np.ndarray,
                        genotyped: np.ndarray) -> np.ndarray:
     """``L22`` (dense, lower, Fortran order) with ``A22⁻¹ = L22 L22'``.
@@ -569,9 +639,7 @@ def a22_inverse_factor(sire: np.ndarray, dam: np.ndarray, d: np.ndarray,
     """
     n = len(sire)
     genotyped = np.asarray(genotyped, dtype=np.int64)
-    rows, cols, vals = _ainverse_triplets(sire, dam, d)
-    lower = sp.csc_matrix((vals, (rows, cols)), shape=(n, n))
-    full = (lower + sp.tril(lower, -1).T).tocsc()
+    full = ainverse_of(sire, dam, d)
     is_genotyped = np.zeros(n, dtype=bool)
     is_genotyped[genotyped] = True
     others = np.flatnonzero(~is_genotyped)
@@ -684,11 +752,7 @@ def apy_inverse(G: np.ndarray, core: np.ndarray, genotyped: pd.Index) -> tuple[n
         solved, info = lapack.dpotrs(core_factor, G_cn, lower=1)   # G_cc⁻¹ G_cn
         m = G[other, other] - np.einsum("ij,ij->j", G_cn, solved)
         del G_cn
-        if not np.all(m > 0):
-            i = int(np.flatnonzero(~(m > 0))[0])
-            raise DataError(f"APY: the conditional variance of non-core animal "
-                            f"{genotyped[other[i]]!r} given the core is {m[i]:.3g} <= 0; "
-                            "use a larger blend or another core")
+        check_conditional_variances(m, G[other, other], genotyped[other])
         logdet += float(np.sum(np.log(m)))
     core_inverse, info = lapack.dpotri(core_factor, lower=1, overwrite_c=1)
     _mirror_lower(core_inverse)
