@@ -21,17 +21,21 @@ from __future__ import annotations
 import numbers
 import sys
 import time
+import warnings
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from scipy.linalg import blas, lapack
 
-from .errors import DataError, FormulaError
+from .errors import DataError, FormulaError, SingularFitWarning
 from .single_step import _number_in, ainverse_of
 
 #: progress lines on stderr once a solve has run this long, then at this interval
 PROGRESS_SECONDS = 10.0
+#: below this σ²_e / σ²_u (h² above 0.9999) the equations are nearly singular: at 1e-11
+#: PCG met its residual with EBVs tens of units from a direct solve's
+NEARLY_SINGULAR_RATIO = 1e-4
 #: restarts of CG from its solution when the residual computed from the solution is
 #: above tol while the recursion's was below
 PCG_RESTARTS = 3
@@ -165,6 +169,12 @@ def solve_blup(formula: str, data: pd.DataFrame, relationships: dict, variances:
         or ``max_iterations`` out of range, no convergence within
         ``max_iterations``.
 
+    Warns
+    -----
+    SingularFitWarning
+        ``σ²_e / σ²_u < 1e-4`` (h² above 0.9999): the equations are nearly singular and
+        the residual no longer bounds the EBVs' error.
+
     Examples
     --------
     >>> import numpy as np, pandas as pd
@@ -219,6 +229,12 @@ def solve_blup(formula: str, data: pd.DataFrame, relationships: dict, variances:
     w = design.weights
     y = design.y
     lam = sigma2_e / sigma2_u
+    if lam < NEARLY_SINGULAR_RATIO:
+        warnings.warn(
+            f"solve_blup: σ²_e / σ²_u = {lam:.2g}: with so little weight on H⁻¹ the "
+            "equations are nearly singular (the animal effects can absorb the fixed "
+            "effects), and a small residual no longer means accurate EBVs",
+            SingularFitWarning, stacklevel=2)
     n_fixed = X.shape[1]
     XtW, ZtW = (X.T.multiply(w)).tocsr(), (Z.T.multiply(w)).tocsr()
     rhs = np.concatenate([XtW @ y, ZtW @ y])
