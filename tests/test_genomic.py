@@ -220,6 +220,24 @@ def test_tiled_sparse_grm_equals_the_dense_grm_thresholded(monkeypatch, tile, me
     assert kept[family[:, None] != family[None, :]].mean() < 0.01
 
 
+def test_sparse_grm_warns_when_noise_joins_everyone_into_one_group():
+    """3,000 unrelated people from 400 variants (noise sd 0.05): cutoff 0.15 keeps ~13
+    entries per person, below the entries-per-person warning, yet joins nearly
+    everyone into one group, whose sparse factor fills in; 0.3 keeps none, quietly."""
+    import warnings
+
+    from henderson.simulate import gwas_panel
+
+    g, _ = gwas_panel(3000, 400, seed=3)
+    with pytest.warns(UserWarning, match="into one group of relatives") as record:
+        hd.grm(g, cutoff=0.15)
+    assert not any("entries per person above" in str(w.message) for w in record)
+    assert "2,99" in str([w.message for w in record if "one group" in str(w.message)][0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hd.grm(g, cutoff=0.3)
+
+
 def test_sparse_grm_warns_when_the_cutoff_is_inside_the_noise():
     """From 60 variants the GRM's noise (sd ~0.13) passes a cutoff of 0.02 for most of
     300 unrelated people: the warning says so; 0.6 keeps the diagonal only, quietly."""
