@@ -143,17 +143,23 @@ def _stage(record: dict, name: str):
               f"{[round(v, 2) for v in os.getloadavg()]}", flush=True)
 
 
-@pytest.fixture(scope="module")
-def genotyped_population(sizes):
+def _population(sizes, n_genotyped: int):
+    """The benchmark population with ``n_genotyped`` animals of its last two
+    generations genotyped: ``(pedigree, records, truth, genotypes, simulation s)``."""
     frame, records, truth = animal_population(sizes["ss_animals"], n_generations=8, seed=1)
     ped = hd.Pedigree.from_dataframe(frame)
     last_two_generations = frame["animal"].to_numpy()[-len(frame) // 4:]
-    chosen = np.random.default_rng(2).choice(last_two_generations,
-                                             size=sizes["ss_genotyped"], replace=False)
+    chosen = np.random.default_rng(2).choice(last_two_generations, size=n_genotyped,
+                                             replace=False)
     stages: dict = {}
     with _stage(stages, "genotype_simulation"):
         genotypes = simulate_genotypes(ped, chosen, sizes["ss_markers"], seed=3)
     return ped, records, truth, genotypes, stages["genotype_simulation_s"]
+
+
+@pytest.fixture(scope="module")
+def genotyped_population(sizes):
+    return _population(sizes, sizes["ss_genotyped"])
 
 
 def test_single_step_apy(benchmark, genotyped_population, sizes):
@@ -221,15 +227,7 @@ def test_single_step_blup_and_pev(benchmark, genotyped_population):
 
 @pytest.fixture(scope="module")
 def apy_population(sizes):
-    frame, records, truth = animal_population(sizes["ss_animals"], n_generations=8, seed=1)
-    ped = hd.Pedigree.from_dataframe(frame)
-    last_two_generations = frame["animal"].to_numpy()[-len(frame) // 4:]
-    chosen = np.random.default_rng(2).choice(last_two_generations,
-                                             size=sizes["ss_apy_genotyped"], replace=False)
-    stages: dict = {}
-    with _stage(stages, "genotype_simulation"):
-        genotypes = simulate_genotypes(ped, chosen, sizes["ss_markers"], seed=3)
-    return ped, records, truth, genotypes, stages["genotype_simulation_s"]
+    return _population(sizes, sizes["ss_apy_genotyped"])
 
 
 def test_single_step_apy_implicit_blup_and_pev(benchmark, apy_population, sizes):

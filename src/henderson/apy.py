@@ -39,10 +39,10 @@ from .errors import DataError
 from .linalg import cholmod_analyze, cholmod_refactor
 from .pedigree import Pedigree
 from .single_step import (
-    A22_COLUMN_BLOCK, FLOAT32_EXACT_MARKERS, MARKER_BLOCK, TUNE_OPTIONS, _apy_core, _Clock,
-    _genotype_source, _means, _number_in, _pedigree_positions, ainverse_of,
-    centre_count_products, check_conditional_variances, marker_summary, prune_to_ancestors,
-    relationship_columns)
+    A22_COLUMN_BLOCK, FLOAT32_EXACT_MARKERS, MARKER_BLOCK, _apy_core, _cholesky_in_place,
+    _Clock, ainverse_of, centre_count_products, check_conditional_variances,
+    checked_options, genotyped_in_pedigree_order, marker_summary, prune_to_ancestors,
+    relationship_columns, tuning_to_a22)
 from .threads import dense_blas_threads
 
 #: progress lines on stderr once a build has run this long
@@ -249,21 +249,12 @@ def implicit_single_step(pedigree: Pedigree, genotypes, apy, blend: float = 0.05
     if progress not in ("auto", True, False):
         raise DataError(f"progress must be 'auto', True or False, not {progress!r}")
     clock = _ProgressClock(progress)
-    if not isinstance(pedigree, Pedigree):
-        raise TypeError(f"pedigree must be a henderson Pedigree, not {type(pedigree).__name__}")
-    blend = _number_in("blend", blend, 0.0, 1.0, upper_open=True)
-    tau = _number_in("tau", tau, 0.0, np.inf, lower_open=True)
-    omega = _number_in("omega", omega, 0.0, 1.0)
-    if tune not in TUNE_OPTIONS:
-        raise DataError(f"tune must be 'a22' or None, not {tune!r}")
+    blend, tau, omega = checked_options(pedigree, blend, tune, tau, omega)
     if apy is None:
         raise DataError("implicit_single_step needs an APY core: apy=number of core "
                         "animals or their ids")
-    ids, source = _genotype_source(genotypes)
-    positions = _pedigree_positions(pedigree, ids)
-    order = np.argsort(positions, kind="stable")
-    positions = positions[order]
-    genotyped = pedigree.ids[positions]
+    ids, source, order, positions, genotyped = genotyped_in_pedigree_order(pedigree,
+                                                                           genotypes)
     n = len(positions)
     core = _apy_core(apy, genotyped, seed)
     if tune is not None and n < 2:
@@ -303,26 +294,17 @@ def implicit_single_step(pedigree: Pedigree, genotypes, apy, blend: float = 0.05
     clock.lap("A22_blend")
     tuning = (0.0, 1.0)
     if tune is not None:
-        diag_A, off_A = _means(trace_A, total_A, n)
-        diag_G, off_G = _means(trace_G, total_G, n)
-        if not diag_G - off_G > 0:
-            raise DataError(f"cannot tune G to A22: the mean diagonal of G ({diag_G:.6g}) "
-                            f"is not above its mean off-diagonal ({off_G:.6g}); tune=None")
-        b = (diag_A - off_A) / (diag_G - off_G)
-        a = off_A - b * off_G
+        tuning = tuning_to_a22(trace_A, total_A, trace_G, total_G, n)
+        a, b = tuning
         for block in (G_cc, G_cn, diagonal_other):
             block *= b
             block += a
-        tuning = (float(a), float(b))
 
     genomic_diagonal = np.empty(n)
     genomic_diagonal[core] = np.diag(G_cc)
     genomic_diagonal[other] = diagonal_other
-    factor, info = lapack.dpotrf(G_cc, lower=1, clean=1, overwrite_a=1)
-    if info > 0:
-        raise DataError(f"G_cc (G* among the APY core) is not positive definite (pivot "
-                        f"{info} of {len(core)}, animal {genotyped[core][info - 1]!r}); use "
-                        "a larger blend or another core")
+    factor = _cholesky_in_place(G_cc, "G_cc (G* among the APY core)", genotyped[core],
+                                "use a larger blend or another core")
     # W = L⁻¹ G_cn, m = g_nn − ||W_n||², P = L'⁻¹ W = G_cc⁻¹ G_cn, in place
     with dense_blas_threads(len(core)):
         W = blas.dtrsm(1.0, factor, G_cn, lower=1, overwrite_b=1)

@@ -150,18 +150,9 @@ def single_step(pedigree: Pedigree, genotypes, blend: float = 0.05, tune: str | 
     -2.3352
     """
     clock = _Clock()
-    if not isinstance(pedigree, Pedigree):
-        raise TypeError(f"pedigree must be a henderson Pedigree, not {type(pedigree).__name__}")
-    blend = _number_in("blend", blend, 0.0, 1.0, upper_open=True)
-    tau = _number_in("tau", tau, 0.0, np.inf, lower_open=True)
-    omega = _number_in("omega", omega, 0.0, 1.0)
-    if tune not in TUNE_OPTIONS:
-        raise DataError(f"tune must be 'a22' or None, not {tune!r}")
-    ids, source = _genotype_source(genotypes)
-    positions = _pedigree_positions(pedigree, ids)
-    order = np.argsort(positions, kind="stable")
-    positions = positions[order]
-    genotyped = pedigree.ids[positions]
+    blend, tau, omega = checked_options(pedigree, blend, tune, tau, omega)
+    ids, source, order, positions, genotyped = genotyped_in_pedigree_order(pedigree,
+                                                                           genotypes)
     core = None if apy is None else _apy_core(apy, genotyped, seed)
     summary = marker_summary(source, order, ids)    # bad counts fail before the work
     clock.lap("checks")
@@ -202,6 +193,29 @@ def single_step(pedigree: Pedigree, genotypes, blend: float = 0.05, tune: str | 
 
 
 # ---------------------------------------------------------------- checks and input
+def checked_options(pedigree, blend, tune, tau, omega) -> tuple[float, float, float]:
+    """The checks of the single-step options; ``(blend, tau, omega)`` as floats."""
+    if not isinstance(pedigree, Pedigree):
+        raise TypeError(f"pedigree must be a henderson Pedigree, not {type(pedigree).__name__}")
+    blend = _number_in("blend", blend, 0.0, 1.0, upper_open=True)
+    tau = _number_in("tau", tau, 0.0, np.inf, lower_open=True)
+    omega = _number_in("omega", omega, 0.0, 1.0)
+    if tune not in TUNE_OPTIONS:
+        raise DataError(f"tune must be 'a22' or None, not {tune!r}")
+    return blend, tau, omega
+
+
+def genotyped_in_pedigree_order(pedigree: Pedigree, genotypes):
+    """``(ids, source, order, positions, genotyped)``: the genotypes' ids and their
+    blocks of markers (:func:`_genotype_source`), the order of their rows that sorts
+    them as the pedigree does, their sorted pedigree positions and ids."""
+    ids, source = _genotype_source(genotypes)
+    positions = _pedigree_positions(pedigree, ids)
+    order = np.argsort(positions, kind="stable")
+    positions = positions[order]
+    return ids, source, order, positions, pedigree.ids[positions]
+
+
 class _Clock:
     def __init__(self):
         self.laps: dict[str, float] = {}
@@ -690,16 +704,24 @@ def blend_and_tune(G: np.ndarray, A22, blend: float,
             G[:, start:stop] += blend * columns
     if tune is None:
         return G, (0.0, 1.0)
+    a, b = tuning_to_a22(trace_A, total_A, float(np.trace(G)), float(G.sum()), n)
+    G *= b
+    G += a
+    return G, (a, b)
+
+
+def tuning_to_a22(trace_A: float, total_A: float, trace_G: float, total_G: float,
+                  n: int) -> tuple[float, float]:
+    """``(a, b)`` of ``G* = a + b G``: ``b = (d_A − o_A) / (d_G − o_G)``, ``a = o_A −
+    b o_G`` with ``d``, ``o`` the means of the diagonal and off-diagonal of A22 and of
+    G (n x n), from their traces and the sums of their entries."""
     diag_A, off_A = _means(trace_A, total_A, n)
-    diag_G, off_G = _means(float(np.trace(G)), float(G.sum()), n)
+    diag_G, off_G = _means(trace_G, total_G, n)
     if not diag_G - off_G > 0:
         raise DataError(f"cannot tune G to A22: the mean diagonal of G ({diag_G:.6g}) is not "
                         f"above its mean off-diagonal ({off_G:.6g}); tune=None")
     b = (diag_A - off_A) / (diag_G - off_G)
-    a = off_A - b * off_G
-    G *= b
-    G += a
-    return G, (float(a), float(b))
+    return float(off_A - b * off_G), float(b)
 
 
 def _means(trace: float, total: float, n: int) -> tuple[float, float]:
